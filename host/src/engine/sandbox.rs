@@ -1,0 +1,264 @@
+//! The per-evaluation store: WASI with nothing granted, a clock frozen at the request time,
+//! randomness derived from the request, a memory cap, and the host imports.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use aq_sdk::{Bytes, ReadError, StoredValue};
+use wasmtime::component::ResourceTable;
+use wasmtime::ResourceLimiter;
+use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
+use wasmtime_wasi::{HostMonotonicClock, HostWallClock, WasiCtx, WasiCtxView, WasiView};
+
+use super::generated::{HostImports, LogLevel, TypesHost, WitReadError, WitStoredValue};
+
+/// Lines a policy may log per evaluation; more are dropped.
+const LOG_LINES_PER_CALL: u32 = 32;
+/// Longest log line kept, in bytes.
+const LOG_LINE_BYTES: usize = 1024;
+/// Bytes of a policy's standard error kept for failure reports (a Rust panic message).
+const STDERR_BYTES: usize = 2048;
+/// Most table elements a policy may grow to.
+const TABLE_ELEMENTS: usize = 100_000;
+
+/// Same-scope reads offered to policies. The gateway implements it over etcd; `aq policy test`
+/// over a fixture's `reads` and `counts`. The engine has already checked that the key or prefix
+/// lies inside the scope.
+pub trait ScopeReader: Send + Sync {
+    /// The key's current state, `None` if absent.
+    fn read(&self, key: &[u8]) -> Result<Option<StoredValue>, ReadError>;
+    /// Keys starting with `prefix`.
+    fn count(&self, prefix: &[u8]) -> Result<u64, ReadError>;
+}
+
+/// A read a policy made, so the write can be guarded on it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ObservedRead {
+    /// The key read.
+    pub key: Bytes,
+    /// Its `mod_revision` when read; `None` when the key was absent.
+    pub mod_revision: Option<i64>,
+}
+
+/// Tracks memory growth against the per-scope cap and remembers whether the cap was hit.
+pub(super) struct Limiter {
+    pub(super) memory_cap: usize,
+    pub(super) memory_cap_hit: bool,
+}
+
+impl ResourceLimiter for Limiter {
+    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        if desired > self.memory_cap {
+            self.memory_cap_hit = true;
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        Ok(desired <= TABLE_ELEMENTS)
+    }
+}
+
+/// The wall clock a policy sees: always the request time.
+struct FrozenWallClock(Duration);
+
+impl HostWallClock for FrozenWallClock {
+    fn resolution(&self) -> Duration {
+        Duration::from_nanos(1)
+    }
+    fn now(&self) -> Duration {
+        self.0
+    }
+}
+
+/// The monotonic clock a policy sees: never advances.
+struct FrozenMonotonicClock(u64);
+
+impl HostMonotonicClock for FrozenMonotonicClock {
+    fn resolution(&self) -> u64 {
+        1
+    }
+    fn now(&self) -> u64 {
+        self.0
+    }
+}
+
+/// A random stream derived from the request digest: the same request draws the same bytes on
+/// every replica.
+struct SeededRandom(blake3::OutputReader);
+
+impl SeededRandom {
+    fn new(seed: &[u8; 32], purpose: &str) -> Self {
+        let mut hasher = blake3::Hasher::new_derive_key(purpose);
+        hasher.update(seed);
+        SeededRandom(hasher.finalize_xof())
+    }
+}
+
+impl rand_core::TryRng for SeededRandom {
+    type Error = std::convert::Infallible;
+    fn try_next_u32(&mut self) -> Result<u32, Self::Error> {
+        let mut b = [0u8; 4];
+        self.0.fill(&mut b);
+        Ok(u32::from_le_bytes(b))
+    }
+    fn try_next_u64(&mut self) -> Result<u64, Self::Error> {
+        let mut b = [0u8; 8];
+        self.0.fill(&mut b);
+        Ok(u64::from_le_bytes(b))
+    }
+    fn try_fill_bytes(&mut self, dst: &mut [u8]) -> Result<(), Self::Error> {
+        self.0.fill(dst);
+        Ok(())
+    }
+}
+
+/// Where the evaluation runs: its scope range (to keep reads inside it) and its reader.
+pub(super) struct ReadScope {
+    pub(super) start: Vec<u8>,
+    pub(super) end: Vec<u8>,
+    pub(super) reader: Option<Arc<dyn ScopeReader>>,
+}
+
+/// Everything a store holds for one call.
+pub(super) struct HostState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    pub(super) limiter: Limiter,
+    pub(super) stderr: MemoryOutputPipe,
+    log_lines: u32,
+    log_target: Arc<str>,
+    read_scope: Option<ReadScope>,
+    pub(super) observed: Vec<ObservedRead>,
+}
+
+/// What the store is set up from.
+pub(super) struct SandboxSetup<'a> {
+    pub(super) memory_cap: usize,
+    pub(super) request_time: Duration,
+    pub(super) seed: &'a [u8; 32],
+    pub(super) log_target: Arc<str>,
+    pub(super) read_scope: Option<ReadScope>,
+}
+
+impl HostState {
+    pub(super) fn new(setup: SandboxSetup<'_>) -> Self {
+        let stderr = MemoryOutputPipe::new(STDERR_BYTES);
+        let monotonic = u64::try_from(setup.request_time.as_nanos()).unwrap_or(u64::MAX);
+        let mut builder = WasiCtx::builder();
+        // Nothing is granted: no preopened directories, environment, arguments, stdin or
+        // network. Standard output is discarded; standard error is kept for failure reports.
+        builder
+            .stderr(stderr.clone())
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .wall_clock(FrozenWallClock(setup.request_time))
+            .monotonic_clock(FrozenMonotonicClock(monotonic))
+            .secure_random(SeededRandom::new(setup.seed, "aq policy random 2026-11 secure"))
+            .insecure_random(SeededRandom::new(setup.seed, "aq policy random 2026-11 insecure"))
+            .insecure_random_seed(u128::from_le_bytes(setup.seed[..16].try_into().expect("16 bytes")))
+            .max_random_size(1 << 20);
+        HostState {
+            wasi: builder.build(),
+            table: ResourceTable::new(),
+            limiter: Limiter { memory_cap: setup.memory_cap, memory_cap_hit: false },
+            stderr,
+            log_lines: 0,
+            log_target: setup.log_target,
+            read_scope: setup.read_scope,
+            observed: Vec::new(),
+        }
+    }
+
+    fn in_scope(&self, start: &[u8], end_inclusive_check: impl Fn(&[u8]) -> bool) -> Result<&ReadScope, WitReadError> {
+        let scope = self.read_scope.as_ref().ok_or(WitReadError::Unavailable)?;
+        if start < scope.start.as_slice() || !end_inclusive_check(&scope.end) {
+            return Err(WitReadError::OutsideScope);
+        }
+        Ok(scope)
+    }
+}
+
+impl WasiView for HostState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+    }
+}
+
+impl TypesHost for HostState {}
+
+fn read_error(e: ReadError) -> WitReadError {
+    match e {
+        ReadError::OutsideScope => WitReadError::OutsideScope,
+        ReadError::Unavailable => WitReadError::Unavailable,
+        ReadError::Failed(msg) => WitReadError::Failed(msg),
+    }
+}
+
+/// The first key after every key starting with `prefix`; empty when there is none.
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    Vec::new()
+}
+
+impl HostImports for HostState {
+    fn log(&mut self, level: LogLevel, message: String) {
+        self.log_lines += 1;
+        if self.log_lines > LOG_LINES_PER_CALL {
+            return;
+        }
+        let mut message = message;
+        if message.len() > LOG_LINE_BYTES {
+            let mut cut = LOG_LINE_BYTES;
+            while !message.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            message.truncate(cut);
+            message.push('…');
+        }
+        let policy = &*self.log_target;
+        match level {
+            LogLevel::Trace => tracing::trace!(target: "aq::policy", policy, "{message}"),
+            LogLevel::Debug => tracing::debug!(target: "aq::policy", policy, "{message}"),
+            LogLevel::Info => tracing::info!(target: "aq::policy", policy, "{message}"),
+            LogLevel::Warn => tracing::warn!(target: "aq::policy", policy, "{message}"),
+            LogLevel::Error => tracing::error!(target: "aq::policy", policy, "{message}"),
+        }
+    }
+
+    fn read(&mut self, key: Vec<u8>) -> Result<Option<WitStoredValue>, WitReadError> {
+        let scope = self.in_scope(&key, |end| end.is_empty() || key.as_slice() < end)?;
+        let reader = scope.reader.as_ref().ok_or(WitReadError::Unavailable)?;
+        let found = reader.read(&key).map_err(read_error)?;
+        self.observed.push(ObservedRead { key: Bytes(key), mod_revision: found.as_ref().map(|v| v.mod_revision) });
+        Ok(found.map(|v| WitStoredValue { value: v.value.0, mod_revision: v.mod_revision, lease: v.lease }))
+    }
+
+    fn count(&mut self, prefix: Vec<u8>) -> Result<u64, WitReadError> {
+        let end = prefix_end(&prefix);
+        let scope =
+            self.in_scope(&prefix, |scope_end| scope_end.is_empty() || (!end.is_empty() && end.as_slice() <= scope_end))?;
+        let reader = scope.reader.as_ref().ok_or(WitReadError::Unavailable)?;
+        reader.count(&prefix).map_err(read_error)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::prefix_end;
+
+    #[test]
+    fn prefix_end_skips_trailing_ff() {
+        assert_eq!(prefix_end(b"/a/"), b"/a0".to_vec());
+        assert_eq!(prefix_end(&[b'a', 0xff]), b"b".to_vec());
+        assert_eq!(prefix_end(&[0xff, 0xff]), Vec::<u8>::new());
+    }
+}

@@ -1,0 +1,8 @@
+//! aq: a gateway that governs etcd by scope.
+//!
+//! This crate holds the host: the policy engine (`engine`), the built-in policies (`builtin`)
+//! and the command line (`cli`). See ARCHITECTURE.md for the map.
+
+pub mod builtin;
+pub mod cli;
+pub mod engine;

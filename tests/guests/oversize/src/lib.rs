@@ -1,0 +1,13 @@
+//! Returns a 4 MiB deny reason: over any sane result size limit.
+use aq_sdk::{Context, Decision, Policy};
+
+struct Oversize;
+
+impl Policy for Oversize {
+    type Config = serde_json::Value;
+    fn evaluate(_: &serde_json::Value, _: &Context) -> Decision {
+        Decision::deny("no".repeat(2 << 20))
+    }
+}
+
+aq_sdk::export_policy!(Oversize);
