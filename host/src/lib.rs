@@ -6,3 +6,4 @@
 pub mod builtin;
 pub mod cli;
 pub mod engine;
+pub mod fixtures;

@@ -15,3 +15,18 @@ pub mod guests {
 pub fn workspace_root() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
 }
+
+/// An engine with test-friendly defaults and no disk cache.
+pub fn engine() -> aq_host::engine::Engine {
+    aq_host::engine::Engine::new(aq_host::engine::EngineConfig::default()).expect("engine")
+}
+
+/// A one-put request in scope `test` covering the whole keyspace.
+pub fn put_context(key: &str, value: &str) -> aq_sdk::Context {
+    aq_sdk::Context {
+        scope: aq_sdk::ScopeInfo { id: "test".into(), ..Default::default() },
+        ops: vec![aq_sdk::Op::Put(aq_sdk::PutOp { key: key.into(), value: value.into(), ..Default::default() })],
+        request_time: aq_sdk::Timestamp { seconds: 1_790_000_000, nanoseconds: 123_456_789 },
+        ..Default::default()
+    }
+}

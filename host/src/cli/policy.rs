@@ -1,16 +1,12 @@
 //! `aq policy test` and `aq policy inspect`.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use aq_sdk::fixture::{Call, Case, FixtureFile, Outcome};
-use aq_sdk::{ReadError, StoredValue};
+use aq_sdk::fixture::{FixtureFile, Outcome};
 
 use super::CliError;
-use crate::engine::{
-    Binding, Engine, EngineConfig, EvalRequest, FailMode, Limits, PolicyModule, ScopeReader, WORLD,
-};
+use crate::engine::{Engine, EngineConfig, FailMode, Limits, PolicyModule, WORLD};
 
 /// Reads a component from a path or `builtin:<name>`.
 fn component_bytes(component: &str) -> Result<Vec<u8>, CliError> {
@@ -51,49 +47,6 @@ pub(super) fn inspect(component: &str) -> Result<(), CliError> {
     Ok(())
 }
 
-/// What `read` and `count` answer during a fixture case.
-struct FixtureReader {
-    reads: BTreeMap<Vec<u8>, StoredValue>,
-    counts: BTreeMap<Vec<u8>, u64>,
-}
-
-impl FixtureReader {
-    fn new(case: &Case) -> Self {
-        FixtureReader {
-            reads: case.reads.iter().map(|(k, v)| (k.as_bytes().to_vec(), v.clone())).collect(),
-            counts: case.counts.iter().map(|(k, v)| (k.as_bytes().to_vec(), *v)).collect(),
-        }
-    }
-}
-
-impl ScopeReader for FixtureReader {
-    fn read(&self, key: &[u8]) -> Result<Option<StoredValue>, ReadError> {
-        Ok(self.reads.get(key).cloned())
-    }
-    fn count(&self, prefix: &[u8]) -> Result<u64, ReadError> {
-        Ok(self.counts.get(prefix).copied().unwrap_or(0))
-    }
-}
-
-/// Runs one case on the component, as the gateway would.
-pub(crate) fn run_case(engine: &Engine, binding: &Binding, case: &Case) -> Result<Outcome, String> {
-    match case.call()? {
-        Call::Evaluate(ctx) => {
-            let seed = *blake3::hash(&serde_json::to_vec(ctx).expect("contexts serialise")).as_bytes();
-            let reader: Arc<dyn ScopeReader> = Arc::new(FixtureReader::new(case));
-            let evaluation = engine.evaluate(binding, EvalRequest { context: ctx, seed, reader: Some(reader) });
-            match evaluation.failure {
-                Some(failure) => Err(format!("policy failed: {failure}")),
-                None => Ok(Outcome::Decision(evaluation.decision)),
-            }
-        }
-        Call::Advise(stats) => engine
-            .advise(binding, stats, [0; 32])
-            .map(Outcome::Advice)
-            .map_err(|failure| format!("policy failed: {failure}")),
-    }
-}
-
 /// `aq policy test`.
 pub(super) fn test(component: &str, config: Option<&Path>, fixtures: &[std::path::PathBuf]) -> Result<(), CliError> {
     let engine = engine()?;
@@ -130,7 +83,7 @@ pub(super) fn test(component: &str, config: Option<&Path>, fixtures: &[std::path
     let (mut passed, mut failed) = (0, 0);
     for (file, case) in &cases {
         let label = format!("{} / {}", file.file_name().unwrap_or_default().to_string_lossy(), case.name);
-        let checked = run_case(&engine, &binding, case).and_then(|outcome| {
+        let checked = crate::fixtures::run_case(&engine, &binding, case).and_then(|outcome| {
             case.expect.check(&outcome)?;
             Ok(outcome)
         });

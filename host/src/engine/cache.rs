@@ -29,14 +29,14 @@ impl CompileCache {
     /// The cached compilation, if there is a usable one.
     pub(super) fn load(&self, engine: &wasmtime::Engine, digest: &PolicyDigest) -> Option<Component> {
         let path = self.path(digest);
-        if !path.exists() {
-            return None;
-        }
+        // Read into memory rather than map the file: a mapped file truncated by someone else
+        // would crash the process.
+        let bytes = std::fs::read(&path).ok()?;
         // SAFETY: the cache directory belongs to aq, and files in it are only ever written by
         // `store` below from `Component::serialize` output of this engine configuration (the
-        // compatibility hash is in the name). A corrupt file makes deserialisation fail, and we
-        // recompile.
-        match unsafe { Component::deserialize_file(engine, &path) } {
+        // compatibility hash is in the name). wasmtime checks the header and the compatibility
+        // of what it deserialises, so a damaged file fails here and we recompile.
+        match unsafe { Component::deserialize(engine, &bytes) } {
             Ok(component) => Some(component),
             Err(e) => {
                 tracing::warn!(path = %path.display(), error = %e, "discarding unusable precompiled policy");

@@ -1,4 +1,6 @@
 //! Returns a 4 MiB deny reason: over any sane result size limit.
+// Guests are components only; natively the crate is empty.
+#![cfg(target_arch = "wasm32")]
 use aq_sdk::{Context, Decision, Policy};
 
 struct Oversize;

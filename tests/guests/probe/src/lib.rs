@@ -1,5 +1,7 @@
 //! Reports, as annotations, what the sandbox lets a policy observe. Tests compare the values
 //! across runs (determinism) and against what must be hidden (environment, files, network).
+// Guests are components only; natively the crate is empty.
+#![cfg(target_arch = "wasm32")]
 use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};

@@ -1,4 +1,6 @@
 //! Never returns from `evaluate`; the engine's CPU deadline must stop it.
+// Guests are components only; natively the crate is empty.
+#![cfg(target_arch = "wasm32")]
 use aq_sdk::{Context, Decision, Policy};
 
 struct Spin;

@@ -1,0 +1,103 @@
+//! The `aq` binary: `policy test` and `policy inspect`, their output and exit codes.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+use aq_tests::guests::{OTHER_WORLD, TRAP};
+use aq_tests::workspace_root;
+
+/// The `aq` binary next to this test binary (`cargo test` builds every workspace binary).
+fn aq() -> Command {
+    let exe = std::env::current_exe().unwrap();
+    let path: PathBuf = exe.parent().and_then(|deps| deps.parent()).unwrap().join("aq");
+    assert!(path.exists(), "{} is missing; build it with `cargo build -p aq-host`", path.display());
+    let mut cmd = Command::new(path);
+    cmd.current_dir(workspace_root());
+    cmd
+}
+
+fn run(cmd: &mut Command) -> (i32, String, String) {
+    let Output { status, stdout, stderr } = cmd.output().unwrap();
+    (status.code().unwrap_or(-1), String::from_utf8_lossy(&stdout).into_owned(), String::from_utf8_lossy(&stderr).into_owned())
+}
+
+#[test]
+fn policy_test_passes_on_the_builtin_fixtures() {
+    for name in ["open", "ephemeral", "critical", "quota"] {
+        let (code, out, err) = run(aq().args([
+            "policy",
+            "test",
+            &format!("builtin:{name}"),
+            "--config",
+            &format!("policies/{name}/config.json"),
+            &format!("policies/{name}/fixtures"),
+        ]));
+        assert_eq!(code, 0, "{name}: {out}{err}");
+        assert!(out.contains(" passed, 0 failed"), "{out}");
+        assert!(!out.contains("FAIL"), "{out}");
+    }
+}
+
+#[test]
+fn policy_test_exits_1_on_a_mismatch_and_names_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let fixture = dir.path().join("wrong.json");
+    std::fs::write(
+        &fixture,
+        r#"{"cases": [{"name": "unsigned write wrongly expected to pass",
+             "context": {"ops": [{"put": {"key": "/registry/secrets/a", "value": "x"}}]},
+             "expect": {"verdict": "allow"}}]}"#,
+    )
+    .unwrap();
+    let (code, out, _) = run(aq().args(["policy", "test", "builtin:critical", "--config", "policies/critical/config.json"]).arg(&fixture));
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("FAIL  wrong.json / unsigned write wrongly expected to pass: verdict: expected Allow"), "{out}");
+    assert!(out.contains("0 passed, 1 failed"), "{out}");
+}
+
+#[test]
+fn a_policy_failure_in_a_fixture_is_a_mismatch() {
+    let dir = tempfile::tempdir().unwrap();
+    let fixture = dir.path().join("f.json");
+    std::fs::write(&fixture, r#"{"cases": [{"name": "n", "context": {}, "expect": {"verdict": "deny"}}]}"#).unwrap();
+    let (code, out, _) = run(aq().args(["policy", "test", TRAP]).arg(&fixture));
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("policy failed: trapped"), "{out}");
+}
+
+#[test]
+fn bad_inputs_exit_2_with_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = dir.path().join("policy.wasm");
+    std::fs::write(&text, "not a component").unwrap();
+    let cases: [(&[&str], &str); 5] = [
+        (&["policy", "inspect", "/nonexistent/policy.wasm"], "cannot read component /nonexistent/policy.wasm"),
+        (&["policy", "inspect", text.to_str().unwrap()], "not a WebAssembly component"),
+        (&["policy", "inspect", OTHER_WORLD], "does not fit world aq:governance/governance@0.1.0: missing export"),
+        (&["policy", "inspect", "builtin:nope"], "no built-in policy \"nope\""),
+        (&["policy", "test", "builtin:open", "/nonexistent/fixture.json"], "fixture /nonexistent/fixture.json does not exist"),
+    ];
+    for (args, expected) in cases {
+        let (code, out, err) = run(aq().args(args));
+        assert_eq!(code, 2, "{args:?}: {out}{err}");
+        assert_eq!(err.lines().count(), 1, "{args:?}: one line: {err}");
+        assert!(err.starts_with("aq: error: ") && err.contains(expected), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn policy_inspect_describes_every_builtin_component_under_target() {
+    let dir = workspace_root().join("target/wasm/wasm32-wasip2/wasm");
+    for name in ["open", "ephemeral", "critical", "quota"] {
+        let path = dir.join(format!("aq_policy_{name}.wasm"));
+        let (code, out, err) = run(aq().args(["policy", "inspect"]).arg(&path));
+        assert_eq!(code, 0, "{err}");
+        let digest = blake3::hash(&std::fs::read(&path).unwrap()).to_hex().to_string();
+        assert!(out.contains(&format!("digest     blake3:{digest}")), "{out}");
+        assert!(out.contains("world      aq:governance/governance@0.1.0"), "{out}");
+        assert!(out.contains("exports\n  aq:governance/policy@0.1.0"), "{out}");
+        assert!(out.contains("imports\n  aq:governance/types@0.1.0"), "{out}");
+        // Only policies that log or read import the host interface.
+        assert_eq!(out.contains("aq:governance/host@0.1.0"), name == "quota", "{out}");
+    }
+}

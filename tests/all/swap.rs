@@ -1,0 +1,150 @@
+//! Hot swap, rollback and determinism at the engine and registry level.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use aq_host::engine::{Binding, EvalRequest, FailMode, Limits, Registry, ScopeReader};
+use aq_sdk::{ReadError, StoredValue, Verdict};
+use aq_tests::guests::{self, PROBE};
+use aq_tests::{engine, put_context};
+
+fn builtin_binding(engine: &aq_host::engine::Engine, name: &str) -> Arc<Binding> {
+    let builtin = aq_host::builtin::find(name).unwrap();
+    let module = engine.load(builtin.component).unwrap();
+    engine.bind("secrets", module, builtin.example_config, Limits::default(), FailMode::Closed).unwrap()
+}
+
+#[test]
+fn every_evaluation_completes_on_exactly_one_version_while_swapping() {
+    let engine = engine();
+    // `open` allows an unsigned write; `critical` denies it. The decision tells which ran.
+    let open = builtin_binding(&engine, "open");
+    let critical = builtin_binding(&engine, "critical");
+    let registry = Registry::new();
+    registry.bind("secrets", open.clone());
+    let slot = registry.slot("secrets").unwrap();
+    let stop = AtomicBool::new(false);
+    let (on_open, on_critical) = (AtomicU64::new(0), AtomicU64::new(0));
+    let swaps = std::thread::scope(|s| {
+        for thread in 0..3u8 {
+            let (engine, slot, stop, on_open, on_critical) = (&engine, &slot, &stop, &on_open, &on_critical);
+            let (open, critical) = (open.digest(), critical.digest());
+            s.spawn(move || {
+                let ctx = put_context("/registry/secrets/ns/a", "v");
+                while !stop.load(Ordering::Relaxed) {
+                    let binding = slot.active();
+                    let evaluation = engine.evaluate(&binding, EvalRequest { context: &ctx, seed: [thread; 32], reader: None });
+                    assert!(evaluation.failure.is_none(), "{evaluation:?}");
+                    assert_eq!(evaluation.digest, binding.module.digest(), "decided by the version it started on");
+                    match &evaluation.decision.verdict {
+                        Verdict::Allow => {
+                            assert_eq!(evaluation.digest, open);
+                            on_open.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Verdict::Deny(_) => {
+                            assert_eq!(evaluation.digest, critical);
+                            on_critical.fetch_add(1, Ordering::Relaxed);
+                        }
+                        other => panic!("unexpected {other:?}"),
+                    }
+                }
+            });
+        }
+        let mut swaps = 0;
+        // Swap at least 200 times, and until both versions have decided a good number of requests.
+        while swaps < 200 || on_open.load(Ordering::Relaxed) < 50 || on_critical.load(Ordering::Relaxed) < 50 {
+            let next = if swaps % 2 == 0 { critical.clone() } else { open.clone() };
+            let previous = registry.bind("secrets", next).expect("a binding was active");
+            assert_eq!(previous.module.digest(), if swaps % 2 == 0 { open.digest() } else { critical.digest() });
+            swaps += 1;
+            std::thread::yield_now();
+        }
+        stop.store(true, Ordering::Relaxed);
+        swaps
+    });
+    assert!(swaps >= 200);
+    assert!(on_open.into_inner() >= 50 && on_critical.into_inner() >= 50);
+}
+
+#[test]
+fn rollback_returns_to_the_last_known_good_binding() {
+    let engine = engine();
+    let registry = Registry::new();
+    let open = builtin_binding(&engine, "open");
+    let critical = builtin_binding(&engine, "critical");
+    assert!(registry.rollback("secrets").is_err(), "unknown scope");
+    registry.bind("secrets", open.clone());
+    let err = registry.rollback("secrets").expect_err("nothing to roll back to");
+    assert!(err.to_string().contains("no previous policy"), "{err}");
+    registry.bind("secrets", critical.clone());
+    assert_eq!(registry.active("secrets").unwrap().module.digest(), critical.module.digest());
+    registry.rollback("secrets").unwrap();
+    assert_eq!(registry.active("secrets").unwrap().module.digest(), open.module.digest());
+    // A second rollback undoes the first.
+    registry.rollback("secrets").unwrap();
+    assert_eq!(registry.active("secrets").unwrap().module.digest(), critical.module.digest());
+    assert_eq!(registry.scopes(), ["secrets"]);
+}
+
+trait DigestOf {
+    fn digest(&self) -> aq_host::engine::PolicyDigest;
+}
+
+impl DigestOf for Arc<Binding> {
+    fn digest(&self) -> aq_host::engine::PolicyDigest {
+        self.module.digest()
+    }
+}
+
+/// A reader that answers one key, for the probe's reads.
+struct OneKey;
+
+impl ScopeReader for OneKey {
+    fn read(&self, key: &[u8]) -> Result<Option<StoredValue>, ReadError> {
+        Ok((key == b"/scope/k").then(|| StoredValue { value: "v".into(), mod_revision: 41, lease: 0 }))
+    }
+    fn count(&self, _prefix: &[u8]) -> Result<u64, ReadError> {
+        Ok(7)
+    }
+}
+
+fn probe(engine: &aq_host::engine::Engine, seed: [u8; 32]) -> aq_host::engine::Evaluation {
+    let module = engine.load(&guests::bytes(PROBE)).unwrap();
+    let binding = engine.bind("probe", module, "{}", Limits::default(), FailMode::Closed).unwrap();
+    let mut ctx = put_context("/scope/k", "v");
+    ctx.scope.key_start = "/scope/".into();
+    ctx.scope.key_end = "/scope0".into();
+    engine.evaluate(&binding, EvalRequest { context: &ctx, seed, reader: Some(Arc::new(OneKey)) })
+}
+
+#[test]
+fn the_same_request_gets_the_same_decision_on_every_engine() {
+    let (a, b) = (engine(), engine());
+    let first = probe(&a, [9; 32]);
+    let again = probe(&a, [9; 32]);
+    let elsewhere = probe(&b, [9; 32]);
+    assert!(first.failure.is_none(), "{first:?}");
+    assert_eq!(first.decision, again.decision);
+    assert_eq!(first.decision, elsewhere.decision);
+    // Randomness follows the request digest.
+    let other = probe(&a, [10; 32]);
+    assert_ne!(first.decision.annotations["random"], other.decision.annotations["random"]);
+}
+
+#[test]
+fn the_sandbox_shows_the_request_time_and_nothing_of_the_host() {
+    let evaluation = probe(&engine(), [3; 32]);
+    let notes = &evaluation.decision.annotations;
+    assert_eq!(notes["now_ns"], (1_790_000_000u128 * 1_000_000_000 + 123_456_789).to_string());
+    assert_eq!(notes["monotonic_elapsed_ns"], "0");
+    assert_eq!(notes["env_vars"], "0");
+    assert_eq!(notes["args"], "0");
+    assert!(notes["fs_root"].starts_with("error"), "{}", notes["fs_root"]);
+    assert!(notes["net"].starts_with("error"), "{}", notes["net"]);
+    assert!(notes["read_inside"].contains("mod_revision: 41"), "{}", notes["read_inside"]);
+    assert_eq!(notes["read_outside"], "Err(OutsideScope)");
+    assert_eq!(notes["count_inside"], "Ok(7)");
+    // The read is reported so the gateway can guard the write on it.
+    assert_eq!(evaluation.observed_reads.len(), 1);
+    assert_eq!(evaluation.observed_reads[0].mod_revision, Some(41));
+}
