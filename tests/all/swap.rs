@@ -126,6 +126,10 @@ fn the_same_request_gets_the_same_decision_on_every_engine() {
     assert!(first.failure.is_none(), "{first:?}");
     assert_eq!(first.decision, again.decision);
     assert_eq!(first.decision, elsewhere.decision);
+    // Every call starts from a fresh instance: no state survives from the previous one.
+    for evaluation in [&first, &again, &elsewhere] {
+        assert_eq!(evaluation.decision.annotations["calls_in_this_instance"], "1");
+    }
     // Randomness follows the request digest.
     let other = probe(&a, [10; 32]);
     assert_ne!(first.decision.annotations["random"], other.decision.annotations["random"]);

@@ -89,6 +89,12 @@ impl Default for EngineConfig {
     }
 }
 
+/// Linear memory kept mapped per pool slot between evaluations: covers a Rust policy's stack,
+/// data and the heap a typical evaluation touches.
+const RESIDENT_MEMORY_BYTES: usize = 2 << 20;
+/// Table memory kept mapped per pool slot.
+const RESIDENT_TABLE_BYTES: usize = 64 << 10;
+
 /// Per-scope limits of one binding.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {
@@ -343,7 +349,13 @@ impl Engine {
             .total_tables(config.max_concurrent * 8)
             .max_tables_per_component(8)
             .max_memory_size(config.memory_ceiling)
-            .total_stacks(0);
+            .total_stacks(0)
+            // Reset a finished instance's memory by rewriting only its dirty pages (PAGEMAP_SCAN,
+            // Linux 6.7+; plain memset of the low pages otherwise) instead of madvise: no page
+            // faults and no TLB shootdowns on the next evaluation in the slot.
+            .linear_memory_keep_resident(RESIDENT_MEMORY_BYTES)
+            .table_keep_resident(RESIDENT_TABLE_BYTES)
+            .pagemap_scan(wasmtime::Enabled::Auto);
         let mut wasm = wasmtime::Config::new();
         wasm.allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(pool))
             .epoch_interruption(true)

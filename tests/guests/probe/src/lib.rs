@@ -10,6 +10,9 @@ use aq_sdk::{Context, Decision, Policy, host};
 
 struct Probe;
 
+/// Counts evaluations in this instance; a fresh instance per call keeps it at 1.
+static CALLS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
 impl Policy for Probe {
     type Config = serde_json::Value;
     fn evaluate(_: &serde_json::Value, ctx: &Context) -> Decision {
@@ -32,7 +35,9 @@ impl Policy for Probe {
         let read_outside = format!("{:?}", host::read(b"\xff\xff outside every scope"));
         let count_inside = format!("{:?}", host::count(&inside));
         host::log(host::LogLevel::Info, "probe ran");
+        let calls = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
         Decision::allow()
+            .annotate("calls_in_this_instance", calls.to_string())
             .annotate("random", random.to_string())
             .annotate("now_ns", now.to_string())
             .annotate("monotonic_elapsed_ns", elapsed.to_string())

@@ -1,0 +1,23 @@
+# aq — see README.md. `make run` and `make test` install what is missing first.
+
+CARGO ?= cargo
+
+.PHONY: setup build run test bench clean
+
+setup:
+	@scripts/setup.sh
+
+build: setup
+	$(CARGO) build --release -p aq-host
+
+run: build
+	@scripts/run.sh
+
+test: setup
+	$(CARGO) test --workspace --locked
+
+bench: build
+	./target/release/aq bench policy
+
+clean:
+	$(CARGO) clean
