@@ -1,7 +1,6 @@
 //! aq's integration tests: one binary, one module per area.
 
 mod builtins;
-mod cli;
 mod hostile;
 mod swap;
 mod validation;

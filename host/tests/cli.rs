@@ -1,17 +1,14 @@
-//! The `aq` binary: `policy test` and `policy inspect`, their output and exit codes.
+//! The `aq` binary: `policy test` and `policy inspect`, their output and exit codes. These live
+//! in `aq-host` (not `tests/all`) because only a package's own tests are sure to have its
+//! binary built.
 
-use std::path::PathBuf;
 use std::process::{Command, Output};
 
 use aq_tests::guests::{OTHER_WORLD, TRAP};
 use aq_tests::workspace_root;
 
-/// The `aq` binary next to this test binary (`cargo test` builds every workspace binary).
 fn aq() -> Command {
-    let exe = std::env::current_exe().unwrap();
-    let path: PathBuf = exe.parent().and_then(|deps| deps.parent()).unwrap().join("aq");
-    assert!(path.exists(), "{} is missing; build it with `cargo build -p aq-host`", path.display());
-    let mut cmd = Command::new(path);
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_aq"));
     cmd.current_dir(workspace_root());
     cmd
 }
