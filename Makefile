@@ -14,7 +14,7 @@ run: build
 	@scripts/run.sh
 
 test: setup
-	$(CARGO) test --workspace --locked
+	scripts/test.sh
 
 bench: build
 	./target/release/aq bench policy

@@ -1,14 +1,8 @@
 #!/usr/bin/env bash
-# `make run`: what aq can run today. The policy engine and the built-in policies are ready; the
-# etcd gateway (127.0.0.1:2379) and the admin API (127.0.0.1:7070) are not built yet, so nothing
-# listens. This shows each built-in component and checks it on its fixtures.
+# `make run`: aq over managed etcd with the built-in policies and the default layout. The etcd API
+# listens on 127.0.0.1:2379; data lives in ./aq-data. The admin API (127.0.0.1:7070) is not built
+# yet. Stop with Ctrl-C.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-aq=./target/release/aq
-for name in open ephemeral critical quota; do
-  echo "== built-in policy: $name"
-  "$aq" policy inspect "builtin:$name" | sed -n '2,4p'
-  "$aq" policy test "builtin:$name" --config "policies/$name/config.json" "policies/$name/fixtures" | tail -n 1
-done
-echo
-echo "listening: nothing yet — the etcd API (127.0.0.1:2379) and admin API (127.0.0.1:7070) arrive with the gateway."
+echo "aq: the admin API (127.0.0.1:7070) is not available yet; only the etcd API is served"
+exec ./target/release/aq serve --data-dir aq-data --listen 127.0.0.1:2379

@@ -3,7 +3,13 @@
 //! This crate holds the host: the policy engine (`engine`), the built-in policies (`builtin`)
 //! and the command line (`cli`). See ARCHITECTURE.md for the map.
 
+pub mod backend;
 pub mod builtin;
 pub mod cli;
+pub mod config;
 pub mod engine;
 pub mod fixtures;
+pub mod front;
+pub mod gate;
+pub mod index;
+pub mod serve;

@@ -1,6 +1,7 @@
 //! aq's integration tests: one binary, one module per area.
 
 mod builtins;
+mod gateway;
 mod hostile;
 mod swap;
 mod validation;

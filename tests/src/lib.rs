@@ -30,3 +30,5 @@ pub fn put_context(key: &str, value: &str) -> aq_sdk::Context {
         ..Default::default()
     }
 }
+
+pub mod etcd;

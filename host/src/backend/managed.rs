@@ -1,0 +1,126 @@
+//! Managed etcd: aq spawns and supervises etcd processes on free loopback ports. Used by
+//! `aq serve` when no backends are configured, and by the tests' shared etcd helper.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+
+/// Why an etcd process could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    /// The binary is not on PATH.
+    #[error("cannot run {binary}: {error}; install etcd (Debian: apt-get install etcd-server) or configure external backends")]
+    Binary {
+        /// What was run.
+        binary: String,
+        /// Why it failed.
+        error: std::io::Error,
+    },
+    /// Ports or the data directory.
+    #[error("cannot prepare etcd {name}: {error}")]
+    Setup {
+        /// The member name.
+        name: String,
+        /// Why.
+        error: std::io::Error,
+    },
+}
+
+/// One single-member etcd cluster, killed when dropped.
+#[derive(Debug)]
+pub struct EtcdProcess {
+    child: Child,
+    name: String,
+    client_url: String,
+    data_dir: PathBuf,
+    ports: (u16, u16),
+}
+
+/// A free loopback TCP port. Another process may take it before etcd binds it; a start that
+/// fails on a taken port is retried by the caller.
+pub fn free_port() -> std::io::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+impl EtcdProcess {
+    /// Starts `etcd` (from `binary`, usually just `etcd` on PATH) as a one-member cluster named
+    /// `name` with its data in `data_dir`, listening on free loopback ports. Its output goes to
+    /// `data_dir/etcd.log`. Returns at once; see [`crate::backend::Group::wait_ready`].
+    pub fn spawn(binary: &str, name: &str, data_dir: &Path) -> Result<Self, SpawnError> {
+        let setup = |error| SpawnError::Setup { name: name.to_string(), error };
+        let ports = (free_port().map_err(setup)?, free_port().map_err(setup)?);
+        Self::spawn_on(binary, name, data_dir, ports)
+    }
+
+    /// Starts a process again after it exited: same name, data and ports, so clients
+    /// reconnect to the same URL.
+    pub fn respawn(binary: &str, previous: &EtcdProcess) -> Result<Self, SpawnError> {
+        Self::spawn_on(binary, &previous.name, &previous.data_dir, previous.ports)
+    }
+
+    fn spawn_on(binary: &str, name: &str, data_dir: &Path, ports: (u16, u16)) -> Result<Self, SpawnError> {
+        let setup = |error| SpawnError::Setup { name: name.to_string(), error };
+        std::fs::create_dir_all(data_dir).map_err(setup)?;
+        let (client, peer) = ports;
+        let client_url = format!("http://127.0.0.1:{client}");
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(data_dir.join("etcd.log")).map_err(setup)?;
+        let log_err = log.try_clone().map_err(setup)?;
+        let child = Command::new(binary)
+            .arg(format!("--name={name}"))
+            .arg(format!("--data-dir={}", data_dir.join("member-data").display()))
+            .arg(format!("--listen-client-urls={client_url}"))
+            .arg(format!("--advertise-client-urls={client_url}"))
+            .arg(format!("--listen-peer-urls={peer_url}"))
+            .arg(format!("--initial-advertise-peer-urls={peer_url}"))
+            .arg(format!("--initial-cluster={name}={peer_url}"))
+            .arg("--initial-cluster-state=new")
+            .arg("--logger=zap")
+            .arg("--log-level=warn")
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err)
+            .spawn()
+            .map_err(|error| SpawnError::Binary { binary: binary.to_string(), error })?;
+        Ok(EtcdProcess { child, name: name.to_string(), client_url, data_dir: data_dir.to_path_buf(), ports })
+    }
+
+    /// The member name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// `http://127.0.0.1:<port>`.
+    pub fn client_url(&self) -> &str {
+        &self.client_url
+    }
+
+    /// The data directory.
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// The exit status, if the process has ended.
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    /// The last lines etcd logged, for error messages.
+    pub fn log_tail(&self, lines: usize) -> String {
+        let log = std::fs::read_to_string(self.data_dir.join("etcd.log")).unwrap_or_default();
+        let all: Vec<&str> = log.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    /// Kills the process and waits for it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for EtcdProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

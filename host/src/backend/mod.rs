@@ -1,0 +1,231 @@
+//! Backend groups: the etcd clusters that hold scopes. A [`Group`] forwards etcd's own protobuf
+//! messages over one gRPC channel, unchanged, so what the gateway sends is exactly what a client
+//! would have sent. backend/ knows nothing of policies.
+
+pub mod managed;
+
+use std::time::{Duration, Instant};
+
+use etcd_client::proto as pb;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Status, Streaming};
+
+/// Errors connecting to a group.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// An endpoint URL does not parse.
+    #[error("backend group {group}: invalid endpoint {endpoint}: {error}")]
+    Endpoint {
+        /// The group.
+        group: String,
+        /// The endpoint.
+        endpoint: String,
+        /// Why.
+        error: String,
+    },
+    /// A group has no endpoints.
+    #[error("backend group {0} has no endpoints; give at least one etcd client URL")]
+    NoEndpoints(String),
+    /// The group did not answer in time.
+    #[error("backend group {group} ({endpoints}) did not answer within {waited:?}: {last_error}")]
+    NotReady {
+        /// The group.
+        group: String,
+        /// Its endpoints.
+        endpoints: String,
+        /// How long we waited.
+        waited: Duration,
+        /// The last error seen.
+        last_error: String,
+    },
+}
+
+/// One etcd cluster.
+#[derive(Clone, Debug)]
+pub struct Group {
+    name: String,
+    endpoints: Vec<String>,
+    channel: Channel,
+}
+
+/// The gRPC paths of the etcd methods the gateway forwards.
+mod path {
+    pub const RANGE: &str = "/etcdserverpb.KV/Range";
+    pub const PUT: &str = "/etcdserverpb.KV/Put";
+    pub const DELETE_RANGE: &str = "/etcdserverpb.KV/DeleteRange";
+    pub const TXN: &str = "/etcdserverpb.KV/Txn";
+    pub const COMPACT: &str = "/etcdserverpb.KV/Compact";
+    pub const STATUS: &str = "/etcdserverpb.Maintenance/Status";
+    pub const MEMBER_LIST: &str = "/etcdserverpb.Cluster/MemberList";
+    pub const LEASE_GRANT: &str = "/etcdserverpb.Lease/LeaseGrant";
+    pub const LEASE_REVOKE: &str = "/etcdserverpb.Lease/LeaseRevoke";
+    pub const LEASE_TIME_TO_LIVE: &str = "/etcdserverpb.Lease/LeaseTimeToLive";
+    pub const LEASE_LEASES: &str = "/etcdserverpb.Lease/LeaseLeases";
+    pub const LEASE_KEEP_ALIVE: &str = "/etcdserverpb.Lease/LeaseKeepAlive";
+    pub const WATCH: &str = "/etcdserverpb.Watch/Watch";
+}
+
+impl Group {
+    /// A group reachable at `endpoints` (etcd client URLs). Connects lazily; see
+    /// [`Group::wait_ready`].
+    pub fn connect_lazy(name: &str, endpoints: &[String]) -> Result<Self, BackendError> {
+        if endpoints.is_empty() {
+            return Err(BackendError::NoEndpoints(name.to_string()));
+        }
+        let mut parsed = Vec::with_capacity(endpoints.len());
+        for endpoint in endpoints {
+            let e = Endpoint::from_shared(endpoint.clone())
+                .map_err(|error| BackendError::Endpoint {
+                    group: name.to_string(),
+                    endpoint: endpoint.clone(),
+                    error: error.to_string(),
+                })?
+                .tcp_nodelay(true)
+                .connect_timeout(Duration::from_secs(2))
+                .http2_keep_alive_interval(Duration::from_secs(10));
+            parsed.push(e);
+        }
+        let channel = if parsed.len() == 1 {
+            parsed.remove(0).connect_lazy()
+        } else {
+            Channel::balance_list(parsed.into_iter())
+        };
+        Ok(Group { name: name.to_string(), endpoints: endpoints.to_vec(), channel })
+    }
+
+    /// The group's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The group's endpoints.
+    pub fn endpoints(&self) -> &[String] {
+        &self.endpoints
+    }
+
+    /// Waits until the group answers a status request, up to `timeout`.
+    pub async fn wait_ready(&self, timeout: Duration) -> Result<pb::PbStatusResponse, BackendError> {
+        let started = Instant::now();
+        let mut delay = Duration::from_millis(10);
+        loop {
+            let attempt = tokio::time::timeout(Duration::from_secs(1), self.status()).await;
+            let last_error = match attempt {
+                Ok(Ok(status)) => return Ok(status),
+                Ok(Err(status)) => status.message().to_string(),
+                Err(_) => "status request timed out".to_string(),
+            };
+            if started.elapsed() >= timeout {
+                return Err(BackendError::NotReady {
+                    group: self.name.clone(),
+                    endpoints: self.endpoints.join(","),
+                    waited: started.elapsed(),
+                    last_error,
+                });
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_millis(200));
+        }
+    }
+
+    async fn unary<Q, R>(&self, path: &'static str, request: Q) -> Result<R, Status>
+    where
+        Q: prost::Message + Send + Sync + 'static,
+        R: prost::Message + Default + Send + Sync + 'static,
+    {
+        let mut grpc = tonic::client::Grpc::new(self.channel.clone());
+        grpc.ready().await.map_err(|e| Status::unavailable(format!("etcd group {} unreachable: {e}", self.name)))?;
+        let codec = tonic_prost::ProstCodec::<Q, R>::default();
+        let path = tonic::codegen::http::uri::PathAndQuery::from_static(path);
+        grpc.unary(tonic::Request::new(request), path, codec).await.map(tonic::Response::into_inner)
+    }
+
+    async fn streaming<Q, R>(
+        &self,
+        path: &'static str,
+        requests: impl tokio_stream::Stream<Item = Q> + Send + 'static,
+    ) -> Result<Streaming<R>, Status>
+    where
+        Q: prost::Message + Send + Sync + 'static,
+        R: prost::Message + Default + Send + Sync + 'static,
+    {
+        let mut grpc = tonic::client::Grpc::new(self.channel.clone());
+        grpc.ready().await.map_err(|e| Status::unavailable(format!("etcd group {} unreachable: {e}", self.name)))?;
+        let codec = tonic_prost::ProstCodec::<Q, R>::default();
+        let path = tonic::codegen::http::uri::PathAndQuery::from_static(path);
+        grpc.streaming(tonic::Request::new(requests), path, codec).await.map(tonic::Response::into_inner)
+    }
+
+    /// etcd `Range`.
+    pub async fn range(&self, request: pb::PbRangeRequest) -> Result<pb::PbRangeResponse, Status> {
+        self.unary(path::RANGE, request).await
+    }
+
+    /// etcd `Put`.
+    pub async fn put(&self, request: pb::PbPutRequest) -> Result<pb::PbPutResponse, Status> {
+        self.unary(path::PUT, request).await
+    }
+
+    /// etcd `DeleteRange`.
+    pub async fn delete_range(&self, request: pb::PbDeleteRequest) -> Result<pb::PbDeleteResponse, Status> {
+        self.unary(path::DELETE_RANGE, request).await
+    }
+
+    /// etcd `Txn`.
+    pub async fn txn(&self, request: pb::PbTxnRequest) -> Result<pb::PbTxnResponse, Status> {
+        self.unary(path::TXN, request).await
+    }
+
+    /// etcd `Compact`.
+    pub async fn compact(&self, request: pb::PbCompactionRequest) -> Result<pb::PbCompactionResponse, Status> {
+        self.unary(path::COMPACT, request).await
+    }
+
+    /// etcd `Maintenance.Status` of the endpoint the channel picks.
+    pub async fn status(&self) -> Result<pb::PbStatusResponse, Status> {
+        self.unary(path::STATUS, pb::PbStatusRequest {}).await
+    }
+
+    /// etcd `Cluster.MemberList`.
+    pub async fn member_list(&self) -> Result<pb::PbMemberListResponse, Status> {
+        self.unary(path::MEMBER_LIST, pb::PbMemberListRequest { linearizable: false }).await
+    }
+
+    /// etcd `LeaseGrant`.
+    pub async fn lease_grant(&self, request: pb::PbLeaseGrantRequest) -> Result<pb::PbLeaseGrantResponse, Status> {
+        self.unary(path::LEASE_GRANT, request).await
+    }
+
+    /// etcd `LeaseRevoke`.
+    pub async fn lease_revoke(&self, request: pb::PbLeaseRevokeRequest) -> Result<pb::PbLeaseRevokeResponse, Status> {
+        self.unary(path::LEASE_REVOKE, request).await
+    }
+
+    /// etcd `LeaseTimeToLive`.
+    pub async fn lease_time_to_live(
+        &self,
+        request: pb::PbLeaseTimeToLiveRequest,
+    ) -> Result<pb::PbLeaseTimeToLiveResponse, Status> {
+        self.unary(path::LEASE_TIME_TO_LIVE, request).await
+    }
+
+    /// etcd `LeaseLeases`.
+    pub async fn lease_leases(&self) -> Result<pb::PbLeaseLeasesResponse, Status> {
+        self.unary(path::LEASE_LEASES, pb::PbLeaseLeasesRequest {}).await
+    }
+
+    /// etcd `LeaseKeepAlive`, a bidirectional stream.
+    pub async fn lease_keep_alive(
+        &self,
+        requests: impl tokio_stream::Stream<Item = pb::PbLeaseKeepAliveRequest> + Send + 'static,
+    ) -> Result<Streaming<pb::PbLeaseKeepAliveResponse>, Status> {
+        self.streaming(path::LEASE_KEEP_ALIVE, requests).await
+    }
+
+    /// etcd `Watch`, a bidirectional stream.
+    pub async fn watch(
+        &self,
+        requests: impl tokio_stream::Stream<Item = pb::PbWatchRequest> + Send + 'static,
+    ) -> Result<Streaming<pb::PbWatchResponse>, Status> {
+        self.streaming(path::WATCH, requests).await
+    }
+}

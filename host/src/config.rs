@@ -1,0 +1,131 @@
+//! `aq serve` configuration (TOML): backend groups and scopes.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::Deserialize;
+
+use crate::engine::{FailMode, Limits};
+use crate::index::{KeyRange, Scope};
+
+/// The built-in default layout.
+pub const DEFAULT_LAYOUT: &str = include_str!("default-layout.toml");
+
+/// A whole configuration file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// etcd clusters.
+    #[serde(default)]
+    pub groups: Vec<GroupConfig>,
+    /// Scopes.
+    #[serde(default)]
+    pub scopes: Vec<ScopeConfig>,
+}
+
+/// One backend group.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroupConfig {
+    /// Name scopes refer to.
+    pub name: String,
+    /// etcd client URLs; none means aq starts and supervises an etcd for this group.
+    #[serde(default)]
+    pub endpoints: Vec<String>,
+}
+
+/// One scope.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScopeConfig {
+    /// Stable identifier.
+    pub id: String,
+    /// Every key starting with this; or give `start` (and `end`).
+    pub prefix: Option<String>,
+    /// First key of the range.
+    pub start: Option<String>,
+    /// First key after the range; absent: no bound.
+    pub end: Option<String>,
+    /// The group holding it.
+    pub group: String,
+    /// `builtin:<name>` or a path to a component.
+    pub policy: String,
+    /// The policy's configuration, as a TOML table (passed to the policy as JSON).
+    #[serde(default)]
+    pub config: Option<toml::Table>,
+    /// What happens when the policy fails.
+    #[serde(default)]
+    pub fail_mode: FailMode,
+    /// Labels the policy sees.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// CPU deadline per evaluation, in milliseconds.
+    pub timeout_ms: Option<u64>,
+    /// Memory cap per evaluation, in MiB.
+    pub memory_mib: Option<usize>,
+}
+
+impl Config {
+    /// Parses a configuration, naming the file and the problem on failure.
+    pub fn parse(text: &str, origin: &str) -> Result<Self, String> {
+        let config: Config = toml::from_str(text).map_err(|e| format!("{origin}: {e}"))?;
+        for scope in &config.scopes {
+            if !config.groups.iter().any(|g| g.name == scope.group) {
+                return Err(format!("{origin}: scope {} names group {}, which is not in [[groups]]", scope.id, scope.group));
+            }
+        }
+        Ok(config)
+    }
+
+    /// Reads and parses a configuration file.
+    pub fn load(path: &Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    /// The default layout.
+    pub fn default_layout() -> Self {
+        Self::parse(DEFAULT_LAYOUT, "default layout").expect("the default layout parses")
+    }
+}
+
+impl ScopeConfig {
+    /// The key range the scope names.
+    pub fn range(&self) -> Result<KeyRange, String> {
+        match (&self.prefix, &self.start) {
+            (Some(prefix), None) if self.end.is_none() => Ok(if prefix.is_empty() {
+                KeyRange { start: Vec::new(), end: Vec::new() }
+            } else {
+                KeyRange::prefix(prefix.as_bytes())
+            }),
+            (None, Some(start)) => Ok(KeyRange {
+                start: start.as_bytes().to_vec(),
+                end: self.end.as_deref().unwrap_or_default().as_bytes().to_vec(),
+            }),
+            _ => Err(format!("scope {}: give either `prefix`, or `start` (and optionally `end`)", self.id)),
+        }
+    }
+
+    /// The index entry.
+    pub fn to_scope(&self) -> Result<Scope, String> {
+        Ok(Scope { id: self.id.clone(), range: self.range()?, group: self.group.clone(), labels: self.labels.clone() })
+    }
+
+    /// The policy configuration as JSON text.
+    pub fn policy_config_json(&self) -> String {
+        match &self.config {
+            Some(table) => serde_json::to_string(table).expect("TOML tables serialise as JSON"),
+            None => "{}".to_string(),
+        }
+    }
+
+    /// Evaluation limits.
+    pub fn limits(&self) -> Limits {
+        let defaults = Limits::default();
+        Limits {
+            timeout: self.timeout_ms.map(std::time::Duration::from_millis).unwrap_or(defaults.timeout),
+            memory_bytes: self.memory_mib.map(|m| m << 20).unwrap_or(defaults.memory_bytes),
+            ..defaults
+        }
+    }
+}

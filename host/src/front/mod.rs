@@ -1,0 +1,217 @@
+//! The etcd v3 gRPC front: KV, Maintenance and Cluster services over the gate. Translation
+//! only: every decision is the gate's.
+
+use std::sync::Arc;
+
+use etcd_client::proto as pb;
+use tonic::{Request, Response, Status};
+
+use crate::gate::{GateError, Gateway};
+
+/// The etcd version aq reports in `Maintenance.Status`: new enough that kube-apiserver uses
+/// watch progress requests (3.5.13 or later).
+pub const REPORTED_ETCD_VERSION: &str = "3.5.13";
+
+impl From<GateError> for Status {
+    fn from(error: GateError) -> Self {
+        match error {
+            GateError::Backend(status) => status,
+            GateError::Denied { reason } => Status::permission_denied(reason),
+            GateError::Reserved(_) => Status::permission_denied(error.to_string()),
+            GateError::ApprovalRequired(_) | GateError::CrossScope(_) | GateError::Unowned(_) => {
+                Status::failed_precondition(error.to_string())
+            }
+            GateError::Unsupported(_) => Status::invalid_argument(error.to_string()),
+            GateError::Contended(_) => Status::unavailable(error.to_string()),
+        }
+    }
+}
+
+/// The KV service.
+pub struct Kv {
+    gate: Arc<Gateway>,
+}
+
+impl Kv {
+    /// KV over `gate`.
+    pub fn new(gate: Arc<Gateway>) -> Self {
+        Kv { gate }
+    }
+}
+
+#[tonic::async_trait]
+impl pb::PbKvService for Kv {
+    async fn range(&self, request: Request<pb::PbRangeRequest>) -> Result<Response<pb::PbRangeResponse>, Status> {
+        Ok(Response::new(self.gate.range(request.into_inner()).await?))
+    }
+
+    async fn put(&self, request: Request<pb::PbPutRequest>) -> Result<Response<pb::PbPutResponse>, Status> {
+        Ok(Response::new(self.gate.put(request.into_inner()).await?))
+    }
+
+    async fn delete_range(
+        &self,
+        request: Request<pb::PbDeleteRequest>,
+    ) -> Result<Response<pb::PbDeleteResponse>, Status> {
+        Ok(Response::new(self.gate.delete_range(request.into_inner()).await?))
+    }
+
+    async fn txn(&self, request: Request<pb::PbTxnRequest>) -> Result<Response<pb::PbTxnResponse>, Status> {
+        Ok(Response::new(self.gate.txn(request.into_inner()).await?))
+    }
+
+    async fn compact(
+        &self,
+        request: Request<pb::PbCompactionRequest>,
+    ) -> Result<Response<pb::PbCompactionResponse>, Status> {
+        Ok(Response::new(self.gate.compact(request.into_inner()).await?))
+    }
+
+    type RangeStreamStream = tokio_stream::Empty<Result<pb::PbRangeStreamResponse, Status>>;
+
+    async fn range_stream(
+        &self,
+        _: Request<pb::PbRangeRequest>,
+    ) -> Result<Response<Self::RangeStreamStream>, Status> {
+        Err(unimplemented("RangeStream"))
+    }
+}
+
+fn unimplemented(what: &str) -> Status {
+    Status::unimplemented(format!("{what} is not available through aq; run it against the etcd groups directly"))
+}
+
+/// The Maintenance service: `Status` answers for aq itself; operations on members are for the
+/// backend groups, not the gateway.
+pub struct Maintenance {
+    gate: Arc<Gateway>,
+    addr: std::net::SocketAddr,
+}
+
+impl Maintenance {
+    /// Maintenance over `gate`, served at `addr`.
+    pub fn new(gate: Arc<Gateway>, addr: std::net::SocketAddr) -> Self {
+        Maintenance { gate, addr }
+    }
+}
+
+/// A stable member id for this gateway, derived from its address.
+fn member_id(addr: &std::net::SocketAddr) -> u64 {
+    let digest = blake3::hash(addr.to_string().as_bytes());
+    u64::from_le_bytes(digest.as_bytes()[..8].try_into().expect("8 bytes"))
+}
+
+#[tonic::async_trait]
+impl pb::PbMaintenanceService for Maintenance {
+    async fn alarm(&self, _: Request<pb::PbAlarmRequest>) -> Result<Response<pb::PbAlarmResponse>, Status> {
+        Err(unimplemented("Alarm"))
+    }
+
+    async fn status(&self, _: Request<pb::PbStatusRequest>) -> Result<Response<pb::PbStatusResponse>, Status> {
+        let group = self.gate.groups().values().next().ok_or_else(|| Status::unavailable("no backend group"))?;
+        let mut status = group.status().await?;
+        let id = member_id(&self.addr);
+        status.version = REPORTED_ETCD_VERSION.to_string();
+        status.leader = id;
+        if let Some(header) = status.header.as_mut() {
+            header.member_id = id;
+        }
+        Ok(Response::new(status))
+    }
+
+    async fn defragment(
+        &self,
+        _: Request<pb::PbDefragmentRequest>,
+    ) -> Result<Response<pb::PbDefragmentResponse>, Status> {
+        Err(unimplemented("Defragment"))
+    }
+
+    async fn hash(&self, _: Request<pb::PbHashRequest>) -> Result<Response<pb::PbHashResponse>, Status> {
+        Err(unimplemented("Hash"))
+    }
+
+    async fn hash_kv(&self, _: Request<pb::PbHashKvRequest>) -> Result<Response<pb::PbHashKvResponse>, Status> {
+        Err(unimplemented("HashKV"))
+    }
+
+    type SnapshotStream = tokio_stream::Empty<Result<pb::PbSnapshotResponse, Status>>;
+
+    async fn snapshot(&self, _: Request<pb::PbSnapshotRequest>) -> Result<Response<Self::SnapshotStream>, Status> {
+        Err(unimplemented("Snapshot"))
+    }
+
+    async fn move_leader(
+        &self,
+        _: Request<pb::PbMoveLeaderRequest>,
+    ) -> Result<Response<pb::PbMoveLeaderResponse>, Status> {
+        Err(unimplemented("MoveLeader"))
+    }
+
+    async fn downgrade(&self, _: Request<pb::PbDowngradeRequest>) -> Result<Response<pb::PbDowngradeResponse>, Status> {
+        Err(unimplemented("Downgrade"))
+    }
+}
+
+/// The Cluster service: aq presents itself as a one-member cluster at its own address.
+pub struct Cluster {
+    gate: Arc<Gateway>,
+    addr: std::net::SocketAddr,
+}
+
+impl Cluster {
+    /// Cluster over `gate`, served at `addr`.
+    pub fn new(gate: Arc<Gateway>, addr: std::net::SocketAddr) -> Self {
+        Cluster { gate, addr }
+    }
+}
+
+#[tonic::async_trait]
+impl pb::PbClusterService for Cluster {
+    async fn member_add(&self, _: Request<pb::PbMemberAddRequest>) -> Result<Response<pb::PbMemberAddResponse>, Status> {
+        Err(unimplemented("MemberAdd"))
+    }
+
+    async fn member_remove(
+        &self,
+        _: Request<pb::PbMemberRemoveRequest>,
+    ) -> Result<Response<pb::PbMemberRemoveResponse>, Status> {
+        Err(unimplemented("MemberRemove"))
+    }
+
+    async fn member_update(
+        &self,
+        _: Request<pb::PbMemberUpdateRequest>,
+    ) -> Result<Response<pb::PbMemberUpdateResponse>, Status> {
+        Err(unimplemented("MemberUpdate"))
+    }
+
+    async fn member_list(
+        &self,
+        _: Request<pb::PbMemberListRequest>,
+    ) -> Result<Response<pb::PbMemberListResponse>, Status> {
+        let group = self.gate.groups().values().next().ok_or_else(|| Status::unavailable("no backend group"))?;
+        let mut header = group.status().await?.header;
+        let id = member_id(&self.addr);
+        if let Some(header) = header.as_mut() {
+            header.member_id = id;
+        }
+        let url = format!("http://{}", self.addr);
+        Ok(Response::new(pb::PbMemberListResponse {
+            header,
+            members: vec![pb::PbMember {
+                id,
+                name: "aq".to_string(),
+                peer_ur_ls: Vec::new(),
+                client_ur_ls: vec![url],
+                is_learner: false,
+            }],
+        }))
+    }
+
+    async fn member_promote(
+        &self,
+        _: Request<pb::PbMemberPromoteRequest>,
+    ) -> Result<Response<pb::PbMemberPromoteResponse>, Status> {
+        Err(unimplemented("MemberPromote"))
+    }
+}

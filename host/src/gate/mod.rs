@@ -1,0 +1,608 @@
+//! The governance pipeline. A mutation is routed to the scope owning its keys, evaluated by the
+//! scope's active policy, and sent to the scope's group as one Txn guarded by the scope's fence,
+//! with the client's own compares nested inside so its else-branch answers as etcd's would.
+//! Reads are routed, split across scopes and merged, and counted.
+
+pub mod fence;
+mod reader;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use aq_sdk as m;
+use etcd_client::proto as pb;
+use tonic::Status;
+
+use crate::backend::Group;
+use crate::engine::{Engine, EvalRequest, Registry, ScopeSlot};
+use crate::index::{KeyRange, Owner, Scope, ScopeIndex};
+use fence::Fence;
+
+/// How many times a write is retried after its fence or a policy read moved.
+const MAX_ATTEMPTS: usize = 5;
+
+/// Why the gate refused or could not complete a request.
+#[derive(Debug, thiserror::Error)]
+pub enum GateError {
+    /// The policy denied the write.
+    #[error("{reason}")]
+    Denied {
+        /// The policy's reason.
+        reason: String,
+    },
+    /// The policy requires approvals the request does not carry.
+    #[error("{0}")]
+    ApprovalRequired(String),
+    /// A write or transaction touches keys of several scopes.
+    #[error("the request touches keys of several scopes ({}); a write or transaction must stay within one scope", .0.join(", "))]
+    CrossScope(Vec<String>),
+    /// No scope owns the key.
+    #[error("no scope owns key {0:?}; configure a scope covering it (a catch-all scope has prefix \"\")")]
+    Unowned(String),
+    /// The key is in aq's reserved keyspace.
+    #[error("key {0:?} is in aq's reserved keyspace and cannot be written through aq")]
+    Reserved(String),
+    /// A read at one revision across groups with separate revision spaces.
+    #[error("{0}")]
+    Unsupported(String),
+    /// The fence kept moving.
+    #[error("scope {0} changed owner or state on every attempt; retry the request")]
+    Contended(String),
+    /// etcd answered with an error; passed through unchanged.
+    #[error("{0}")]
+    Backend(Status),
+}
+
+impl From<Status> for GateError {
+    fn from(status: Status) -> Self {
+        GateError::Backend(status)
+    }
+}
+
+/// One scope at run time.
+pub struct ScopeRuntime {
+    /// Index entry.
+    pub scope: Arc<Scope>,
+    /// Its group.
+    pub group: Group,
+    /// Its fence.
+    pub fence: Fence,
+    /// Its policy binding.
+    pub slot: Arc<ScopeSlot>,
+    /// Reads routed to it.
+    pub reads: AtomicU64,
+    /// Mutations that reached etcd.
+    pub writes: AtomicU64,
+    /// Writes whose fence guard failed and were retried.
+    pub fence_retries: AtomicU64,
+}
+
+/// The gateway core shared by every front-end service.
+pub struct Gateway {
+    index: ScopeIndex,
+    scopes: HashMap<String, ScopeRuntime>,
+    groups: BTreeMap<String, Group>,
+    engine: Arc<Engine>,
+    registry: Arc<Registry>,
+}
+
+/// A request's keys resolved to one scope.
+struct Routed<'a> {
+    runtime: &'a ScopeRuntime,
+}
+
+impl Gateway {
+    /// Assembles a gateway. Every scope of `index` must have a binding in `registry` and a group
+    /// in `groups`; fences are read (and created when missing) from each scope's group.
+    pub async fn new(
+        index: ScopeIndex,
+        groups: BTreeMap<String, Group>,
+        engine: Arc<Engine>,
+        registry: Arc<Registry>,
+    ) -> Result<Self, String> {
+        let mut scopes = HashMap::new();
+        for scope in index.scopes() {
+            let group = groups
+                .get(&scope.group)
+                .ok_or_else(|| format!("scope {} names backend group {}, which is not configured", scope.id, scope.group))?
+                .clone();
+            let slot = registry.slot(&scope.id).ok_or_else(|| format!("scope {} has no policy bound", scope.id))?;
+            let version = init_fence(&group, &scope.id).await.map_err(|e| {
+                format!("cannot read the fence of scope {} on group {}: {}", scope.id, group.name(), e.message())
+            })?;
+            scopes.insert(
+                scope.id.clone(),
+                ScopeRuntime {
+                    scope: scope.clone(),
+                    group,
+                    fence: Fence::new(&scope.id, version),
+                    slot,
+                    reads: AtomicU64::new(0),
+                    writes: AtomicU64::new(0),
+                    fence_retries: AtomicU64::new(0),
+                },
+            );
+        }
+        Ok(Gateway { index, scopes, groups, engine, registry })
+    }
+
+    /// The scope index.
+    pub fn index(&self) -> &ScopeIndex {
+        &self.index
+    }
+
+    /// A scope's run-time state.
+    pub fn scope(&self, id: &str) -> Option<&ScopeRuntime> {
+        self.scopes.get(id)
+    }
+
+    /// The backend groups.
+    pub fn groups(&self) -> &BTreeMap<String, Group> {
+        &self.groups
+    }
+
+    /// The policy registry.
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+
+    fn runtime(&self, scope: &Scope) -> &ScopeRuntime {
+        self.scopes.get(&scope.id).expect("every indexed scope has a runtime")
+    }
+
+    /// Resolves the keys and ranges a mutation touches to exactly one scope.
+    fn route_write(&self, ranges: &[KeyRange]) -> Result<Routed<'_>, GateError> {
+        let mut owner: Option<&Arc<Scope>> = None;
+        let mut all: Vec<String> = Vec::new();
+        for range in ranges {
+            if let Owner::Reserved = self.index.lookup(&range.start) {
+                return Err(GateError::Reserved(String::from_utf8_lossy(&range.start).into_owned()));
+            }
+            let parts = self.index.overlapping(range);
+            if parts.is_empty() {
+                return Err(GateError::Unowned(String::from_utf8_lossy(&range.start).into_owned()));
+            }
+            for (scope, _) in parts {
+                if !all.contains(&scope.id) {
+                    all.push(scope.id.clone());
+                }
+                owner.get_or_insert(scope);
+            }
+        }
+        if all.len() > 1 {
+            all.sort();
+            return Err(GateError::CrossScope(all));
+        }
+        let scope = owner.ok_or_else(|| GateError::Unowned(String::new()))?;
+        Ok(Routed { runtime: self.runtime(scope) })
+    }
+
+    /// Evaluates `ops` and `compares` with the scope's active policy. Returns the compares that
+    /// guard the write on what the policy read.
+    fn evaluate(
+        &self,
+        runtime: &ScopeRuntime,
+        ops: Vec<m::Op>,
+        compares: Vec<m::Compare>,
+        seed_material: &[u8],
+    ) -> Result<Vec<pb::PbCompare>, GateError> {
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+        let scope = &runtime.scope;
+        let context = m::Context {
+            scope: m::ScopeInfo {
+                id: scope.id.clone(),
+                key_start: m::Bytes(scope.range.start.clone()),
+                key_end: m::Bytes(scope.range.end.clone()),
+                labels: scope.labels.clone(),
+            },
+            ops,
+            compares,
+            credentials: Vec::new(),
+            transport: m::TransportIdentity::default(),
+            request_time: m::Timestamp { seconds: now.as_secs(), nanoseconds: now.subsec_nanos() },
+        };
+        let mut hasher = blake3::Hasher::new_derive_key("aq request seed 2026-11");
+        hasher.update(scope.id.as_bytes()).update(&now.as_nanos().to_le_bytes()).update(seed_material);
+        let seed = *hasher.finalize().as_bytes();
+        let binding = runtime.slot.active();
+        let reader = reader::EtcdReader::new(runtime.group.clone());
+        let evaluation =
+            self.engine.evaluate(&binding, EvalRequest { context: &context, seed, reader: Some(Arc::new(reader)) });
+        if let Some(failure) = &evaluation.failure {
+            tracing::warn!(scope = %scope.id, policy = ?evaluation.digest, kind = failure.kind(), "policy failed: {failure}");
+        }
+        match evaluation.decision.verdict {
+            m::Verdict::Allow => {}
+            m::Verdict::Deny(reason) => return Err(GateError::Denied { reason }),
+            m::Verdict::RequireApproval(rule) => {
+                let voters: Vec<String> =
+                    rule.voters.iter().map(|v| format!("{} (weight {})", v.principal, v.weight)).collect();
+                return Err(GateError::ApprovalRequired(format!(
+                    "writes to scope {} need approvals of weight {} from {}; the request carries none \
+                     (signed requests and approvals are not available through this gateway yet)",
+                    scope.id,
+                    rule.threshold,
+                    voters.join(", ")
+                )));
+            }
+        }
+        Ok(evaluation
+            .observed_reads
+            .into_iter()
+            .map(|read| pb::PbCompare {
+                result: fence::RESULT_EQUAL,
+                // An absent key has version 0; a present one is pinned by its mod revision.
+                target: if read.mod_revision.is_some() { fence::TARGET_MOD } else { fence::TARGET_VERSION },
+                key: read.key.0,
+                range_end: Vec::new(),
+                target_union: Some(match read.mod_revision {
+                    Some(rev) => pb::PbTargetUnion::ModRevision(rev),
+                    None => pb::PbTargetUnion::Version(0),
+                }),
+            })
+            .collect())
+    }
+
+    /// Sends `op` as the success branch of a Txn guarded by the scope's fence and `guards`.
+    /// `Ok(None)` when a guard failed (the fence has been refreshed); the caller re-evaluates.
+    async fn fenced(
+        &self,
+        runtime: &ScopeRuntime,
+        op: pb::PbTxnOpRequest,
+        guards: Vec<pb::PbCompare>,
+    ) -> Result<Option<pb::PbTxnResponse>, GateError> {
+        let mut compare = Vec::with_capacity(guards.len() + 1);
+        compare.push(runtime.fence.compare());
+        compare.extend(guards);
+        let request = pb::PbTxnRequest {
+            compare,
+            success: vec![pb::PbTxnRequestOp { request: Some(op) }],
+            failure: vec![runtime.fence.read_op()],
+        };
+        let response = runtime.group.txn(request).await?;
+        if response.succeeded {
+            runtime.writes.fetch_add(1, Ordering::Relaxed);
+            return Ok(Some(response));
+        }
+        runtime.fence_retries.fetch_add(1, Ordering::Relaxed);
+        let version = match response.responses.first().and_then(|r| r.response.as_ref()) {
+            Some(pb::PbTxnOpResponse::ResponseRange(range)) => range.kvs.first().map(|kv| kv.version).unwrap_or(0),
+            _ => 0,
+        };
+        if version != runtime.fence.expected() {
+            tracing::info!(scope = %runtime.scope.id, from = runtime.fence.expected(), to = version, "fence moved; retrying");
+            runtime.fence.refresh(version);
+        }
+        Ok(None)
+    }
+
+    /// Runs one governed mutation: evaluate, send fenced, retry when the fence or a policy read
+    /// moved. Returns the response of the client's op and the outer header.
+    async fn govern(
+        &self,
+        runtime: &ScopeRuntime,
+        ops: Vec<m::Op>,
+        compares: Vec<m::Compare>,
+        op: pb::PbTxnOpRequest,
+        seed_material: &[u8],
+    ) -> Result<(pb::PbTxnOpResponse, Option<pb::PbResponseHeader>), GateError> {
+        for _ in 0..MAX_ATTEMPTS {
+            let guards = self.evaluate(runtime, ops.clone(), compares.clone(), seed_material)?;
+            if let Some(mut response) = self.fenced(runtime, op.clone(), guards).await? {
+                let inner = response
+                    .responses
+                    .pop()
+                    .and_then(|r| r.response)
+                    .ok_or_else(|| GateError::Backend(Status::internal("etcd returned an empty txn response")))?;
+                return Ok((inner, response.header));
+            }
+        }
+        Err(GateError::Contended(runtime.scope.id.clone()))
+    }
+
+    /// etcd `Put`, governed.
+    pub async fn put(&self, request: pb::PbPutRequest) -> Result<pb::PbPutResponse, GateError> {
+        let routed = self.route_write(&[KeyRange::from_request(&request.key, b"")])?;
+        let ops = vec![m::Op::Put(put_op(&request))];
+        let seed = prost::Message::encode_to_vec(&request);
+        let (response, header) =
+            self.govern(routed.runtime, ops, Vec::new(), pb::PbTxnOpRequest::RequestPut(request), &seed).await?;
+        match response {
+            pb::PbTxnOpResponse::ResponsePut(mut put) => {
+                put.header = header;
+                Ok(put)
+            }
+            other => Err(unexpected("put", &other)),
+        }
+    }
+
+    /// etcd `DeleteRange`, governed. A range over several scopes is deleted scope by scope,
+    /// after every scope's policy allowed its part; it is not atomic across scopes.
+    pub async fn delete_range(&self, request: pb::PbDeleteRequest) -> Result<pb::PbDeleteResponse, GateError> {
+        let range = KeyRange::from_request(&request.key, &request.range_end);
+        if let Owner::Reserved = self.index.lookup(&request.key) {
+            return Err(GateError::Reserved(String::from_utf8_lossy(&request.key).into_owned()));
+        }
+        let parts = self.index.overlapping(&range);
+        if parts.is_empty() {
+            return Ok(pb::PbDeleteResponse { header: self.any_header().await?, deleted: 0, prev_kvs: Vec::new() });
+        }
+        if parts.len() == 1 && parts[0].1 == range {
+            let runtime = self.runtime(parts[0].0);
+            return self.delete_part(runtime, request).await;
+        }
+        // Evaluate every part first, so a deny anywhere deletes nothing.
+        let mut planned = Vec::new();
+        for (scope, part) in &parts {
+            let runtime = self.runtime(scope);
+            let (key, range_end) = part.to_request();
+            let op = m::Op::DeleteRange(m::DeleteRangeOp { key: m::Bytes(key.clone()), range_end: m::Bytes(range_end.clone()) });
+            self.evaluate(runtime, vec![op], Vec::new(), &key)?;
+            planned.push((runtime, pb::PbDeleteRequest { key, range_end, prev_kv: request.prev_kv }));
+        }
+        let mut merged = pb::PbDeleteResponse::default();
+        for (runtime, part) in planned {
+            let response = self.delete_part(runtime, part).await?;
+            merged.header = merged.header.or(response.header);
+            merged.deleted += response.deleted;
+            merged.prev_kvs.extend(response.prev_kvs);
+        }
+        Ok(merged)
+    }
+
+    async fn delete_part(
+        &self,
+        runtime: &ScopeRuntime,
+        request: pb::PbDeleteRequest,
+    ) -> Result<pb::PbDeleteResponse, GateError> {
+        let ops = vec![m::Op::DeleteRange(m::DeleteRangeOp {
+            key: m::Bytes(request.key.clone()),
+            range_end: m::Bytes(request.range_end.clone()),
+        })];
+        let seed = prost::Message::encode_to_vec(&request);
+        let (response, header) =
+            self.govern(runtime, ops, Vec::new(), pb::PbTxnOpRequest::RequestDeleteRange(request), &seed).await?;
+        match response {
+            pb::PbTxnOpResponse::ResponseDeleteRange(mut delete) => {
+                delete.header = header;
+                Ok(delete)
+            }
+            other => Err(unexpected("delete", &other)),
+        }
+    }
+
+    /// etcd `Txn`, governed: the whole transaction must stay in one scope. A transaction of
+    /// reads only is forwarded without evaluation.
+    pub async fn txn(&self, request: pb::PbTxnRequest) -> Result<pb::PbTxnResponse, GateError> {
+        let mut ranges = Vec::new();
+        let mut ops = Vec::new();
+        collect_txn(&request, &mut ranges, &mut ops);
+        if ranges.is_empty() {
+            return Ok(pb::PbTxnResponse { header: self.any_header().await?, succeeded: true, responses: Vec::new() });
+        }
+        let routed = self.route_write(&ranges)?;
+        let runtime = routed.runtime;
+        if ops.is_empty() {
+            runtime.reads.fetch_add(1, Ordering::Relaxed);
+            return Ok(runtime.group.txn(request).await?);
+        }
+        let compares = request.compare.iter().map(compare_to_model).collect();
+        let seed = prost::Message::encode_to_vec(&request);
+        let (response, header) =
+            self.govern(runtime, ops, compares, pb::PbTxnOpRequest::RequestTxn(request), &seed).await?;
+        match response {
+            pb::PbTxnOpResponse::ResponseTxn(mut txn) => {
+                txn.header = header;
+                Ok(txn)
+            }
+            other => Err(unexpected("txn", &other)),
+        }
+    }
+
+    /// etcd `Range`: routed, split across scopes and merged in the requested order.
+    pub async fn range(&self, request: pb::PbRangeRequest) -> Result<pb::PbRangeResponse, GateError> {
+        let range = KeyRange::from_request(&request.key, &request.range_end);
+        let parts = self.index.overlapping(&range);
+        match parts.as_slice() {
+            [] => Ok(pb::PbRangeResponse { header: self.any_header().await?, ..Default::default() }),
+            [(scope, part)] => {
+                let runtime = self.runtime(scope);
+                runtime.reads.fetch_add(1, Ordering::Relaxed);
+                let mut request = request;
+                if *part != range {
+                    (request.key, request.range_end) = part.to_request();
+                }
+                Ok(runtime.group.range(request).await?)
+            }
+            parts => self.range_merged(request, parts).await,
+        }
+    }
+
+    async fn range_merged(
+        &self,
+        request: pb::PbRangeRequest,
+        parts: &[(&Arc<Scope>, KeyRange)],
+    ) -> Result<pb::PbRangeResponse, GateError> {
+        let groups: std::collections::BTreeSet<&str> = parts.iter().map(|(s, _)| s.group.as_str()).collect();
+        if request.revision > 0 && groups.len() > 1 {
+            return Err(GateError::Unsupported(format!(
+                "a range at revision {} spans scopes on {} etcd groups, whose revisions are unrelated; \
+                 range within one scope, or without a revision",
+                request.revision,
+                groups.len()
+            )));
+        }
+        let mut merged = pb::PbRangeResponse::default();
+        // Parts on one group are read at the revision of the first answer: one snapshot.
+        let mut revisions: BTreeMap<&str, i64> = BTreeMap::new();
+        for (scope, part) in parts {
+            let runtime = self.runtime(scope);
+            runtime.reads.fetch_add(1, Ordering::Relaxed);
+            let mut sub = request.clone();
+            (sub.key, sub.range_end) = part.to_request();
+            if sub.revision == 0
+                && let Some(rev) = revisions.get(scope.group.as_str())
+            {
+                sub.revision = *rev;
+            }
+            let response = runtime.group.range(sub).await?;
+            if let Some(header) = &response.header {
+                revisions.entry(scope.group.as_str()).or_insert(header.revision);
+            }
+            merged.header = merged.header.or(response.header);
+            merged.count += response.count;
+            merged.more |= response.more;
+            merged.kvs.extend(response.kvs);
+        }
+        sort_kvs(&mut merged.kvs, request.sort_target, request.sort_order);
+        if request.limit > 0 && merged.kvs.len() as i64 > request.limit {
+            merged.kvs.truncate(request.limit as usize);
+            merged.more = true;
+        }
+        Ok(merged)
+    }
+
+    /// etcd `Compact`: each group is compacted up to `revision` (or its current revision, when
+    /// lower), since every group keeps its own revisions.
+    pub async fn compact(&self, request: pb::PbCompactionRequest) -> Result<pb::PbCompactionResponse, GateError> {
+        let mut first_error = None;
+        let mut last = None;
+        let mut compacted_any = false;
+        for group in self.groups.values() {
+            let current = group.status().await?.header.map(|h| h.revision).unwrap_or(0);
+            let revision = request.revision.min(current);
+            match group.compact(pb::PbCompactionRequest { revision, physical: request.physical }).await {
+                Ok(response) => {
+                    compacted_any = true;
+                    last = Some(response);
+                }
+                Err(status) => {
+                    first_error.get_or_insert(status);
+                }
+            }
+        }
+        match (compacted_any, last, first_error) {
+            (true, Some(response), _) => Ok(response),
+            (_, _, Some(status)) => Err(GateError::Backend(status)),
+            _ => Err(GateError::Backend(Status::internal("no backend group to compact"))),
+        }
+    }
+
+    /// A header from the first group, for answers that touch no scope.
+    async fn any_header(&self) -> Result<Option<pb::PbResponseHeader>, GateError> {
+        match self.groups.values().next() {
+            Some(group) => Ok(group.status().await?.header),
+            None => Ok(None),
+        }
+    }
+}
+
+/// Reads the fence version of a scope, creating the fence when it does not exist.
+async fn init_fence(group: &Group, scope: &str) -> Result<i64, Status> {
+    let key = fence::fence_key(scope);
+    let found = group.range(pb::PbRangeRequest { key: key.clone(), ..Default::default() }).await?;
+    if let Some(kv) = found.kvs.first() {
+        return Ok(kv.version);
+    }
+    // Create it only if still absent, so concurrent gateways agree on version 1.
+    let create = pb::PbTxnRequest {
+        compare: vec![pb::PbCompare {
+            result: fence::RESULT_EQUAL,
+            target: fence::TARGET_VERSION,
+            key: key.clone(),
+            range_end: Vec::new(),
+            target_union: Some(pb::PbTargetUnion::Version(0)),
+        }],
+        success: vec![pb::PbTxnRequestOp {
+            request: Some(pb::PbTxnOpRequest::RequestPut(pb::PbPutRequest {
+                key: key.clone(),
+                value: b"1".to_vec(),
+                ..Default::default()
+            })),
+        }],
+        failure: Vec::new(),
+    };
+    group.txn(create).await?;
+    let found = group.range(pb::PbRangeRequest { key, ..Default::default() }).await?;
+    Ok(found.kvs.first().map(|kv| kv.version).unwrap_or(0))
+}
+
+fn put_op(request: &pb::PbPutRequest) -> m::PutOp {
+    m::PutOp {
+        key: m::Bytes(request.key.clone()),
+        value: m::Bytes(request.value.clone()),
+        lease: request.lease,
+        ignore_value: request.ignore_value,
+        ignore_lease: request.ignore_lease,
+    }
+}
+
+/// Collects the key ranges a transaction touches (compares and every op, nested included) and
+/// its mutations in order: success branch, then failure branch.
+fn collect_txn(request: &pb::PbTxnRequest, ranges: &mut Vec<KeyRange>, ops: &mut Vec<m::Op>) {
+    for compare in &request.compare {
+        ranges.push(KeyRange::from_request(&compare.key, &compare.range_end));
+    }
+    for op in request.success.iter().chain(&request.failure) {
+        match &op.request {
+            Some(pb::PbTxnOpRequest::RequestRange(r)) => ranges.push(KeyRange::from_request(&r.key, &r.range_end)),
+            Some(pb::PbTxnOpRequest::RequestPut(p)) => {
+                ranges.push(KeyRange::from_request(&p.key, b""));
+                ops.push(m::Op::Put(put_op(p)));
+            }
+            Some(pb::PbTxnOpRequest::RequestDeleteRange(d)) => {
+                ranges.push(KeyRange::from_request(&d.key, &d.range_end));
+                ops.push(m::Op::DeleteRange(m::DeleteRangeOp {
+                    key: m::Bytes(d.key.clone()),
+                    range_end: m::Bytes(d.range_end.clone()),
+                }));
+            }
+            Some(pb::PbTxnOpRequest::RequestTxn(t)) => collect_txn(t, ranges, ops),
+            None => {}
+        }
+    }
+}
+
+fn compare_to_model(compare: &pb::PbCompare) -> m::Compare {
+    let target = match &compare.target_union {
+        Some(pb::PbTargetUnion::Version(v)) => m::CompareTarget::Version(*v),
+        Some(pb::PbTargetUnion::CreateRevision(v)) => m::CompareTarget::CreateRevision(*v),
+        Some(pb::PbTargetUnion::ModRevision(v)) => m::CompareTarget::ModRevision(*v),
+        Some(pb::PbTargetUnion::Value(v)) => m::CompareTarget::Value(m::Bytes(v.clone())),
+        Some(pb::PbTargetUnion::Lease(v)) => m::CompareTarget::Lease(*v),
+        None => m::CompareTarget::Version(0),
+    };
+    m::Compare {
+        key: m::Bytes(compare.key.clone()),
+        range_end: m::Bytes(compare.range_end.clone()),
+        result: match compare.result {
+            1 => m::CompareResult::Greater,
+            2 => m::CompareResult::Less,
+            3 => m::CompareResult::NotEqual,
+            _ => m::CompareResult::Equal,
+        },
+        target,
+    }
+}
+
+/// Sorts merged key-values as etcd would (`sort_target`: key, version, create, mod, value;
+/// `sort_order`: none, ascend, descend). Without an order, etcd returns keys ascending.
+fn sort_kvs(kvs: &mut [pb::PbKeyValue], target: i32, order: i32) {
+    kvs.sort_by(|a, b| {
+        let by = match target {
+            1 => a.version.cmp(&b.version),
+            2 => a.create_revision.cmp(&b.create_revision),
+            3 => a.mod_revision.cmp(&b.mod_revision),
+            4 => a.value.cmp(&b.value),
+            _ => a.key.cmp(&b.key),
+        };
+        let by = by.then_with(|| a.key.cmp(&b.key));
+        if order == 2 { by.reverse() } else { by }
+    });
+}
+
+fn unexpected(what: &str, response: &pb::PbTxnOpResponse) -> GateError {
+    GateError::Backend(Status::internal(format!("etcd answered a {what} with {response:?}")))
+}

@@ -1,0 +1,193 @@
+//! `aq serve`: start managed etcd where needed, bind every scope's policy, and serve the etcd
+//! API. Also used in-process by the integration tests.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use etcd_client::proto as pb;
+
+use crate::backend::managed::EtcdProcess;
+use crate::backend::Group;
+use crate::config::Config;
+use crate::engine::{Engine, EngineConfig, Registry};
+use crate::front;
+use crate::gate::Gateway;
+use crate::index::ScopeIndex;
+
+/// How long to wait for a backend group to answer at start.
+const READY_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Where and how to serve.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// The etcd API address.
+    pub listen: SocketAddr,
+    /// Managed etcd data and the policy compile cache live here.
+    pub data_dir: PathBuf,
+    /// The `etcd` binary for managed groups.
+    pub etcd_binary: String,
+}
+
+/// A running gateway. Dropping it stops the server and the managed etcd processes.
+pub struct Running {
+    /// The bound etcd API address.
+    pub addr: SocketAddr,
+    /// The gateway core.
+    pub gateway: Arc<Gateway>,
+    /// Managed etcd processes, by group.
+    pub managed: Arc<Mutex<BTreeMap<String, EtcdProcess>>>,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    server: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+impl Running {
+    /// Stops serving and waits for the server to end; managed etcd stops when `self` drops.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        let _ = (&mut self.server).await;
+    }
+
+    /// Waits until the server ends (it ends on an error, or after `stop`).
+    pub async fn wait(&mut self) -> Result<(), String> {
+        match (&mut self.server).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(format!("the etcd API server failed: {e}")),
+            Err(e) => Err(format!("the etcd API server task failed: {e}")),
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        self.server.abort();
+    }
+}
+
+/// Loads a policy component named in a scope: `builtin:<name>` or a file.
+fn policy_bytes(policy: &str) -> Result<Vec<u8>, String> {
+    if let Some(name) = policy.strip_prefix("builtin:") {
+        return crate::builtin::find(name)
+            .map(|b| b.component.to_vec())
+            .ok_or_else(|| format!("no built-in policy {name:?}"));
+    }
+    std::fs::read(policy).map_err(|e| format!("cannot read policy {policy}: {e}"))
+}
+
+/// Starts managed etcd for groups without endpoints, connects every group, binds policies and
+/// serves the etcd API.
+pub async fn start(config: Config, options: ServeOptions) -> Result<Running, String> {
+    std::fs::create_dir_all(&options.data_dir)
+        .map_err(|e| format!("cannot create data directory {}: {e}", options.data_dir.display()))?;
+
+    // Groups: external, or managed.
+    let mut managed = BTreeMap::new();
+    let mut groups = BTreeMap::new();
+    for group in &config.groups {
+        let endpoints = if group.endpoints.is_empty() {
+            let dir = options.data_dir.join("etcd").join(&group.name);
+            let process = EtcdProcess::spawn(&options.etcd_binary, &group.name, &dir).map_err(|e| e.to_string())?;
+            let url = process.client_url().to_string();
+            managed.insert(group.name.clone(), process);
+            vec![url]
+        } else {
+            group.endpoints.clone()
+        };
+        let connected = Group::connect_lazy(&group.name, &endpoints).map_err(|e| e.to_string())?;
+        groups.insert(group.name.clone(), connected);
+    }
+    for (name, group) in &groups {
+        if let Err(e) = group.wait_ready(READY_TIMEOUT).await {
+            let log = managed.get(name).map(|p| format!("\netcd log:\n{}", p.log_tail(10))).unwrap_or_default();
+            return Err(format!("{e}{log}"));
+        }
+    }
+
+    // Policies.
+    let engine = Arc::new(
+        Engine::new(EngineConfig { cache_dir: Some(options.data_dir.join("policy-cache")), ..EngineConfig::default() })
+            .map_err(|e| e.to_string())?,
+    );
+    let registry = Arc::new(Registry::new());
+    let mut scopes = Vec::new();
+    for scope in &config.scopes {
+        let module = engine.load(&policy_bytes(&scope.policy)?).map_err(|e| format!("scope {}: {e}", scope.id))?;
+        let binding = engine
+            .bind(&scope.id, module, &scope.policy_config_json(), scope.limits(), scope.fail_mode)
+            .map_err(|e| format!("scope {}: {e}", scope.id))?;
+        registry.bind(&scope.id, binding);
+        scopes.push(scope.to_scope()?);
+    }
+    let index = ScopeIndex::new(scopes).map_err(|e| e.to_string())?;
+    let gateway = Arc::new(Gateway::new(index, groups, engine, registry).await?);
+
+    // The etcd API.
+    let listener = tokio::net::TcpListener::bind(options.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}; is another etcd or aq running there?", options.listen))?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let (shutdown, stop) = tokio::sync::oneshot::channel::<()>();
+    let router = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(pb::PbKvServer::new(front::Kv::new(gateway.clone())))
+        .add_service(pb::PbMaintenanceServer::new(front::Maintenance::new(gateway.clone(), addr)))
+        .add_service(pb::PbClusterServer::new(front::Cluster::new(gateway.clone(), addr)));
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
+        let _ = stop.await;
+    }));
+    let managed = Arc::new(Mutex::new(managed));
+    supervise(managed.clone(), options.etcd_binary.clone());
+    Ok(Running { addr, gateway, managed, shutdown: Some(shutdown), server })
+}
+
+/// Restarts managed etcd processes that exit, on their data directories.
+fn supervise(managed: Arc<Mutex<BTreeMap<String, EtcdProcess>>>, binary: String) {
+    let weak = Arc::downgrade(&managed);
+    drop(managed);
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let Some(managed) = weak.upgrade() else { return };
+            let mut managed = managed.lock().expect("managed etcd lock");
+            for (name, process) in managed.iter_mut() {
+                if let Some(status) = process.exited() {
+                    tracing::error!(group = %name, %status, "managed etcd exited; restarting it\n{}", process.log_tail(5));
+                    match EtcdProcess::respawn(&binary, process) {
+                        Ok(fresh) => *process = fresh,
+                        Err(e) => tracing::error!(group = %name, "cannot restart managed etcd: {e}"),
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// Describes what a running gateway serves, for `aq serve`'s banner.
+pub fn describe(running: &Running, data_dir: &Path) -> String {
+    let mut out = format!("aq: etcd API listening on {}\n", running.addr);
+    for (name, group) in running.gateway.groups() {
+        let managed = running.managed.lock().expect("managed etcd lock").contains_key(name);
+        let how = if managed { format!("managed, data in {}", data_dir.join("etcd").join(name).display()) } else { "external".to_string() };
+        out.push_str(&format!("aq: group {name}: etcd at {} ({how})\n", group.endpoints().join(",")));
+    }
+    for scope in running.gateway.index().scopes() {
+        let binding = running.gateway.registry().active(&scope.id).expect("bound");
+        out.push_str(&format!(
+            "aq: scope {:<10} {:?} on {} — policy {:?} ({:?})\n",
+            scope.id,
+            scope.range,
+            scope.group,
+            binding.module.digest(),
+            binding.fail_mode
+        ));
+    }
+    out
+}

@@ -1,0 +1,239 @@
+//! The etcd-compatible gateway against real etcd processes: stock etcdctl, the Rust client
+//! doing what kube-apiserver does, policy denials, scope boundaries, reserved keys and fencing.
+
+use aq_host::gate::fence::fence_key;
+use aq_tests::etcd::TestGateway;
+use etcd_client::{Compare, CompareOp, GetOptions, PutOptions, SortOrder, SortTarget, Txn, TxnOp, TxnOpResponse};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn etcdctl_put_get_del_with_prev_kv_and_listing_options() {
+    let gw = TestGateway::start().await;
+    for (key, value) in [("/registry/pods/ns/b", "2"), ("/registry/pods/ns/a", "1"), ("/registry/pods/ns/c", "3")] {
+        let (ok, out, err) = gw.etcdctl(&["put", key, value]);
+        assert!(ok && out.trim() == "OK", "{out}{err}");
+    }
+    let (ok, out, _) = gw.etcdctl(&["put", "/registry/pods/ns/a", "1b", "--prev-kv"]);
+    assert!(ok);
+    assert_eq!(out.lines().collect::<Vec<_>>(), ["OK", "/registry/pods/ns/a", "1"]);
+
+    let (_, out, _) = gw.etcdctl(&["get", "/registry/pods/", "--prefix"]);
+    assert_eq!(out.lines().collect::<Vec<_>>(), ["/registry/pods/ns/a", "1b", "/registry/pods/ns/b", "2", "/registry/pods/ns/c", "3"]);
+    let (_, out, _) = gw.etcdctl(&["get", "/registry/pods/", "--prefix", "--keys-only", "--limit=2"]);
+    assert_eq!(out.split_whitespace().collect::<Vec<_>>(), ["/registry/pods/ns/a", "/registry/pods/ns/b"]);
+    let (_, out, _) = gw.etcdctl(&["get", "/registry/pods/", "--prefix", "--sort-by=VALUE", "--order=DESCEND", "--print-value-only"]);
+    assert_eq!(out.split_whitespace().collect::<Vec<_>>(), ["3", "2", "1b"]);
+    let (_, out, _) = gw.etcdctl(&["get", "/registry/pods/", "--prefix", "--keys-only", "--limit=1", "-w", "json"]);
+    assert!(out.contains("\"count\":3") && out.contains("\"more\":true"), "{out}");
+
+    let (ok, out, _) = gw.etcdctl(&["del", "/registry/pods/ns/b", "--prev-kv"]);
+    assert!(ok);
+    assert_eq!(out.lines().collect::<Vec<_>>(), ["1", "/registry/pods/ns/b", "2"]);
+    let (_, out, _) = gw.etcdctl(&["del", "/registry/pods/", "--prefix"]);
+    assert_eq!(out.trim(), "2");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn etcdctl_txn_takes_both_branches() {
+    let gw = TestGateway::start().await;
+    gw.etcdctl(&["put", "/registry/configmaps/ns/flag", "on"]);
+    let txn = |expected: &str| {
+        format!(
+            "value(\"/registry/configmaps/ns/flag\") = \"{expected}\"\n\nput /registry/configmaps/ns/result then\n\nput /registry/configmaps/ns/result else\n\n"
+        )
+    };
+    let (ok, out, err) = gw.etcdctl_with_input(&["txn"], Some(&txn("on")));
+    assert!(ok, "{err}");
+    assert_eq!(out.lines().collect::<Vec<_>>(), ["SUCCESS", "", "OK"]);
+    assert_eq!(gw.etcdctl(&["get", "/registry/configmaps/ns/result", "--print-value-only"]).1.trim(), "then");
+    let (_, out, _) = gw.etcdctl_with_input(&["txn"], Some(&txn("off")));
+    assert_eq!(out.lines().collect::<Vec<_>>(), ["FAILURE", "", "OK"]);
+    assert_eq!(gw.etcdctl(&["get", "/registry/configmaps/ns/result", "--print-value-only"]).1.trim(), "else");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn etcdctl_endpoint_status_and_member_list_describe_aq() {
+    let gw = TestGateway::start().await;
+    let (ok, out, err) = gw.etcdctl(&["endpoint", "status", "-w", "fields"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("\"Version\" : \"3.5.13\""), "{out}");
+    let (ok, out, _) = gw.etcdctl(&["member", "list"]);
+    assert!(ok);
+    assert!(out.contains(&format!("http://{}", gw.endpoint())) && out.contains(", aq,"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_denied_write_reaches_the_client_with_the_policy_reason_and_is_not_stored() {
+    let gw = TestGateway::start().await;
+    let (ok, _, err) = gw.etcdctl(&["put", "/registry/secrets/ns/db", "s3cr3t"]);
+    assert!(!ok);
+    assert!(err.contains("PermissionDenied") && err.contains("need a verified credential with role secret-writer"), "{err}");
+    let mut direct = gw.main.client().await;
+    assert!(direct.get("/registry/secrets/ns/db", None).await.unwrap().kvs().is_empty(), "nothing was written");
+    // The quota scope names its limit: values over 1.5 MiB are refused before etcd sees them.
+    let mut client = gw.client().await;
+    let err = client.put("/registry/configmaps/ns/huge", vec![b'x'; 1_600_000], None).await.unwrap_err();
+    assert!(err.to_string().contains("over max_value_bytes = 1572864"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_txn_across_scopes_is_refused_and_names_them() {
+    let gw = TestGateway::start().await;
+    let mut client = gw.client().await;
+    let txn = Txn::new().and_then([
+        TxnOp::put("/registry/pods/ns/a", "1", None),
+        TxnOp::put("/registry/events/ns/e", "1", None),
+    ]);
+    let err = client.txn(txn).await.unwrap_err();
+    let message = err.to_string();
+    assert!(message.contains("several scopes (events, registry)"), "{message}");
+    assert!(client.get("/registry/pods/ns/a", None).await.unwrap().kvs().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_range_across_scopes_and_groups_merges_in_key_order() {
+    let gw = TestGateway::start().await;
+    let mut client = gw.client().await;
+    // registry (main), events (events group), leases (events group), catch-all (main).
+    for key in ["/registry/pods/ns/p", "/registry/events/ns/e", "/registry/leases/ns/l", "/registry/apps/x", "/zzz"] {
+        client.put(key, "v", None).await.unwrap();
+    }
+    let all = client.get("/registry/", Some(GetOptions::new().with_prefix())).await.unwrap();
+    let keys: Vec<&str> = all.kvs().iter().map(|kv| kv.key_str().unwrap()).collect();
+    assert_eq!(keys, ["/registry/apps/x", "/registry/events/ns/e", "/registry/leases/ns/l", "/registry/pods/ns/p"]);
+    assert_eq!(all.count(), 4);
+    let page = client.get("/registry/", Some(GetOptions::new().with_prefix().with_limit(2))).await.unwrap();
+    let keys: Vec<&str> = page.kvs().iter().map(|kv| kv.key_str().unwrap()).collect();
+    assert_eq!(keys, ["/registry/apps/x", "/registry/events/ns/e"]);
+    assert!(page.more());
+    assert_eq!(page.count(), 4);
+    // Descending by key across groups.
+    let desc = client
+        .get("\0", Some(GetOptions::new().with_from_key().with_sort(SortTarget::Key, SortOrder::Descend).with_keys_only()))
+        .await
+        .unwrap();
+    let keys: Vec<&str> = desc.kvs().iter().map(|kv| kv.key_str().unwrap()).collect();
+    assert_eq!(keys, ["/zzz", "/registry/pods/ns/p", "/registry/leases/ns/l", "/registry/events/ns/e", "/registry/apps/x"]);
+    // The events landed on the events group, not on main.
+    let mut events = gw.events.client().await;
+    assert_eq!(events.get("/registry/events/ns/e", None).await.unwrap().count(), 1);
+    let mut main = gw.main.client().await;
+    assert_eq!(main.get("/registry/events/ns/e", None).await.unwrap().count(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn reserved_keys_are_invisible_and_untouchable() {
+    let gw = TestGateway::start().await;
+    let mut client = gw.client().await;
+    client.put("/a", "1", None).await.unwrap();
+    // The fences exist in the groups...
+    let mut main = gw.main.client().await;
+    assert_eq!(main.get(fence_key("registry"), None).await.unwrap().count(), 1);
+    // ...but not through aq: not by key, not in a full scan, not writable or deletable.
+    assert_eq!(client.get(fence_key("registry"), None).await.unwrap().count(), 0);
+    let everything = client.get("\0", Some(GetOptions::new().with_from_key())).await.unwrap();
+    assert!(everything.kvs().iter().all(|kv| !kv.key().starts_with(aq_host::index::RESERVED_PREFIX)), "{everything:?}");
+    assert_eq!(everything.count(), 1);
+    let err = client.put(fence_key("registry"), "x", None).await.unwrap_err();
+    assert!(err.to_string().contains("reserved keyspace"), "{err}");
+    let err = client.delete(fence_key("registry"), None).await.unwrap_err();
+    assert!(err.to_string().contains("reserved keyspace"), "{err}");
+    assert_eq!(main.get(fence_key("registry"), None).await.unwrap().kvs()[0].version(), 1, "the fence is intact");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_write_with_a_stale_fence_is_refused_by_the_guard_and_retried() {
+    let gw = TestGateway::start().await;
+    let mut client = gw.client().await;
+    client.put("/registry/pods/ns/a", "1", None).await.unwrap();
+    let scope = gw.running.gateway.scope("registry").unwrap();
+    assert_eq!(scope.fence.expected(), 1);
+    assert_eq!(scope.fence_retries.load(std::sync::atomic::Ordering::Relaxed), 0);
+
+    // Another owner takes the scope: the fence moves behind this gateway's back.
+    let mut main = gw.main.client().await;
+    main.put(fence_key("registry"), "2", None).await.unwrap();
+    let before = main.get("/registry/pods/ns/a", None).await.unwrap().kvs()[0].mod_revision();
+
+    let response = client.put("/registry/pods/ns/a", "2", Some(PutOptions::new().with_prev_key())).await.unwrap();
+    assert_eq!(response.prev_key().unwrap().value(), b"1");
+    // The first attempt failed its guard (nothing written), the gateway adopted the new fence
+    // and the retry wrote exactly once.
+    assert_eq!(scope.fence_retries.load(std::sync::atomic::Ordering::Relaxed), 1);
+    assert_eq!(scope.fence.expected(), 2);
+    let after = main.get("/registry/pods/ns/a", None).await.unwrap();
+    assert_eq!(after.kvs()[0].value(), b"2");
+    assert_eq!(after.kvs()[0].version(), 2, "written once by the retry, never by the stale attempt");
+    assert!(after.kvs()[0].mod_revision() > before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kube_apiserver_storage_patterns_work_through_aq() {
+    let gw = TestGateway::start().await;
+    let mut client = gw.client().await;
+    let key = "/registry/configmaps/default/cm";
+    // Create: Txn(mod_revision == 0) then put, else get.
+    let create = |value: &'static str| {
+        Txn::new()
+            .when([Compare::mod_revision(key, CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(key, value, None)])
+            .or_else([TxnOp::get(key, None)])
+    };
+    let created = client.txn(create("v1")).await.unwrap();
+    assert!(created.succeeded());
+    let rev = created.header().unwrap().revision();
+    // A second create fails and returns the current object, as etcd does.
+    let again = client.txn(create("v1-again")).await.unwrap();
+    assert!(!again.succeeded());
+    match &again.op_responses()[0] {
+        TxnOpResponse::Get(get) => assert_eq!(get.kvs()[0].value(), b"v1"),
+        other => panic!("{other:?}"),
+    }
+    // Update guarded on the revision read.
+    let update = Txn::new()
+        .when([Compare::mod_revision(key, CompareOp::Equal, rev)])
+        .and_then([TxnOp::put(key, "v2", None)])
+        .or_else([TxnOp::get(key, None)]);
+    assert!(client.txn(update.clone()).await.unwrap().succeeded());
+    assert!(!client.txn(update).await.unwrap().succeeded(), "a stale mod_revision compare fails, as in etcd");
+
+    // Paged list pinned to the first page's revision.
+    for i in 0..5 {
+        client.put(format!("/registry/configmaps/default/page-{i}"), "v", None).await.unwrap();
+    }
+    let first = client.get("/registry/configmaps/default/page-", Some(GetOptions::new().with_prefix().with_limit(2))).await.unwrap();
+    let pinned = first.header().unwrap().revision();
+    client.put("/registry/configmaps/default/page-9", "late", None).await.unwrap();
+    let last_key = first.kvs().last().unwrap().key().to_vec();
+    let mut next_start = last_key.clone();
+    next_start.push(0);
+    let rest = client
+        .get(next_start, Some(GetOptions::new().with_range("/registry/configmaps/default/page.").with_revision(pinned)))
+        .await
+        .unwrap();
+    let keys: Vec<&str> = rest.kvs().iter().map(|kv| kv.key_str().unwrap()).collect();
+    assert_eq!(keys, ["/registry/configmaps/default/page-2", "/registry/configmaps/default/page-3", "/registry/configmaps/default/page-4"]);
+    // count_only.
+    let count = client.get("/registry/configmaps/", Some(GetOptions::new().with_prefix().with_count_only())).await.unwrap();
+    assert_eq!(count.count(), 7);
+    assert!(count.kvs().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn compaction_then_reading_below_it_gives_err_compacted() {
+    let gw = TestGateway::start().await;
+    let mut client = gw.client().await;
+    let first = client.put("/registry/pods/ns/a", "1", None).await.unwrap().header().unwrap().revision();
+    let second = client.put("/registry/pods/ns/a", "2", None).await.unwrap().header().unwrap().revision();
+    // The compactor's pattern: a Txn on its key's version, then Compact.
+    let compact_key = "/registry/compact_rev_key";
+    let txn = Txn::new()
+        .when([Compare::version(compact_key, CompareOp::Equal, 0)])
+        .and_then([TxnOp::put(compact_key, second.to_string(), None)])
+        .or_else([TxnOp::get(compact_key, None)]);
+    assert!(client.txn(txn).await.unwrap().succeeded());
+    client.compact(second, None).await.unwrap();
+    let err = client.get("/registry/pods/ns/a", Some(GetOptions::new().with_revision(first))).await.unwrap_err();
+    assert!(err.to_string().contains("required revision has been compacted"), "{err}");
+    let (ok, _, stderr) = gw.etcdctl(&["get", "/registry/pods/ns/a", &format!("--rev={first}")]);
+    assert!(!ok && stderr.contains("compacted"), "{stderr}");
+}

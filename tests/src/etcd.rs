@@ -1,0 +1,123 @@
+//! The one way tests get etcd: real `etcd` processes on free loopback ports with temporary data
+//! directories, killed (and their directories removed) on drop. Never a mock.
+
+use std::process::Command;
+use std::time::Duration;
+
+use aq_host::backend::Group;
+use aq_host::backend::managed::EtcdProcess;
+use aq_host::config::Config;
+use aq_host::serve::{Running, ServeOptions};
+
+/// A one-member etcd cluster for a test.
+pub struct TestEtcd {
+    process: EtcdProcess,
+    _dir: tempfile::TempDir,
+}
+
+impl TestEtcd {
+    /// Starts etcd and waits until it answers.
+    pub async fn start(name: &str) -> TestEtcd {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let process = EtcdProcess::spawn("etcd", name, dir.path()).expect("etcd starts (is etcd-server installed?)");
+        let group = Group::connect_lazy(name, &[process.client_url().to_string()]).unwrap();
+        if let Err(e) = group.wait_ready(Duration::from_secs(20)).await {
+            panic!("{e}\netcd log:\n{}", process.log_tail(20));
+        }
+        TestEtcd { process, _dir: dir }
+    }
+
+    /// `http://127.0.0.1:<port>`.
+    pub fn url(&self) -> &str {
+        self.process.client_url()
+    }
+
+    /// A client straight to this etcd, bypassing aq.
+    pub async fn client(&self) -> etcd_client::Client {
+        etcd_client::Client::connect([self.url()], None).await.expect("connect to etcd")
+    }
+}
+
+/// aq serving the etcd API in-process over two real etcd groups, `main` and `events`.
+pub struct TestGateway {
+    /// The running gateway.
+    pub running: Running,
+    /// The `main` group.
+    pub main: TestEtcd,
+    /// The `events` group.
+    pub events: TestEtcd,
+    _data: tempfile::TempDir,
+}
+
+/// The default layout's scopes with test groups: catch-all, registry (quota), secrets
+/// (critical), events and leases (ephemeral, on `events`).
+pub fn layout(main: &str, events: &str) -> String {
+    let default = aq_host::config::DEFAULT_LAYOUT;
+    let groups_end = default.find("[[scopes]]").expect("scopes in the default layout");
+    format!(
+        "[[groups]]\nname = \"main\"\nendpoints = [\"{main}\"]\n\n[[groups]]\nname = \"events\"\nendpoints = [\"{events}\"]\n\n{}",
+        &default[groups_end..]
+    )
+}
+
+impl TestGateway {
+    /// Starts two etcd groups and aq over them with [`layout`].
+    pub async fn start() -> TestGateway {
+        Self::start_with(layout).await
+    }
+
+    /// Starts two etcd groups and aq over them with a layout built from their URLs.
+    pub async fn start_with(layout: impl FnOnce(&str, &str) -> String) -> TestGateway {
+        let (main, events) = tokio::join!(TestEtcd::start("main"), TestEtcd::start("events"));
+        let config = Config::parse(&layout(main.url(), events.url()), "test layout").expect("layout parses");
+        let data = tempfile::tempdir().unwrap();
+        let options = ServeOptions {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            data_dir: data.path().to_path_buf(),
+            etcd_binary: "etcd".into(),
+        };
+        let running = aq_host::serve::start(config, options).await.expect("aq starts");
+        TestGateway { running, main, events, _data: data }
+    }
+
+    /// `127.0.0.1:<port>` of aq's etcd API.
+    pub fn endpoint(&self) -> String {
+        self.running.addr.to_string()
+    }
+
+    /// An etcd client connected to aq.
+    pub async fn client(&self) -> etcd_client::Client {
+        etcd_client::Client::connect([self.endpoint()], None).await.expect("connect to aq")
+    }
+
+    /// Runs Debian's `etcdctl` against aq; returns (success, stdout, stderr).
+    pub fn etcdctl(&self, args: &[&str]) -> (bool, String, String) {
+        self.etcdctl_with_input(args, None)
+    }
+
+    /// Runs `etcdctl` with standard input (for `txn`). Blocks the calling worker in place, so
+    /// the in-process gateway keeps serving on the others (tests use the multi-thread runtime).
+    pub fn etcdctl_with_input(&self, args: &[&str], input: Option<&str>) -> (bool, String, String) {
+        tokio::task::block_in_place(|| self.run_etcdctl(args, input))
+    }
+
+    fn run_etcdctl(&self, args: &[&str], input: Option<&str>) -> (bool, String, String) {
+        use std::io::Write;
+        let mut cmd = Command::new("etcdctl");
+        cmd.env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={}", self.endpoint()))
+            .arg("--command-timeout=10s")
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let mut child = cmd.spawn().expect("etcdctl runs (is etcd-client installed?)");
+        let mut stdin = child.stdin.take().unwrap();
+        if let Some(input) = input {
+            stdin.write_all(input.as_bytes()).unwrap();
+        }
+        drop(stdin);
+        let out = child.wait_with_output().unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
