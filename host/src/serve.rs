@@ -126,7 +126,8 @@ pub async fn start(config: Config, options: ServeOptions) -> Result<Running, Str
         scopes.push(scope.to_scope()?);
     }
     let index = ScopeIndex::new(scopes).map_err(|e| e.to_string())?;
-    let gateway = Arc::new(Gateway::new(index, groups, engine, registry).await?);
+    let home = config.groups.first().map(|g| g.name.clone()).ok_or("the configuration has no [[groups]]")?;
+    let gateway = Arc::new(Gateway::new(index, groups, &home, engine, registry).await?);
 
     // The etcd API.
     let listener = tokio::net::TcpListener::bind(options.listen)
@@ -137,6 +138,7 @@ pub async fn start(config: Config, options: ServeOptions) -> Result<Running, Str
     let router = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .add_service(pb::PbKvServer::new(front::Kv::new(gateway.clone())))
+        .add_service(pb::PbLeaseServer::new(front::Lease::new(gateway.clone())))
         .add_service(pb::PbMaintenanceServer::new(front::Maintenance::new(gateway.clone(), addr)))
         .add_service(pb::PbClusterServer::new(front::Cluster::new(gateway.clone(), addr)));
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);

@@ -237,3 +237,34 @@ async fn compaction_then_reading_below_it_gives_err_compacted() {
     let (ok, _, stderr) = gw.etcdctl(&["get", "/registry/pods/ns/a", &format!("--rev={first}")]);
     assert!(!ok && stderr.contains("compacted"), "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lease_used_in_two_groups_behaves_as_one() {
+    let gw = TestGateway::start().await;
+    let (ok, out, err) = gw.etcdctl(&["lease", "grant", "60"]);
+    assert!(ok, "{err}");
+    // "lease 694d7c5a0c1b2f04 granted with TTL(60s)"
+    let id = out.split_whitespace().nth(1).expect("lease id").to_string();
+    let numeric = i64::from_str_radix(&id, 16).unwrap();
+    let lease_flag = format!("--lease={id}");
+    assert!(gw.etcdctl(&["put", "/registry/events/ns/e1", "v", &lease_flag]).0, "a key on the events group");
+    assert!(gw.etcdctl(&["put", "/registry/pods/ns/p1", "v", &lease_flag]).0, "a key on the main group");
+
+    let (_, out, _) = gw.etcdctl(&["lease", "timetolive", &id, "--keys"]);
+    assert!(out.contains("/registry/events/ns/e1") && out.contains("/registry/pods/ns/p1"), "{out}");
+    let (_, out, _) = gw.etcdctl(&["lease", "list"]);
+    assert!(out.contains(&id), "{out}");
+    let (ok, out, err) = gw.etcdctl(&["lease", "keep-alive", "--once", &id]);
+    assert!(ok && out.contains("keepalived with TTL(60)"), "{out}{err}");
+    // The copy on the events group has the same ID.
+    let mut events = gw.events.client().await;
+    assert!(events.lease_time_to_live(numeric, None).await.unwrap().ttl() > 0);
+
+    let (ok, out, _) = gw.etcdctl(&["lease", "revoke", &id]);
+    assert!(ok && out.contains("revoked"), "{out}");
+    let mut main = gw.main.client().await;
+    assert_eq!(main.get("/registry/pods/ns/p1", None).await.unwrap().count(), 0);
+    assert_eq!(events.get("/registry/events/ns/e1", None).await.unwrap().count(), 0);
+    let (ok, _, err) = gw.etcdctl(&["put", "/registry/pods/ns/p2", "v", &lease_flag]);
+    assert!(!ok && err.contains("lease not found"), "{err}");
+}

@@ -9,6 +9,9 @@ use aq_host::backend::managed::EtcdProcess;
 use aq_host::config::Config;
 use aq_host::serve::{Running, ServeOptions};
 
+/// How long one etcdctl command may take.
+const ETCDCTL_DEADLINE: Duration = Duration::from_secs(30);
+
 /// A one-member etcd cluster for a test.
 pub struct TestEtcd {
     process: EtcdProcess,
@@ -117,6 +120,20 @@ impl TestGateway {
             stdin.write_all(input.as_bytes()).unwrap();
         }
         drop(stdin);
+        // A hung etcdctl fails its test instead of stalling the suite.
+        let deadline = std::time::Instant::now() + ETCDCTL_DEADLINE;
+        while child.try_wait().unwrap().is_none() {
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                let out = child.wait_with_output().unwrap();
+                panic!(
+                    "etcdctl {args:?} did not finish within {ETCDCTL_DEADLINE:?}; it printed: {}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
         let out = child.wait_with_output().unwrap();
         (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
     }

@@ -1,6 +1,8 @@
 //! The etcd v3 gRPC front: KV, Maintenance and Cluster services over the gate. Translation
 //! only: every decision is the gate's.
 
+mod lease;
+
 use std::sync::Arc;
 
 use etcd_client::proto as pb;
@@ -26,6 +28,8 @@ impl From<GateError> for Status {
         }
     }
 }
+
+pub use lease::Lease;
 
 /// The KV service.
 pub struct Kv {
@@ -108,8 +112,7 @@ impl pb::PbMaintenanceService for Maintenance {
     }
 
     async fn status(&self, _: Request<pb::PbStatusRequest>) -> Result<Response<pb::PbStatusResponse>, Status> {
-        let group = self.gate.groups().values().next().ok_or_else(|| Status::unavailable("no backend group"))?;
-        let mut status = group.status().await?;
+        let mut status = self.gate.home().status().await?;
         let id = member_id(&self.addr);
         status.version = REPORTED_ETCD_VERSION.to_string();
         status.leader = id;
@@ -189,8 +192,7 @@ impl pb::PbClusterService for Cluster {
         &self,
         _: Request<pb::PbMemberListRequest>,
     ) -> Result<Response<pb::PbMemberListResponse>, Status> {
-        let group = self.gate.groups().values().next().ok_or_else(|| Status::unavailable("no backend group"))?;
-        let mut header = group.status().await?.header;
+        let mut header = self.gate.home().status().await?.header;
         let id = member_id(&self.addr);
         if let Some(header) = header.as_mut() {
             header.member_id = id;

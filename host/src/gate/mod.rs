@@ -4,6 +4,7 @@
 //! Reads are routed, split across scopes and merged, and counted.
 
 pub mod fence;
+mod lease;
 mod reader;
 
 use std::collections::{BTreeMap, HashMap};
@@ -84,8 +85,11 @@ pub struct Gateway {
     index: ScopeIndex,
     scopes: HashMap<String, ScopeRuntime>,
     groups: BTreeMap<String, Group>,
+    /// The group where leases are granted and which answers for aq itself (status).
+    home: Group,
     engine: Arc<Engine>,
     registry: Arc<Registry>,
+    leases: lease::LeaseCopies,
 }
 
 /// A request's keys resolved to one scope.
@@ -95,10 +99,12 @@ struct Routed<'a> {
 
 impl Gateway {
     /// Assembles a gateway. Every scope of `index` must have a binding in `registry` and a group
-    /// in `groups`; fences are read (and created when missing) from each scope's group.
+    /// in `groups`; fences are read (and created when missing) from each scope's group. `home`
+    /// names the group that grants leases.
     pub async fn new(
         index: ScopeIndex,
         groups: BTreeMap<String, Group>,
+        home: &str,
         engine: Arc<Engine>,
         registry: Arc<Registry>,
     ) -> Result<Self, String> {
@@ -125,7 +131,8 @@ impl Gateway {
                 },
             );
         }
-        Ok(Gateway { index, scopes, groups, engine, registry })
+        let home = groups.get(home).ok_or_else(|| format!("the home group {home} is not configured"))?.clone();
+        Ok(Gateway { index, scopes, groups, home, engine, registry, leases: lease::LeaseCopies::default() })
     }
 
     /// The scope index.
@@ -141,6 +148,11 @@ impl Gateway {
     /// The backend groups.
     pub fn groups(&self) -> &BTreeMap<String, Group> {
         &self.groups
+    }
+
+    /// The group that grants leases and answers status.
+    pub fn home(&self) -> &Group {
+        &self.home
     }
 
     /// The policy registry.
@@ -305,6 +317,7 @@ impl Gateway {
     /// etcd `Put`, governed.
     pub async fn put(&self, request: pb::PbPutRequest) -> Result<pb::PbPutResponse, GateError> {
         let routed = self.route_write(&[KeyRange::from_request(&request.key, b"")])?;
+        self.ensure_leases(&routed.runtime.group, [request.lease]).await?;
         let ops = vec![m::Op::Put(put_op(&request))];
         let seed = prost::Message::encode_to_vec(&request);
         let (response, header) =
@@ -388,6 +401,9 @@ impl Gateway {
             runtime.reads.fetch_add(1, Ordering::Relaxed);
             return Ok(runtime.group.txn(request).await?);
         }
+        let leases: Vec<i64> =
+            ops.iter().filter_map(|op| match op { m::Op::Put(p) => Some(p.lease), _ => None }).collect();
+        self.ensure_leases(&runtime.group, leases).await?;
         let compares = request.compare.iter().map(compare_to_model).collect();
         let seed = prost::Message::encode_to_vec(&request);
         let (response, header) =
@@ -490,12 +506,9 @@ impl Gateway {
         }
     }
 
-    /// A header from the first group, for answers that touch no scope.
+    /// A header from the home group, for answers that touch no scope.
     async fn any_header(&self) -> Result<Option<pb::PbResponseHeader>, GateError> {
-        match self.groups.values().next() {
-            Some(group) => Ok(group.status().await?.header),
-            None => Ok(None),
-        }
+        Ok(self.home.status().await?.header)
     }
 }
 

@@ -1,0 +1,124 @@
+//! The Lease service. The gate keeps one lease per ID across groups; keep-alive streams are
+//! forwarded to every group, and the client hears the home group's answers.
+
+use std::sync::Arc;
+
+use etcd_client::proto as pb;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::gate::Gateway;
+
+/// Buffered keep-alive messages per stream.
+const KEEP_ALIVE_BUFFER: usize = 64;
+
+/// The Lease service.
+pub struct Lease {
+    gate: Arc<Gateway>,
+}
+
+impl Lease {
+    /// Lease over `gate`.
+    pub fn new(gate: Arc<Gateway>) -> Self {
+        Lease { gate }
+    }
+}
+
+#[tonic::async_trait]
+impl pb::PbLeaseService for Lease {
+    async fn lease_grant(
+        &self,
+        request: Request<pb::PbLeaseGrantRequest>,
+    ) -> Result<Response<pb::PbLeaseGrantResponse>, Status> {
+        Ok(Response::new(self.gate.lease_grant(request.into_inner()).await?))
+    }
+
+    async fn lease_revoke(
+        &self,
+        request: Request<pb::PbLeaseRevokeRequest>,
+    ) -> Result<Response<pb::PbLeaseRevokeResponse>, Status> {
+        Ok(Response::new(self.gate.lease_revoke(request.into_inner()).await?))
+    }
+
+    type LeaseKeepAliveStream = ReceiverStream<Result<pb::PbLeaseKeepAliveResponse, Status>>;
+
+    async fn lease_keep_alive(
+        &self,
+        request: Request<Streaming<pb::PbLeaseKeepAliveRequest>>,
+    ) -> Result<Response<Self::LeaseKeepAliveStream>, Status> {
+        let mut inbound = request.into_inner();
+        let (to_client, from_aq) = mpsc::channel(KEEP_ALIVE_BUFFER);
+
+        // etcd sends a stream's response headers with its first answer, so each backend stream
+        // is opened in its own task while the client's requests already flow into its channel.
+        let (to_home, home_requests) = mpsc::channel(KEEP_ALIVE_BUFFER);
+        let home = self.gate.home().clone();
+        tokio::spawn(async move {
+            let mut answers = match home.lease_keep_alive(ReceiverStream::new(home_requests)).await {
+                Ok(answers) => answers,
+                Err(status) => {
+                    let _ = to_client.send(Err(status)).await;
+                    return;
+                }
+            };
+            loop {
+                match answers.message().await {
+                    Ok(Some(response)) => {
+                        if to_client.send(Ok(response)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(None) => return,
+                    Err(status) => {
+                        let _ = to_client.send(Err(status)).await;
+                        return;
+                    }
+                }
+            }
+        });
+        let mut to_others = Vec::new();
+        for group in self.gate.other_groups() {
+            let (tx, rx) = mpsc::channel(KEEP_ALIVE_BUFFER);
+            let group = group.clone();
+            // A copy's TTL is not the client's business; its answers are only drained.
+            tokio::spawn(async move {
+                if let Ok(mut answers) = group.lease_keep_alive(ReceiverStream::new(rx)).await {
+                    while let Ok(Some(_)) = answers.message().await {}
+                }
+            });
+            to_others.push(tx);
+        }
+        tokio::spawn(async move {
+            loop {
+                match inbound.message().await {
+                    Ok(Some(request)) => {
+                        for other in &to_others {
+                            // A slow copy must not hold up the client's lease.
+                            let _ = other.try_send(request.clone());
+                        }
+                        if to_home.send(request).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(None) | Err(_) => return,
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(from_aq)))
+    }
+
+    async fn lease_time_to_live(
+        &self,
+        request: Request<pb::PbLeaseTimeToLiveRequest>,
+    ) -> Result<Response<pb::PbLeaseTimeToLiveResponse>, Status> {
+        Ok(Response::new(self.gate.lease_time_to_live(request.into_inner()).await?))
+    }
+
+    async fn lease_leases(
+        &self,
+        _: Request<pb::PbLeaseLeasesRequest>,
+    ) -> Result<Response<pb::PbLeaseLeasesResponse>, Status> {
+        Ok(Response::new(self.gate.lease_leases().await?))
+    }
+}
