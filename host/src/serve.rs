@@ -138,6 +138,7 @@ pub async fn start(config: Config, options: ServeOptions) -> Result<Running, Str
     let router = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .add_service(pb::PbKvServer::new(front::Kv::new(gateway.clone())))
+        .add_service(pb::PbWatchServer::new(front::Watch::new(gateway.clone())))
         .add_service(pb::PbLeaseServer::new(front::Lease::new(gateway.clone())))
         .add_service(pb::PbMaintenanceServer::new(front::Maintenance::new(gateway.clone(), addr)))
         .add_service(pb::PbClusterServer::new(front::Cluster::new(gateway.clone(), addr)));

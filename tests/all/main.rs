@@ -5,3 +5,4 @@ mod gateway;
 mod hostile;
 mod swap;
 mod validation;
+mod watch;

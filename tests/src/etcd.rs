@@ -138,3 +138,58 @@ impl TestGateway {
         (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
     }
 }
+
+/// A long-running etcdctl (such as `watch`) whose output is read line by line; killed on drop.
+pub struct EtcdctlStream {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl EtcdctlStream {
+    /// Waits for `n` more output lines, up to 30 s.
+    pub fn lines(&self, n: usize) -> Vec<String> {
+        let deadline = std::time::Instant::now() + ETCDCTL_DEADLINE;
+        let mut out = Vec::with_capacity(n);
+        while out.len() < n {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => out.push(line),
+                Err(_) => panic!("etcdctl printed {} of {n} expected lines within {ETCDCTL_DEADLINE:?}: {out:?}", out.len()),
+            }
+        }
+        out
+    }
+}
+
+impl Drop for EtcdctlStream {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl TestGateway {
+    /// Starts `etcdctl` (e.g. `watch`) against aq and streams its standard output.
+    pub fn etcdctl_stream(&self, args: &[&str]) -> EtcdctlStream {
+        use std::io::BufRead;
+        let mut child = Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={}", self.endpoint()))
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("etcdctl runs");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { return };
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        EtcdctlStream { child, lines }
+    }
+}

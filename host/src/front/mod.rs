@@ -2,6 +2,7 @@
 //! only: every decision is the gate's.
 
 mod lease;
+mod watch;
 
 use std::sync::Arc;
 
@@ -30,6 +31,7 @@ impl From<GateError> for Status {
 }
 
 pub use lease::Lease;
+pub use watch::Watch;
 
 /// The KV service.
 pub struct Kv {

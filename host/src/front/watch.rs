@@ -1,0 +1,349 @@
+//! The Watch service. One client stream fans out to one backend watch stream per group it
+//! needs; a client watch over several scopes becomes one backend watch per scope part, and their
+//! events come back under the client's watch id. Reserved keys are never watched: the index
+//! leaves them out of every part.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use etcd_client::proto as pb;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::backend::Group;
+use crate::gate::Gateway;
+use crate::index::KeyRange;
+
+/// Buffered responses per client stream.
+const BUFFER: usize = 256;
+
+/// Builds a request union variant whose message type etcd-client does not export by name:
+/// `variant` fixes the type, `fill` sets its fields.
+fn build<T: Default>(variant: fn(T) -> pb::PbWatchRequestUnion, fill: impl FnOnce(&mut T)) -> pb::PbWatchRequest {
+    let mut message = T::default();
+    fill(&mut message);
+    pb::PbWatchRequest { request_union: Some(variant(message)) }
+}
+
+/// The Watch service.
+pub struct Watch {
+    gate: Arc<Gateway>,
+}
+
+impl Watch {
+    /// Watch over `gate`.
+    pub fn new(gate: Arc<Gateway>) -> Self {
+        Watch { gate }
+    }
+}
+
+#[tonic::async_trait]
+impl pb::PbWatchService for Watch {
+    type WatchStream = ReceiverStream<Result<pb::PbWatchResponse, Status>>;
+
+    async fn watch(
+        &self,
+        request: Request<Streaming<pb::PbWatchRequest>>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let (to_client, responses) = mpsc::channel(BUFFER);
+        let (from_backends, backend_responses) = mpsc::channel(BUFFER);
+        let session = Session {
+            gate: self.gate.clone(),
+            to_client,
+            from_backends,
+            backends: HashMap::new(),
+            parts: HashMap::new(),
+            watches: HashMap::new(),
+            next_id: 0,
+        };
+        tokio::spawn(session.run(request.into_inner(), backend_responses));
+        Ok(Response::new(ReceiverStream::new(responses)))
+    }
+}
+
+/// One backend watch stream of a session.
+struct Backend {
+    requests: mpsc::Sender<pb::PbWatchRequest>,
+    next_id: i64,
+}
+
+/// A client watch and its backend parts.
+struct ClientWatch {
+    parts: Vec<(String, i64)>,
+    awaiting_created: usize,
+    canceling: bool,
+}
+
+struct Session {
+    gate: Arc<Gateway>,
+    to_client: mpsc::Sender<Result<pb::PbWatchResponse, Status>>,
+    from_backends: mpsc::Sender<(String, Result<pb::PbWatchResponse, Status>)>,
+    backends: HashMap<String, Backend>,
+    /// (group, backend watch id) → client watch id.
+    parts: HashMap<(String, i64), i64>,
+    watches: HashMap<i64, ClientWatch>,
+    next_id: i64,
+}
+
+impl Session {
+    async fn run(
+        mut self,
+        mut inbound: Streaming<pb::PbWatchRequest>,
+        mut backend_responses: mpsc::Receiver<(String, Result<pb::PbWatchResponse, Status>)>,
+    ) {
+        loop {
+            tokio::select! {
+                message = inbound.message() => match message {
+                    Ok(Some(request)) => {
+                        if !self.on_client(request).await {
+                            return;
+                        }
+                    }
+                    // The client went away: dropping the session closes every backend stream.
+                    Ok(None) | Err(_) => return,
+                },
+                Some((group, response)) = backend_responses.recv() => {
+                    if !self.on_backend(group, response).await {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn send(&self, response: pb::PbWatchResponse) -> bool {
+        self.to_client.send(Ok(response)).await.is_ok()
+    }
+
+    /// The backend stream of `group`, opened on first use.
+    fn backend(&mut self, group: &Group) -> &mut Backend {
+        let name = group.name().to_string();
+        let from_backends = self.from_backends.clone();
+        self.backends.entry(name.clone()).or_insert_with(|| {
+            let (requests, rx) = mpsc::channel(BUFFER);
+            let group = group.clone();
+            // etcd sends response headers with the first answer, so the stream is opened in a
+            // task while requests already queue in its channel.
+            tokio::spawn(async move {
+                let mut answers = match group.watch(ReceiverStream::new(rx)).await {
+                    Ok(answers) => answers,
+                    Err(status) => {
+                        let _ = from_backends.send((name, Err(status))).await;
+                        return;
+                    }
+                };
+                loop {
+                    let answer = answers.message().await;
+                    let done = !matches!(answer, Ok(Some(_)));
+                    let item = match answer {
+                        Ok(Some(response)) => Ok(response),
+                        Ok(None) => Err(Status::unavailable(format!("etcd group {name} closed the watch stream"))),
+                        Err(status) => Err(status),
+                    };
+                    if from_backends.send((name.clone(), item)).await.is_err() || done {
+                        return;
+                    }
+                }
+            });
+            Backend { requests, next_id: 0 }
+        })
+    }
+
+    /// Handles one client request; false ends the session.
+    async fn on_client(&mut self, request: pb::PbWatchRequest) -> bool {
+        match request.request_union {
+            Some(pb::PbWatchRequestUnion::CreateRequest(ref create)) => {
+                let fields = (create.key.clone(), create.range_end.clone(), create.start_revision, create.watch_id);
+                self.create(&request, fields).await
+            }
+            Some(pb::PbWatchRequestUnion::CancelRequest(cancel)) => {
+                let id = cancel.watch_id;
+                let Some(watch) = self.watches.get_mut(&id) else {
+                    return true;
+                };
+                watch.canceling = true;
+                let parts = watch.parts.clone();
+                if parts.is_empty() {
+                    self.watches.remove(&id);
+                    let header = self.gate.home().status().await.ok().and_then(|s| s.header);
+                    return self.send(pb::PbWatchResponse { header, watch_id: id, canceled: true, ..Default::default() }).await;
+                }
+                for (group, backend_id) in parts {
+                    let mut part_cancel = cancel.clone();
+                    part_cancel.watch_id = backend_id;
+                    if let Some(backend) = self.backends.get(&group) {
+                        let _ = backend
+                            .requests
+                            .send(pb::PbWatchRequest {
+                                request_union: Some(pb::PbWatchRequestUnion::CancelRequest(part_cancel)),
+                            })
+                            .await;
+                    }
+                }
+                true
+            }
+            Some(pb::PbWatchRequestUnion::ProgressRequest(progress)) => {
+                for backend in self.backends.values() {
+                    let _ = backend
+                        .requests
+                        .send(pb::PbWatchRequest {
+                            request_union: Some(pb::PbWatchRequestUnion::ProgressRequest(progress.clone())),
+                        })
+                        .await;
+                }
+                true
+            }
+            None => true,
+        }
+    }
+
+    /// Creates a client watch: `request` is the client's create request, `(key, range_end,
+    /// start_revision, watch_id)` its fields.
+    async fn create(&mut self, request: &pb::PbWatchRequest, fields: (Vec<u8>, Vec<u8>, i64, i64)) -> bool {
+        let (key, range_end, start_revision, watch_id) = fields;
+        let id = if watch_id != 0 { watch_id } else { self.next_free_id() };
+        let header = || async { self.gate.home().status().await.ok().and_then(|s| s.header) };
+        if self.watches.contains_key(&id) {
+            let header = header().await;
+            return self
+                .send(pb::PbWatchResponse {
+                    header,
+                    watch_id: id,
+                    created: true,
+                    canceled: true,
+                    cancel_reason: "etcdserver: duplicate watch ID".into(),
+                    ..Default::default()
+                })
+                .await;
+        }
+        let range = KeyRange::from_request(&key, &range_end);
+        let parts: Vec<(Group, KeyRange)> = self
+            .gate
+            .index()
+            .overlapping(&range)
+            .into_iter()
+            .filter_map(|(scope, part)| Some((self.gate.groups().get(&scope.group)?.clone(), part)))
+            .collect();
+        let groups: std::collections::BTreeSet<&str> = parts.iter().map(|(g, _)| g.name()).collect();
+        if start_revision > 0 && groups.len() > 1 {
+            let header = header().await;
+            return self
+                .send(pb::PbWatchResponse {
+                    header,
+                    watch_id: id,
+                    created: true,
+                    canceled: true,
+                    cancel_reason: format!(
+                        "a watch from revision {} spans scopes on {} etcd groups, whose revisions are unrelated; \
+                         watch within one scope, or without a start revision",
+                        start_revision,
+                        groups.len()
+                    ),
+                    ..Default::default()
+                })
+                .await;
+        }
+        if parts.is_empty() {
+            // Keys nobody can write through aq: the watch exists and never fires.
+            self.watches.insert(id, ClientWatch { parts: Vec::new(), awaiting_created: 0, canceling: false });
+            let header = header().await;
+            return self.send(pb::PbWatchResponse { header, watch_id: id, created: true, ..Default::default() }).await;
+        }
+        let mut recorded = Vec::new();
+        for (group, part) in parts {
+            let backend = self.backend(&group);
+            let backend_id = backend.next_id;
+            backend.next_id += 1;
+            let (key, range_end) = part.to_request();
+            let mut part_request = request.clone();
+            if let Some(pb::PbWatchRequestUnion::CreateRequest(create)) = &mut part_request.request_union {
+                create.key = key;
+                create.range_end = range_end;
+                create.watch_id = backend_id;
+            }
+            let _ = backend.requests.send(part_request).await;
+            self.parts.insert((group.name().to_string(), backend_id), id);
+            recorded.push((group.name().to_string(), backend_id));
+        }
+        let awaiting_created = recorded.len();
+        self.watches.insert(id, ClientWatch { parts: recorded, awaiting_created, canceling: false });
+        true
+    }
+
+    fn next_free_id(&mut self) -> i64 {
+        while self.watches.contains_key(&self.next_id) {
+            self.next_id += 1;
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        id
+    }
+
+    /// Routes one backend answer to the client; false ends the session.
+    async fn on_backend(&mut self, group: String, response: Result<pb::PbWatchResponse, Status>) -> bool {
+        let mut response = match response {
+            Ok(response) => response,
+            Err(status) => {
+                // Every watch with a part on this group is over; tell the client which.
+                let affected: Vec<i64> = self
+                    .watches
+                    .iter()
+                    .filter(|(_, w)| w.parts.iter().any(|(g, _)| *g == group))
+                    .map(|(id, _)| *id)
+                    .collect();
+                self.backends.remove(&group);
+                for id in affected {
+                    self.forget(id);
+                    let canceled = pb::PbWatchResponse {
+                        watch_id: id,
+                        canceled: true,
+                        cancel_reason: format!("etcd group {group} failed: {}", status.message()),
+                        ..Default::default()
+                    };
+                    if !self.send(canceled).await {
+                        return false;
+                    }
+                }
+                return true;
+            }
+        };
+        // A progress answer to RequestProgress carries no watch id (-1): pass it on.
+        if response.watch_id < 0 {
+            return self.send(response).await;
+        }
+        let Some(&id) = self.parts.get(&(group.clone(), response.watch_id)) else {
+            return true;
+        };
+        response.watch_id = id;
+        let Some(watch) = self.watches.get_mut(&id) else {
+            return true;
+        };
+        if response.canceled {
+            let first = !watch.parts.is_empty();
+            self.forget(id);
+            return if first { self.send(response).await } else { true };
+        }
+        if response.created {
+            watch.awaiting_created = watch.awaiting_created.saturating_sub(1);
+            // One created answer per client watch, once every part exists.
+            return if watch.awaiting_created == 0 { self.send(response).await } else { true };
+        }
+        if watch.canceling {
+            return true;
+        }
+        self.send(response).await
+    }
+
+    /// Drops a client watch and cancels what is left of its parts.
+    fn forget(&mut self, id: i64) {
+        let Some(watch) = self.watches.remove(&id) else { return };
+        for (group, backend_id) in watch.parts {
+            self.parts.remove(&(group.clone(), backend_id));
+            if let Some(backend) = self.backends.get(&group) {
+                let cancel = build(pb::PbWatchRequestUnion::CancelRequest, |c| c.watch_id = backend_id);
+                let _ = backend.requests.try_send(cancel);
+            }
+        }
+    }
+}
