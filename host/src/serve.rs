@@ -128,6 +128,7 @@ pub async fn start(config: Config, options: ServeOptions) -> Result<Running, Str
     let index = ScopeIndex::new(scopes).map_err(|e| e.to_string())?;
     let home = config.groups.first().map(|g| g.name.clone()).ok_or("the configuration has no [[groups]]")?;
     let gateway = Arc::new(Gateway::new(index, groups, &home, engine, registry).await?);
+    persist_layout(&gateway).await?;
 
     // The etcd API.
     let listener = tokio::net::TcpListener::bind(options.listen)
@@ -149,6 +150,43 @@ pub async fn start(config: Config, options: ServeOptions) -> Result<Running, Str
     let managed = Arc::new(Mutex::new(managed));
     supervise(managed.clone(), options.etcd_binary.clone());
     Ok(Running { addr, gateway, managed, shutdown: Some(shutdown), server })
+}
+
+/// The meta key holding the scope layout, in the home group's reserved keyspace.
+pub fn layout_key() -> Vec<u8> {
+    let mut key = crate::index::RESERVED_PREFIX.to_vec();
+    key.extend_from_slice(b"meta/layout");
+    key
+}
+
+/// Records the scope layout in the meta (home) group, where every replica and tool can read
+/// which scope owns which keys, on which group, under which policy version.
+async fn persist_layout(gateway: &Gateway) -> Result<(), String> {
+    let scopes: Vec<serde_json::Value> = gateway
+        .index()
+        .scopes()
+        .iter()
+        .map(|scope| {
+            let binding = gateway.registry().active(&scope.id).expect("every scope is bound");
+            serde_json::json!({
+                "id": scope.id,
+                "start": String::from_utf8_lossy(&scope.range.start),
+                "end": String::from_utf8_lossy(&scope.range.end),
+                "group": scope.group,
+                "labels": scope.labels,
+                "policy": binding.module.digest().to_string(),
+                "config": &*binding.config,
+                "fail_mode": binding.fail_mode,
+            })
+        })
+        .collect();
+    let value = serde_json::to_vec_pretty(&serde_json::json!({ "scopes": scopes })).expect("JSON");
+    gateway
+        .home()
+        .put(pb::PbPutRequest { key: layout_key(), value, ..Default::default() })
+        .await
+        .map_err(|s| format!("cannot record the layout in group {}: {}", gateway.home().name(), s.message()))?;
+    Ok(())
 }
 
 /// Restarts managed etcd processes that exit, on their data directories.

@@ -268,3 +268,56 @@ async fn a_lease_used_in_two_groups_behaves_as_one() {
     let (ok, _, err) = gw.etcdctl(&["put", "/registry/pods/ns/p2", "v", &lease_flag]);
     assert!(!ok && err.contains("lease not found"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_layout_is_recorded_in_the_meta_group() {
+    let gw = TestGateway::start().await;
+    let mut main = gw.main.client().await;
+    let stored = main.get(aq_host::serve::layout_key(), None).await.unwrap();
+    let layout: serde_json::Value = serde_json::from_slice(stored.kvs()[0].value()).unwrap();
+    let scopes = layout["scopes"].as_array().unwrap();
+    let secrets = scopes.iter().find(|s| s["id"] == "secrets").expect("secrets recorded");
+    assert_eq!(secrets["start"], "/registry/secrets/");
+    assert_eq!(secrets["group"], "main");
+    let digest = blake3::hash(aq_host::builtin::find("critical").unwrap().component).to_hex().to_string();
+    assert_eq!(secrets["policy"], format!("blake3:{digest}"));
+    // Through aq the record is as invisible as every reserved key.
+    let mut client = gw.client().await;
+    assert_eq!(client.get(aq_host::serve::layout_key(), None).await.unwrap().count(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn managed_etcd_is_restarted_after_a_crash() {
+    let data = tempfile::tempdir().unwrap();
+    let layout = "[[groups]]\nname = \"main\"\n\n[[scopes]]\nid = \"all\"\nprefix = \"\"\ngroup = \"main\"\npolicy = \"builtin:open\"\n";
+    let config = aq_host::config::Config::parse(layout, "test").unwrap();
+    let options = aq_host::serve::ServeOptions {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: data.path().to_path_buf(),
+        etcd_binary: "etcd".into(),
+    };
+    let running = aq_host::serve::start(config, options).await.expect("aq starts with managed etcd");
+    let mut client = etcd_client::Client::connect([running.addr.to_string()], None).await.unwrap();
+    client.put("/before", "1", None).await.unwrap();
+    let old_pid = {
+        let mut managed = running.managed.lock().unwrap();
+        let etcd = managed.get_mut("main").expect("a managed group");
+        assert!(etcd.data_dir().starts_with(data.path()));
+        let pid = etcd.pid().unwrap();
+        std::process::Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap();
+        pid
+    };
+    // Wait (up to 30 s) until the supervisor has started a new process and writes work again.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let restarted = running.managed.lock().unwrap().get_mut("main").unwrap().pid().is_some_and(|p| p != old_pid);
+        if restarted && client.put("/after", "2", None).await.is_ok() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "managed etcd was not restarted");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    // The data survived: same data directory.
+    assert_eq!(client.get("/before", None).await.unwrap().kvs()[0].value(), b"1");
+    running.stop().await;
+}

@@ -100,6 +100,11 @@ impl EtcdProcess {
         &self.data_dir
     }
 
+    /// The process id, while it runs.
+    pub fn pid(&mut self) -> Option<u32> {
+        self.exited().is_none().then(|| self.child.id())
+    }
+
     /// The exit status, if the process has ended.
     pub fn exited(&mut self) -> Option<ExitStatus> {
         self.child.try_wait().ok().flatten()

@@ -2,6 +2,7 @@
 //! input (missing file, not a component, wrong world, bad arguments).
 
 mod bench;
+mod bench_put;
 mod policy;
 mod serve;
 
@@ -71,6 +72,18 @@ enum BenchCommand {
         #[arg(long, default_value_t = 20_000)]
         iterations: u32,
     },
+    /// Puts through aq, directly to etcd and through etcd's grpc-proxy, in one run.
+    Put {
+        /// Seconds per measured configuration.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        /// Concurrent clients, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "1,64")]
+        clients: Vec<usize>,
+        /// The etcd binary.
+        #[arg(long, default_value = "etcd")]
+        etcd: String,
+    },
 }
 
 /// A failure of a command, with the exit code it maps to.
@@ -104,6 +117,7 @@ pub fn main() -> ExitCode {
         }
         Command::Policy(PolicyCommand::Inspect { component }) => policy::inspect(&component),
         Command::Bench(BenchCommand::Policy { iterations }) => bench::policy(iterations),
+        Command::Bench(BenchCommand::Put { seconds, clients, etcd }) => bench_put::put(seconds, &clients, &etcd),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,262 @@
+//! `aq bench put`: put throughput and latency through aq, directly to etcd, and through etcd's
+//! own grpc-proxy, against one etcd in one run, with the ratio of each to direct.
+//!
+//! aq runs as a separate `aq serve` process over the same etcd, with the `quota` policy
+//! evaluated on every put, so its CPU time can be read from /proc like etcd's.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use etcd_client::proto as pb;
+
+use super::CliError;
+use crate::backend::Group;
+use crate::backend::managed::{EtcdProcess, free_port};
+
+/// One measured configuration.
+struct Run {
+    target: &'static str,
+    clients: usize,
+    puts: usize,
+    elapsed: Duration,
+    latencies: Vec<Duration>,
+    aq_cpu: Option<f64>,
+    etcd_cpu: f64,
+}
+
+impl Run {
+    fn throughput(&self) -> f64 {
+        self.puts as f64 / self.elapsed.as_secs_f64()
+    }
+    fn percentile(&self, p: f64) -> Duration {
+        self.latencies[((self.latencies.len() as f64 - 1.0) * p).round() as usize]
+    }
+}
+
+/// CPU seconds (user + system) a process has used, from /proc/<pid>/stat.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let after = stat.rsplit_once(") ").map(|(_, rest)| rest).unwrap_or("");
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15 of the full line: 11 and 12 after the name.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// A child process killed on drop.
+struct Guard(Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn ready(name: &str, url: &str) -> Result<Group, CliError> {
+    let group = Group::connect_lazy(name, &[url.to_string()]).map_err(|e| CliError::Input(e.to_string()))?;
+    group.wait_ready(Duration::from_secs(20)).await.map_err(|e| CliError::Input(e.to_string()))?;
+    Ok(group)
+}
+
+/// What each benchmark request is.
+#[derive(Clone, Copy, PartialEq)]
+enum Shape {
+    /// A plain put.
+    Put,
+    /// The put inside the fence-guarded Txn aq sends, sent by the client directly to etcd: the
+    /// share of aq's cost that is etcd evaluating the guard.
+    FencedTxn,
+}
+
+/// Runs `clients` concurrent writers against `url` for `duration`; each has its own connection.
+async fn load(
+    url: &str,
+    clients: usize,
+    duration: Duration,
+    value: Arc<Vec<u8>>,
+    prefix: &str,
+    shape: Shape,
+) -> Result<(usize, Duration, Vec<Duration>), CliError> {
+    let mut groups = Vec::with_capacity(clients);
+    for i in 0..clients {
+        groups.push(ready(&format!("client-{i}"), url).await?);
+    }
+    let started = Instant::now();
+    let deadline = started + duration;
+    let mut tasks = Vec::with_capacity(clients);
+    for (i, group) in groups.into_iter().enumerate() {
+        let value = value.clone();
+        let prefix = prefix.to_string();
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            let mut n = 0u64;
+            while Instant::now() < deadline {
+                // 1,000 keys per client, rewritten: the keyspace stays small, as in steady state.
+                let key = format!("{prefix}{i:03}-{:04}", n % 1000).into_bytes();
+                let put = pb::PbPutRequest { key, value: value.to_vec(), ..Default::default() };
+                let t = Instant::now();
+                match shape {
+                    Shape::Put => {
+                        group.put(put).await.map_err(|s| s.message().to_string())?;
+                    }
+                    Shape::FencedTxn => {
+                        let fence = crate::gate::fence::Fence::new("bench", 0);
+                        let txn = pb::PbTxnRequest {
+                            compare: vec![fence.compare()],
+                            success: vec![pb::PbTxnRequestOp { request: Some(pb::PbTxnOpRequest::RequestPut(put)) }],
+                            failure: vec![fence.read_op()],
+                        };
+                        group.txn(txn).await.map_err(|s| s.message().to_string())?;
+                    }
+                }
+                latencies.push(t.elapsed());
+                n += 1;
+            }
+            Ok::<_, String>(latencies)
+        }));
+    }
+    let mut all = Vec::new();
+    for task in tasks {
+        let latencies = task.await.map_err(|e| CliError::Input(e.to_string()))?.map_err(CliError::Input)?;
+        all.extend(latencies);
+    }
+    let elapsed = started.elapsed();
+    all.sort();
+    Ok((all.len(), elapsed, all))
+}
+
+fn layout(etcd_url: &str) -> String {
+    format!(
+        r#"[[groups]]
+name = "main"
+endpoints = ["{etcd_url}"]
+
+[[scopes]]
+id = "catch-all"
+prefix = ""
+group = "main"
+policy = "builtin:open"
+
+[[scopes]]
+id = "registry"
+prefix = "/registry/"
+group = "main"
+policy = "builtin:quota"
+config = {{ tenant_segment = 2, default = {{ max_value_bytes = 1572864 }} }}
+"#
+    )
+}
+
+pub(super) fn put(seconds: u64, clients: &[usize], etcd_binary: &str) -> Result<(), CliError> {
+    if clients.is_empty() || clients.contains(&0) {
+        return Err(CliError::Input("--clients must list positive client counts, e.g. 1,64".into()));
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| CliError::Input(e.to_string()))?;
+    runtime.block_on(run(Duration::from_secs(seconds.max(1)), clients, etcd_binary))
+}
+
+async fn run(duration: Duration, clients: &[usize], etcd_binary: &str) -> Result<(), CliError> {
+    let dir = std::env::temp_dir().join(format!("aq-bench-{}", std::process::id()));
+    let _cleanup = RemoveOnDrop(dir.clone());
+    let mut etcd = EtcdProcess::spawn(etcd_binary, "bench", &dir.join("etcd")).map_err(|e| CliError::Input(e.to_string()))?;
+    ready("etcd", etcd.client_url()).await?;
+    let etcd_pid = etcd.pid().ok_or_else(|| CliError::Input(format!("etcd exited at start:\n{}", etcd.log_tail(10))))?;
+
+    // etcd's grpc-proxy, in front of the same etcd.
+    let proxy_port = free_port()?;
+    let proxy = Guard(
+        Command::new(etcd_binary)
+            .args(["grpc-proxy", "start", &format!("--endpoints={}", etcd.client_url()), &format!("--listen-addr=127.0.0.1:{proxy_port}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| CliError::Input(format!("cannot start etcd grpc-proxy: {e}")))?,
+    );
+    let proxy_url = format!("http://127.0.0.1:{proxy_port}");
+    ready("grpc-proxy", &proxy_url).await?;
+
+    // aq, as its own process over the same etcd.
+    let layout_path = dir.join("layout.toml");
+    std::fs::write(&layout_path, layout(etcd.client_url()))?;
+    let aq_port = free_port()?;
+    let aq = Guard(
+        Command::new(std::env::current_exe()?)
+            .arg("serve")
+            .arg("--config")
+            .arg(&layout_path)
+            .arg("--data-dir")
+            .arg(dir.join("aq"))
+            .arg(format!("--listen=127.0.0.1:{aq_port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()?,
+    );
+    let aq_url = format!("http://127.0.0.1:{aq_port}");
+    ready("aq", &aq_url).await?;
+
+    let value = Arc::new(vec![b'v'; 256]);
+    let mut runs = Vec::new();
+    for &n in clients {
+        let targets = [
+            ("direct etcd", etcd.client_url(), None, Shape::Put),
+            ("direct txn", etcd.client_url(), None, Shape::FencedTxn),
+            ("aq + policy", aq_url.as_str(), Some(aq.0.id()), Shape::Put),
+            ("grpc-proxy", proxy_url.as_str(), Some(proxy.0.id()), Shape::Put),
+        ];
+        for (target, url, pid, shape) in targets {
+            // A short warm-up on the same keys, then the measured run.
+            load(url, n, Duration::from_millis(500), value.clone(), "/registry/configmaps/bench/", shape).await?;
+            let (aq_before, etcd_before) = (pid.map(cpu_seconds), cpu_seconds(etcd_pid));
+            let (puts, elapsed, latencies) =
+                load(url, n, duration, value.clone(), "/registry/configmaps/bench/", shape).await?;
+            let aq_cpu = match (pid, aq_before) {
+                (Some(pid), Some(before)) => Some(cpu_seconds(pid) - before),
+                _ => None,
+            };
+            let etcd_cpu = cpu_seconds(etcd_pid) - etcd_before;
+            runs.push(Run { target, clients: n, puts, elapsed, latencies, aq_cpu, etcd_cpu });
+        }
+    }
+    print_table(&runs);
+    Ok(())
+}
+
+fn print_table(runs: &[Run]) {
+    println!(
+        "{:<12} {:>7} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>12} {:>14}",
+        "target", "clients", "puts/s", "× direct", "p50 µs", "p99 µs", "+p50 µs", "puts", "own CPU s/10k", "etcd CPU s/10k"
+    );
+    for run in runs {
+        let direct = runs.iter().find(|r| r.clients == run.clients && r.target == "direct etcd").expect("direct run");
+        let per_10k = |cpu: f64| cpu / run.puts as f64 * 10_000.0;
+        let added = run.percentile(0.5).as_secs_f64() * 1e6 - direct.percentile(0.5).as_secs_f64() * 1e6;
+        println!(
+            "{:<12} {:>7} {:>9.0} {:>9.2} {:>9.0} {:>9.0} {:>9.0} {:>10} {:>12} {:>14.2}",
+            run.target,
+            run.clients,
+            run.throughput(),
+            run.throughput() / direct.throughput(),
+            run.percentile(0.5).as_secs_f64() * 1e6,
+            run.percentile(0.99).as_secs_f64() * 1e6,
+            added,
+            run.puts,
+            run.aq_cpu.map(|c| format!("{:.2}", per_10k(c))).unwrap_or_else(|| "-".into()),
+            per_10k(run.etcd_cpu),
+        );
+    }
+}
+
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
