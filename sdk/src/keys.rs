@@ -32,6 +32,19 @@ pub fn segment_prefix(key: &[u8], index: usize) -> Option<&[u8]> {
     None
 }
 
+/// The first key after every key starting with `prefix` (etcd's `range_end` for a prefix);
+/// empty when there is none (a prefix of only `0xff` bytes).
+pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    Vec::new()
+}
+
 /// Whether `key` falls in the half-open range `[start, end)`; an empty `end` means the end of
 /// the keyspace.
 pub fn in_range(key: &[u8], start: &[u8], end: &[u8]) -> bool {
@@ -56,6 +69,13 @@ mod tests {
         assert_eq!(segment_prefix(b"/registry/secrets/ns/name", 0), Some(&b"/registry/"[..]));
         // The last segment has no `/` after it: no prefix.
         assert_eq!(segment_prefix(b"/registry/secrets/ns", 2), None);
+    }
+
+    #[test]
+    fn prefix_end_skips_trailing_ff() {
+        assert_eq!(prefix_end(b"/a/"), b"/a0".to_vec());
+        assert_eq!(prefix_end(&[b'a', 0xff]), b"b".to_vec());
+        assert_eq!(prefix_end(&[0xff, 0xff]), Vec::<u8>::new());
     }
 
     #[test]

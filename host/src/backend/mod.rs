@@ -127,16 +127,21 @@ impl Group {
         }
     }
 
+    /// A gRPC client on the group's channel, ready to send.
+    async fn grpc(&self) -> Result<tonic::client::Grpc<Channel>, Status> {
+        let mut grpc = tonic::client::Grpc::new(self.channel.clone());
+        grpc.ready().await.map_err(|e| Status::unavailable(format!("etcd group {} unreachable: {e}", self.name)))?;
+        Ok(grpc)
+    }
+
     async fn unary<Q, R>(&self, path: &'static str, request: Q) -> Result<R, Status>
     where
         Q: prost::Message + Send + Sync + 'static,
         R: prost::Message + Default + Send + Sync + 'static,
     {
-        let mut grpc = tonic::client::Grpc::new(self.channel.clone());
-        grpc.ready().await.map_err(|e| Status::unavailable(format!("etcd group {} unreachable: {e}", self.name)))?;
         let codec = tonic_prost::ProstCodec::<Q, R>::default();
         let path = tonic::codegen::http::uri::PathAndQuery::from_static(path);
-        grpc.unary(tonic::Request::new(request), path, codec).await.map(tonic::Response::into_inner)
+        self.grpc().await?.unary(tonic::Request::new(request), path, codec).await.map(tonic::Response::into_inner)
     }
 
     async fn streaming<Q, R>(
@@ -148,11 +153,9 @@ impl Group {
         Q: prost::Message + Send + Sync + 'static,
         R: prost::Message + Default + Send + Sync + 'static,
     {
-        let mut grpc = tonic::client::Grpc::new(self.channel.clone());
-        grpc.ready().await.map_err(|e| Status::unavailable(format!("etcd group {} unreachable: {e}", self.name)))?;
         let codec = tonic_prost::ProstCodec::<Q, R>::default();
         let path = tonic::codegen::http::uri::PathAndQuery::from_static(path);
-        grpc.streaming(tonic::Request::new(requests), path, codec).await.map(tonic::Response::into_inner)
+        self.grpc().await?.streaming(tonic::Request::new(requests), path, codec).await.map(tonic::Response::into_inner)
     }
 
     /// etcd `Range`.

@@ -510,7 +510,7 @@ impl Engine {
     pub fn advise(&self, binding: &Binding, stats: &ScopeStats, seed: [u8; 32]) -> Result<Advice, PolicyFailure> {
         let wit_stats = convert::stats(stats);
         match self.call(binding, Duration::ZERO, &seed, None, |store, policy, _| {
-            Ok(policy.aq_governance_policy().call_advise(store, &wit_stats)?)
+            policy.aq_governance_policy().call_advise(store, &wit_stats)
         }) {
             Ok((advice, _)) => Ok(convert::advice(advice)),
             Err(CallError::Failed(failure)) => Err(failure),

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use aq_sdk::keys::prefix_end;
 use aq_sdk::{Bytes, ReadError, StoredValue};
 use wasmtime::component::ResourceTable;
 use wasmtime::ResourceLimiter;
@@ -197,18 +198,6 @@ fn read_error(e: ReadError) -> WitReadError {
     }
 }
 
-/// The first key after every key starting with `prefix`; empty when there is none.
-fn prefix_end(prefix: &[u8]) -> Vec<u8> {
-    let mut end = prefix.to_vec();
-    while let Some(last) = end.pop() {
-        if last < 0xff {
-            end.push(last + 1);
-            return end;
-        }
-    }
-    Vec::new()
-}
-
 impl HostImports for HostState {
     fn log(&mut self, level: LogLevel, message: String) {
         self.log_lines += 1;
@@ -248,17 +237,5 @@ impl HostImports for HostState {
             self.in_scope(&prefix, |scope_end| scope_end.is_empty() || (!end.is_empty() && end.as_slice() <= scope_end))?;
         let reader = scope.reader.as_ref().ok_or(WitReadError::Unavailable)?;
         reader.count(&prefix).map_err(read_error)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::prefix_end;
-
-    #[test]
-    fn prefix_end_skips_trailing_ff() {
-        assert_eq!(prefix_end(b"/a/"), b"/a0".to_vec());
-        assert_eq!(prefix_end(&[b'a', 0xff]), b"b".to_vec());
-        assert_eq!(prefix_end(&[0xff, 0xff]), Vec::<u8>::new());
     }
 }

@@ -95,7 +95,7 @@ impl pb::PbLeaseService for Lease {
                     Ok(Some(request)) => {
                         for other in &to_others {
                             // A slow copy must not hold up the client's lease.
-                            let _ = other.try_send(request.clone());
+                            let _ = other.try_send(request);
                         }
                         if to_home.send(request).await.is_err() {
                             return;

@@ -166,11 +166,11 @@ impl Session {
                 let parts = watch.parts.clone();
                 if parts.is_empty() {
                     self.watches.remove(&id);
-                    let header = self.gate.home().status().await.ok().and_then(|s| s.header);
+                    let header = self.home_header().await;
                     return self.send(pb::PbWatchResponse { header, watch_id: id, canceled: true, ..Default::default() }).await;
                 }
                 for (group, backend_id) in parts {
-                    let mut part_cancel = cancel.clone();
+                    let mut part_cancel = cancel;
                     part_cancel.watch_id = backend_id;
                     if let Some(backend) = self.backends.get(&group) {
                         let _ = backend
@@ -188,7 +188,7 @@ impl Session {
                     let _ = backend
                         .requests
                         .send(pb::PbWatchRequest {
-                            request_union: Some(pb::PbWatchRequestUnion::ProgressRequest(progress.clone())),
+                            request_union: Some(pb::PbWatchRequestUnion::ProgressRequest(progress)),
                         })
                         .await;
                 }
@@ -203,19 +203,8 @@ impl Session {
     async fn create(&mut self, request: &pb::PbWatchRequest, fields: (Vec<u8>, Vec<u8>, i64, i64)) -> bool {
         let (key, range_end, start_revision, watch_id) = fields;
         let id = if watch_id != 0 { watch_id } else { self.next_free_id() };
-        let header = || async { self.gate.home().status().await.ok().and_then(|s| s.header) };
         if self.watches.contains_key(&id) {
-            let header = header().await;
-            return self
-                .send(pb::PbWatchResponse {
-                    header,
-                    watch_id: id,
-                    created: true,
-                    canceled: true,
-                    cancel_reason: "etcdserver: duplicate watch ID".into(),
-                    ..Default::default()
-                })
-                .await;
+            return self.refuse(id, "etcdserver: duplicate watch ID".into()).await;
         }
         let range = KeyRange::from_request(&key, &range_end);
         let parts: Vec<(Group, KeyRange)> = self
@@ -227,27 +216,17 @@ impl Session {
             .collect();
         let groups: std::collections::BTreeSet<&str> = parts.iter().map(|(g, _)| g.name()).collect();
         if start_revision > 0 && groups.len() > 1 {
-            let header = header().await;
-            return self
-                .send(pb::PbWatchResponse {
-                    header,
-                    watch_id: id,
-                    created: true,
-                    canceled: true,
-                    cancel_reason: format!(
-                        "a watch from revision {} spans scopes on {} etcd groups, whose revisions are unrelated; \
-                         watch within one scope, or without a start revision",
-                        start_revision,
-                        groups.len()
-                    ),
-                    ..Default::default()
-                })
-                .await;
+            let reason = format!(
+                "a watch from revision {start_revision} spans scopes on {} etcd groups, whose revisions are \
+                 unrelated; watch within one scope, or without a start revision",
+                groups.len()
+            );
+            return self.refuse(id, reason).await;
         }
         if parts.is_empty() {
             // Keys nobody can write through aq: the watch exists and never fires.
             self.watches.insert(id, ClientWatch { parts: Vec::new(), awaiting_created: 0, canceling: false });
-            let header = header().await;
+            let header = self.home_header().await;
             return self.send(pb::PbWatchResponse { header, watch_id: id, created: true, ..Default::default() }).await;
         }
         let mut recorded = Vec::new();
@@ -269,6 +248,19 @@ impl Session {
         let awaiting_created = recorded.len();
         self.watches.insert(id, ClientWatch { parts: recorded, awaiting_created, canceling: false });
         true
+    }
+
+    /// A header for answers aq makes itself.
+    async fn home_header(&self) -> Option<pb::PbResponseHeader> {
+        self.gate.home().status().await.ok().and_then(|s| s.header)
+    }
+
+    /// Answers a create request as etcd refuses one: created and canceled at once, with a reason.
+    async fn refuse(&self, id: i64, reason: String) -> bool {
+        let header = self.home_header().await;
+        let response =
+            pb::PbWatchResponse { header, watch_id: id, created: true, canceled: true, cancel_reason: reason, ..Default::default() };
+        self.send(response).await
     }
 
     fn next_free_id(&mut self) -> i64 {

@@ -72,9 +72,9 @@ impl Gateway {
 
     /// etcd `LeaseRevoke`: every copy; keys attached anywhere are deleted.
     pub async fn lease_revoke(&self, request: pb::PbLeaseRevokeRequest) -> Result<pb::PbLeaseRevokeResponse, GateError> {
-        let response = self.home.lease_revoke(request.clone()).await?;
+        let response = self.home.lease_revoke(request).await?;
         for group in self.other_groups() {
-            if let Err(status) = group.lease_revoke(request.clone()).await
+            if let Err(status) = group.lease_revoke(request).await
                 && !status.message().contains("lease not found")
             {
                 tracing::warn!(group = group.name(), lease = request.id, "cannot revoke a lease copy: {}", status.message());
@@ -89,10 +89,10 @@ impl Gateway {
         &self,
         request: pb::PbLeaseTimeToLiveRequest,
     ) -> Result<pb::PbLeaseTimeToLiveResponse, GateError> {
-        let mut response = self.home.lease_time_to_live(request.clone()).await?;
+        let mut response = self.home.lease_time_to_live(request).await?;
         if request.keys && response.ttl > 0 {
             for group in self.other_groups() {
-                if let Ok(copy) = group.lease_time_to_live(request.clone()).await {
+                if let Ok(copy) = group.lease_time_to_live(request).await {
                     response.keys.extend(copy.keys);
                 }
             }

@@ -9,6 +9,8 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
 
+pub use aq_sdk::keys::prefix_end;
+
 /// A half-open key range `[start, end)`; an empty `end` is the end of the keyspace.
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct KeyRange {
@@ -84,18 +86,6 @@ pub fn successor(key: &[u8]) -> Vec<u8> {
     next
 }
 
-/// The first key after every key starting with `prefix`; empty (no bound) when there is none.
-pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
-    let mut end = prefix.to_vec();
-    while let Some(last) = end.pop() {
-        if last < 0xff {
-            end.push(last + 1);
-            return end;
-        }
-    }
-    Vec::new()
-}
-
 /// Orders range ends, an empty end (no bound) last.
 fn cmp_end(a: &[u8], b: &[u8]) -> std::cmp::Ordering {
     match (a.is_empty(), b.is_empty()) {
@@ -141,11 +131,11 @@ pub enum IndexError {
         /// One scope.
         first: String,
         /// Its range.
-        first_range: KeyRange,
+        first_range: Box<KeyRange>,
         /// The other.
         second: String,
         /// Its range.
-        second_range: KeyRange,
+        second_range: Box<KeyRange>,
     },
     /// A scope owns no key.
     #[error("scope {0} has an empty range; its end must sort after its start")]
@@ -208,9 +198,9 @@ impl ScopeIndex {
                 if a.range.intersect(&b.range).is_some() && !nested {
                     return Err(IndexError::Overlap {
                         first: a.id.clone(),
-                        first_range: a.range.clone(),
+                        first_range: Box::new(a.range.clone()),
                         second: b.id.clone(),
-                        second_range: b.range.clone(),
+                        second_range: Box::new(b.range.clone()),
                     });
                 }
             }
