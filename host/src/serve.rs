@@ -221,13 +221,13 @@ pub fn describe(running: &Running, data_dir: &Path) -> String {
     }
     for scope in running.gateway.index().scopes() {
         let binding = running.gateway.registry().active(&scope.id).expect("bound");
+        let fail_mode = match binding.fail_mode {
+            crate::engine::FailMode::Closed => "fail-closed",
+            crate::engine::FailMode::Open => "fail-open",
+        };
         out.push_str(&format!(
-            "aq: scope {:<10} {:?} on {} — policy {:?} ({:?})\n",
-            scope.id,
-            scope.range,
-            scope.group,
-            binding.module.digest(),
-            binding.fail_mode
+            "aq: scope {:<10} {:?} on {} — policy {:?}, {fail_mode}\n",
+            scope.id, scope.range, scope.group, binding.module.digest()
         ));
     }
     out

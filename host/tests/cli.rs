@@ -98,3 +98,52 @@ fn policy_inspect_describes_every_builtin_component_under_target() {
         assert_eq!(out.contains("aq:governance/host@0.1.0"), name == "quota", "{out}");
     }
 }
+
+#[test]
+fn serve_stops_cleanly_on_sigterm_and_stops_its_managed_etcd() {
+    use std::io::BufRead;
+    let data = tempfile::tempdir().unwrap();
+    let layout = data.path().join("layout.toml");
+    std::fs::write(
+        &layout,
+        "[[groups]]\nname = \"main\"\n\n[[scopes]]\nid = \"all\"\nprefix = \"\"\ngroup = \"main\"\npolicy = \"builtin:open\"\n",
+    )
+    .unwrap();
+    let port = aq_host::backend::managed::free_port().unwrap();
+    let mut child = aq()
+        .args(["serve", "--config"])
+        .arg(&layout)
+        .arg("--data-dir")
+        .arg(data.path().join("data"))
+        .arg(format!("--listen=127.0.0.1:{port}"))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Reading stops after the banner and the pipe closes: aq must keep serving, and stop
+    // cleanly, with its standard output gone.
+    let mut banner = Vec::new();
+    for line in std::io::BufReader::new(child.stdout.take().unwrap()).lines() {
+        let line = line.unwrap();
+        let ready = line.contains("aq: ready");
+        banner.push(line);
+        if ready {
+            break;
+        }
+    }
+    let banner = banner.join("\n");
+    assert!(banner.contains(&format!("etcd API listening on 127.0.0.1:{port}")), "{banner}");
+    // "aq: group main: etcd at http://127.0.0.1:<port> (managed, ...)"
+    let etcd = banner
+        .split("etcd at http://")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .expect("the banner names the managed etcd")
+        .to_string();
+    assert!(std::net::TcpStream::connect(&etcd).is_ok(), "managed etcd is up at {etcd}");
+
+    Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "aq exits 0 on SIGTERM: {status}");
+    // Dropping the gateway killed and reaped its etcd before aq exited.
+    assert!(std::net::TcpStream::connect(&etcd).is_err(), "managed etcd at {etcd} was stopped");
+}

@@ -1,11 +1,18 @@
 //! `aq serve`.
 
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use super::CliError;
 use crate::config::Config;
 use crate::serve::{ServeOptions, describe, start};
+
+/// Prints a status line; a closed standard output (`aq serve | head`) must not stop the server.
+fn say(text: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
+}
 
 pub(super) fn run(config: Option<&Path>, data_dir: PathBuf, listen: SocketAddr, etcd: String) -> Result<(), CliError> {
     let config = match config {
@@ -19,12 +26,21 @@ pub(super) fn run(config: Option<&Path>, data_dir: PathBuf, listen: SocketAddr, 
     runtime.block_on(async move {
         let options = ServeOptions { listen, data_dir: data_dir.clone(), etcd_binary: etcd };
         let mut running = start(config, options).await.map_err(CliError::Input)?;
-        print!("{}", describe(&running, &data_dir));
-        println!("aq: ready; stop with Ctrl-C");
+        say(&describe(&running, &data_dir));
+        say("aq: ready; stop with Ctrl-C\n");
+        let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .map_err(|e| CliError::Input(format!("cannot watch for SIGTERM: {e}")))?;
+        // On Ctrl-C or SIGTERM: stop serving, then the managed etcd processes stop as
+        // `running` drops.
         tokio::select! {
             result = running.wait() => result.map_err(CliError::Input),
             _ = tokio::signal::ctrl_c() => {
-                println!("aq: stopping");
+                say("aq: stopping\n");
+                running.stop().await;
+                Ok(())
+            }
+            _ = terminate.recv() => {
+                say("aq: stopping (SIGTERM)\n");
                 running.stop().await;
                 Ok(())
             }
