@@ -321,3 +321,53 @@ async fn managed_etcd_is_restarted_after_a_crash() {
     assert_eq!(client.get("/before", None).await.unwrap().kvs()[0].value(), b"1");
     running.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_delete_across_scopes_deletes_every_part_or_nothing_when_one_is_denied() {
+    let gw = TestGateway::start().await;
+    let mut client = gw.client().await;
+    for key in ["/registry/apps/a", "/registry/events/ns/e", "/registry/pods/ns/p"] {
+        client.put(key, "v", None).await.unwrap();
+    }
+    // Parts on registry (main), events (events group) and registry again; all allow deletes.
+    let deleted = client
+        .delete("/registry/apps/", Some(etcd_client::DeleteOptions::new().with_range("/registry/pods0").with_prev_key()))
+        .await
+        .unwrap();
+    assert_eq!(deleted.deleted(), 3);
+    let keys: Vec<&str> = deleted.prev_kvs().iter().map(|kv| kv.key_str().unwrap()).collect();
+    assert_eq!(keys, ["/registry/apps/a", "/registry/events/ns/e", "/registry/pods/ns/p"]);
+
+    // The secrets scope denies unsigned deletes, so a range covering it deletes nothing at all.
+    client.put("/registry/pods/ns/q", "v", None).await.unwrap();
+    let err = client
+        .delete("/registry/", Some(etcd_client::DeleteOptions::new().with_prefix()))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("secret-writer"), "{err}");
+    assert_eq!(client.get("/registry/pods/ns/q", None).await.unwrap().count(), 1, "nothing was deleted");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_write_needing_approval_is_refused_with_what_it_needs() {
+    // Bind a policy that requires two approvals to the pods prefix, by component path.
+    let gw = TestGateway::start_with(|main, events| {
+        format!(
+            "{}\n[[scopes]]\nid = \"pods\"\nprefix = \"/registry/pods/\"\ngroup = \"main\"\npolicy = {:?}\n",
+            aq_tests::etcd::layout(main, events),
+            aq_tests::guests::APPROVE
+        )
+    })
+    .await;
+    let mut client = gw.client().await;
+    let err = client.put("/registry/pods/ns/p", "x", None).await.unwrap_err();
+    let etcd_client::Error::GRpcStatus(status) = &err else { panic!("{err}") };
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
+    assert!(
+        status.message().contains("writes to scope pods need approvals of weight 2 from alice (weight 1), bob (weight 1)"),
+        "{}",
+        status.message()
+    );
+    let mut main = gw.main.client().await;
+    assert_eq!(main.get("/registry/pods/ns/p", None).await.unwrap().count(), 0, "nothing was written");
+}
