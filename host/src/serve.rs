@@ -25,6 +25,8 @@ const READY_TIMEOUT: Duration = Duration::from_secs(20);
 pub struct ServeOptions {
     /// The etcd API address.
     pub listen: SocketAddr,
+    /// The admin API address, if served.
+    pub admin_listen: Option<SocketAddr>,
     /// Managed etcd data and the policy compile cache live here.
     pub data_dir: PathBuf,
     /// The `etcd` binary for managed groups.
@@ -35,12 +37,15 @@ pub struct ServeOptions {
 pub struct Running {
     /// The bound etcd API address.
     pub addr: SocketAddr,
+    /// The bound admin API address, if served.
+    pub admin_addr: Option<SocketAddr>,
     /// The gateway core.
     pub gateway: Arc<Gateway>,
     /// Managed etcd processes, by group.
     pub managed: Arc<Mutex<BTreeMap<String, EtcdProcess>>>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     server: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+    admin: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Running {
@@ -50,6 +55,9 @@ impl Running {
             let _ = tx.send(());
         }
         let _ = (&mut self.server).await;
+        if let Some(admin) = self.admin.take() {
+            admin.abort();
+        }
     }
 
     /// Waits until the server ends (it ends on an error, or after `stop`).
@@ -68,6 +76,9 @@ impl Drop for Running {
             let _ = tx.send(());
         }
         self.server.abort();
+        if let Some(admin) = self.admin.take() {
+            admin.abort();
+        }
     }
 }
 
@@ -147,9 +158,25 @@ pub async fn start(config: Config, options: ServeOptions) -> Result<Running, Str
     let server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
         let _ = stop.await;
     }));
+    let (admin_addr, admin) = match options.admin_listen {
+        Some(listen) => {
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .map_err(|e| format!("cannot listen on {listen} for the admin API: {e}"))?;
+            let admin_addr = listener.local_addr().map_err(|e| e.to_string())?;
+            let app = crate::admin::router(gateway.clone());
+            let task = tokio::spawn(async move {
+                if let Err(e) = axum::serve(listener, app).await {
+                    tracing::error!("the admin API stopped: {e}");
+                }
+            });
+            (Some(admin_addr), Some(task))
+        }
+        None => (None, None),
+    };
     let managed = Arc::new(Mutex::new(managed));
     supervise(managed.clone(), options.etcd_binary.clone());
-    Ok(Running { addr, gateway, managed, shutdown: Some(shutdown), server })
+    Ok(Running { addr, admin_addr, gateway, managed, shutdown: Some(shutdown), server, admin })
 }
 
 /// The meta key holding the scope layout, in the home group's reserved keyspace.
@@ -214,6 +241,9 @@ fn supervise(managed: Arc<Mutex<BTreeMap<String, EtcdProcess>>>, binary: String)
 /// Describes what a running gateway serves, for `aq serve`'s banner.
 pub fn describe(running: &Running, data_dir: &Path) -> String {
     let mut out = format!("aq: etcd API listening on {}\n", running.addr);
+    if let Some(admin) = running.admin_addr {
+        out.push_str(&format!("aq: admin API listening on {admin} (/healthz, /readyz, /metrics)\n"));
+    }
     for (name, group) in running.gateway.groups() {
         let managed = running.managed.lock().expect("managed etcd lock").contains_key(name);
         let how = if managed { format!("managed, data in {}", data_dir.join("etcd").join(name).display()) } else { "external".to_string() };

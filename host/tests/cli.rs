@@ -116,6 +116,7 @@ fn serve_stops_cleanly_on_sigterm_and_stops_its_managed_etcd() {
         .arg("--data-dir")
         .arg(data.path().join("data"))
         .arg(format!("--listen=127.0.0.1:{port}"))
+        .arg(format!("--admin-listen=127.0.0.1:{}", aq_host::backend::managed::free_port().unwrap()))
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();

@@ -146,8 +146,9 @@ async fn a_write_with_a_stale_fence_is_refused_by_the_guard_and_retried() {
     let mut client = gw.client().await;
     client.put("/registry/pods/ns/a", "1", None).await.unwrap();
     let scope = gw.running.gateway.scope("registry").unwrap();
+    let metrics = gw.running.gateway.metrics();
     assert_eq!(scope.fence.expected(), 1);
-    assert_eq!(scope.fence_retries.load(std::sync::atomic::Ordering::Relaxed), 0);
+    assert_eq!(metrics.fence_retries("registry"), 0);
 
     // Another owner takes the scope: the fence moves behind this gateway's back.
     let mut main = gw.main.client().await;
@@ -158,7 +159,7 @@ async fn a_write_with_a_stale_fence_is_refused_by_the_guard_and_retried() {
     assert_eq!(response.prev_key().unwrap().value(), b"1");
     // The first attempt failed its guard (nothing written), the gateway adopted the new fence
     // and the retry wrote exactly once.
-    assert_eq!(scope.fence_retries.load(std::sync::atomic::Ordering::Relaxed), 1);
+    assert_eq!(metrics.fence_retries("registry"), 1);
     assert_eq!(scope.fence.expected(), 2);
     let after = main.get("/registry/pods/ns/a", None).await.unwrap();
     assert_eq!(after.kvs()[0].value(), b"2");
@@ -293,6 +294,7 @@ async fn managed_etcd_is_restarted_after_a_crash() {
     let config = aq_host::config::Config::parse(layout, "test").unwrap();
     let options = aq_host::serve::ServeOptions {
         listen: "127.0.0.1:0".parse().unwrap(),
+        admin_listen: None,
         data_dir: data.path().to_path_buf(),
         etcd_binary: "etcd".into(),
     };

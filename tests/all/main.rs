@@ -1,5 +1,6 @@
 //! aq's integration tests: one binary, one module per area.
 
+mod admin;
 mod builtins;
 mod gateway;
 mod hostile;

@@ -35,6 +35,11 @@ impl TestEtcd {
         self.process.client_url()
     }
 
+    /// Stops the etcd process (its data stays until the helper drops).
+    pub fn stop(&mut self) {
+        self.process.kill();
+    }
+
     /// A client straight to this etcd, bypassing aq.
     pub async fn client(&self) -> etcd_client::Client {
         etcd_client::Client::connect([self.url()], None).await.expect("connect to etcd")
@@ -76,6 +81,7 @@ impl TestGateway {
         let data = tempfile::tempdir().unwrap();
         let options = ServeOptions {
             listen: "127.0.0.1:0".parse().unwrap(),
+            admin_listen: Some("127.0.0.1:0".parse().unwrap()),
             data_dir: data.path().to_path_buf(),
             etcd_binary: "etcd".into(),
         };

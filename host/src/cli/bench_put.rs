@@ -194,6 +194,7 @@ async fn run(duration: Duration, clients: &[usize], etcd_binary: &str) -> Result
             .arg("--data-dir")
             .arg(dir.join("aq"))
             .arg(format!("--listen=127.0.0.1:{aq_port}"))
+            .arg(format!("--admin-listen=127.0.0.1:{}", free_port()?))
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()?,

@@ -32,6 +32,9 @@ enum Command {
         /// Address of the etcd API.
         #[arg(long, default_value = "127.0.0.1:2379")]
         listen: std::net::SocketAddr,
+        /// Address of the admin API (health, readiness, metrics).
+        #[arg(long, default_value = "127.0.0.1:7070")]
+        admin_listen: std::net::SocketAddr,
         /// The etcd binary for managed groups.
         #[arg(long, default_value = "etcd")]
         etcd: String,
@@ -111,7 +114,9 @@ pub fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let result = match cli.command {
-        Command::Serve { config, data_dir, listen, etcd } => serve::run(config.as_deref(), data_dir, listen, etcd),
+        Command::Serve { config, data_dir, listen, admin_listen, etcd } => {
+            serve::run(config.as_deref(), data_dir, listen, admin_listen, etcd)
+        }
         Command::Policy(PolicyCommand::Test { component, config, fixtures }) => {
             policy::test(&component, config.as_deref(), &fixtures)
         }

@@ -14,7 +14,13 @@ fn say(text: &str) {
     let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
 }
 
-pub(super) fn run(config: Option<&Path>, data_dir: PathBuf, listen: SocketAddr, etcd: String) -> Result<(), CliError> {
+pub(super) fn run(
+    config: Option<&Path>,
+    data_dir: PathBuf,
+    listen: SocketAddr,
+    admin_listen: SocketAddr,
+    etcd: String,
+) -> Result<(), CliError> {
     let config = match config {
         Some(path) => Config::load(path).map_err(CliError::Input)?,
         None => Config::default_layout(),
@@ -24,7 +30,7 @@ pub(super) fn run(config: Option<&Path>, data_dir: PathBuf, listen: SocketAddr, 
         .build()
         .map_err(|e| CliError::Input(format!("cannot start the async runtime: {e}")))?;
     runtime.block_on(async move {
-        let options = ServeOptions { listen, data_dir: data_dir.clone(), etcd_binary: etcd };
+        let options = ServeOptions { listen, admin_listen: Some(admin_listen), data_dir: data_dir.clone(), etcd_binary: etcd };
         let mut running = start(config, options).await.map_err(CliError::Input)?;
         say(&describe(&running, &data_dir));
         say("aq: ready; stop with Ctrl-C\n");

@@ -5,11 +5,11 @@
 
 pub mod fence;
 mod lease;
+pub mod metrics;
 mod reader;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use aq_sdk as m;
@@ -72,12 +72,6 @@ pub struct ScopeRuntime {
     pub fence: Fence,
     /// Its policy binding.
     pub slot: Arc<ScopeSlot>,
-    /// Reads routed to it.
-    pub reads: AtomicU64,
-    /// Mutations that reached etcd.
-    pub writes: AtomicU64,
-    /// Writes whose fence guard failed and were retried.
-    pub fence_retries: AtomicU64,
 }
 
 /// The gateway core shared by every front-end service.
@@ -90,6 +84,7 @@ pub struct Gateway {
     engine: Arc<Engine>,
     registry: Arc<Registry>,
     leases: lease::LeaseCopies,
+    metrics: metrics::GateMetrics,
 }
 
 /// A request's keys resolved to one scope.
@@ -125,14 +120,20 @@ impl Gateway {
                     group,
                     fence: Fence::new(&scope.id, version),
                     slot,
-                    reads: AtomicU64::new(0),
-                    writes: AtomicU64::new(0),
-                    fence_retries: AtomicU64::new(0),
                 },
             );
         }
         let home = groups.get(home).ok_or_else(|| format!("the home group {home} is not configured"))?.clone();
-        Ok(Gateway { index, scopes, groups, home, engine, registry, leases: lease::LeaseCopies::default() })
+        Ok(Gateway {
+            index,
+            scopes,
+            groups,
+            home,
+            engine,
+            registry,
+            leases: lease::LeaseCopies::default(),
+            metrics: metrics::GateMetrics::default(),
+        })
     }
 
     /// The scope index.
@@ -148,6 +149,11 @@ impl Gateway {
     /// The backend groups.
     pub fn groups(&self) -> &BTreeMap<String, Group> {
         &self.groups
+    }
+
+    /// The request path's metrics.
+    pub fn metrics(&self) -> &metrics::GateMetrics {
+        &self.metrics
     }
 
     /// The group that grants leases and answers status.
@@ -222,7 +228,9 @@ impl Gateway {
         let reader = reader::EtcdReader::new(runtime.group.clone());
         let evaluation =
             self.engine.evaluate(&binding, EvalRequest { context: &context, seed, reader: Some(Arc::new(reader)) });
+        self.metrics.evaluated(&scope.id, evaluation.decision.verdict.kind(), evaluation.elapsed.as_secs_f64());
         if let Some(failure) = &evaluation.failure {
+            self.metrics.policy_failed(&scope.id, failure.kind());
             tracing::warn!(scope = %scope.id, policy = ?evaluation.digest, kind = failure.kind(), "policy failed: {failure}");
         }
         match evaluation.decision.verdict {
@@ -273,12 +281,12 @@ impl Gateway {
             success: vec![pb::PbTxnRequestOp { request: Some(op) }],
             failure: vec![runtime.fence.read_op()],
         };
-        let response = runtime.group.txn(request).await?;
+        let response = runtime.group.txn(request).await.inspect_err(|_| self.metrics.backend_error(runtime.group.name()))?;
         if response.succeeded {
-            runtime.writes.fetch_add(1, Ordering::Relaxed);
+            self.metrics.routed(&runtime.scope.id, "write");
             return Ok(Some(response));
         }
-        runtime.fence_retries.fetch_add(1, Ordering::Relaxed);
+        self.metrics.fence_retry(&runtime.scope.id);
         let version = match response.responses.first().and_then(|r| r.response.as_ref()) {
             Some(pb::PbTxnOpResponse::ResponseRange(range)) => range.kvs.first().map(|kv| kv.version).unwrap_or(0),
             _ => 0,
@@ -398,7 +406,7 @@ impl Gateway {
         let routed = self.route_write(&ranges)?;
         let runtime = routed.runtime;
         if ops.is_empty() {
-            runtime.reads.fetch_add(1, Ordering::Relaxed);
+            self.metrics.routed(&runtime.scope.id, "read");
             return Ok(runtime.group.txn(request).await?);
         }
         let leases: Vec<i64> =
@@ -425,7 +433,7 @@ impl Gateway {
             [] => Ok(pb::PbRangeResponse { header: self.any_header().await?, ..Default::default() }),
             [(scope, part)] => {
                 let runtime = self.runtime(scope);
-                runtime.reads.fetch_add(1, Ordering::Relaxed);
+                self.metrics.routed(&scope.id, "read");
                 let mut request = request;
                 if *part != range {
                     (request.key, request.range_end) = part.to_request();
@@ -455,7 +463,7 @@ impl Gateway {
         let mut revisions: BTreeMap<&str, i64> = BTreeMap::new();
         for (scope, part) in parts {
             let runtime = self.runtime(scope);
-            runtime.reads.fetch_add(1, Ordering::Relaxed);
+            self.metrics.routed(&scope.id, "read");
             let mut sub = request.clone();
             (sub.key, sub.range_end) = part.to_request();
             if sub.revision == 0

@@ -1,0 +1,100 @@
+//! The gate's Prometheus metrics. Names follow Prometheus conventions (`_total` counters,
+//! `_seconds` histograms); the admin API serves them at `/metrics`.
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+type Labels = Vec<(String, String)>;
+
+fn evaluation_histogram() -> Histogram {
+    // 1 µs to about 0.5 s.
+    Histogram::new(exponential_buckets(1e-6, 2.0, 20))
+}
+
+/// Counters and histograms of the request path.
+pub struct GateMetrics {
+    registry: Registry,
+    evaluations: Family<Labels, Counter>,
+    evaluation_seconds: Family<Labels, Histogram, fn() -> Histogram>,
+    policy_failures: Family<Labels, Counter>,
+    routed: Family<Labels, Counter>,
+    fence_retries: Family<Labels, Counter>,
+    backend_errors: Family<Labels, Counter>,
+}
+
+fn scope(id: &str) -> Labels {
+    vec![("scope".to_string(), id.to_string())]
+}
+
+impl Default for GateMetrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("aq");
+        let evaluations = Family::<Labels, Counter>::default();
+        let evaluation_seconds = Family::<Labels, Histogram, fn() -> Histogram>::new_with_constructor(evaluation_histogram);
+        let policy_failures = Family::<Labels, Counter>::default();
+        let routed = Family::<Labels, Counter>::default();
+        let fence_retries = Family::<Labels, Counter>::default();
+        let backend_errors = Family::<Labels, Counter>::default();
+        registry.register("policy_evaluations", "Policy evaluations by scope and verdict", evaluations.clone());
+        registry.register(
+            "policy_evaluation_seconds",
+            "Time to evaluate a policy, a fresh instance included",
+            evaluation_seconds.clone(),
+        );
+        registry.register("policy_failures", "Policy failures by scope and kind", policy_failures.clone());
+        registry.register("routed_ops", "Requests routed to a scope, by kind (read, write)", routed.clone());
+        registry.register("fence_retries", "Writes whose fence guard failed and were retried", fence_retries.clone());
+        registry.register("backend_errors", "Errors returned by etcd groups", backend_errors.clone());
+        GateMetrics { registry, evaluations, evaluation_seconds, policy_failures, routed, fence_retries, backend_errors }
+    }
+}
+
+impl GateMetrics {
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String");
+        out
+    }
+
+    pub(super) fn evaluated(&self, scope_id: &str, verdict: &str, seconds: f64) {
+        let mut labels = scope(scope_id);
+        self.evaluation_seconds.get_or_create(&labels).observe(seconds);
+        labels.push(("verdict".to_string(), verdict.to_string()));
+        self.evaluations.get_or_create(&labels).inc();
+    }
+
+    pub(super) fn policy_failed(&self, scope_id: &str, kind: &str) {
+        let mut labels = scope(scope_id);
+        labels.push(("kind".to_string(), kind.to_string()));
+        self.policy_failures.get_or_create(&labels).inc();
+    }
+
+    pub(super) fn routed(&self, scope_id: &str, kind: &str) {
+        let mut labels = scope(scope_id);
+        labels.push(("kind".to_string(), kind.to_string()));
+        self.routed.get_or_create(&labels).inc();
+    }
+
+    pub(super) fn fence_retry(&self, scope_id: &str) {
+        self.fence_retries.get_or_create(&scope(scope_id)).inc();
+    }
+
+    pub(super) fn backend_error(&self, group: &str) {
+        self.backend_errors.get_or_create(&vec![("group".to_string(), group.to_string())]).inc();
+    }
+
+    /// Fence retries of a scope so far.
+    pub fn fence_retries(&self, scope_id: &str) -> u64 {
+        self.fence_retries.get_or_create(&scope(scope_id)).get()
+    }
+
+    /// Requests of `kind` (`read`, `write`) routed to a scope so far.
+    pub fn routed_count(&self, scope_id: &str, kind: &str) -> u64 {
+        let mut labels = scope(scope_id);
+        labels.push(("kind".to_string(), kind.to_string()));
+        self.routed.get_or_create(&labels).get()
+    }
+}
