@@ -99,29 +99,29 @@ fn policy_inspect_describes_every_builtin_component_under_target() {
     }
 }
 
-#[test]
-fn serve_stops_cleanly_on_sigterm_and_stops_its_managed_etcd() {
+/// Starts `aq serve` on a one-group managed layout in `data`; returns the process and the
+/// managed etcd's address from the banner, once aq says it is ready. Reading stops after the
+/// banner and the pipe closes: aq must keep serving, and stop cleanly, with its standard output
+/// gone.
+fn start_serve(data: &std::path::Path) -> (std::process::Child, String) {
     use std::io::BufRead;
-    let data = tempfile::tempdir().unwrap();
-    let layout = data.path().join("layout.toml");
+    let layout = data.join("layout.toml");
     std::fs::write(
         &layout,
         "[[groups]]\nname = \"main\"\n\n[[scopes]]\nid = \"all\"\nprefix = \"\"\ngroup = \"main\"\npolicy = \"builtin:open\"\n",
     )
     .unwrap();
-    let port = aq_host::backend::managed::free_port().unwrap();
+    let free = || aq_host::backend::managed::free_port().unwrap();
     let mut child = aq()
         .args(["serve", "--config"])
         .arg(&layout)
         .arg("--data-dir")
-        .arg(data.path().join("data"))
-        .arg(format!("--listen=127.0.0.1:{port}"))
-        .arg(format!("--admin-listen=127.0.0.1:{}", aq_host::backend::managed::free_port().unwrap()))
+        .arg(data.join("data"))
+        .arg(format!("--listen=127.0.0.1:{}", free()))
+        .arg(format!("--admin-listen=127.0.0.1:{}", free()))
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    // Reading stops after the banner and the pipe closes: aq must keep serving, and stop
-    // cleanly, with its standard output gone.
     let mut banner = Vec::new();
     for line in std::io::BufReader::new(child.stdout.take().unwrap()).lines() {
         let line = line.unwrap();
@@ -132,7 +132,7 @@ fn serve_stops_cleanly_on_sigterm_and_stops_its_managed_etcd() {
         }
     }
     let banner = banner.join("\n");
-    assert!(banner.contains(&format!("etcd API listening on 127.0.0.1:{port}")), "{banner}");
+    assert!(banner.contains("aq: ready"), "aq did not get ready: {banner}");
     // "aq: group main: etcd at http://127.0.0.1:<port> (managed, ...)"
     let etcd = banner
         .split("etcd at http://")
@@ -140,11 +140,37 @@ fn serve_stops_cleanly_on_sigterm_and_stops_its_managed_etcd() {
         .and_then(|rest| rest.split_whitespace().next())
         .expect("the banner names the managed etcd")
         .to_string();
-    assert!(std::net::TcpStream::connect(&etcd).is_ok(), "managed etcd is up at {etcd}");
+    (child, etcd)
+}
 
-    Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+fn signal(child: &std::process::Child, signal: &str) {
+    Command::new("kill").args([signal, &child.id().to_string()]).status().unwrap();
+}
+
+#[test]
+fn serve_stops_cleanly_on_sigterm_and_stops_its_managed_etcd() {
+    let data = tempfile::tempdir().unwrap();
+    let (mut child, etcd) = start_serve(data.path());
+    assert!(std::net::TcpStream::connect(&etcd).is_ok(), "managed etcd is up at {etcd}");
+    signal(&child, "-TERM");
     let status = child.wait().unwrap();
     assert!(status.success(), "aq exits 0 on SIGTERM: {status}");
     // Dropping the gateway killed and reaped its etcd before aq exited.
     assert!(std::net::TcpStream::connect(&etcd).is_err(), "managed etcd at {etcd} was stopped");
+}
+
+#[test]
+fn serve_after_a_killed_aq_stops_the_etcd_it_left_behind() {
+    let data = tempfile::tempdir().unwrap();
+    let (mut first, orphan) = start_serve(data.path());
+    signal(&first, "-KILL");
+    first.wait().unwrap();
+    // SIGKILL leaves no chance to clean up: the etcd lives on, holding the data directory.
+    assert!(std::net::TcpStream::connect(&orphan).is_ok(), "the orphaned etcd is still up at {orphan}");
+
+    let (mut second, etcd) = start_serve(data.path());
+    assert!(std::net::TcpStream::connect(&etcd).is_ok(), "the new etcd is up at {etcd}");
+    assert!(std::net::TcpStream::connect(&orphan).is_err(), "the orphan at {orphan} was stopped");
+    signal(&second, "-TERM");
+    assert!(second.wait().unwrap().success());
 }

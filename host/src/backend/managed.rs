@@ -26,6 +26,32 @@ pub enum SpawnError {
     },
 }
 
+/// The file in a managed etcd's directory naming its process.
+const PID_FILE: &str = "etcd.pid";
+
+/// Stops an etcd left running on `data_dir` by an aq that died without cleaning up. Only a
+/// process whose command line is etcd on this very directory is touched.
+fn stop_leftover(data_dir: &Path) {
+    let Some(pid) = std::fs::read_to_string(data_dir.join(PID_FILE)).ok().and_then(|p| p.trim().parse::<i32>().ok())
+    else {
+        return;
+    };
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let args: Vec<String> = cmdline.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+    let member_data = format!("--data-dir={}", data_dir.join("member-data").display());
+    if !args.first().is_some_and(|a| a.ends_with("etcd")) || !args.contains(&member_data) {
+        return;
+    }
+    tracing::warn!(pid, dir = %data_dir.display(), "stopping an etcd left running by an earlier aq");
+    // SAFETY: kill(2) with a pid checked above to be our own etcd on this directory.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    // Wait (up to 5 s) for it to go, so its lock on the data directory is released.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while Path::new(&format!("/proc/{pid}")).exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
 /// One single-member etcd cluster, killed when dropped.
 #[derive(Debug)]
 pub struct EtcdProcess {
@@ -61,6 +87,7 @@ impl EtcdProcess {
     fn spawn_on(binary: &str, name: &str, data_dir: &Path, ports: (u16, u16)) -> Result<Self, SpawnError> {
         let setup = |error| SpawnError::Setup { name: name.to_string(), error };
         std::fs::create_dir_all(data_dir).map_err(setup)?;
+        stop_leftover(data_dir);
         let (client, peer) = ports;
         let client_url = format!("http://127.0.0.1:{client}");
         let peer_url = format!("http://127.0.0.1:{peer}");
@@ -82,6 +109,9 @@ impl EtcdProcess {
             .stderr(log_err)
             .spawn()
             .map_err(|error| SpawnError::Binary { binary: binary.to_string(), error })?;
+        // Recorded so that an aq killed without cleaning up (SIGKILL, OOM) can stop this process
+        // when it starts again: otherwise it would hold the data directory's lock forever.
+        std::fs::write(data_dir.join(PID_FILE), child.id().to_string()).map_err(setup)?;
         Ok(EtcdProcess { child, name: name.to_string(), client_url, data_dir: data_dir.to_path_buf(), ports })
     }
 
