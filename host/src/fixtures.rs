@@ -18,8 +18,8 @@ impl FixtureReader {
     /// Answers from the case's `reads` and `counts`.
     pub fn new(case: &Case) -> Self {
         FixtureReader {
-            reads: case.reads.iter().map(|(k, v)| (k.as_bytes().to_vec(), v.clone())).collect(),
-            counts: case.counts.iter().map(|(k, v)| (k.as_bytes().to_vec(), *v)).collect(),
+            reads: case.reads_by_key(),
+            counts: case.counts_by_prefix(),
         }
     }
 }

@@ -71,6 +71,16 @@ pub enum Call<'a> {
 }
 
 impl Case {
+    /// `reads` keyed by key bytes, as a host looks them up.
+    pub fn reads_by_key(&self) -> BTreeMap<Vec<u8>, StoredValue> {
+        self.reads.iter().map(|(k, v)| (k.as_bytes().to_vec(), v.clone())).collect()
+    }
+
+    /// `counts` keyed by prefix bytes.
+    pub fn counts_by_prefix(&self) -> BTreeMap<Vec<u8>, u64> {
+        self.counts.iter().map(|(k, v)| (k.as_bytes().to_vec(), *v)).collect()
+    }
+
     /// What the case asks to call, or why it is ill-formed.
     pub fn call(&self) -> Result<Call<'_>, String> {
         match (&self.context, &self.stats) {

@@ -52,8 +52,8 @@ pub fn run_case<P: Policy>(config: &P::Config, case: &Case) -> Result<Outcome, S
     let call = case.call()?;
     NATIVE_HOST.with(|h| {
         *h.borrow_mut() = NativeHost {
-            reads: case.reads.iter().map(|(k, v)| (k.as_bytes().to_vec(), v.clone())).collect(),
-            counts: case.counts.iter().map(|(k, v)| (k.as_bytes().to_vec(), *v)).collect(),
+            reads: case.reads_by_key(),
+            counts: case.counts_by_prefix(),
         }
     });
     Ok(match call {

@@ -31,7 +31,7 @@ impl Run {
         self.puts as f64 / self.elapsed.as_secs_f64()
     }
     fn percentile(&self, p: f64) -> Duration {
-        self.latencies[((self.latencies.len() as f64 - 1.0) * p).round() as usize]
+        super::bench::percentile(&self.latencies, p)
     }
 }
 

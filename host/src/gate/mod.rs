@@ -87,11 +87,6 @@ pub struct Gateway {
     metrics: metrics::GateMetrics,
 }
 
-/// A request's keys resolved to one scope.
-struct Routed<'a> {
-    runtime: &'a ScopeRuntime,
-}
-
 impl Gateway {
     /// Assembles a gateway. Every scope of `index` must have a binding in `registry` and a group
     /// in `groups`; fences are read (and created when missing) from each scope's group. `home`
@@ -170,8 +165,17 @@ impl Gateway {
         self.scopes.get(&scope.id).expect("every indexed scope has a runtime")
     }
 
+    /// Resolves one key to its scope: the Put path, a single binary search.
+    fn route_key(&self, key: &[u8]) -> Result<&ScopeRuntime, GateError> {
+        match self.index.lookup(key) {
+            Owner::Scope(scope) => Ok(self.runtime(scope)),
+            Owner::Reserved => Err(GateError::Reserved(String::from_utf8_lossy(key).into_owned())),
+            Owner::Unowned => Err(GateError::Unowned(String::from_utf8_lossy(key).into_owned())),
+        }
+    }
+
     /// Resolves the keys and ranges a mutation touches to exactly one scope.
-    fn route_write(&self, ranges: &[KeyRange]) -> Result<Routed<'_>, GateError> {
+    fn route_write(&self, ranges: &[KeyRange]) -> Result<&ScopeRuntime, GateError> {
         let mut owner: Option<&Arc<Scope>> = None;
         let mut all: Vec<String> = Vec::new();
         for range in ranges {
@@ -194,21 +198,13 @@ impl Gateway {
             return Err(GateError::CrossScope(all));
         }
         let scope = owner.ok_or_else(|| GateError::Unowned(String::new()))?;
-        Ok(Routed { runtime: self.runtime(scope) })
+        Ok(self.runtime(scope))
     }
 
-    /// Evaluates `ops` and `compares` with the scope's active policy. Returns the compares that
-    /// guard the write on what the policy read.
-    fn evaluate(
-        &self,
-        runtime: &ScopeRuntime,
-        ops: Vec<m::Op>,
-        compares: Vec<m::Compare>,
-        seed_material: &[u8],
-    ) -> Result<Vec<pb::PbCompare>, GateError> {
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    /// What the scope's policy sees of a mutation; `evaluate` stamps the request time.
+    fn context(&self, runtime: &ScopeRuntime, ops: Vec<m::Op>, compares: Vec<m::Compare>) -> m::Context {
         let scope = &runtime.scope;
-        let context = m::Context {
+        m::Context {
             scope: m::ScopeInfo {
                 id: scope.id.clone(),
                 key_start: m::Bytes(scope.range.start.clone()),
@@ -219,15 +215,21 @@ impl Gateway {
             compares,
             credentials: Vec::new(),
             transport: m::TransportIdentity::default(),
-            request_time: m::Timestamp { seconds: now.as_secs(), nanoseconds: now.subsec_nanos() },
-        };
-        let mut hasher = blake3::Hasher::new_derive_key("aq request seed 2026-11");
-        hasher.update(scope.id.as_bytes()).update(&now.as_nanos().to_le_bytes()).update(seed_material);
-        let seed = *hasher.finalize().as_bytes();
+            request_time: m::Timestamp::default(),
+        }
+    }
+
+    /// Evaluates `context` with the scope's active policy, at the current time. Returns the
+    /// compares that guard the write on what the policy read.
+    fn evaluate(&self, runtime: &ScopeRuntime, context: &mut m::Context) -> Result<Vec<pb::PbCompare>, GateError> {
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+        let scope = &runtime.scope;
+        context.request_time = m::Timestamp { seconds: now.as_secs(), nanoseconds: now.subsec_nanos() };
+        let seed = request_seed(context, now);
         let binding = runtime.slot.active();
         let reader = reader::EtcdReader::new(runtime.group.clone());
         let evaluation =
-            self.engine.evaluate(&binding, EvalRequest { context: &context, seed, reader: Some(Arc::new(reader)) });
+            self.engine.evaluate(&binding, EvalRequest { context, seed, reader: Some(Arc::new(reader)) });
         self.metrics.evaluated(&scope.id, evaluation.decision.verdict.kind(), evaluation.elapsed.as_secs_f64());
         if let Some(failure) = &evaluation.failure {
             self.metrics.policy_failed(&scope.id, failure.kind());
@@ -306,10 +308,10 @@ impl Gateway {
         ops: Vec<m::Op>,
         compares: Vec<m::Compare>,
         op: pb::PbTxnOpRequest,
-        seed_material: &[u8],
     ) -> Result<(pb::PbTxnOpResponse, Option<pb::PbResponseHeader>), GateError> {
+        let mut context = self.context(runtime, ops, compares);
         for _ in 0..MAX_ATTEMPTS {
-            let guards = self.evaluate(runtime, ops.clone(), compares.clone(), seed_material)?;
+            let guards = self.evaluate(runtime, &mut context)?;
             if let Some(mut response) = self.fenced(runtime, op.clone(), guards).await? {
                 let inner = response
                     .responses
@@ -324,12 +326,11 @@ impl Gateway {
 
     /// etcd `Put`, governed.
     pub async fn put(&self, request: pb::PbPutRequest) -> Result<pb::PbPutResponse, GateError> {
-        let routed = self.route_write(&[KeyRange::from_request(&request.key, b"")])?;
-        self.ensure_leases(&routed.runtime.group, [request.lease]).await?;
+        let runtime = self.route_key(&request.key)?;
+        self.ensure_leases(&runtime.group, [request.lease]).await?;
         let ops = vec![m::Op::Put(put_op(&request))];
-        let seed = prost::Message::encode_to_vec(&request);
         let (response, header) =
-            self.govern(routed.runtime, ops, Vec::new(), pb::PbTxnOpRequest::RequestPut(request), &seed).await?;
+            self.govern(runtime, ops, Vec::new(), pb::PbTxnOpRequest::RequestPut(request)).await?;
         match response {
             pb::PbTxnOpResponse::ResponsePut(mut put) => {
                 put.header = header;
@@ -360,7 +361,7 @@ impl Gateway {
             let runtime = self.runtime(scope);
             let (key, range_end) = part.to_request();
             let op = m::Op::DeleteRange(m::DeleteRangeOp { key: m::Bytes(key.clone()), range_end: m::Bytes(range_end.clone()) });
-            self.evaluate(runtime, vec![op], Vec::new(), &key)?;
+            self.evaluate(runtime, &mut self.context(runtime, vec![op], Vec::new()))?;
             planned.push((runtime, pb::PbDeleteRequest { key, range_end, prev_kv: request.prev_kv }));
         }
         let mut merged = pb::PbDeleteResponse::default();
@@ -382,9 +383,8 @@ impl Gateway {
             key: m::Bytes(request.key.clone()),
             range_end: m::Bytes(request.range_end.clone()),
         })];
-        let seed = prost::Message::encode_to_vec(&request);
         let (response, header) =
-            self.govern(runtime, ops, Vec::new(), pb::PbTxnOpRequest::RequestDeleteRange(request), &seed).await?;
+            self.govern(runtime, ops, Vec::new(), pb::PbTxnOpRequest::RequestDeleteRange(request)).await?;
         match response {
             pb::PbTxnOpResponse::ResponseDeleteRange(mut delete) => {
                 delete.header = header;
@@ -403,8 +403,7 @@ impl Gateway {
         if ranges.is_empty() {
             return Ok(pb::PbTxnResponse { header: self.any_header().await?, succeeded: true, responses: Vec::new() });
         }
-        let routed = self.route_write(&ranges)?;
-        let runtime = routed.runtime;
+        let runtime = self.route_write(&ranges)?;
         if ops.is_empty() {
             self.metrics.routed(&runtime.scope.id, "read");
             return Ok(runtime.group.txn(request).await?);
@@ -413,9 +412,7 @@ impl Gateway {
             ops.iter().filter_map(|op| match op { m::Op::Put(p) => Some(p.lease), _ => None }).collect();
         self.ensure_leases(&runtime.group, leases).await?;
         let compares = request.compare.iter().map(compare_to_model).collect();
-        let seed = prost::Message::encode_to_vec(&request);
-        let (response, header) =
-            self.govern(runtime, ops, compares, pb::PbTxnOpRequest::RequestTxn(request), &seed).await?;
+        let (response, header) = self.govern(runtime, ops, compares, pb::PbTxnOpRequest::RequestTxn(request)).await?;
         match response {
             pb::PbTxnOpResponse::ResponseTxn(mut txn) => {
                 txn.header = header;
@@ -548,6 +545,21 @@ async fn init_fence(group: &Group, scope: &str) -> Result<i64, Status> {
     group.txn(create).await?;
     let found = group.range(pb::PbRangeRequest { key, ..Default::default() }).await?;
     Ok(found.kvs.first().map(|kv| kv.version).unwrap_or(0))
+}
+
+/// The seed of a policy's randomness: a digest of the scope, the request time and the ops (keys,
+/// values, leases), so the same request at the same time draws the same bytes everywhere. The
+/// trust layer's canonical request digest will take its place.
+fn request_seed(context: &m::Context, now: std::time::Duration) -> [u8; 32] {
+    let mut hasher = blake3::Hasher::new_derive_key("aq request seed 2026-11");
+    hasher.update(context.scope.id.as_bytes()).update(&now.as_nanos().to_le_bytes());
+    for op in &context.ops {
+        match op {
+            m::Op::Put(p) => hasher.update(b"put").update(&p.key).update(&p.value).update(&p.lease.to_le_bytes()),
+            m::Op::DeleteRange(d) => hasher.update(b"del").update(&d.key).update(&d.range_end),
+        };
+    }
+    *hasher.finalize().as_bytes()
 }
 
 fn put_op(request: &pb::PbPutRequest) -> m::PutOp {
