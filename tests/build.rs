@@ -13,8 +13,11 @@ fn main() {
         .collect();
     names.sort();
     let packages: Vec<String> = names.iter().map(|n| format!("aq-guest-{n}")).collect();
-    let packages: Vec<&str> = packages.iter().map(String::as_str).collect();
-    let built = build_wasm_components(&packages);
+    let mut packages: Vec<&str> = packages.iter().map(String::as_str).collect();
+    // The example policy doubles as a second policy to push and swap in admin API tests.
+    packages.push("deny-prefix");
+    let mut built = build_wasm_components(&packages);
+    let (_, example) = built.pop().expect("deny-prefix was built");
     let mut out = String::new();
     for (name, (_, path)) in names.iter().zip(&built) {
         let constant = name.to_uppercase().replace('-', "_");
@@ -22,5 +25,6 @@ fn main() {
     }
     out.push_str(&format!("/// Every test guest, by name.\npub const ALL: &[(&str, &str)] = &[{}];\n",
         names.iter().map(|n| format!("({n:?}, {})", n.to_uppercase().replace('-', "_"))).collect::<Vec<_>>().join(", ")));
+    out.push_str(&format!("/// The `examples/deny-prefix` policy component.\npub const EXAMPLE_DENY_PREFIX: &str = {:?};\n", example.display().to_string()));
     std::fs::write(std::path::Path::new(&std::env::var("OUT_DIR").unwrap()).join("guests.rs"), out).unwrap();
 }

@@ -34,7 +34,7 @@ fn build_wasm_components(packages: &[&str]) -> Vec<(String, std::path::PathBuf)>
              `rustup target add wasm32-wasip2` (make run / make test do this)"
         );
     }
-    for dir in ["wit", "sdk", "policies", "tests/guests"] {
+    for dir in ["wit", "sdk", "policies", "examples", "tests/guests"] {
         println!("cargo:rerun-if-changed={}", workspace.join(dir).display());
     }
     packages

@@ -21,6 +21,63 @@ pub struct Config {
     /// Scopes.
     #[serde(default)]
     pub scopes: Vec<ScopeConfig>,
+    /// The admin API.
+    #[serde(default)]
+    pub admin: AdminConfig,
+}
+
+/// The admin API's settings (`[admin]`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Require bearer tokens on `/v1/` routes (probes, metrics and the OpenAPI document stay
+    /// open). On unless turned off.
+    #[serde(default = "yes")]
+    pub auth: bool,
+    /// Tokens, stored as hashes.
+    #[serde(default)]
+    pub tokens: Vec<TokenConfig>,
+    /// Largest policy component accepted, in bytes.
+    #[serde(default = "default_max_policy_bytes")]
+    pub max_policy_bytes: usize,
+    /// Refuse policies without a valid signature by a trusted publisher.
+    #[serde(default)]
+    pub require_signed_policies: bool,
+    /// ed25519 public keys (hex) whose policy signatures are trusted.
+    #[serde(default)]
+    pub trusted_publishers: Vec<String>,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            auth: true,
+            tokens: Vec::new(),
+            max_policy_bytes: default_max_policy_bytes(),
+            require_signed_policies: false,
+            trusted_publishers: Vec::new(),
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn default_max_policy_bytes() -> usize {
+    16 << 20
+}
+
+/// One admin API token (`[[admin.tokens]]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    /// Who holds it, for logs.
+    pub name: String,
+    /// `reader`, `operator` or `admin`.
+    pub role: String,
+    /// `blake3:<hex>` of the token; `aq token` prints it.
+    pub hash: String,
 }
 
 /// One backend group.

@@ -13,4 +13,5 @@ pub mod fixtures;
 pub mod front;
 pub mod gate;
 pub mod index;
+pub mod meta;
 pub mod serve;

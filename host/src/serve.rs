@@ -14,7 +14,12 @@ use crate::backend::Group;
 use crate::config::Config;
 use crate::engine::{Engine, EngineConfig, Registry};
 use crate::front;
+use crate::admin::{Admin, Auth};
 use crate::gate::Gateway;
+use crate::gate::decisions::{DecisionLog, DecisionSink};
+use crate::gate::metrics::GateMetrics;
+use crate::meta::MetaStore;
+use crate::meta::sync::Syncer;
 use crate::index::ScopeIndex;
 
 /// How long to wait for a backend group to answer at start.
@@ -31,6 +36,10 @@ pub struct ServeOptions {
     pub data_dir: PathBuf,
     /// The `etcd` binary for managed groups.
     pub etcd_binary: String,
+    /// Where decision lines go.
+    pub decision_log: DecisionSink,
+    /// Also log allowed requests.
+    pub log_allows: bool,
 }
 
 /// A running gateway. Dropping it stops the server and the managed etcd processes.
@@ -41,11 +50,15 @@ pub struct Running {
     pub admin_addr: Option<SocketAddr>,
     /// The gateway core.
     pub gateway: Arc<Gateway>,
+    /// This replica's link to the bindings in the meta group.
+    pub syncer: Arc<Syncer>,
+    /// The admin API's state (served at `admin_addr`).
+    pub admin: Arc<Admin>,
     /// Managed etcd processes, by group.
     pub managed: Arc<Mutex<BTreeMap<String, EtcdProcess>>>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     server: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
-    admin: Option<tokio::task::JoinHandle<()>>,
+    admin_task: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Running {
@@ -55,8 +68,8 @@ impl Running {
             let _ = tx.send(());
         }
         let _ = (&mut self.server).await;
-        if let Some(admin) = self.admin.take() {
-            admin.abort();
+        if let Some(task) = self.admin_task.take() {
+            task.abort();
         }
     }
 
@@ -76,8 +89,8 @@ impl Drop for Running {
             let _ = tx.send(());
         }
         self.server.abort();
-        if let Some(admin) = self.admin.take() {
-            admin.abort();
+        if let Some(task) = self.admin_task.take() {
+            task.abort();
         }
     }
 }
@@ -121,25 +134,45 @@ pub async fn start(config: Config, options: ServeOptions) -> Result<Running, Str
         }
     }
 
-    // Policies.
+    // Policies: stored in the meta (home) group, bound as the meta group says.
     let engine = Arc::new(
         Engine::new(EngineConfig { cache_dir: Some(options.data_dir.join("policy-cache")), ..EngineConfig::default() })
             .map_err(|e| e.to_string())?,
     );
     let registry = Arc::new(Registry::new());
+    let metrics = Arc::new(GateMetrics::default());
+    let home = config.groups.first().map(|g| g.name.clone()).ok_or("the configuration has no [[groups]]")?;
+    let store = MetaStore::new(groups[&home].clone());
+    let syncer = Arc::new(Syncer::new(
+        store,
+        engine.clone(),
+        registry.clone(),
+        metrics.clone(),
+        config.scopes.iter().map(|s| s.id.clone()),
+    ));
     let mut scopes = Vec::new();
     for scope in &config.scopes {
-        let module = engine.load(&policy_bytes(&scope.policy)?).map_err(|e| format!("scope {}: {e}", scope.id))?;
-        let binding = engine
-            .bind(&scope.id, module, &scope.policy_config_json(), scope.limits(), scope.fail_mode)
-            .map_err(|e| format!("scope {}: {e}", scope.id))?;
-        registry.bind(&scope.id, binding);
+        syncer.reconcile(scope, policy_bytes(&scope.policy)?).await?;
         scopes.push(scope.to_scope()?);
     }
     let index = ScopeIndex::new(scopes).map_err(|e| e.to_string())?;
-    let home = config.groups.first().map(|g| g.name.clone()).ok_or("the configuration has no [[groups]]")?;
-    let gateway = Arc::new(Gateway::new(index, groups, &home, engine, registry).await?);
+    let decisions = DecisionLog::open(&options.decision_log, options.log_allows).map_err(|e| e.to_string())?;
+    let gateway = Arc::new(Gateway::new(index, groups, &home, engine, registry, metrics, decisions).await?);
+    syncer.follow().await?;
     persist_layout(&gateway).await?;
+
+    // The admin API's state; a generated admin token unless tokens are configured.
+    let auth = if config.admin.auth {
+        let generated = if config.admin.tokens.iter().any(|t| t.role == "admin") {
+            None
+        } else {
+            Some(crate::admin::auth::load_or_create_token(&admin_token_path(&options.data_dir))?)
+        };
+        Auth::new(&config.admin.tokens, generated.as_deref())?
+    } else {
+        Auth::disabled()
+    };
+    let admin = Arc::new(Admin::new(gateway.clone(), syncer.clone(), &config.admin, auth)?);
 
     // The etcd API.
     let listener = tokio::net::TcpListener::bind(options.listen)
@@ -158,13 +191,13 @@ pub async fn start(config: Config, options: ServeOptions) -> Result<Running, Str
     let server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
         let _ = stop.await;
     }));
-    let (admin_addr, admin) = match options.admin_listen {
+    let (admin_addr, admin_task) = match options.admin_listen {
         Some(listen) => {
             let listener = tokio::net::TcpListener::bind(listen)
                 .await
                 .map_err(|e| format!("cannot listen on {listen} for the admin API: {e}"))?;
             let admin_addr = listener.local_addr().map_err(|e| e.to_string())?;
-            let app = crate::admin::router(gateway.clone());
+            let app = crate::admin::router(admin.clone());
             let task = tokio::spawn(async move {
                 if let Err(e) = axum::serve(listener, app).await {
                     tracing::error!("the admin API stopped: {e}");
@@ -176,7 +209,12 @@ pub async fn start(config: Config, options: ServeOptions) -> Result<Running, Str
     };
     let managed = Arc::new(Mutex::new(managed));
     supervise(managed.clone(), options.etcd_binary.clone());
-    Ok(Running { addr, admin_addr, gateway, managed, shutdown: Some(shutdown), server, admin })
+    Ok(Running { addr, admin_addr, gateway, syncer, admin, managed, shutdown: Some(shutdown), server, admin_task })
+}
+
+/// Where the generated admin token lives.
+pub fn admin_token_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("admin-token")
 }
 
 /// The meta key holding the scope layout, in the home group's reserved keyspace.

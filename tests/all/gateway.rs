@@ -297,6 +297,8 @@ async fn managed_etcd_is_restarted_after_a_crash() {
         admin_listen: None,
         data_dir: data.path().to_path_buf(),
         etcd_binary: "etcd".into(),
+        decision_log: aq_host::gate::decisions::DecisionSink::Off,
+        log_allows: false,
     };
     let running = aq_host::serve::start(config, options).await.expect("aq starts with managed etcd");
     let mut client = etcd_client::Client::connect([running.addr.to_string()], None).await.unwrap();

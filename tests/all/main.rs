@@ -4,6 +4,7 @@ mod admin;
 mod builtins;
 mod gateway;
 mod hostile;
+mod hotswap;
 mod swap;
 mod validation;
 mod watch;

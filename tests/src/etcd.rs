@@ -7,6 +7,7 @@ use std::time::Duration;
 use aq_host::backend::Group;
 use aq_host::backend::managed::EtcdProcess;
 use aq_host::config::Config;
+use aq_host::gate::decisions::DecisionSink;
 use aq_host::serve::{Running, ServeOptions};
 
 /// How long one etcdctl command may take.
@@ -54,7 +55,35 @@ pub struct TestGateway {
     pub main: TestEtcd,
     /// The `events` group.
     pub events: TestEtcd,
-    _data: tempfile::TempDir,
+    layout: String,
+    data: tempfile::TempDir,
+}
+
+/// Options for an in-process aq with its data in `data`; decisions, allows included, are
+/// logged to `<data>/decisions.log`.
+fn serve_options(data: &std::path::Path) -> ServeOptions {
+    ServeOptions {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        admin_listen: Some("127.0.0.1:0".parse().unwrap()),
+        data_dir: data.to_path_buf(),
+        etcd_binary: "etcd".into(),
+        decision_log: DecisionSink::File(data.join("decisions.log")),
+        log_allows: true,
+    }
+}
+
+/// Another aq replica over the same etcd groups, with its own data directory.
+pub struct Replica {
+    /// The running replica.
+    pub running: Running,
+    data: tempfile::TempDir,
+}
+
+impl Replica {
+    /// Its data directory.
+    pub fn data_dir(&self) -> &std::path::Path {
+        self.data.path()
+    }
 }
 
 /// The default layout's scopes with test groups: catch-all, registry (quota), secrets
@@ -77,16 +106,35 @@ impl TestGateway {
     /// Starts two etcd groups and aq over them with a layout built from their URLs.
     pub async fn start_with(layout: impl FnOnce(&str, &str) -> String) -> TestGateway {
         let (main, events) = tokio::join!(TestEtcd::start("main"), TestEtcd::start("events"));
-        let config = Config::parse(&layout(main.url(), events.url()), "test layout").expect("layout parses");
+        let layout = layout(main.url(), events.url());
+        let config = Config::parse(&layout, "test layout").expect("layout parses");
         let data = tempfile::tempdir().unwrap();
-        let options = ServeOptions {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            admin_listen: Some("127.0.0.1:0".parse().unwrap()),
-            data_dir: data.path().to_path_buf(),
-            etcd_binary: "etcd".into(),
-        };
-        let running = aq_host::serve::start(config, options).await.expect("aq starts");
-        TestGateway { running, main, events, _data: data }
+        let running = aq_host::serve::start(config, serve_options(data.path())).await.expect("aq starts");
+        TestGateway { running, main, events, layout, data }
+    }
+
+    /// Starts a second aq replica on the same groups and layout.
+    pub async fn replica(&self) -> Replica {
+        let config = Config::parse(&self.layout, "test layout").expect("layout parses");
+        let data = tempfile::tempdir().unwrap();
+        let running = aq_host::serve::start(config, serve_options(data.path())).await.expect("replica starts");
+        Replica { running, data }
+    }
+
+    /// aq's data directory.
+    pub fn data_dir(&self) -> &std::path::Path {
+        self.data.path()
+    }
+
+    /// The admin token aq generated in its data directory.
+    pub fn admin_token(&self) -> String {
+        std::fs::read_to_string(aq_host::serve::admin_token_path(self.data_dir())).expect("admin token").trim().to_string()
+    }
+
+    /// The decision log's lines so far, parsed.
+    pub fn decisions(&self) -> Vec<serde_json::Value> {
+        let text = std::fs::read_to_string(self.data_dir().join("decisions.log")).unwrap_or_default();
+        text.lines().map(|l| serde_json::from_str(l).expect("decision lines are JSON")).collect()
     }
 
     /// `127.0.0.1:<port>` of aq's etcd API.

@@ -1,6 +1,13 @@
-//! The HTTP admin API (axum). Served so far: liveness, readiness and Prometheus metrics,
-//! unauthenticated as is conventional for probes and scrapes. Errors are JSON
-//! `{"error": ..., "detail": ...}`.
+//! The HTTP admin API (axum): policies, scopes and bindings, dry runs, health, metrics and the
+//! OpenAPI document. JSON in and out; errors are `{"error": ..., "detail": ...}` with the
+//! conventional status. `/v1/` routes need a bearer token with a sufficient role; probes,
+//! metrics and the OpenAPI document are open, as is conventional for scrapers and load
+//! balancers.
+
+pub mod auth;
+pub mod openapi;
+mod policies;
+mod scopes;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,27 +16,151 @@ use axum::Router;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post, put};
 use serde_json::json;
 
+use crate::config::AdminConfig;
 use crate::gate::Gateway;
+use crate::meta::MetaError;
+use crate::meta::sync::{SyncError, Syncer};
+pub use auth::{Auth, Role};
+pub use policies::{SIGNATURE_HEADER, signed_message};
 
 /// How long readiness waits for each group.
 const READY_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// The admin routes over `gateway`.
-pub fn router(gateway: Arc<Gateway>) -> Router {
+/// Everything the admin routes work on.
+pub struct Admin {
+    gateway: Arc<Gateway>,
+    syncer: Arc<Syncer>,
+    auth: Auth,
+    max_policy_bytes: usize,
+    require_signed_policies: bool,
+    publishers: Vec<ed25519_dalek::VerifyingKey>,
+}
+
+impl Admin {
+    /// The admin API over a gateway and its syncer.
+    pub fn new(gateway: Arc<Gateway>, syncer: Arc<Syncer>, config: &AdminConfig, auth: Auth) -> Result<Self, String> {
+        let mut publishers = Vec::new();
+        for key in &config.trusted_publishers {
+            let bytes: [u8; 32] = hex::decode(key)
+                .ok()
+                .and_then(|b| b.try_into().ok())
+                .ok_or_else(|| format!("trusted publisher key {key:?} is not 64 hex digits (an ed25519 public key)"))?;
+            publishers.push(
+                ed25519_dalek::VerifyingKey::from_bytes(&bytes)
+                    .map_err(|e| format!("trusted publisher key {key}: not a valid ed25519 public key: {e}"))?,
+            );
+        }
+        if config.require_signed_policies && publishers.is_empty() {
+            return Err("require_signed_policies is set but [admin] trusted_publishers is empty; add the publishers' public keys".into());
+        }
+        Ok(Admin {
+            gateway,
+            syncer,
+            auth,
+            max_policy_bytes: config.max_policy_bytes,
+            require_signed_policies: config.require_signed_policies,
+            publishers,
+        })
+    }
+
+    /// The gateway.
+    pub fn gateway(&self) -> &Arc<Gateway> {
+        &self.gateway
+    }
+}
+
+/// An error answer: status, a short kind and a detail saying what to do.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    error: &'static str,
+    detail: String,
+}
+
+impl ApiError {
+    /// An error with `status`.
+    pub fn new(status: StatusCode, error: &'static str, detail: impl Into<String>) -> Self {
+        ApiError { status, error, detail: detail.into() }
+    }
+
+    fn bad_request(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid input", detail)
+    }
+
+    fn not_found(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not found", detail)
+    }
+
+    fn conflict(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, "conflict", detail)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, axum::Json(json!({ "error": self.error, "detail": self.detail }))).into_response()
+    }
+}
+
+impl From<MetaError> for ApiError {
+    fn from(e: MetaError) -> Self {
+        match e {
+            MetaError::UnknownPolicy(_) => ApiError::not_found(e.to_string()),
+            MetaError::Bound { .. } | MetaError::Conflict(_) => ApiError::conflict(e.to_string()),
+            MetaError::Backend(_) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "meta group unavailable", e.to_string()),
+            MetaError::Corrupt(_) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "damaged state", e.to_string()),
+        }
+    }
+}
+
+impl From<SyncError> for ApiError {
+    fn from(e: SyncError) -> Self {
+        match e {
+            SyncError::Meta(e) => e.into(),
+            SyncError::Load { .. } => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "cannot load policy", e.to_string()),
+            SyncError::Bind(_) => ApiError::bad_request(e.to_string()),
+        }
+    }
+}
+
+/// A JSON body, with a clear 400 when it does not parse.
+pub(crate) struct Json<T>(pub T);
+
+impl<S, T> axum::extract::FromRequest<S> for Json<T>
+where
+    S: Send + Sync,
+    T: serde::de::DeserializeOwned,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(request: axum::extract::Request, state: &S) -> Result<Self, ApiError> {
+        match axum::Json::<T>::from_request(request, state).await {
+            Ok(axum::Json(value)) => Ok(Json(value)),
+            Err(rejection) => Err(ApiError::bad_request(format!("the JSON body is not valid: {}", rejection.body_text()))),
+        }
+    }
+}
+
+/// The admin routes.
+pub fn router(admin: Arc<Admin>) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/v1/openapi.json", get(openapi::document))
+        .route("/v1/policies", post(policies::push).get(policies::list))
+        .route("/v1/policies/{digest}", get(policies::get).delete(policies::delete))
+        .route("/v1/scopes", get(scopes::list))
+        .route("/v1/scopes/{scope}", get(scopes::get))
+        .route("/v1/scopes/{scope}/policy", put(scopes::bind))
+        .route("/v1/scopes/{scope}/rollback", post(scopes::rollback))
+        .route("/v1/scopes/{scope}/evaluate", post(scopes::evaluate))
         .fallback(not_found)
-        .with_state(gateway)
-}
-
-/// An error answer.
-fn error(status: StatusCode, error: &str, detail: String) -> Response {
-    (status, axum::Json(json!({ "error": error, "detail": detail }))).into_response()
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(admin)
 }
 
 async fn healthz() -> Response {
@@ -37,10 +168,10 @@ async fn healthz() -> Response {
 }
 
 /// Ready when every backend group answers a status request.
-async fn readyz(State(gateway): State<Arc<Gateway>>) -> Response {
+async fn readyz(State(admin): State<Arc<Admin>>) -> Result<Response, ApiError> {
     let mut groups = serde_json::Map::new();
     let mut down = Vec::new();
-    for (name, group) in gateway.groups() {
+    for (name, group) in admin.gateway.groups() {
         let state = match tokio::time::timeout(READY_TIMEOUT, group.status()).await {
             Ok(Ok(_)) => "ok".to_string(),
             Ok(Err(status)) => format!("error: {}", status.message()),
@@ -52,20 +183,41 @@ async fn readyz(State(gateway): State<Arc<Gateway>>) -> Response {
         groups.insert(name.clone(), json!(state));
     }
     if down.is_empty() {
-        axum::Json(json!({ "ready": true, "groups": groups })).into_response()
+        Ok(axum::Json(json!({ "ready": true, "groups": groups })).into_response())
     } else {
-        error(StatusCode::SERVICE_UNAVAILABLE, "not ready", format!("etcd groups not answering: {}", down.join(", ")))
+        Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready",
+            format!("etcd groups not answering: {}", down.join(", ")),
+        ))
     }
 }
 
-async fn metrics(State(gateway): State<Arc<Gateway>>) -> Response {
+async fn metrics(State(admin): State<Arc<Admin>>) -> Response {
     (
         [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
-        gateway.metrics().encode(),
+        admin.gateway.metrics().encode(),
     )
         .into_response()
 }
 
-async fn not_found(uri: axum::http::Uri) -> Response {
-    error(StatusCode::NOT_FOUND, "not found", format!("no route {}; see /healthz, /readyz, /metrics", uri.path()))
+async fn not_found(uri: axum::http::Uri) -> ApiError {
+    ApiError::not_found(format!("no route {}; the routes are listed at /v1/openapi.json", uri.path()))
+}
+
+async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method not allowed",
+        format!("{method} is not served on {}; see /v1/openapi.json", uri.path()),
+    )
+}
+
+/// A digest from a path or body: 64 hex digits, optionally prefixed `blake3:`.
+fn parse_digest(text: &str) -> Result<String, ApiError> {
+    let hex = text.strip_prefix("blake3:").unwrap_or(text).to_ascii_lowercase();
+    if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(ApiError::bad_request(format!("{text:?} is not a policy digest (64 hex digits, optionally blake3:...)")));
+    }
+    Ok(hex)
 }

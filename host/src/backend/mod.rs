@@ -40,6 +40,14 @@ pub enum BackendError {
     },
 }
 
+/// Builds a request union variant whose message type etcd-client does not export by name:
+/// `variant` fixes the type, `fill` sets its fields.
+pub fn watch_request<T: Default>(variant: fn(T) -> pb::PbWatchRequestUnion, fill: impl FnOnce(&mut T)) -> pb::PbWatchRequest {
+    let mut message = T::default();
+    fill(&mut message);
+    pb::PbWatchRequest { request_union: Some(variant(message)) }
+}
+
 /// One etcd cluster.
 #[derive(Clone, Debug)]
 pub struct Group {

@@ -22,23 +22,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve the etcd API, governing every mutation with its scope's policy.
-    Serve {
-        /// Layout of groups and scopes (TOML); default: the built-in Kubernetes layout.
-        #[arg(long)]
-        config: Option<PathBuf>,
-        /// Where managed etcd data and compiled policies live.
-        #[arg(long, default_value = "aq-data")]
-        data_dir: PathBuf,
-        /// Address of the etcd API.
-        #[arg(long, default_value = "127.0.0.1:2379")]
-        listen: std::net::SocketAddr,
-        /// Address of the admin API (health, readiness, metrics).
-        #[arg(long, default_value = "127.0.0.1:7070")]
-        admin_listen: std::net::SocketAddr,
-        /// The etcd binary for managed groups.
-        #[arg(long, default_value = "etcd")]
-        etcd: String,
-    },
+    Serve(serve::ServeArgs),
     /// Work with policy components.
     #[command(subcommand)]
     Policy(PolicyCommand),
@@ -114,9 +98,7 @@ pub fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let result = match cli.command {
-        Command::Serve { config, data_dir, listen, admin_listen, etcd } => {
-            serve::run(config.as_deref(), data_dir, listen, admin_listen, etcd)
-        }
+        Command::Serve(args) => serve::run(args),
         Command::Policy(PolicyCommand::Test { component, config, fixtures }) => {
             policy::test(&component, config.as_deref(), &fixtures)
         }

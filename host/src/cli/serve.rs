@@ -2,10 +2,11 @@
 
 use std::io::Write;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use super::CliError;
 use crate::config::Config;
+use crate::gate::decisions::DecisionSink;
 use crate::serve::{ServeOptions, describe, start};
 
 /// Prints a status line; a closed standard output (`aq serve | head`) must not stop the server.
@@ -14,23 +15,56 @@ fn say(text: &str) {
     let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
 }
 
-pub(super) fn run(
-    config: Option<&Path>,
+/// `aq serve`'s flags.
+#[derive(clap::Args)]
+pub(super) struct ServeArgs {
+    /// Layout of groups and scopes (TOML); default: the built-in Kubernetes layout.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Where managed etcd data, compiled policies, the admin token and the decision log live.
+    #[arg(long, default_value = "aq-data")]
     data_dir: PathBuf,
+    /// Address of the etcd API.
+    #[arg(long, default_value = "127.0.0.1:2379")]
     listen: SocketAddr,
+    /// Address of the admin API.
+    #[arg(long, default_value = "127.0.0.1:7070")]
     admin_listen: SocketAddr,
+    /// The etcd binary for managed groups.
+    #[arg(long, default_value = "etcd")]
     etcd: String,
-) -> Result<(), CliError> {
+    /// Where decision lines go: a file, `-` for standard output, or `off`; default
+    /// `<data-dir>/decisions.log`.
+    #[arg(long)]
+    decision_log: Option<String>,
+    /// Log allowed requests too, not only denies and approval requests.
+    #[arg(long)]
+    log_allows: bool,
+}
+
+pub(super) fn run(args: ServeArgs) -> Result<(), CliError> {
+    let ServeArgs { config, data_dir, listen, admin_listen, etcd, decision_log, log_allows } = args;
     let config = match config {
-        Some(path) => Config::load(path).map_err(CliError::Input)?,
+        Some(path) => Config::load(&path).map_err(CliError::Input)?,
         None => Config::default_layout(),
+    };
+    let decision_log = match decision_log {
+        Some(text) => DecisionSink::parse(&text),
+        None => DecisionSink::File(data_dir.join("decisions.log")),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .map_err(|e| CliError::Input(format!("cannot start the async runtime: {e}")))?;
     runtime.block_on(async move {
-        let options = ServeOptions { listen, admin_listen: Some(admin_listen), data_dir: data_dir.clone(), etcd_binary: etcd };
+        let options = ServeOptions {
+            listen,
+            admin_listen: Some(admin_listen),
+            data_dir: data_dir.clone(),
+            etcd_binary: etcd,
+            decision_log,
+            log_allows,
+        };
         let mut running = start(config, options).await.map_err(CliError::Input)?;
         say(&describe(&running, &data_dir));
         say("aq: ready; stop with Ctrl-C\n");

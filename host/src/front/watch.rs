@@ -12,19 +12,12 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::backend::Group;
+use crate::backend::watch_request as build;
 use crate::gate::Gateway;
 use crate::index::KeyRange;
 
 /// Buffered responses per client stream.
 const BUFFER: usize = 256;
-
-/// Builds a request union variant whose message type etcd-client does not export by name:
-/// `variant` fixes the type, `fill` sets its fields.
-fn build<T: Default>(variant: fn(T) -> pb::PbWatchRequestUnion, fill: impl FnOnce(&mut T)) -> pb::PbWatchRequest {
-    let mut message = T::default();
-    fill(&mut message);
-    pb::PbWatchRequest { request_union: Some(variant(message)) }
-}
 
 /// The Watch service.
 pub struct Watch {

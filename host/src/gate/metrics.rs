@@ -22,6 +22,7 @@ pub struct GateMetrics {
     routed: Family<Labels, Counter>,
     fence_retries: Family<Labels, Counter>,
     backend_errors: Family<Labels, Counter>,
+    swaps: Family<Labels, Counter>,
 }
 
 fn scope(id: &str) -> Labels {
@@ -37,6 +38,7 @@ impl Default for GateMetrics {
         let routed = Family::<Labels, Counter>::default();
         let fence_retries = Family::<Labels, Counter>::default();
         let backend_errors = Family::<Labels, Counter>::default();
+        let swaps = Family::<Labels, Counter>::default();
         registry.register("policy_evaluations", "Policy evaluations by scope and verdict", evaluations.clone());
         registry.register(
             "policy_evaluation_seconds",
@@ -47,7 +49,17 @@ impl Default for GateMetrics {
         registry.register("routed_ops", "Requests routed to a scope, by kind (read, write)", routed.clone());
         registry.register("fence_retries", "Writes whose fence guard failed and were retried", fence_retries.clone());
         registry.register("backend_errors", "Errors returned by etcd groups", backend_errors.clone());
-        GateMetrics { registry, evaluations, evaluation_seconds, policy_failures, routed, fence_retries, backend_errors }
+        registry.register("policy_swaps", "Changes of a scope's active policy binding on this replica", swaps.clone());
+        GateMetrics {
+            registry,
+            evaluations,
+            evaluation_seconds,
+            policy_failures,
+            routed,
+            fence_retries,
+            backend_errors,
+            swaps,
+        }
     }
 }
 
@@ -84,6 +96,23 @@ impl GateMetrics {
 
     pub(super) fn backend_error(&self, group: &str) {
         self.backend_errors.get_or_create(&vec![("group".to_string(), group.to_string())]).inc();
+    }
+
+    /// Counts a change of a scope's active binding.
+    pub fn swapped(&self, scope_id: &str) {
+        self.swaps.get_or_create(&scope(scope_id)).inc();
+    }
+
+    /// Binding changes of a scope so far.
+    pub fn swaps(&self, scope_id: &str) -> u64 {
+        self.swaps.get_or_create(&scope(scope_id)).get()
+    }
+
+    /// Evaluations of a scope with `verdict` so far.
+    pub fn evaluations(&self, scope_id: &str, verdict: &str) -> u64 {
+        let mut labels = scope(scope_id);
+        labels.push(("verdict".to_string(), verdict.to_string()));
+        self.evaluations.get_or_create(&labels).get()
     }
 
     /// Fence retries of a scope so far.

@@ -3,6 +3,7 @@
 //! with the client's own compares nested inside so its else-branch answers as etcd's would.
 //! Reads are routed, split across scopes and merged, and counted.
 
+pub mod decisions;
 pub mod fence;
 mod lease;
 pub mod metrics;
@@ -84,7 +85,8 @@ pub struct Gateway {
     engine: Arc<Engine>,
     registry: Arc<Registry>,
     leases: lease::LeaseCopies,
-    metrics: metrics::GateMetrics,
+    metrics: Arc<metrics::GateMetrics>,
+    decisions: decisions::DecisionLog,
 }
 
 impl Gateway {
@@ -97,6 +99,8 @@ impl Gateway {
         home: &str,
         engine: Arc<Engine>,
         registry: Arc<Registry>,
+        metrics: Arc<metrics::GateMetrics>,
+        decisions: decisions::DecisionLog,
     ) -> Result<Self, String> {
         let mut scopes = HashMap::new();
         for scope in index.scopes() {
@@ -127,7 +131,8 @@ impl Gateway {
             engine,
             registry,
             leases: lease::LeaseCopies::default(),
-            metrics: metrics::GateMetrics::default(),
+            metrics,
+            decisions,
         })
     }
 
@@ -147,7 +152,7 @@ impl Gateway {
     }
 
     /// The request path's metrics.
-    pub fn metrics(&self) -> &metrics::GateMetrics {
+    pub fn metrics(&self) -> &Arc<metrics::GateMetrics> {
         &self.metrics
     }
 
@@ -230,10 +235,14 @@ impl Gateway {
         let reader = reader::EtcdReader::new(runtime.group.clone());
         let evaluation =
             self.engine.evaluate(&binding, EvalRequest { context, seed, reader: Some(Arc::new(reader)) });
-        self.metrics.evaluated(&scope.id, evaluation.decision.verdict.kind(), evaluation.elapsed.as_secs_f64());
+        let verdict = evaluation.decision.verdict.kind();
+        self.metrics.evaluated(&scope.id, verdict, evaluation.elapsed.as_secs_f64());
         if let Some(failure) = &evaluation.failure {
             self.metrics.policy_failed(&scope.id, failure.kind());
             tracing::warn!(scope = %scope.id, policy = ?evaluation.digest, kind = failure.kind(), "policy failed: {failure}");
+        }
+        if self.decisions.wants(verdict) {
+            self.log_decision(context, &evaluation);
         }
         match evaluation.decision.verdict {
             m::Verdict::Allow => {}
@@ -265,6 +274,67 @@ impl Gateway {
                 }),
             })
             .collect())
+    }
+
+    /// Queues the decision log line of an evaluation.
+    fn log_decision(&self, context: &m::Context, evaluation: &crate::engine::Evaluation) {
+        let reason = match &evaluation.decision.verdict {
+            m::Verdict::Allow => None,
+            m::Verdict::Deny(reason) => Some(reason.clone()),
+            m::Verdict::RequireApproval(rule) => Some(format!(
+                "approvals of weight {} needed from {}",
+                rule.threshold,
+                rule.voters.iter().map(|v| format!("{} ({})", v.principal, v.weight)).collect::<Vec<_>>().join(", ")
+            )),
+        };
+        let key = match context.ops.first() {
+            Some(m::Op::Put(p)) => &p.key.0,
+            Some(m::Op::DeleteRange(d)) => &d.key.0,
+            None => &Vec::new(),
+        };
+        let transport = context.transport.tls_name.as_deref().or(context.transport.etcd_user.as_deref());
+        self.decisions.record(&decisions::DecisionLine {
+            time: decisions::now_rfc3339(),
+            scope: &context.scope.id,
+            policy: evaluation.digest.to_hex(),
+            verdict: evaluation.decision.verdict.kind(),
+            reason: reason.as_deref(),
+            principals: context.credentials.iter().map(|c| c.principal.as_str()).collect(),
+            transport,
+            key: String::from_utf8_lossy(key).into_owned(),
+            ops: context.ops.len(),
+            failure: evaluation.failure.as_ref().map(|f| f.kind()),
+            annotations: &evaluation.decision.annotations,
+        });
+    }
+
+    /// Evaluates `ops` against a scope's active policy without writing anything: the admin
+    /// API's dry run. Every key must belong to the scope. Not counted in metrics or logged.
+    pub fn dry_run(&self, scope_id: &str, ops: Vec<m::Op>) -> Result<crate::engine::Evaluation, GateError> {
+        let runtime = self.scopes.get(scope_id).ok_or_else(|| GateError::Unowned(format!("(scope {scope_id})")))?;
+        let ranges: Vec<KeyRange> = ops
+            .iter()
+            .map(|op| match op {
+                m::Op::Put(p) => KeyRange::from_request(&p.key, &[]),
+                m::Op::DeleteRange(d) => KeyRange::from_request(&d.key, &d.range_end),
+            })
+            .collect();
+        let owner = self.route_write(&ranges)?;
+        if owner.scope.id != scope_id {
+            return Err(GateError::CrossScope(vec![scope_id.to_string(), owner.scope.id.clone()]));
+        }
+        let mut context = self.context(runtime, ops, Vec::new());
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+        context.request_time = m::Timestamp { seconds: now.as_secs(), nanoseconds: now.subsec_nanos() };
+        let seed = request_seed(&context, now);
+        let binding = runtime.slot.active();
+        let reader = reader::EtcdReader::new(runtime.group.clone());
+        Ok(self.engine.evaluate(&binding, EvalRequest { context: &context, seed, reader: Some(Arc::new(reader)) }))
+    }
+
+    /// Lines the decision log dropped because its writer fell behind.
+    pub fn decisions_dropped(&self) -> u64 {
+        self.decisions.dropped()
     }
 
     /// Sends `op` as the success branch of a Txn guarded by the scope's fence and `guards`.

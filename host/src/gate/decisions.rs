@@ -1,0 +1,140 @@
+//! The decision log: one JSON line per deny and require-approval decision (and per allow when
+//! asked), with the scope, the policy digest that decided, the verdict, the reason and the
+//! principal. Lines are written by a dedicated thread; the request path only queues them and,
+//! when the queue is full, counts the line as dropped instead of waiting.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, SyncSender, TrySendError};
+use std::time::SystemTime;
+
+use serde::Serialize;
+
+/// Lines queued before new ones are dropped.
+const QUEUE: usize = 16 * 1024;
+
+/// Where decision lines go.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DecisionSink {
+    /// Nowhere.
+    Off,
+    /// Standard output.
+    Stdout,
+    /// Appended to a file.
+    File(PathBuf),
+}
+
+impl DecisionSink {
+    /// `-` is standard output, `off` disables the log, anything else is a file.
+    pub fn parse(text: &str) -> Self {
+        match text {
+            "-" => DecisionSink::Stdout,
+            "off" | "" => DecisionSink::Off,
+            path => DecisionSink::File(PathBuf::from(path)),
+        }
+    }
+}
+
+/// One logged decision.
+#[derive(Debug, Serialize)]
+pub struct DecisionLine<'a> {
+    /// RFC 3339 time of the decision.
+    pub time: String,
+    /// The scope.
+    pub scope: &'a str,
+    /// blake3 digest (hex) of the policy that decided.
+    pub policy: String,
+    /// `allow`, `deny` or `require_approval`.
+    pub verdict: &'a str,
+    /// The policy's reason (deny), or the approval rule in words.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<&'a str>,
+    /// The verified principals of the request; empty when it carried none.
+    pub principals: Vec<&'a str>,
+    /// The transport identity (mTLS name or etcd user), when known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub transport: Option<&'a str>,
+    /// The first key the request touches.
+    pub key: String,
+    /// How many operations the request has.
+    pub ops: usize,
+    /// How the policy failed, when the verdict is its fail mode's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failure: Option<&'a str>,
+    /// The policy's annotations.
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub annotations: &'a std::collections::BTreeMap<String, String>,
+}
+
+/// The decision log of one gateway.
+pub struct DecisionLog {
+    queue: Option<SyncSender<Vec<u8>>>,
+    log_allows: bool,
+    dropped: AtomicU64,
+}
+
+impl DecisionLog {
+    /// A log that writes nothing.
+    pub fn off() -> Self {
+        DecisionLog { queue: None, log_allows: false, dropped: AtomicU64::new(0) }
+    }
+
+    /// Opens `sink`; `log_allows` also logs allowed requests.
+    pub fn open(sink: &DecisionSink, log_allows: bool) -> std::io::Result<Self> {
+        let out: Box<dyn Write + Send> = match sink {
+            DecisionSink::Off => return Ok(Self::off()),
+            DecisionSink::Stdout => Box::new(std::io::stdout()),
+            DecisionSink::File(path) => {
+                Box::new(std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(|e| {
+                    std::io::Error::new(e.kind(), format!("cannot open the decision log {}: {e}", path.display()))
+                })?)
+            }
+        };
+        let (queue, lines) = mpsc::sync_channel::<Vec<u8>>(QUEUE);
+        std::thread::Builder::new().name("aq-decision-log".into()).spawn(move || write_lines(out, lines))?;
+        Ok(DecisionLog { queue: Some(queue), log_allows, dropped: AtomicU64::new(0) })
+    }
+
+    /// Whether a decision with `verdict` is logged.
+    pub fn wants(&self, verdict: &str) -> bool {
+        self.queue.is_some() && (verdict != "allow" || self.log_allows)
+    }
+
+    /// Queues a line.
+    pub fn record(&self, line: &DecisionLine<'_>) {
+        let Some(queue) = &self.queue else { return };
+        let mut bytes = serde_json::to_vec(line).expect("decision lines serialise");
+        bytes.push(b'\n');
+        match queue.try_send(bytes) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Lines dropped because the writer fell behind.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+}
+
+/// The current time in RFC 3339, for decision lines.
+pub fn now_rfc3339() -> String {
+    humantime::format_rfc3339_micros(SystemTime::now()).to_string()
+}
+
+/// Writes queued lines, flushing whenever the queue runs empty.
+fn write_lines(out: Box<dyn Write + Send>, lines: mpsc::Receiver<Vec<u8>>) {
+    let mut out = std::io::BufWriter::new(out);
+    while let Ok(line) = lines.recv() {
+        let mut result = out.write_all(&line);
+        while let Ok(line) = lines.try_recv() {
+            result = result.and_then(|()| out.write_all(&line));
+        }
+        if let Err(e) = result.and_then(|()| out.flush()) {
+            tracing::error!("cannot write the decision log: {e}");
+        }
+    }
+}

@@ -1,0 +1,428 @@
+//! aq's own state in the meta (home) group, under the reserved prefix `\xffaq/meta/`:
+//! stored policy components and each scope's binding. Every replica reads and watches these
+//! keys; they are the only state replicas share.
+//!
+//! | key                                   | value                                      |
+//! |---------------------------------------|--------------------------------------------|
+//! | `\xffaq/meta/policy/<digest>`         | [`PolicyRecord`] (JSON), written last       |
+//! | `\xffaq/meta/chunk/<digest>/<n:05>`   | bytes `n·CHUNK..` of the component          |
+//! | `\xffaq/meta/binding/<scope>`         | [`BindingRecord`] (JSON)                    |
+//! | `\xffaq/meta/layout`                  | the scope layout, for tools                 |
+//!
+//! A policy counts as stored once its record exists: chunks are written first, so a reader
+//! never sees a record without all of its bytes. etcd refuses requests over 1.5 MiB by
+//! default, hence the chunks.
+
+pub mod sync;
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use etcd_client::proto as pb;
+use serde::{Deserialize, Serialize};
+use tonic::Status;
+
+use crate::backend::Group;
+use crate::engine::{FailMode, Limits, PolicyDigest};
+use crate::gate::fence::{RESULT_EQUAL, TARGET_MOD, TARGET_VERSION};
+use crate::index::{KeyRange, RESERVED_PREFIX};
+
+/// Bytes per stored chunk; well under etcd's default request limit of 1.5 MiB.
+pub const CHUNK_BYTES: usize = 1 << 20;
+
+fn key(parts: &[&[u8]]) -> Vec<u8> {
+    let mut key = RESERVED_PREFIX.to_vec();
+    key.extend_from_slice(b"meta/");
+    for part in parts {
+        key.extend_from_slice(part);
+    }
+    key
+}
+
+/// The key of a policy's record.
+pub fn policy_key(digest: &str) -> Vec<u8> {
+    key(&[b"policy/", digest.as_bytes()])
+}
+
+/// The prefix of every policy record.
+pub fn policy_prefix() -> Vec<u8> {
+    key(&[b"policy/"])
+}
+
+fn chunk_prefix(digest: &str) -> Vec<u8> {
+    key(&[b"chunk/", digest.as_bytes(), b"/"])
+}
+
+fn chunk_key(digest: &str, n: usize) -> Vec<u8> {
+    key(&[b"chunk/", digest.as_bytes(), format!("/{n:05}").as_bytes()])
+}
+
+/// The key of a scope's binding.
+pub fn binding_key(scope: &str) -> Vec<u8> {
+    key(&[b"binding/", scope.as_bytes()])
+}
+
+/// The prefix of every binding.
+pub fn binding_prefix() -> Vec<u8> {
+    key(&[b"binding/"])
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or_default()
+}
+
+/// A stored policy component.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyRecord {
+    /// blake3 of the component, hex.
+    pub digest: String,
+    /// Component size in bytes.
+    pub size: u64,
+    /// The component's exports.
+    pub exports: Vec<String>,
+    /// How many chunks hold the bytes.
+    pub chunks: u32,
+    /// When it was stored (Unix seconds).
+    pub stored_at: u64,
+    /// The trusted publisher key (hex) whose signature was checked, if any.
+    #[serde(default)]
+    pub publisher: Option<String>,
+}
+
+/// Evaluation limits as stored and as the admin API takes them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsSpec {
+    /// CPU deadline per evaluation, milliseconds.
+    pub timeout_ms: u64,
+    /// Memory cap per evaluation, MiB.
+    pub memory_mib: u64,
+}
+
+impl Default for LimitsSpec {
+    fn default() -> Self {
+        LimitsSpec::from(Limits::default())
+    }
+}
+
+impl From<Limits> for LimitsSpec {
+    fn from(limits: Limits) -> Self {
+        LimitsSpec { timeout_ms: limits.timeout.as_millis() as u64, memory_mib: (limits.memory_bytes >> 20) as u64 }
+    }
+}
+
+impl LimitsSpec {
+    /// The engine's limits.
+    pub fn to_limits(self) -> Limits {
+        Limits {
+            timeout: std::time::Duration::from_millis(self.timeout_ms),
+            memory_bytes: (self.memory_mib as usize) << 20,
+            ..Limits::default()
+        }
+    }
+}
+
+/// One binding of a policy to a scope.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BindingSpec {
+    /// The policy digest (hex).
+    pub digest: String,
+    /// The configuration passed to `init`.
+    pub config: serde_json::Value,
+    /// What happens when the policy fails.
+    pub fail_mode: FailMode,
+    /// Limits of each evaluation.
+    pub limits: LimitsSpec,
+}
+
+impl BindingSpec {
+    /// The configuration as the JSON text `init` receives.
+    pub fn config_text(&self) -> String {
+        serde_json::to_string(&self.config).expect("JSON values serialise")
+    }
+}
+
+/// Who last set a binding.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BindingSource {
+    /// The configuration file at start.
+    Config,
+    /// The admin API; kept across restarts even if the configuration file says otherwise.
+    Api,
+}
+
+/// A scope's binding as stored: the active one and the last-known-good.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BindingRecord {
+    /// The binding in force.
+    pub active: BindingSpec,
+    /// The binding before the latest change; rollback returns to it.
+    pub previous: Option<BindingSpec>,
+    /// Who set it.
+    pub source: BindingSource,
+    /// Changes so far (1 for the first binding).
+    pub generation: u64,
+    /// When it last changed (Unix seconds).
+    pub changed_at: u64,
+}
+
+impl BindingRecord {
+    /// The record after making `spec` active; the current active binding becomes previous.
+    pub fn swapped(&self, spec: BindingSpec, source: BindingSource) -> BindingRecord {
+        BindingRecord {
+            active: spec,
+            previous: Some(self.active.clone()),
+            source,
+            generation: self.generation + 1,
+            changed_at: unix_now(),
+        }
+    }
+}
+
+/// Failures of the meta store.
+#[derive(Debug, thiserror::Error)]
+pub enum MetaError {
+    /// etcd refused or did not answer.
+    #[error("the meta group did not complete the request: {}", .0.message())]
+    Backend(Status),
+    /// No such policy.
+    #[error("no stored policy with digest {0}; push it first (POST /v1/policies)")]
+    UnknownPolicy(String),
+    /// A policy still bound somewhere.
+    #[error("policy {digest} is bound to scope(s) {} (active or last-known-good); bind another policy first", .scopes.join(", "))]
+    Bound {
+        /// The policy.
+        digest: String,
+        /// Where it is bound.
+        scopes: Vec<String>,
+    },
+    /// The binding changed while this change was being made.
+    #[error("the binding of scope {0} changed concurrently; read it again and retry")]
+    Conflict(String),
+    /// Stored data that does not parse or does not match its digest.
+    #[error("stored data is damaged: {0}")]
+    Corrupt(String),
+}
+
+impl From<Status> for MetaError {
+    fn from(status: Status) -> Self {
+        MetaError::Backend(status)
+    }
+}
+
+fn compare_version(key: Vec<u8>, version: i64, result: i32) -> pb::PbCompare {
+    pb::PbCompare {
+        result,
+        target: TARGET_VERSION,
+        key,
+        range_end: Vec::new(),
+        target_union: Some(pb::PbTargetUnion::Version(version)),
+    }
+}
+
+/// `mod_revision(key) == revision`, or the key is absent when `revision` is 0.
+fn compare_unchanged(key: Vec<u8>, revision: i64) -> pb::PbCompare {
+    if revision == 0 {
+        return compare_version(key, 0, RESULT_EQUAL);
+    }
+    pb::PbCompare {
+        result: RESULT_EQUAL,
+        target: TARGET_MOD,
+        key,
+        range_end: Vec::new(),
+        target_union: Some(pb::PbTargetUnion::ModRevision(revision)),
+    }
+}
+
+/// `Compare.CompareResult.GREATER`.
+const RESULT_GREATER: i32 = 1;
+
+fn put_op(key: Vec<u8>, value: Vec<u8>) -> pb::PbTxnRequestOp {
+    pb::PbTxnRequestOp { request: Some(pb::PbTxnOpRequest::RequestPut(pb::PbPutRequest { key, value, ..Default::default() })) }
+}
+
+fn parse<T: for<'de> Deserialize<'de>>(key: &[u8], value: &[u8]) -> Result<T, MetaError> {
+    serde_json::from_slice(value)
+        .map_err(|e| MetaError::Corrupt(format!("{}: {e}", String::from_utf8_lossy(key).escape_default())))
+}
+
+/// Reads and writes aq's records in the meta group.
+#[derive(Clone, Debug)]
+pub struct MetaStore {
+    group: Group,
+}
+
+impl MetaStore {
+    /// The store on `group` (the home group).
+    pub fn new(group: Group) -> Self {
+        MetaStore { group }
+    }
+
+    /// The group holding the records.
+    pub fn group(&self) -> &Group {
+        &self.group
+    }
+
+    async fn range(&self, range: KeyRange) -> Result<pb::PbRangeResponse, MetaError> {
+        let (key, range_end) = range.to_request();
+        Ok(self.group.range(pb::PbRangeRequest { key, range_end, ..Default::default() }).await?)
+    }
+
+    async fn get(&self, key: Vec<u8>) -> Result<Option<pb::PbKeyValue>, MetaError> {
+        let response = self.group.range(pb::PbRangeRequest { key, ..Default::default() }).await?;
+        Ok(response.kvs.into_iter().next())
+    }
+
+    /// A stored policy's record.
+    pub async fn policy(&self, digest: &str) -> Result<Option<PolicyRecord>, MetaError> {
+        match self.get(policy_key(digest)).await? {
+            Some(kv) => Ok(Some(parse(&kv.key, &kv.value)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Every stored policy, by digest.
+    pub async fn policies(&self) -> Result<Vec<PolicyRecord>, MetaError> {
+        let response = self.range(KeyRange::prefix(&policy_prefix())).await?;
+        response.kvs.iter().map(|kv| parse(&kv.key, &kv.value)).collect()
+    }
+
+    /// Stores a validated component under its digest. Returns false when it was already stored
+    /// (the stored record is kept). On failure nothing stays behind.
+    pub async fn store_policy(&self, bytes: &[u8], record: &PolicyRecord) -> Result<bool, MetaError> {
+        if self.policy(&record.digest).await?.is_some() {
+            return Ok(false);
+        }
+        let written = async {
+            for (n, chunk) in bytes.chunks(CHUNK_BYTES).enumerate() {
+                self.group
+                    .put(pb::PbPutRequest { key: chunk_key(&record.digest, n), value: chunk.to_vec(), ..Default::default() })
+                    .await?;
+            }
+            // The record last, and only if no concurrent upload of the same digest beat us.
+            let value = serde_json::to_vec(record).expect("JSON");
+            let response = self
+                .group
+                .txn(pb::PbTxnRequest {
+                    compare: vec![compare_version(policy_key(&record.digest), 0, RESULT_EQUAL)],
+                    success: vec![put_op(policy_key(&record.digest), value)],
+                    failure: Vec::new(),
+                })
+                .await?;
+            Ok::<bool, MetaError>(response.succeeded)
+        }
+        .await;
+        match written {
+            Ok(created) => Ok(created),
+            Err(e) => {
+                // Leave no orphan chunks; a concurrent upload of the same bytes rewrites them.
+                let (key, range_end) = KeyRange::prefix(&chunk_prefix(&record.digest)).to_request();
+                let _ = self.group.delete_range(pb::PbDeleteRequest { key, range_end, prev_kv: false }).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// A stored component's bytes, checked against its digest.
+    pub async fn policy_bytes(&self, digest: &str) -> Result<Vec<u8>, MetaError> {
+        let record = self.policy(digest).await?.ok_or_else(|| MetaError::UnknownPolicy(digest.to_string()))?;
+        let response = self.range(KeyRange::prefix(&chunk_prefix(digest))).await?;
+        if response.kvs.len() != record.chunks as usize {
+            return Err(MetaError::Corrupt(format!(
+                "policy {digest} has {} of its {} chunks",
+                response.kvs.len(),
+                record.chunks
+            )));
+        }
+        let mut bytes = Vec::with_capacity(record.size as usize);
+        for kv in response.kvs {
+            bytes.extend_from_slice(&kv.value);
+        }
+        let actual = PolicyDigest::of(&bytes).to_hex();
+        if actual != digest {
+            return Err(MetaError::Corrupt(format!("policy {digest}: the stored bytes hash to {actual}")));
+        }
+        Ok(bytes)
+    }
+
+    /// Deletes a stored policy that no scope has bound (as active or last-known-good).
+    pub async fn delete_policy(&self, digest: &str) -> Result<PolicyRecord, MetaError> {
+        let record = self.policy(digest).await?.ok_or_else(|| MetaError::UnknownPolicy(digest.to_string()))?;
+        let (bindings, _) = self.bindings().await?;
+        let bound: Vec<String> = bindings
+            .iter()
+            .filter(|(_, b, _)| b.active.digest == digest || b.previous.as_ref().is_some_and(|p| p.digest == digest))
+            .map(|(scope, _, _)| scope.clone())
+            .collect();
+        if !bound.is_empty() {
+            return Err(MetaError::Bound { digest: digest.to_string(), scopes: bound });
+        }
+        // Guarded by every binding as read, so a bind racing with the delete loses one of them.
+        let mut compare: Vec<pb::PbCompare> =
+            bindings.iter().map(|(scope, _, rev)| compare_unchanged(binding_key(scope), *rev)).collect();
+        compare.push(compare_version(policy_key(digest), 0, RESULT_GREATER));
+        let (key, range_end) = KeyRange::prefix(&chunk_prefix(digest)).to_request();
+        let delete = |key, range_end| pb::PbTxnRequestOp {
+            request: Some(pb::PbTxnOpRequest::RequestDeleteRange(pb::PbDeleteRequest { key, range_end, prev_kv: false })),
+        };
+        let response = self
+            .group
+            .txn(pb::PbTxnRequest {
+                compare,
+                success: vec![delete(policy_key(digest), Vec::new()), delete(key, range_end)],
+                failure: Vec::new(),
+            })
+            .await?;
+        if !response.succeeded {
+            return Err(MetaError::Conflict(format!("(any, while deleting policy {digest})")));
+        }
+        Ok(record)
+    }
+
+    /// A scope's binding and its mod revision.
+    pub async fn binding(&self, scope: &str) -> Result<Option<(BindingRecord, i64)>, MetaError> {
+        match self.get(binding_key(scope)).await? {
+            Some(kv) => Ok(Some((parse(&kv.key, &kv.value)?, kv.mod_revision))),
+            None => Ok(None),
+        }
+    }
+
+    /// Every binding (scope, record, mod revision) and the revision they were read at.
+    pub async fn bindings(&self) -> Result<(Vec<(String, BindingRecord, i64)>, i64), MetaError> {
+        let prefix = binding_prefix();
+        let response = self.range(KeyRange::prefix(&prefix)).await?;
+        let revision = response.header.as_ref().map(|h| h.revision).unwrap_or_default();
+        let mut out = Vec::with_capacity(response.kvs.len());
+        for kv in &response.kvs {
+            let scope = String::from_utf8_lossy(&kv.key[prefix.len()..]).into_owned();
+            out.push((scope, parse(&kv.key, &kv.value)?, kv.mod_revision));
+        }
+        Ok((out, revision))
+    }
+
+    /// Writes a scope's binding if it is still at `expected` (its mod revision; 0: absent) and
+    /// its policy is stored. Returns the revision of the write.
+    pub async fn write_binding(&self, scope: &str, record: &BindingRecord, expected: i64) -> Result<i64, MetaError> {
+        let digest = &record.active.digest;
+        let value = serde_json::to_vec(record).expect("JSON");
+        let response = self
+            .group
+            .txn(pb::PbTxnRequest {
+                compare: vec![
+                    compare_unchanged(binding_key(scope), expected),
+                    compare_version(policy_key(digest), 0, RESULT_GREATER),
+                ],
+                success: vec![put_op(binding_key(scope), value)],
+                failure: Vec::new(),
+            })
+            .await?;
+        if !response.succeeded {
+            if self.policy(digest).await?.is_none() {
+                return Err(MetaError::UnknownPolicy(digest.clone()));
+            }
+            return Err(MetaError::Conflict(scope.to_string()));
+        }
+        Ok(response.header.map(|h| h.revision).unwrap_or_default())
+    }
+}

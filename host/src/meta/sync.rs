@@ -1,0 +1,331 @@
+//! Keeps this replica's policy registry in step with the bindings in the meta group.
+//!
+//! At start each configured scope is reconciled: a binding set through the admin API wins over
+//! the configuration file; otherwise the file's policy is stored and bound. Then a watch on the
+//! meta group applies every binding change, whichever replica made it, and compiles newly pushed
+//! policies ahead of their first bind, so a swap only costs an `init` call.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use etcd_client::proto as pb;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+use super::{BindingRecord, BindingSource, BindingSpec, MetaError, MetaStore, PolicyRecord, binding_prefix, policy_prefix};
+use crate::backend::watch_request;
+use crate::config::ScopeConfig;
+use crate::engine::{Binding, BindError, Engine, LoadError, PolicyDigest, PolicyModule, Registry};
+use crate::gate::metrics::GateMetrics;
+use crate::index::KeyRange;
+
+/// Why a binding could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    /// The meta store failed.
+    #[error(transparent)]
+    Meta(#[from] MetaError),
+    /// The stored bytes are not a valid policy for this engine.
+    #[error("policy {digest} cannot be loaded: {error}")]
+    Load {
+        /// The policy.
+        digest: String,
+        /// Why.
+        error: LoadError,
+    },
+    /// `init` refused the configuration, or the limits are too large.
+    #[error(transparent)]
+    Bind(#[from] BindError),
+}
+
+/// The replica's view of the meta group's bindings.
+pub struct Syncer {
+    store: MetaStore,
+    engine: Arc<Engine>,
+    registry: Arc<Registry>,
+    metrics: Arc<GateMetrics>,
+    /// The scopes of this replica's layout; bindings of others are ignored.
+    scopes: std::collections::HashSet<String>,
+    /// Compiled policies by digest (hex).
+    modules: Mutex<HashMap<String, Arc<PolicyModule>>>,
+    /// Per scope, the meta revision of the binding in force here.
+    applied: Mutex<HashMap<String, i64>>,
+    /// The meta revision of the latest binding applied here, for waiters.
+    latest: tokio::sync::watch::Sender<i64>,
+}
+
+impl Syncer {
+    /// A syncer over `store` binding the layout's `scopes` into `registry`.
+    pub fn new(
+        store: MetaStore,
+        engine: Arc<Engine>,
+        registry: Arc<Registry>,
+        metrics: Arc<GateMetrics>,
+        scopes: impl IntoIterator<Item = String>,
+    ) -> Self {
+        let scopes = scopes.into_iter().collect();
+        Syncer {
+            store,
+            engine,
+            registry,
+            metrics,
+            scopes,
+            modules: Mutex::default(),
+            applied: Mutex::default(),
+            latest: tokio::sync::watch::Sender::new(0),
+        }
+    }
+
+    /// Whether `scope` is in this replica's layout.
+    pub fn has_scope(&self, scope: &str) -> bool {
+        self.scopes.contains(scope)
+    }
+
+    /// The meta store.
+    pub fn store(&self) -> &MetaStore {
+        &self.store
+    }
+
+    /// The engine.
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+
+    /// Validates and compiles component bytes off the async workers, and keeps the module.
+    pub async fn load(&self, bytes: Vec<u8>) -> Result<Arc<PolicyModule>, LoadError> {
+        let digest = PolicyDigest::of(&bytes).to_hex();
+        if let Some(module) = self.modules.lock().expect("modules lock").get(&digest) {
+            return Ok(module.clone());
+        }
+        let engine = self.engine.clone();
+        let module = tokio::task::spawn_blocking(move || engine.load(&bytes))
+            .await
+            .map_err(|e| LoadError::Invalid(format!("the compiler task failed: {e}")))??;
+        self.modules.lock().expect("modules lock").insert(digest, module.clone());
+        Ok(module)
+    }
+
+    /// The compiled module of a stored policy: from memory, else fetched and compiled.
+    pub async fn module(&self, digest: &str) -> Result<Arc<PolicyModule>, SyncError> {
+        if let Some(module) = self.modules.lock().expect("modules lock").get(digest) {
+            return Ok(module.clone());
+        }
+        let bytes = self.store.policy_bytes(digest).await?;
+        self.load(bytes).await.map_err(|error| SyncError::Load { digest: digest.to_string(), error })
+    }
+
+    /// Forgets a compiled module (after its policy is deleted).
+    pub fn forget(&self, digest: &str) {
+        self.modules.lock().expect("modules lock").remove(digest);
+    }
+
+    /// Builds a binding for `scope`, calling the policy's `init` on the configuration.
+    pub async fn prepare(&self, scope: &str, spec: &BindingSpec) -> Result<Arc<Binding>, SyncError> {
+        let module = self.module(&spec.digest).await?;
+        Ok(self.engine.bind(scope, module, &spec.config_text(), spec.limits.to_limits(), spec.fail_mode)?)
+    }
+
+    /// Makes `record` (read at meta revision `revision`) this replica's binding of `scope`,
+    /// unless a newer one is already in force. Returns whether the active binding changed.
+    pub async fn apply(&self, scope: &str, record: &BindingRecord, revision: i64) -> Result<bool, SyncError> {
+        if !self.has_scope(scope) {
+            return Ok(false);
+        }
+        if self.applied.lock().expect("applied lock").get(scope).is_some_and(|&r| r >= revision) {
+            return Ok(false);
+        }
+        let binding = self.prepare(scope, &record.active).await?;
+        let mut applied = self.applied.lock().expect("applied lock");
+        if applied.get(scope).is_some_and(|&r| r >= revision) {
+            return Ok(false);
+        }
+        applied.insert(scope.to_string(), revision);
+        if self.registry.bind(scope, binding).is_some() {
+            self.metrics.swapped(scope);
+        }
+        drop(applied);
+        self.latest.send_if_modified(|latest| {
+            let newer = revision > *latest;
+            *latest = (*latest).max(revision);
+            newer
+        });
+        tracing::info!(scope, policy = %record.active.digest, generation = record.generation, revision, "binding applied");
+        Ok(true)
+    }
+
+    /// Follows the meta revision of the latest binding applied on this replica.
+    pub fn applied_changes(&self) -> tokio::sync::watch::Receiver<i64> {
+        self.latest.subscribe()
+    }
+
+    /// The meta revision of the binding in force for `scope`.
+    pub fn applied_revision(&self, scope: &str) -> Option<i64> {
+        self.applied.lock().expect("applied lock").get(scope).copied()
+    }
+
+    /// Stores the policy of a configured scope and settles the scope's binding: a binding set
+    /// through the admin API is kept; otherwise the configuration's is recorded. Binds the
+    /// result locally.
+    pub async fn reconcile(&self, scope: &ScopeConfig, bytes: Vec<u8>) -> Result<(), String> {
+        let context = |e: &dyn std::fmt::Display| format!("scope {}: {e}", scope.id);
+        let module = self.load(bytes.clone()).await.map_err(|e| context(&e))?;
+        let digest = module.digest().to_hex();
+        let record = PolicyRecord {
+            digest: digest.clone(),
+            size: bytes.len() as u64,
+            exports: module.exports().to_vec(),
+            chunks: bytes.len().div_ceil(super::CHUNK_BYTES) as u32,
+            stored_at: super::unix_now(),
+            publisher: None,
+        };
+        self.store.store_policy(&bytes, &record).await.map_err(|e| context(&e))?;
+        let config: serde_json::Value =
+            serde_json::from_str(&scope.policy_config_json()).expect("configuration tables are JSON");
+        let desired = BindingSpec {
+            digest,
+            config,
+            fail_mode: scope.fail_mode,
+            limits: scope.limits().into(),
+        };
+        for _ in 0..5 {
+            let current = self.store.binding(&scope.id).await.map_err(|e| context(&e))?;
+            let (record, expected) = match current {
+                Some((record, revision)) if record.source == BindingSource::Api || record.active == desired => {
+                    if record.source == BindingSource::Api && record.active != desired {
+                        tracing::warn!(
+                            scope = %scope.id,
+                            policy = %record.active.digest,
+                            "the scope keeps the binding set through the admin API; the configuration file's policy is not applied"
+                        );
+                    }
+                    self.apply(&scope.id, &record, revision).await.map_err(|e| context(&e))?;
+                    return Ok(());
+                }
+                Some((record, revision)) => (record.swapped(desired.clone(), BindingSource::Config), revision),
+                None => (
+                    BindingRecord {
+                        active: desired.clone(),
+                        previous: None,
+                        source: BindingSource::Config,
+                        generation: 1,
+                        changed_at: super::unix_now(),
+                    },
+                    0,
+                ),
+            };
+            match self.store.write_binding(&scope.id, &record, expected).await {
+                Ok(revision) => {
+                    self.apply(&scope.id, &record, revision).await.map_err(|e| context(&e))?;
+                    return Ok(());
+                }
+                // Another replica settled it first: read again.
+                Err(MetaError::Conflict(_)) => continue,
+                Err(e) => return Err(context(&e)),
+            }
+        }
+        Err(context(&"the binding kept changing while starting; retry"))
+    }
+
+    /// Applies every stored binding newer than what is in force; returns the revision read at.
+    async fn catch_up(&self) -> Result<i64, SyncError> {
+        let (bindings, revision) = self.store.bindings().await?;
+        for (scope, record, mod_revision) in bindings {
+            if self.has_scope(&scope)
+                && let Err(e) = self.apply(&scope, &record, mod_revision).await
+            {
+                tracing::error!(%scope, "cannot apply the stored binding: {e}");
+            }
+        }
+        Ok(revision)
+    }
+
+    /// Follows the meta group from now on, in a task that lives as long as the syncer.
+    pub async fn follow(self: &Arc<Self>) -> Result<(), String> {
+        let revision = self.catch_up().await.map_err(|e| format!("cannot read the bindings: {e}"))?;
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut from = revision + 1;
+            loop {
+                let Some(syncer) = weak.upgrade() else { return };
+                match syncer.watch_once(from).await {
+                    Ok(next) => from = next,
+                    Err(e) => {
+                        tracing::warn!("meta watch interrupted: {e}; resuming");
+                        // A compacted revision or a lost stream: re-read everything.
+                        match syncer.catch_up().await {
+                            Ok(revision) => from = revision + 1,
+                            Err(e) => tracing::warn!("cannot read the bindings: {e}"),
+                        }
+                    }
+                }
+                drop(syncer);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+        Ok(())
+    }
+
+    /// One watch stream from `from`; returns the revision to resume at when it ends.
+    async fn watch_once(self: &Arc<Self>, from: i64) -> Result<i64, String> {
+        let (requests, rx) = mpsc::channel(4);
+        for prefix in [binding_prefix(), policy_prefix()] {
+            let (key, range_end) = KeyRange::prefix(&prefix).to_request();
+            let create = watch_request(pb::PbWatchRequestUnion::CreateRequest, |c| {
+                c.key = key;
+                c.range_end = range_end;
+                c.start_revision = from;
+            });
+            requests
+                .send(create)
+                .await
+                .expect("the channel is open");
+        }
+        let mut stream = self.store.group().watch(ReceiverStream::new(rx)).await.map_err(|s| s.message().to_string())?;
+        let mut next = from;
+        let binding_prefix = binding_prefix();
+        let policy_prefix = policy_prefix();
+        loop {
+            let response = match stream.message().await {
+                Ok(Some(response)) => response,
+                Ok(None) => return Ok(next),
+                Err(status) => return Err(status.message().to_string()),
+            };
+            if response.compact_revision > 0 {
+                return Err(format!("revision {from} was compacted"));
+            }
+            if response.canceled {
+                return Err(format!("the watch was cancelled: {}", response.cancel_reason));
+            }
+            for event in response.events {
+                let Some(kv) = event.kv else { continue };
+                next = next.max(kv.mod_revision + 1);
+                if event.r#type != 0 {
+                    continue; // deletes: a deleted policy is unbound everywhere already
+                }
+                if let Some(scope) = kv.key.strip_prefix(binding_prefix.as_slice()) {
+                    let scope = String::from_utf8_lossy(scope).into_owned();
+                    if !self.has_scope(&scope) {
+                        continue;
+                    }
+                    let outcome = match serde_json::from_slice::<BindingRecord>(&kv.value) {
+                        Ok(record) => self.apply(&scope, &record, kv.mod_revision).await.map(drop).map_err(|e| e.to_string()),
+                        Err(e) => Err(format!("the stored binding does not parse: {e}")),
+                    };
+                    if let Err(e) = outcome {
+                        tracing::error!(%scope, "cannot apply a binding change; keeping the current binding: {e}");
+                    }
+                } else if let Some(digest) = kv.key.strip_prefix(policy_prefix.as_slice()) {
+                    // Compile ahead of the first bind, off this loop.
+                    let digest = String::from_utf8_lossy(digest).into_owned();
+                    let syncer = self.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = syncer.module(&digest).await {
+                            tracing::warn!(%digest, "cannot precompile a pushed policy: {e}");
+                        }
+                    });
+                }
+            }
+        }
+    }
+}
