@@ -280,7 +280,11 @@ fn supervise(managed: Arc<Mutex<BTreeMap<String, EtcdProcess>>>, binary: String)
 pub fn describe(running: &Running, data_dir: &Path) -> String {
     let mut out = format!("aq: etcd API listening on {}\n", running.addr);
     if let Some(admin) = running.admin_addr {
-        out.push_str(&format!("aq: admin API listening on {admin} (/healthz, /readyz, /metrics)\n"));
+        out.push_str(&format!("aq: admin API listening on http://{admin} (/healthz, /readyz, /metrics, /v1/openapi.json)\n"));
+        let token = admin_token_path(data_dir);
+        if token.exists() {
+            out.push_str(&format!("aq: admin token (role admin) in {}; the aq CLI reads it from there\n", token.display()));
+        }
     }
     for (name, group) in running.gateway.groups() {
         let managed = running.managed.lock().expect("managed etcd lock").contains_key(name);

@@ -174,3 +174,80 @@ fn serve_after_a_killed_aq_stops_the_etcd_it_left_behind() {
     signal(&second, "-TERM");
     assert!(second.wait().unwrap().success());
 }
+
+/// Runs `aq` against a gateway's admin API, off the async workers so the gateway keeps serving.
+async fn remote(gw: &aq_tests::etcd::TestGateway, args: &[&str]) -> (i32, String, String) {
+    let mut cmd = aq();
+    cmd.args(args)
+        .arg(format!("--admin-url=http://{}", gw.running.admin_addr.unwrap()))
+        .arg("--data-dir")
+        .arg(gw.data_dir())
+        .env_remove("AQ_TOKEN")
+        .env_remove("AQ_ADMIN_URL");
+    tokio::task::spawn_blocking(move || run(&mut cmd)).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_pushes_binds_evaluates_and_rolls_back_over_the_admin_api() {
+    let gw = aq_tests::etcd::TestGateway::start().await;
+    let example = aq_tests::guests::EXAMPLE_DENY_PREFIX;
+    let digest = blake3::hash(&std::fs::read(example).unwrap()).to_hex().to_string();
+    let short = &digest[..12];
+
+    let (code, out, err) = remote(&gw, &["policy", "push", example]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(out.trim(), format!("stored blake3:{digest} ({} bytes)", std::fs::metadata(example).unwrap().len()));
+    let (code, out, _) = remote(&gw, &["policy", "ls"]).await;
+    assert_eq!(code, 0);
+    assert!(out.starts_with("DIGEST"), "{out}");
+    assert!(out.lines().any(|l| l.starts_with(short) && l.contains(" - ")), "unbound: {out}");
+
+    let (code, out, err) =
+        remote(&gw, &["policy", "bind", "registry", &digest, "--config", r#"{"read_only": ["/registry/ro/"]}"#]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains(&format!("scope registry: policy {short} bound (generation 2")), "{out}");
+    let (code, out, _) = remote(&gw, &["eval", "registry", "--put", "/registry/ro/x=v"]).await;
+    assert_eq!(code, 1, "denied: {out}");
+    assert!(out.starts_with("deny: /registry/ro/x is under the read-only prefix"), "{out}");
+    let (code, out, _) = remote(&gw, &["eval", "registry", "--put", "/registry/rw/x=v", "--json"]).await;
+    assert_eq!(code, 0, "{out}");
+    let answer: serde_json::Value = serde_json::from_str(&out).expect("--json prints JSON");
+    assert_eq!(answer["policy"], digest);
+
+    let (code, out, _) = remote(&gw, &["scopes", "ls"]).await;
+    assert_eq!(code, 0);
+    let registry = out.lines().find(|l| l.trim_start().starts_with("registry ")).unwrap_or_else(|| panic!("{out}"));
+    assert!(registry.contains(short) && registry.contains("main"), "{registry}");
+    assert!(out.lines().any(|l| l.starts_with("    secrets")), "nested under registry: {out}");
+
+    let (code, out, err) = remote(&gw, &["policy", "rollback", "registry"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("restored"), "{out}");
+    let (code, out, _) = remote(&gw, &["eval", "registry", "--put", "/registry/ro/x=v"]).await;
+    assert_eq!(code, 0, "quota allows it again: {out}");
+
+    // Refusals are the API's words, exit 1; a wrong token is named as such.
+    let (code, _, err) = remote(&gw, &["policy", "rm", &digest]).await;
+    assert_eq!(code, 1);
+    assert!(err.contains("bound to scope(s) registry") && err.contains("HTTP 409"), "{err}");
+    let (code, _, err) = remote(&gw, &["policy", "ls", "--token", "wrong"]).await;
+    assert_eq!(code, 1);
+    assert!(err.contains("not known") && err.contains("HTTP 401"), "{err}");
+}
+
+#[test]
+fn keys_gen_writes_a_private_key_readable_only_by_its_owner_and_never_overwrites() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("publisher.key");
+    let (code, out, err) = run(aq().args(["keys", "gen", "--out"]).arg(&key));
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(std::fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600);
+    let public = std::fs::read_to_string(dir.path().join("publisher.key.pub")).unwrap();
+    assert_eq!(public.trim().len(), 64);
+    assert!(out.contains(public.trim()), "{out}");
+    let before = std::fs::read(&key).unwrap();
+    let (code, _, err) = run(aq().args(["keys", "gen", "--out"]).arg(&key));
+    assert_eq!(code, 2, "{err}");
+    assert_eq!(std::fs::read(&key).unwrap(), before);
+}

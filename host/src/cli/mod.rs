@@ -1,9 +1,11 @@
-//! The `aq` command line. Exit codes: 0 success, 1 a check failed (fixture mismatch), 2 bad
-//! input (missing file, not a component, wrong world, bad arguments).
+//! The `aq` command line. Exit codes: 0 success, 1 a check failed (fixture mismatch, a dry run
+//! not allowed) or the admin API refused, 2 bad input (missing file, not a component, wrong
+//! world, bad arguments, aq unreachable).
 
 mod bench;
 mod bench_put;
 mod policy;
+mod remote;
 mod serve;
 
 use std::path::PathBuf;
@@ -26,9 +28,57 @@ enum Command {
     /// Work with policy components.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// The scopes of a running aq.
+    #[command(subcommand)]
+    Scopes(ScopesCommand),
+    /// Dry-run a mutation against a scope's active policy on a running aq; exit 1 unless it
+    /// is allowed.
+    Eval {
+        /// The scope.
+        scope: String,
+        /// A put, as key=value (repeatable).
+        #[arg(long = "put")]
+        puts: Vec<String>,
+        /// A delete of a key (repeatable).
+        #[arg(long = "delete")]
+        deletes: Vec<String>,
+        #[command(flatten)]
+        remote: remote::Remote,
+    },
+    /// Make a new admin API token and print the configuration that accepts it.
+    Token {
+        /// Who will hold it.
+        #[arg(long)]
+        name: String,
+        /// reader, operator or admin.
+        #[arg(long, default_value = "operator")]
+        role: String,
+    },
+    /// ed25519 keys (policy publishers).
+    #[command(subcommand)]
+    Keys(KeysCommand),
     /// Measure aq.
     #[command(subcommand)]
     Bench(BenchCommand),
+}
+
+#[derive(Subcommand)]
+enum ScopesCommand {
+    /// The scope tree with bindings and counters.
+    Ls {
+        #[command(flatten)]
+        remote: remote::Remote,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Write a new key pair: the private key to FILE (mode 0600), the public key to FILE.pub.
+    Gen {
+        /// Where the private key goes.
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -48,6 +98,56 @@ enum PolicyCommand {
     Inspect {
         /// The component: a `.wasm` file, or `builtin:<name>`.
         component: String,
+    },
+    /// Store a component on a running aq (validated there first).
+    Push {
+        /// The component: a `.wasm` file, or `builtin:<name>`.
+        component: String,
+        /// Sign it with this ed25519 private key (from `aq keys gen`).
+        #[arg(long)]
+        sign_key: Option<PathBuf>,
+        #[command(flatten)]
+        remote: remote::Remote,
+    },
+    /// List stored policies and where they are bound.
+    Ls {
+        #[command(flatten)]
+        remote: remote::Remote,
+    },
+    /// Bind a stored policy to a scope (hot swap on every replica).
+    Bind {
+        /// The scope.
+        scope: String,
+        /// The stored policy's digest.
+        digest: String,
+        /// The policy's configuration: JSON text or @file; default {}.
+        #[arg(long)]
+        config: Option<String>,
+        /// closed or open; default: the scope's current.
+        #[arg(long)]
+        fail_mode: Option<String>,
+        /// CPU deadline per evaluation; default: the scope's current.
+        #[arg(long)]
+        timeout_ms: Option<u64>,
+        /// Memory cap per evaluation; default: the scope's current.
+        #[arg(long)]
+        memory_mib: Option<u64>,
+        #[command(flatten)]
+        remote: remote::Remote,
+    },
+    /// Return a scope to its previous binding.
+    Rollback {
+        /// The scope.
+        scope: String,
+        #[command(flatten)]
+        remote: remote::Remote,
+    },
+    /// Delete a stored policy no scope binds.
+    Rm {
+        /// The policy's digest.
+        digest: String,
+        #[command(flatten)]
+        remote: remote::Remote,
     },
 }
 
@@ -80,6 +180,8 @@ pub(crate) enum CliError {
     Input(String),
     /// A check failed: exit 1 (details already printed).
     Check,
+    /// The admin API refused: exit 1 with its reason.
+    Refused(String),
 }
 
 impl From<std::io::Error> for CliError {
@@ -103,12 +205,35 @@ pub fn main() -> ExitCode {
             policy::test(&component, config.as_deref(), &fixtures)
         }
         Command::Policy(PolicyCommand::Inspect { component }) => policy::inspect(&component),
+        Command::Policy(PolicyCommand::Push { component, sign_key, remote }) => {
+            remote::push(&remote, &component, sign_key.as_deref())
+        }
+        Command::Policy(PolicyCommand::Ls { remote }) => remote::list_policies(&remote),
+        Command::Policy(PolicyCommand::Bind { scope, digest, config, fail_mode, timeout_ms, memory_mib, remote }) => {
+            let options = remote::BindOptions {
+                config: config.as_deref(),
+                fail_mode: fail_mode.as_deref(),
+                timeout_ms,
+                memory_mib,
+            };
+            remote::bind(&remote, &scope, &digest, options)
+        }
+        Command::Policy(PolicyCommand::Rollback { scope, remote }) => remote::rollback(&remote, &scope),
+        Command::Policy(PolicyCommand::Rm { digest, remote }) => remote::remove(&remote, &digest),
+        Command::Scopes(ScopesCommand::Ls { remote }) => remote::list_scopes(&remote),
+        Command::Eval { scope, puts, deletes, remote } => remote::eval(&remote, &scope, &puts, &deletes),
+        Command::Token { name, role } => remote::token(&name, &role),
+        Command::Keys(KeysCommand::Gen { out }) => remote::keygen(&out),
         Command::Bench(BenchCommand::Policy { iterations }) => bench::policy(iterations),
         Command::Bench(BenchCommand::Put { seconds, clients, etcd }) => bench_put::put(seconds, &clients, &etcd),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(CliError::Check) => ExitCode::from(1),
+        Err(CliError::Refused(message)) => {
+            eprintln!("aq: {message}");
+            ExitCode::from(1)
+        }
         Err(CliError::Input(message)) => {
             eprintln!("aq: error: {message}");
             ExitCode::from(2)

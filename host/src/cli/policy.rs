@@ -9,7 +9,7 @@ use super::CliError;
 use crate::engine::{Engine, EngineConfig, FailMode, Limits, PolicyModule, WORLD};
 
 /// Reads a component from a path or `builtin:<name>`.
-fn component_bytes(component: &str) -> Result<Vec<u8>, CliError> {
+pub(super) fn component_bytes(component: &str) -> Result<Vec<u8>, CliError> {
     if let Some(name) = component.strip_prefix("builtin:") {
         return crate::builtin::find(name).map(|b| b.component.to_vec()).ok_or_else(|| {
             let names: Vec<&str> = crate::builtin::BUILTINS.iter().map(|b| b.name).collect();

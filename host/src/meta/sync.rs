@@ -20,6 +20,10 @@ use crate::engine::{Binding, BindError, Engine, LoadError, PolicyDigest, PolicyM
 use crate::gate::metrics::GateMetrics;
 use crate::index::KeyRange;
 
+/// First and longest wait before following the meta group again after an error.
+const RETRY_MIN: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(5);
+
 /// Why a binding could not be made.
 #[derive(Debug, thiserror::Error)]
 pub enum SyncError {
@@ -246,21 +250,31 @@ impl Syncer {
         let weak = Arc::downgrade(self);
         tokio::spawn(async move {
             let mut from = revision + 1;
+            let mut delay = RETRY_MIN;
             loop {
                 let Some(syncer) = weak.upgrade() else { return };
                 match syncer.watch_once(from).await {
-                    Ok(next) => from = next,
+                    Ok(next) => {
+                        from = next;
+                        delay = RETRY_MIN;
+                    }
                     Err(e) => {
-                        tracing::warn!("meta watch interrupted: {e}; resuming");
                         // A compacted revision or a lost stream: re-read everything.
                         match syncer.catch_up().await {
-                            Ok(revision) => from = revision + 1,
-                            Err(e) => tracing::warn!("cannot read the bindings: {e}"),
+                            Ok(revision) => {
+                                tracing::info!("meta watch interrupted ({e}); caught up at revision {revision}");
+                                from = revision + 1;
+                                delay = RETRY_MIN;
+                            }
+                            Err(read) => {
+                                tracing::warn!("meta watch interrupted ({e}) and the bindings cannot be read ({read}); retrying in {delay:?}");
+                                delay = (delay * 2).min(RETRY_MAX);
+                            }
                         }
                     }
                 }
                 drop(syncer);
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                tokio::time::sleep(delay).await;
             }
         });
         Ok(())

@@ -1,0 +1,328 @@
+//! The commands that talk to a running aq's admin API: `aq policy push|ls|bind|rollback|rm`,
+//! `aq scopes ls` and `aq eval`. Tables for people by default, the API's JSON with `--json`.
+
+use std::path::PathBuf;
+
+use serde_json::{Value, json};
+
+use super::CliError;
+use crate::engine::PolicyDigest;
+
+/// Where the admin API is and how to authenticate.
+#[derive(clap::Args, Clone)]
+pub(super) struct Remote {
+    /// The admin API's base URL.
+    #[arg(long, env = "AQ_ADMIN_URL", default_value = "http://127.0.0.1:7070")]
+    admin_url: String,
+    /// Bearer token; default: the `admin-token` file in the data directory.
+    #[arg(long, env = "AQ_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// The data directory of a local `aq serve`, where its generated admin token is.
+    #[arg(long, default_value = "aq-data")]
+    data_dir: PathBuf,
+    /// Print the API's JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// An answer of the admin API.
+struct Answer {
+    status: u16,
+    body: Value,
+}
+
+impl Remote {
+    fn token(&self) -> Option<String> {
+        if let Some(token) = &self.token {
+            return Some(token.clone());
+        }
+        std::fs::read_to_string(crate::serve::admin_token_path(&self.data_dir)).ok().map(|t| t.trim().to_string())
+    }
+
+    fn send(&self, method: &str, path: &str, body: Option<(&str, Vec<u8>)>, headers: &[(&str, String)]) -> Result<Answer, CliError> {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(std::time::Duration::from_secs(60)))
+            .build()
+            .into();
+        let url = format!("{}{path}", self.admin_url.trim_end_matches('/'));
+        let mut request = ureq::http::Request::builder().method(method).uri(&url);
+        if let Some(token) = self.token() {
+            request = request.header("authorization", format!("Bearer {token}"));
+        }
+        for (name, value) in headers {
+            request = request.header(*name, value);
+        }
+        let (content_type, bytes) = body.unwrap_or(("application/json", Vec::new()));
+        let request = request
+            .header("content-type", content_type)
+            .body(bytes)
+            .map_err(|e| CliError::Input(format!("bad admin URL {url}: {e}")))?;
+        let mut response = agent.run(request).map_err(|e| {
+            CliError::Input(format!("cannot reach the admin API at {}: {e}; is aq serving there? (--admin-url)", self.admin_url))
+        })?;
+        let status = response.status().as_u16();
+        let text = response
+            .body_mut()
+            .with_config()
+            .limit(64 << 20)
+            .read_to_string()
+            .map_err(|e| CliError::Input(format!("cannot read the admin API's answer: {e}")))?;
+        let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        Ok(Answer { status, body })
+    }
+
+    /// Sends a request; a non-2xx answer becomes the API's error, exit 1.
+    fn call(&self, method: &str, path: &str, body: Option<(&str, Vec<u8>)>, headers: &[(&str, String)]) -> Result<Value, CliError> {
+        let answer = self.send(method, path, body, headers)?;
+        if (200..300).contains(&answer.status) {
+            return Ok(answer.body);
+        }
+        let detail = answer.body["detail"].as_str().map(str::to_string).unwrap_or_else(|| answer.body.to_string());
+        let error = answer.body["error"].as_str().unwrap_or("error");
+        Err(CliError::Refused(format!("{detail} (HTTP {} {error})", answer.status)))
+    }
+
+    fn json(&self, method: &str, path: &str, body: &Value) -> Result<Value, CliError> {
+        self.call(method, path, Some(("application/json", serde_json::to_vec(body).expect("JSON"))), &[])
+    }
+
+    /// Prints the JSON when asked to; true when it did.
+    fn print_json(&self, value: &Value) -> bool {
+        if self.json {
+            println!("{}", serde_json::to_string_pretty(value).expect("JSON"));
+        }
+        self.json
+    }
+}
+
+fn short(digest: &str) -> &str {
+    &digest[..digest.len().min(12)]
+}
+
+/// Prints rows as left-aligned columns.
+fn table(header: &[&str], rows: Vec<Vec<String>>) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in &rows {
+        for (i, cell) in row.iter().enumerate() {
+            widths[i] = widths[i].max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let text: Vec<String> = cells.iter().enumerate().map(|(i, c)| format!("{c:<w$}", w = widths[i])).collect();
+        println!("{}", text.join("  ").trim_end());
+    };
+    line(header.iter().map(|h| h.to_string()).collect());
+    for row in rows {
+        line(row);
+    }
+}
+
+/// Reads an ed25519 signing key file: 64 hex digits (as `aq keys gen` writes).
+pub(super) fn read_signing_key(path: &std::path::Path) -> Result<ed25519_dalek::SigningKey, CliError> {
+    let text = std::fs::read_to_string(path).map_err(|e| CliError::Input(format!("cannot read key {}: {e}", path.display())))?;
+    let bytes: [u8; 32] = hex::decode(text.trim())
+        .ok()
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(|| CliError::Input(format!("{} is not an ed25519 private key (64 hex digits)", path.display())))?;
+    Ok(ed25519_dalek::SigningKey::from_bytes(&bytes))
+}
+
+/// `aq policy push`.
+pub(super) fn push(remote: &Remote, component: &str, sign_key: Option<&std::path::Path>) -> Result<(), CliError> {
+    let bytes = super::policy::component_bytes(component)?;
+    let mut headers = Vec::new();
+    if let Some(path) = sign_key {
+        use ed25519_dalek::Signer;
+        let key = read_signing_key(path)?;
+        let signature = key.sign(&crate::admin::signed_message(&PolicyDigest::of(&bytes)));
+        headers.push((crate::admin::SIGNATURE_HEADER, hex::encode(signature.to_bytes())));
+    }
+    let body = remote.call("POST", "/v1/policies", Some(("application/wasm", bytes)), &headers)?;
+    if !remote.print_json(&body) {
+        let digest = body["digest"].as_str().unwrap_or_default();
+        let what = if body["created"] == json!(true) { "stored" } else { "already stored" };
+        println!("{what} blake3:{digest} ({} bytes)", body["size"]);
+    }
+    Ok(())
+}
+
+/// `aq policy ls`.
+pub(super) fn list_policies(remote: &Remote) -> Result<(), CliError> {
+    let body = remote.call("GET", "/v1/policies", None, &[])?;
+    if remote.print_json(&body) {
+        return Ok(());
+    }
+    let rows = body["policies"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+        .iter()
+        .map(|p| {
+            let bound: Vec<&str> = p["bound_to"].as_array().map(|a| a.iter().filter_map(Value::as_str).collect()).unwrap_or_default();
+            vec![
+                short(p["digest"].as_str().unwrap_or_default()).to_string(),
+                p["size"].to_string(),
+                if bound.is_empty() { "-".into() } else { bound.join(",") },
+                p["publisher"].as_str().map(|k| short(k).to_string()).unwrap_or_else(|| "-".into()),
+            ]
+        })
+        .collect();
+    table(&["DIGEST", "BYTES", "BOUND TO", "PUBLISHER"], rows);
+    Ok(())
+}
+
+/// Options of `aq policy bind`.
+pub(super) struct BindOptions<'a> {
+    pub config: Option<&'a str>,
+    pub fail_mode: Option<&'a str>,
+    pub timeout_ms: Option<u64>,
+    pub memory_mib: Option<u64>,
+}
+
+/// `aq policy bind`.
+pub(super) fn bind(remote: &Remote, scope: &str, digest: &str, options: BindOptions<'_>) -> Result<(), CliError> {
+    let mut body = json!({ "digest": digest });
+    if let Some(config) = options.config {
+        let text = match config.strip_prefix('@') {
+            Some(path) => std::fs::read_to_string(path).map_err(|e| CliError::Input(format!("cannot read {path}: {e}")))?,
+            None => config.to_string(),
+        };
+        body["config"] = serde_json::from_str(&text)
+            .map_err(|e| CliError::Input(format!("--config is not JSON ({e}); give JSON text or @file")))?;
+    }
+    if let Some(mode) = options.fail_mode {
+        body["fail_mode"] = json!(mode);
+    }
+    if options.timeout_ms.is_some() || options.memory_mib.is_some() {
+        let current = remote.call("GET", &format!("/v1/scopes/{scope}"), None, &[])?;
+        let limits = &current["binding"]["limits"];
+        body["limits"] = json!({
+            "timeout_ms": options.timeout_ms.map(Value::from).unwrap_or_else(|| limits["timeout_ms"].clone()),
+            "memory_mib": options.memory_mib.map(Value::from).unwrap_or_else(|| limits["memory_mib"].clone()),
+        });
+    }
+    let answer = remote.json("PUT", &format!("/v1/scopes/{scope}/policy"), &body)?;
+    print_change(remote, &answer, "bound");
+    Ok(())
+}
+
+fn print_change(remote: &Remote, answer: &Value, verb: &str) {
+    if remote.print_json(answer) {
+        return;
+    }
+    let previous = answer["previous"]["digest"].as_str().map(short).unwrap_or("none");
+    println!(
+        "scope {}: policy {} {verb} (generation {}, previous {previous})",
+        answer["scope"].as_str().unwrap_or_default(),
+        short(answer["active"]["digest"].as_str().unwrap_or_default()),
+        answer["generation"],
+    );
+}
+
+/// `aq policy rollback`.
+pub(super) fn rollback(remote: &Remote, scope: &str) -> Result<(), CliError> {
+    let answer = remote.json("POST", &format!("/v1/scopes/{scope}/rollback"), &json!({}))?;
+    print_change(remote, &answer, "restored");
+    Ok(())
+}
+
+/// `aq policy rm`.
+pub(super) fn remove(remote: &Remote, digest: &str) -> Result<(), CliError> {
+    let answer = remote.call("DELETE", &format!("/v1/policies/{digest}"), None, &[])?;
+    if !remote.print_json(&answer) {
+        println!("deleted blake3:{}", answer["deleted"].as_str().unwrap_or_default());
+    }
+    Ok(())
+}
+
+/// `aq scopes ls`.
+pub(super) fn list_scopes(remote: &Remote) -> Result<(), CliError> {
+    let body = remote.call("GET", "/v1/scopes", None, &[])?;
+    if remote.print_json(&body) {
+        return Ok(());
+    }
+    fn walk(nodes: &Value, depth: usize, rows: &mut Vec<Vec<String>>) {
+        for node in nodes.as_array().map(Vec::as_slice).unwrap_or_default() {
+            let range = &node["range"];
+            let end = range["end"].as_str().unwrap_or_default();
+            let counters = &node["counters"];
+            rows.push(vec![
+                format!("{}{}", "  ".repeat(depth), node["id"].as_str().unwrap_or_default()),
+                format!("[{:?}, {})", range["start"].as_str().unwrap_or_default(), if end.is_empty() { "∞".to_string() } else { format!("{end:?}") }),
+                node["group"].as_str().unwrap_or_default().to_string(),
+                short(node["binding"]["digest"].as_str().unwrap_or("-")).to_string(),
+                node["binding"]["fail_mode"].as_str().unwrap_or("-").to_string(),
+                counters["allowed"].to_string(),
+                counters["denied"].to_string(),
+                counters["swaps"].to_string(),
+            ]);
+            walk(&node["children"], depth + 1, rows);
+        }
+    }
+    let mut rows = Vec::new();
+    walk(&body["scopes"], 0, &mut rows);
+    table(&["SCOPE", "KEYS", "GROUP", "POLICY", "FAILS", "ALLOWED", "DENIED", "SWAPS"], rows);
+    Ok(())
+}
+
+/// `aq eval`: exit 0 when allowed, 1 when denied or approvals are needed.
+pub(super) fn eval(remote: &Remote, scope: &str, puts: &[String], deletes: &[String]) -> Result<(), CliError> {
+    let mut ops = Vec::new();
+    for put in puts {
+        let (key, value) = put.split_once('=').unwrap_or((put, ""));
+        ops.push(json!({ "put": { "key": key, "value": value } }));
+    }
+    for key in deletes {
+        ops.push(json!({ "delete": { "key": key } }));
+    }
+    if ops.is_empty() {
+        return Err(CliError::Input("give at least one --put key=value or --delete key".into()));
+    }
+    let answer = remote.json("POST", &format!("/v1/scopes/{scope}/evaluate"), &json!({ "ops": ops }))?;
+    if !remote.print_json(&answer) {
+        let verdict = answer["verdict"].as_str().unwrap_or_default();
+        let why = match verdict {
+            "deny" => format!(": {}", answer["reason"].as_str().unwrap_or_default()),
+            "require_approval" => format!(": threshold {} from {}", answer["rule"]["threshold"], answer["rule"]["voters"]),
+            _ => String::new(),
+        };
+        println!(
+            "{verdict}{why}\n  scope {scope}, policy {}, {:.1} µs, nothing written",
+            short(answer["policy"].as_str().unwrap_or_default()),
+            answer["elapsed_us"].as_f64().unwrap_or_default()
+        );
+    }
+    if answer["verdict"] == "allow" { Ok(()) } else { Err(CliError::Check) }
+}
+
+/// `aq token`: a new admin API token and the configuration lines that accept it.
+pub(super) fn token(name: &str, role: &str) -> Result<(), CliError> {
+    crate::admin::Role::parse(role).map_err(CliError::Input)?;
+    let token = crate::admin::auth::new_token().map_err(CliError::Input)?;
+    println!("token: {token}");
+    println!("# add to the [admin] section of aq's configuration; aq keeps only the hash");
+    println!("[[admin.tokens]]\nname = {name:?}\nrole = {role:?}\nhash = {:?}", crate::admin::auth::hash_token(&token));
+    Ok(())
+}
+
+/// `aq keys gen`: an ed25519 key pair; the private part mode 0600.
+pub(super) fn keygen(out: &std::path::Path) -> Result<(), CliError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut secret = [0u8; 32];
+    getrandom::fill(&mut secret).map_err(|e| CliError::Input(format!("the system random source failed: {e}")))?;
+    let key = ed25519_dalek::SigningKey::from_bytes(&secret);
+    let public = hex::encode(key.verifying_key().as_bytes());
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(out)
+        .map_err(|e| CliError::Input(format!("cannot create {}: {e} (aq never overwrites a key)", out.display())))?;
+    file.write_all(format!("{}\n", hex::encode(secret)).as_bytes())?;
+    let public_path = PathBuf::from(format!("{}.pub", out.display()));
+    std::fs::write(&public_path, format!("{public}\n"))?;
+    println!("private key: {} (mode 0600)\npublic key:  {} = {public}", out.display(), public_path.display());
+    Ok(())
+}
