@@ -414,3 +414,33 @@ async fn dry_runs_decide_without_writing() {
     let (status, _) = evaluate("nope", json!({ "ops": [{ "put": { "key": "/x" } }] })).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_openapi_document_lists_every_route_with_its_role() {
+    let gw = TestGateway::start().await;
+    let (status, doc) = call(&gw, Method::GET, "/v1/openapi.json", None, &[], Vec::new()).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3."), "{doc}");
+    let paths = doc["paths"].as_object().unwrap();
+    for (path, method, role) in [
+        ("/v1/policies", "post", Some("operator")),
+        ("/v1/policies", "get", Some("reader")),
+        ("/v1/policies/{digest}", "get", Some("reader")),
+        ("/v1/policies/{digest}", "delete", Some("admin")),
+        ("/v1/scopes", "get", Some("reader")),
+        ("/v1/scopes/{scope}", "get", Some("reader")),
+        ("/v1/scopes/{scope}/policy", "put", Some("operator")),
+        ("/v1/scopes/{scope}/rollback", "post", Some("operator")),
+        ("/v1/scopes/{scope}/evaluate", "post", Some("operator")),
+        ("/healthz", "get", None),
+        ("/readyz", "get", None),
+        ("/metrics", "get", None),
+    ] {
+        let operation = &paths.get(path).unwrap_or_else(|| panic!("{path} missing"))[method];
+        assert!(operation.is_object(), "{method} {path} missing");
+        assert_eq!(operation["security"][0]["bearer"][0].as_str(), role, "{method} {path}");
+    }
+    assert_eq!(doc["components"]["securitySchemes"]["bearer"]["scheme"], "bearer");
+    let bind = &doc["components"]["schemas"]["BindRequest"];
+    assert_eq!(bind["required"], json!(["digest"]), "{bind}");
+}

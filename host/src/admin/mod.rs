@@ -72,6 +72,15 @@ impl Admin {
     }
 }
 
+/// The body of every error answer.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub(crate) struct ErrorBody {
+    /// A short kind: `invalid input`, `unauthenticated`, `forbidden`, `not found`, `conflict`, ...
+    error: String,
+    /// What was wrong and what to do.
+    detail: String,
+}
+
 /// An error answer: status, a short kind and a detail saying what to do.
 #[derive(Debug)]
 pub struct ApiError {
@@ -101,7 +110,7 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, axum::Json(json!({ "error": self.error, "detail": self.detail }))).into_response()
+        (self.status, axum::Json(ErrorBody { error: self.error.to_string(), detail: self.detail })).into_response()
     }
 }
 
@@ -163,12 +172,18 @@ pub fn router(admin: Arc<Admin>) -> Router {
         .with_state(admin)
 }
 
-async fn healthz() -> Response {
+/// Liveness: the process serves.
+#[utoipa::path(get, path = "/healthz", tag = "health", responses((status = 200, description = "`{\"status\": \"ok\"}`")))]
+pub(crate) async fn healthz() -> Response {
     axum::Json(json!({ "status": "ok" })).into_response()
 }
 
-/// Ready when every backend group answers a status request.
-async fn readyz(State(admin): State<Arc<Admin>>) -> Result<Response, ApiError> {
+/// Readiness: every backend group answers a status request.
+#[utoipa::path(get, path = "/readyz", tag = "health", responses(
+    (status = 200, description = "`{\"ready\": true, \"groups\": {name: \"ok\"}}`"),
+    (status = 503, description = "Names the groups that do not answer", body = ErrorBody),
+))]
+pub(crate) async fn readyz(State(admin): State<Arc<Admin>>) -> Result<Response, ApiError> {
     let mut groups = serde_json::Map::new();
     let mut down = Vec::new();
     for (name, group) in admin.gateway.groups() {
@@ -193,7 +208,9 @@ async fn readyz(State(admin): State<Arc<Admin>>) -> Result<Response, ApiError> {
     }
 }
 
-async fn metrics(State(admin): State<Arc<Admin>>) -> Response {
+/// Prometheus metrics (OpenMetrics text).
+#[utoipa::path(get, path = "/metrics", tag = "health", responses((status = 200, content_type = "application/openmetrics-text", body = String)))]
+pub(crate) async fn metrics(State(admin): State<Arc<Admin>>) -> Response {
     (
         [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
         admin.gateway.metrics().encode(),

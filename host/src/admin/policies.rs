@@ -26,8 +26,8 @@ pub fn signed_message(digest: &PolicyDigest) -> Vec<u8> {
 }
 
 /// A stored policy as listed.
-#[derive(Serialize)]
-struct Listed {
+#[derive(Serialize, utoipa::ToSchema)]
+pub(super) struct Listed {
     #[serde(flatten)]
     record: PolicyRecord,
     /// Scopes binding it, as active or last-known-good.
@@ -67,7 +67,34 @@ fn check_signature(admin: &Admin, headers: &HeaderMap, digest: &PolicyDigest) ->
     }
 }
 
-/// `POST /v1/policies`: the body is a component's bytes.
+/// The answer to a push.
+#[derive(Serialize, utoipa::ToSchema)]
+pub(super) struct Pushed {
+    /// blake3 of the component, hex.
+    digest: String,
+    /// Size in bytes.
+    size: u64,
+    /// The component's exports.
+    exports: Vec<String>,
+    /// False when the same bytes were already stored.
+    created: bool,
+}
+
+/// Store a policy component: validated against the `aq:governance` world, stored
+/// content-addressed in the meta group.
+#[utoipa::path(
+    post, path = "/v1/policies", tag = "policies",
+    request_body(content = Vec<u8>, content_type = "application/wasm", description = "The component's bytes"),
+    params(("aq-signature" = Option<String>, Header, description = "hex ed25519 signature by a trusted publisher over the component's digest; required with require_signed_policies")),
+    responses(
+        (status = 201, description = "Stored", body = Pushed),
+        (status = 200, description = "Already stored", body = Pushed),
+        (status = 400, description = "Not a component of the world", body = super::ErrorBody),
+        (status = 401, body = super::ErrorBody), (status = 403, description = "Role too low, or signature missing or untrusted", body = super::ErrorBody),
+        (status = 413, description = "Over max_policy_bytes", body = super::ErrorBody),
+    ),
+    security(("bearer" = ["operator"]))
+)]
 pub(super) async fn push(State(admin): State<Arc<Admin>>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
     admin.auth.check(&headers, Role::Operator)?;
     let limit = admin.max_policy_bytes;
@@ -99,8 +126,8 @@ pub(super) async fn push(State(admin): State<Arc<Admin>>, headers: HeaderMap, bo
     let created = admin.syncer.store().store_policy(&bytes, &record).await?;
     let status = if created { StatusCode::CREATED } else { StatusCode::OK };
     tracing::info!(policy = %record.digest, size = record.size, created, "policy pushed");
-    Ok((status, axum::Json(json!({ "digest": record.digest, "size": record.size, "exports": record.exports, "created": created })))
-        .into_response())
+    let answer = Pushed { digest: record.digest, size: record.size, exports: record.exports, created };
+    Ok((status, axum::Json(answer)).into_response())
 }
 
 async fn bound_scopes(admin: &Admin) -> Result<Vec<(String, String, Option<String>)>, ApiError> {
@@ -119,7 +146,12 @@ fn bound_to(bound: &[(String, String, Option<String>)], digest: &str) -> Vec<Str
         .collect()
 }
 
-/// `GET /v1/policies`.
+/// List stored policies and the scopes binding each.
+#[utoipa::path(
+    get, path = "/v1/policies", tag = "policies",
+    responses((status = 200, description = "`{\"policies\": [...]}`", body = Vec<Listed>), (status = 401, body = super::ErrorBody)),
+    security(("bearer" = ["reader"]))
+)]
 pub(super) async fn list(State(admin): State<Arc<Admin>>, headers: HeaderMap) -> Result<Response, ApiError> {
     admin.auth.check(&headers, Role::Reader)?;
     let bound = bound_scopes(&admin).await?;
@@ -134,7 +166,13 @@ pub(super) async fn list(State(admin): State<Arc<Admin>>, headers: HeaderMap) ->
     Ok(axum::Json(json!({ "policies": policies })).into_response())
 }
 
-/// `GET /v1/policies/{digest}`.
+/// One stored policy.
+#[utoipa::path(
+    get, path = "/v1/policies/{digest}", tag = "policies",
+    params(("digest" = String, Path, description = "64 hex digits, optionally prefixed blake3:")),
+    responses((status = 200, body = Listed), (status = 400, body = super::ErrorBody), (status = 404, body = super::ErrorBody)),
+    security(("bearer" = ["reader"]))
+)]
 pub(super) async fn get(
     State(admin): State<Arc<Admin>>,
     headers: HeaderMap,
@@ -149,7 +187,13 @@ pub(super) async fn get(
     Ok(axum::Json(Listed { bound_to: bound_to(&bound, &digest), record }).into_response())
 }
 
-/// `DELETE /v1/policies/{digest}`: refused while a scope binds it.
+/// Delete a stored policy; refused while a scope binds it (active or last-known-good).
+#[utoipa::path(
+    delete, path = "/v1/policies/{digest}", tag = "policies",
+    params(("digest" = String, Path, description = "64 hex digits, optionally prefixed blake3:")),
+    responses((status = 200, description = "`{\"deleted\": digest}`"), (status = 404, body = super::ErrorBody), (status = 409, description = "Still bound", body = super::ErrorBody)),
+    security(("bearer" = ["admin"]))
+)]
 pub(super) async fn delete(
     State(admin): State<Arc<Admin>>,
     headers: HeaderMap,

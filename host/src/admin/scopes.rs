@@ -92,8 +92,13 @@ async fn stored_bindings(admin: &Admin) -> Result<std::collections::HashMap<Stri
     Ok(bindings.into_iter().map(|(scope, record, revision)| (scope, (record, revision))).collect())
 }
 
-/// `GET /v1/scopes`: the scope tree; nested scopes appear under `children` of the scope
-/// they narrow.
+/// The scope tree: range, group, the binding this replica enforces, the stored binding
+/// record and live counters; nested scopes appear under `children` of the scope they narrow.
+#[utoipa::path(
+    get, path = "/v1/scopes", tag = "scopes",
+    responses((status = 200, description = "`{\"scopes\": [scope...]}`", body = serde_json::Value), (status = 401, body = super::ErrorBody)),
+    security(("bearer" = ["reader"]))
+)]
 pub(super) async fn list(State(admin): State<Arc<Admin>>, headers: HeaderMap) -> Result<Response, ApiError> {
     admin.auth.check(&headers, Role::Reader)?;
     let stored = stored_bindings(&admin).await?;
@@ -112,7 +117,13 @@ pub(super) async fn list(State(admin): State<Arc<Admin>>, headers: HeaderMap) ->
     Ok(axum::Json(json!({ "scopes": subtree(&admin, scopes, &stored, None) })).into_response())
 }
 
-/// `GET /v1/scopes/{scope}`.
+/// One scope, with its parent.
+#[utoipa::path(
+    get, path = "/v1/scopes/{scope}", tag = "scopes",
+    params(("scope" = String, Path, description = "Scope id")),
+    responses((status = 200, body = serde_json::Value), (status = 404, body = super::ErrorBody)),
+    security(("bearer" = ["reader"]))
+)]
 pub(super) async fn get(
     State(admin): State<Arc<Admin>>,
     headers: HeaderMap,
@@ -155,25 +166,41 @@ async fn change(
     Err(MetaError::Conflict(scope.to_string()).into())
 }
 
-fn changed(scope: &str, record: &BindingRecord, revision: i64) -> Response {
-    axum::Json(json!({
-        "scope": scope,
-        "active": spec_json(&record.active),
-        "previous": record.previous.as_ref().map(spec_json),
-        "generation": record.generation,
-        "revision": revision,
-    }))
+/// The answer to a bind or rollback.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub(super) struct Changed {
+    /// The scope.
+    scope: String,
+    /// The binding now in force.
+    active: BindingSpec,
+    /// The last-known-good binding.
+    previous: Option<BindingSpec>,
+    /// Changes of the scope's binding so far.
+    generation: u64,
+    /// The meta group revision of the change; replicas report it as applied.
+    revision: i64,
+}
+
+fn changed(scope: &str, record: BindingRecord, revision: i64) -> Response {
+    axum::Json(Changed {
+        scope: scope.to_string(),
+        active: record.active,
+        previous: record.previous,
+        generation: record.generation,
+        revision,
+    })
     .into_response()
 }
 
 /// The body of `PUT /v1/scopes/{scope}/policy`.
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct BindRequest {
     /// The stored policy's digest.
     digest: String,
     /// The configuration for `init`; default `{}`.
     #[serde(default)]
+    #[schema(value_type = Option<Object>)]
     config: Option<Value>,
     /// Default: the scope's current fail mode.
     #[serde(default)]
@@ -183,7 +210,20 @@ pub(super) struct BindRequest {
     limits: Option<LimitsSpec>,
 }
 
-/// `PUT /v1/scopes/{scope}/policy`: hot swap.
+/// Hot swap: check the configuration with the policy's `init`, record the binding in the
+/// meta group (every replica follows), keep the previous binding as last-known-good.
+#[utoipa::path(
+    put, path = "/v1/scopes/{scope}/policy", tag = "scopes",
+    params(("scope" = String, Path, description = "Scope id")),
+    request_body = BindRequest,
+    responses(
+        (status = 200, body = Changed),
+        (status = 400, description = "Bad body, or the policy refused the configuration", body = super::ErrorBody),
+        (status = 404, description = "Unknown scope or policy", body = super::ErrorBody),
+        (status = 409, description = "Concurrent changes kept winning", body = super::ErrorBody),
+    ),
+    security(("bearer" = ["operator"]))
+)]
 pub(super) async fn bind(
     State(admin): State<Arc<Admin>>,
     headers: HeaderMap,
@@ -209,10 +249,16 @@ pub(super) async fn bind(
     })
     .await?;
     tracing::info!(%scope, policy = %digest, by = %caller.name, generation = record.generation, "policy bound");
-    Ok(changed(&scope, &record, revision))
+    Ok(changed(&scope, record, revision))
 }
 
-/// `POST /v1/scopes/{scope}/rollback`: back to the last-known-good binding.
+/// Return to the last-known-good binding; a second rollback undoes the first.
+#[utoipa::path(
+    post, path = "/v1/scopes/{scope}/rollback", tag = "scopes",
+    params(("scope" = String, Path, description = "Scope id")),
+    responses((status = 200, body = Changed), (status = 404, body = super::ErrorBody), (status = 409, description = "Nothing to roll back to", body = super::ErrorBody)),
+    security(("bearer" = ["operator"]))
+)]
 pub(super) async fn rollback(
     State(admin): State<Arc<Admin>>,
     headers: HeaderMap,
@@ -234,11 +280,11 @@ pub(super) async fn rollback(
     })
     .await?;
     tracing::info!(%scope, policy = %record.active.digest, by = %caller.name, "policy rolled back");
-    Ok(changed(&scope, &record, revision))
+    Ok(changed(&scope, record, revision))
 }
 
 /// One mutation of a dry run.
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub(super) enum OpRequest {
     /// A put.
@@ -258,14 +304,25 @@ pub(super) enum OpRequest {
 }
 
 /// The body of `POST /v1/scopes/{scope}/evaluate`.
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct EvaluateRequest {
     ops: Vec<OpRequest>,
 }
 
-/// `POST /v1/scopes/{scope}/evaluate`: the active policy's decision on a mutation; nothing
-/// is written.
+/// Dry run: the active policy's decision on a mutation, its reason and time taken; nothing
+/// is written, counted or logged.
+#[utoipa::path(
+    post, path = "/v1/scopes/{scope}/evaluate", tag = "scopes",
+    params(("scope" = String, Path, description = "Scope id")),
+    request_body = EvaluateRequest,
+    responses(
+        (status = 200, description = "`{scope, policy, verdict, reason, rule, lineage, annotations, failure, elapsed_us, written}`", body = serde_json::Value),
+        (status = 400, description = "Bad body, or keys outside the scope", body = super::ErrorBody),
+        (status = 404, body = super::ErrorBody),
+    ),
+    security(("bearer" = ["operator"]))
+)]
 pub(super) async fn evaluate(
     State(admin): State<Arc<Admin>>,
     headers: HeaderMap,

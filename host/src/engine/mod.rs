@@ -113,7 +113,7 @@ impl Default for Limits {
 }
 
 /// What a scope does when its policy fails.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum FailMode {
     /// Deny (the default).

@@ -72,7 +72,7 @@ pub fn unix_now() -> u64 {
 }
 
 /// A stored policy component.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PolicyRecord {
     /// blake3 of the component, hex.
     pub digest: String,
@@ -90,7 +90,7 @@ pub struct PolicyRecord {
 }
 
 /// Evaluation limits as stored and as the admin API takes them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsSpec {
     /// CPU deadline per evaluation, milliseconds.
@@ -123,11 +123,12 @@ impl LimitsSpec {
 }
 
 /// One binding of a policy to a scope.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct BindingSpec {
     /// The policy digest (hex).
     pub digest: String,
     /// The configuration passed to `init`.
+    #[schema(value_type = Object)]
     pub config: serde_json::Value,
     /// What happens when the policy fails.
     pub fail_mode: FailMode,
