@@ -47,7 +47,7 @@ fn cpu_seconds(pid: u32) -> f64 {
 }
 
 /// A child process killed on drop.
-struct Guard(Child);
+pub(super) struct Guard(pub(super) Child);
 
 impl Drop for Guard {
     fn drop(&mut self) {
@@ -56,7 +56,7 @@ impl Drop for Guard {
     }
 }
 
-async fn ready(name: &str, url: &str) -> Result<Group, CliError> {
+pub(super) async fn ready(name: &str, url: &str) -> Result<Group, CliError> {
     let group = Group::connect_lazy(name, &[url.to_string()]).map_err(|e| CliError::Input(e.to_string()))?;
     group.wait_ready(Duration::from_secs(20)).await.map_err(|e| CliError::Input(e.to_string()))?;
     Ok(group)
@@ -129,7 +129,7 @@ async fn load(
     Ok((all.len(), elapsed, all))
 }
 
-fn layout(etcd_url: &str) -> String {
+pub(super) fn layout(etcd_url: &str) -> String {
     format!(
         r#"[[groups]]
 name = "main"
@@ -254,7 +254,7 @@ fn print_table(runs: &[Run]) {
     }
 }
 
-struct RemoveOnDrop(PathBuf);
+pub(super) struct RemoveOnDrop(pub(super) PathBuf);
 
 impl Drop for RemoveOnDrop {
     fn drop(&mut self) {

@@ -4,6 +4,7 @@
 
 mod bench;
 mod bench_put;
+mod bench_swap;
 mod policy;
 mod remote;
 mod serve;
@@ -171,6 +172,18 @@ enum BenchCommand {
         #[arg(long, default_value = "etcd")]
         etcd: String,
     },
+    /// How fast a policy swap on one replica is enforced by another, under write load.
+    Swap {
+        /// Swaps to make.
+        #[arg(long, default_value_t = 100)]
+        swaps: usize,
+        /// Writers per replica.
+        #[arg(long, default_value_t = 8)]
+        clients: usize,
+        /// The etcd binary.
+        #[arg(long, default_value = "etcd")]
+        etcd: String,
+    },
 }
 
 /// A failure of a command, with the exit code it maps to.
@@ -226,6 +239,7 @@ pub fn main() -> ExitCode {
         Command::Keys(KeysCommand::Gen { out }) => remote::keygen(&out),
         Command::Bench(BenchCommand::Policy { iterations }) => bench::policy(iterations),
         Command::Bench(BenchCommand::Put { seconds, clients, etcd }) => bench_put::put(seconds, &clients, &etcd),
+        Command::Bench(BenchCommand::Swap { swaps, clients, etcd }) => bench_swap::swap(swaps, clients, &etcd),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
