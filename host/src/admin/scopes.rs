@@ -153,10 +153,10 @@ async fn change(
             .await?
             .ok_or_else(|| ApiError::not_found(format!("scope {scope} has no stored binding yet")))?;
         let next = make(&current)?;
-        admin.syncer.prepare(scope, &next.active).await?;
+        let binding = admin.syncer.prepare(scope, &next.active).await?;
         match admin.syncer.store().write_binding(scope, &next, expected).await {
             Ok(revision) => {
-                admin.syncer.apply(scope, &next, revision).await?;
+                admin.syncer.apply_prepared(scope, &next, binding, revision);
                 return Ok((next, revision));
             }
             Err(MetaError::Conflict(_)) => continue,

@@ -140,9 +140,14 @@ impl Syncer {
             return Ok(false);
         }
         let binding = self.prepare(scope, &record.active).await?;
+        Ok(self.apply_prepared(scope, record, binding, revision))
+    }
+
+    /// [`Syncer::apply`] with the binding already prepared from `record.active`.
+    pub fn apply_prepared(&self, scope: &str, record: &BindingRecord, binding: Arc<Binding>, revision: i64) -> bool {
         let mut applied = self.applied.lock().expect("applied lock");
         if applied.get(scope).is_some_and(|&r| r >= revision) {
-            return Ok(false);
+            return false;
         }
         applied.insert(scope.to_string(), revision);
         if self.registry.bind(scope, binding).is_some() {
@@ -155,7 +160,7 @@ impl Syncer {
             newer
         });
         tracing::info!(scope, policy = %record.active.digest, generation = record.generation, revision, "binding applied");
-        Ok(true)
+        true
     }
 
     /// Follows the meta revision of the latest binding applied on this replica.
