@@ -15,3 +15,4 @@ pub mod gate;
 pub mod index;
 pub mod meta;
 pub mod serve;
+pub mod tls;

@@ -15,6 +15,7 @@ use crate::config::Config;
 use crate::engine::{Engine, EngineConfig, Registry};
 use crate::front;
 use crate::admin::{Admin, Auth};
+use crate::tls::{TlsFiles, TlsListener};
 use crate::gate::Gateway;
 use crate::gate::decisions::{DecisionLog, DecisionSink};
 use crate::gate::metrics::GateMetrics;
@@ -40,6 +41,8 @@ pub struct ServeOptions {
     pub decision_log: DecisionSink,
     /// Also log allowed requests.
     pub log_allows: bool,
+    /// Serve both APIs over TLS with this certificate.
+    pub tls: Option<TlsFiles>,
 }
 
 /// A running gateway. Dropping it stops the server and the managed etcd processes.
@@ -48,6 +51,8 @@ pub struct Running {
     pub addr: SocketAddr,
     /// The bound admin API address, if served.
     pub admin_addr: Option<SocketAddr>,
+    /// Whether both APIs are served over TLS.
+    pub tls: bool,
     /// The gateway core.
     pub gateway: Arc<Gateway>,
     /// This replica's link to the bindings in the meta group.
@@ -180,8 +185,11 @@ pub async fn start(config: Config, options: ServeOptions) -> Result<Running, Str
         .map_err(|e| format!("cannot listen on {}: {e}; is another etcd or aq running there?", options.listen))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let (shutdown, stop) = tokio::sync::oneshot::channel::<()>();
-    let router = tonic::transport::Server::builder()
-        .tcp_nodelay(true)
+    let mut builder = tonic::transport::Server::builder().tcp_nodelay(true);
+    if let Some(tls) = &options.tls {
+        builder = builder.tls_config(tls.tonic_config()?).map_err(|e| format!("TLS setup of the etcd API failed: {e}"))?;
+    }
+    let router = builder
         .add_service(pb::PbKvServer::new(front::Kv::new(gateway.clone())))
         .add_service(pb::PbWatchServer::new(front::Watch::new(gateway.clone())))
         .add_service(pb::PbLeaseServer::new(front::Lease::new(gateway.clone())))
@@ -198,18 +206,28 @@ pub async fn start(config: Config, options: ServeOptions) -> Result<Running, Str
                 .map_err(|e| format!("cannot listen on {listen} for the admin API: {e}"))?;
             let admin_addr = listener.local_addr().map_err(|e| e.to_string())?;
             let app = crate::admin::router(admin.clone());
-            let task = tokio::spawn(async move {
-                if let Err(e) = axum::serve(listener, app).await {
-                    tracing::error!("the admin API stopped: {e}");
+            let task = match &options.tls {
+                Some(tls) => {
+                    let listener = TlsListener::new(listener, tls.server_config()?).map_err(|e| e.to_string())?;
+                    tokio::spawn(async move {
+                        if let Err(e) = axum::serve(listener, app).await {
+                            tracing::error!("the admin API stopped: {e}");
+                        }
+                    })
                 }
-            });
+                None => tokio::spawn(async move {
+                    if let Err(e) = axum::serve(listener, app).await {
+                        tracing::error!("the admin API stopped: {e}");
+                    }
+                }),
+            };
             (Some(admin_addr), Some(task))
         }
         None => (None, None),
     };
     let managed = Arc::new(Mutex::new(managed));
     supervise(managed.clone(), options.etcd_binary.clone());
-    Ok(Running { addr, admin_addr, gateway, syncer, admin, managed, shutdown: Some(shutdown), server, admin_task })
+    Ok(Running { addr, admin_addr, tls: options.tls.is_some(), gateway, syncer, admin, managed, shutdown: Some(shutdown), server, admin_task })
 }
 
 /// Where the generated admin token lives.
@@ -278,9 +296,10 @@ fn supervise(managed: Arc<Mutex<BTreeMap<String, EtcdProcess>>>, binary: String)
 
 /// Describes what a running gateway serves, for `aq serve`'s banner.
 pub fn describe(running: &Running, data_dir: &Path) -> String {
-    let mut out = format!("aq: etcd API listening on {}\n", running.addr);
+    let scheme = if running.tls { "https" } else { "http" };
+    let mut out = format!("aq: etcd API listening on {scheme}://{}\n", running.addr);
     if let Some(admin) = running.admin_addr {
-        out.push_str(&format!("aq: admin API listening on http://{admin} (/healthz, /readyz, /metrics, /v1/openapi.json)\n"));
+        out.push_str(&format!("aq: admin API listening on {scheme}://{admin} (/healthz, /readyz, /metrics, /v1/openapi.json)\n"));
         let token = admin_token_path(data_dir);
         if token.exists() {
             out.push_str(&format!("aq: admin token (role admin) in {}; the aq CLI reads it from there\n", token.display()));

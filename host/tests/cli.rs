@@ -251,3 +251,55 @@ fn keys_gen_writes_a_private_key_readable_only_by_its_owner_and_never_overwrites
     assert_eq!(code, 2, "{err}");
     assert_eq!(std::fs::read(&key).unwrap(), before);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_apis_serve_tls_and_refuse_plaintext() {
+    let dir = tempfile::tempdir().unwrap();
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
+    let (cert, key) = (dir.path().join("aq.pem"), dir.path().join("aq-key.pem"));
+    std::fs::write(&cert, certified.cert.pem()).unwrap();
+    std::fs::write(&key, certified.key_pair.serialize_pem()).unwrap();
+    let gw = aq_tests::etcd::TestGateway::start_tls(aq_host::tls::TlsFiles { cert: cert.clone(), key }).await;
+    let etcdctl = |scheme: &str, args: &[&str]| {
+        let mut cmd = Command::new("etcdctl");
+        cmd.env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={scheme}://{}", gw.running.addr))
+            .arg("--dial-timeout=3s")
+            .arg("--command-timeout=5s")
+            .args(args);
+        async move { tokio::task::spawn_blocking(move || run(&mut cmd)).await.unwrap() }
+    };
+    let cacert = format!("--cacert={}", cert.display());
+
+    // The etcd API: etcdctl over TLS works and policies still govern.
+    let (code, out, err) = etcdctl("https", &[&cacert, "put", "/registry/pods/ns/tls", "v"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, out, _) = etcdctl("https", &[&cacert, "get", "/registry/pods/ns/tls", "--print-value-only"]).await;
+    assert_eq!((code, out.trim()), (0, "v"));
+    let (code, _, err) = etcdctl("https", &[&cacert, "put", "/registry/secrets/ns/s", "v"]).await;
+    assert_ne!(code, 0);
+    assert!(err.contains("PermissionDenied"), "{err}");
+    // Without TLS, or without trusting the certificate, nothing gets through.
+    let (code, _, _) = etcdctl("http", &["put", "/registry/pods/ns/plain", "v"]).await;
+    assert_ne!(code, 0, "plaintext must not be served");
+
+    // The admin API: the CLI over https with the CA; refused without it.
+    let admin_url = format!("--admin-url=https://127.0.0.1:{}", gw.running.admin_addr.unwrap().port());
+    let cli = |args: Vec<String>| {
+        let mut cmd = aq();
+        cmd.args(args).arg(&admin_url).arg("--data-dir").arg(gw.data_dir()).env_remove("AQ_TOKEN").env_remove("AQ_CACERT");
+        async move { tokio::task::spawn_blocking(move || run(&mut cmd)).await.unwrap() }
+    };
+    let (code, out, err) = cli(vec!["scopes".into(), "ls".into(), format!("--cacert={}", cert.display())]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("registry"), "{out}");
+    let (code, _, err) = cli(vec!["scopes".into(), "ls".into()]).await;
+    assert_eq!(code, 2, "an untrusted certificate is refused: {err}");
+    assert!(err.contains("cannot reach the admin API"), "{err}");
+
+    // Unreadable or mismatched files are named at start-up.
+    let error = aq_host::tls::TlsFiles { cert: dir.path().join("missing.pem"), key: cert.clone() }.server_config().unwrap_err();
+    assert!(error.contains("cannot read the TLS certificate") && error.contains("missing.pem"), "{error}");
+    let error = aq_host::tls::TlsFiles { cert: cert.clone(), key: cert.clone() }.server_config().unwrap_err();
+    assert!(error.contains("not a PEM private key"), "{error}");
+}

@@ -299,6 +299,7 @@ async fn managed_etcd_is_restarted_after_a_crash() {
         etcd_binary: "etcd".into(),
         decision_log: aq_host::gate::decisions::DecisionSink::Off,
         log_allows: false,
+        tls: None,
     };
     let running = aq_host::serve::start(config, options).await.expect("aq starts with managed etcd");
     let mut client = etcd_client::Client::connect([running.addr.to_string()], None).await.unwrap();

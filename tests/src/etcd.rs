@@ -61,7 +61,7 @@ pub struct TestGateway {
 
 /// Options for an in-process aq with its data in `data`; decisions, allows included, are
 /// logged to `<data>/decisions.log`.
-fn serve_options(data: &std::path::Path) -> ServeOptions {
+fn serve_options(data: &std::path::Path, tls: Option<aq_host::tls::TlsFiles>) -> ServeOptions {
     ServeOptions {
         listen: "127.0.0.1:0".parse().unwrap(),
         admin_listen: Some("127.0.0.1:0".parse().unwrap()),
@@ -69,6 +69,7 @@ fn serve_options(data: &std::path::Path) -> ServeOptions {
         etcd_binary: "etcd".into(),
         decision_log: DecisionSink::File(data.join("decisions.log")),
         log_allows: true,
+        tls,
     }
 }
 
@@ -105,11 +106,23 @@ impl TestGateway {
 
     /// Starts two etcd groups and aq over them with a layout built from their URLs.
     pub async fn start_with(layout: impl FnOnce(&str, &str) -> String) -> TestGateway {
+        Self::start_with_options(layout, None).await
+    }
+
+    /// Starts two etcd groups and aq over them with [`layout`], both APIs over TLS.
+    pub async fn start_tls(tls: aq_host::tls::TlsFiles) -> TestGateway {
+        Self::start_with_options(layout, Some(tls)).await
+    }
+
+    async fn start_with_options(
+        layout: impl FnOnce(&str, &str) -> String,
+        tls: Option<aq_host::tls::TlsFiles>,
+    ) -> TestGateway {
         let (main, events) = tokio::join!(TestEtcd::start("main"), TestEtcd::start("events"));
         let layout = layout(main.url(), events.url());
         let config = Config::parse(&layout, "test layout").expect("layout parses");
         let data = tempfile::tempdir().unwrap();
-        let running = aq_host::serve::start(config, serve_options(data.path())).await.expect("aq starts");
+        let running = aq_host::serve::start(config, serve_options(data.path(), tls)).await.expect("aq starts");
         TestGateway { running, main, events, layout, data }
     }
 
@@ -117,7 +130,7 @@ impl TestGateway {
     pub async fn replica(&self) -> Replica {
         let config = Config::parse(&self.layout, "test layout").expect("layout parses");
         let data = tempfile::tempdir().unwrap();
-        let running = aq_host::serve::start(config, serve_options(data.path())).await.expect("replica starts");
+        let running = aq_host::serve::start(config, serve_options(data.path(), None)).await.expect("replica starts");
         Replica { running, data }
     }
 

@@ -20,6 +20,9 @@ pub(super) struct Remote {
     /// The data directory of a local `aq serve`, where its generated admin token is.
     #[arg(long, default_value = "aq-data")]
     data_dir: PathBuf,
+    /// CA certificate (PEM) to trust for an https admin URL, e.g. a self-signed aq certificate.
+    #[arg(long, env = "AQ_CACERT")]
+    cacert: Option<PathBuf>,
     /// Print the API's JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -40,11 +43,27 @@ impl Remote {
     }
 
     fn send(&self, method: &str, path: &str, body: Option<(&str, Vec<u8>)>, headers: &[(&str, String)]) -> Result<Answer, CliError> {
-        let agent: ureq::Agent = ureq::Agent::config_builder()
+        let mut config = ureq::Agent::config_builder()
             .http_status_as_error(false)
-            .timeout_global(Some(std::time::Duration::from_secs(60)))
-            .build()
-            .into();
+            .timeout_global(Some(std::time::Duration::from_secs(60)));
+        if let Some(path) = &self.cacert {
+            let pem = std::fs::read(path).map_err(|e| CliError::Input(format!("cannot read --cacert {}: {e}", path.display())))?;
+            let certs = ureq::tls::parse_pem(&pem)
+                .filter_map(|item| match item {
+                    Ok(ureq::tls::PemItem::Certificate(cert)) => Some(Ok(cert)),
+                    Ok(_) => None,
+                    Err(e) => Some(Err(e)),
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| CliError::Input(format!("--cacert {} is not PEM: {e}", path.display())))?;
+            if certs.is_empty() {
+                return Err(CliError::Input(format!("--cacert {} holds no certificate", path.display())));
+            }
+            config = config.tls_config(
+                ureq::tls::TlsConfig::builder().root_certs(ureq::tls::RootCerts::new_with_certs(&certs)).build(),
+            );
+        }
+        let agent: ureq::Agent = config.build().into();
         let url = format!("{}{path}", self.admin_url.trim_end_matches('/'));
         let mut request = ureq::http::Request::builder().method(method).uri(&url);
         if let Some(token) = self.token() {

@@ -40,10 +40,17 @@ pub(super) struct ServeArgs {
     /// Log allowed requests too, not only denies and approval requests.
     #[arg(long)]
     log_allows: bool,
+    /// Serve the etcd API and the admin API over TLS with this certificate chain (PEM).
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
 }
 
 pub(super) fn run(args: ServeArgs) -> Result<(), CliError> {
-    let ServeArgs { config, data_dir, listen, admin_listen, etcd, decision_log, log_allows } = args;
+    let ServeArgs { config, data_dir, listen, admin_listen, etcd, decision_log, log_allows, tls_cert, tls_key } = args;
+    let tls = tls_cert.zip(tls_key).map(|(cert, key)| crate::tls::TlsFiles { cert, key });
     let config = match config {
         Some(path) => Config::load(&path).map_err(CliError::Input)?,
         None => Config::default_layout(),
@@ -64,6 +71,7 @@ pub(super) fn run(args: ServeArgs) -> Result<(), CliError> {
             etcd_binary: etcd,
             decision_log,
             log_allows,
+            tls,
         };
         let mut running = start(config, options).await.map_err(CliError::Input)?;
         say(&describe(&running, &data_dir));
