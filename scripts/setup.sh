@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Installs what a fresh Debian machine lacks to build and test aq: etcd (server and etcdctl),
-# protoc, and the wasm32-wasip2 Rust target. Safe to run again; installs only what is missing.
+# protoc, a C compiler, and the wasm32-wasip2 Rust target. Safe to run again; installs only what is missing.
 set -euo pipefail
 
 need_apt=()
 command -v etcd >/dev/null 2>&1 || need_apt+=(etcd-server)
 command -v etcdctl >/dev/null 2>&1 || need_apt+=(etcd-client)
 command -v protoc >/dev/null 2>&1 || need_apt+=(protobuf-compiler)
+# A C compiler: Rust links with it, and ring (TLS, signatures) compiles a little C.
+command -v cc >/dev/null 2>&1 || need_apt+=(gcc libc6-dev)
 if [ ${#need_apt[@]} -gt 0 ]; then
   sudo=""
   if [ "$(id -u)" -ne 0 ]; then
