@@ -16,3 +16,4 @@ pub mod index;
 pub mod meta;
 pub mod serve;
 pub mod tls;
+pub mod trust;

@@ -20,6 +20,7 @@ use crate::gate::Gateway;
 use crate::gate::decisions::{DecisionLog, DecisionSink};
 use crate::gate::metrics::GateMetrics;
 use crate::meta::MetaStore;
+use crate::trust::Trust;
 use crate::meta::sync::Syncer;
 use crate::index::ScopeIndex;
 
@@ -148,13 +149,24 @@ pub async fn start(config: Config, options: ServeOptions) -> Result<Running, Str
     let metrics = Arc::new(GateMetrics::default());
     let home = config.groups.first().map(|g| g.name.clone()).ok_or("the configuration has no [[groups]]")?;
     let store = MetaStore::new(groups[&home].clone());
+    // Signatures are bound to the meta group's etcd cluster id, which Maintenance.Status reports.
+    let cluster_id = groups[&home]
+        .status()
+        .await
+        .map_err(|s| format!("cannot read the cluster id of group {home}: {}", s.message()))?
+        .header
+        .map(|h| h.cluster_id)
+        .unwrap_or_default();
+    let trust = Arc::new(Trust::new(cluster_id));
     let syncer = Arc::new(Syncer::new(
         store,
         engine.clone(),
         registry.clone(),
         metrics.clone(),
+        trust.clone(),
         config.scopes.iter().map(|s| s.id.clone()),
     ));
+    syncer.reload_principals().await.map_err(|e| format!("cannot read the principals: {e}"))?;
     let mut scopes = Vec::new();
     for scope in &config.scopes {
         syncer.reconcile(scope, policy_bytes(&scope.policy)?).await?;
@@ -162,7 +174,7 @@ pub async fn start(config: Config, options: ServeOptions) -> Result<Running, Str
     }
     let index = ScopeIndex::new(scopes).map_err(|e| e.to_string())?;
     let decisions = DecisionLog::open(&options.decision_log, options.log_allows).map_err(|e| e.to_string())?;
-    let gateway = Arc::new(Gateway::new(index, groups, &home, engine, registry, metrics, decisions).await?);
+    let gateway = Arc::new(Gateway::new(index, groups, &home, engine, registry, metrics, decisions, trust).await?);
     syncer.follow().await?;
     persist_layout(&gateway).await?;
 

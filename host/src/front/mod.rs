@@ -10,6 +10,7 @@ use etcd_client::proto as pb;
 use tonic::{Request, Response, Status};
 
 use crate::gate::{GateError, Gateway};
+use crate::trust::SignedRequest;
 
 /// The etcd version aq reports in `Maintenance.Status`: new enough that kube-apiserver uses
 /// watch progress requests (3.5.13 or later).
@@ -26,6 +27,7 @@ impl From<GateError> for Status {
             }
             GateError::Unsupported(_) => Status::invalid_argument(error.to_string()),
             GateError::Contended(_) => Status::unavailable(error.to_string()),
+            GateError::Unauthenticated(_) => Status::unauthenticated(error.to_string()),
         }
     }
 }
@@ -52,18 +54,21 @@ impl pb::PbKvService for Kv {
     }
 
     async fn put(&self, request: Request<pb::PbPutRequest>) -> Result<Response<pb::PbPutResponse>, Status> {
-        Ok(Response::new(self.gate.put(request.into_inner()).await?))
+        let signed = signed(request.metadata())?;
+        Ok(Response::new(self.gate.put(request.into_inner(), signed.as_ref()).await?))
     }
 
     async fn delete_range(
         &self,
         request: Request<pb::PbDeleteRequest>,
     ) -> Result<Response<pb::PbDeleteResponse>, Status> {
-        Ok(Response::new(self.gate.delete_range(request.into_inner()).await?))
+        let signed = signed(request.metadata())?;
+        Ok(Response::new(self.gate.delete_range(request.into_inner(), signed.as_ref()).await?))
     }
 
     async fn txn(&self, request: Request<pb::PbTxnRequest>) -> Result<Response<pb::PbTxnResponse>, Status> {
-        Ok(Response::new(self.gate.txn(request.into_inner()).await?))
+        let signed = signed(request.metadata())?;
+        Ok(Response::new(self.gate.txn(request.into_inner(), signed.as_ref()).await?))
     }
 
     async fn compact(
@@ -81,6 +86,15 @@ impl pb::PbKvService for Kv {
     ) -> Result<Response<Self::RangeStreamStream>, Status> {
         Err(unimplemented("RangeStream"))
     }
+}
+
+/// The signatures a request carries in its metadata (see [`crate::trust`] for the headers).
+fn signed(metadata: &tonic::metadata::MetadataMap) -> Result<Option<SignedRequest>, Status> {
+    use crate::trust::{NONCE_HEADER, NOT_AFTER_HEADER, SIGNATURE_HEADER};
+    let text = |name: &str| metadata.get(name).and_then(|v| v.to_str().ok());
+    let signatures = metadata.get_all(SIGNATURE_HEADER).iter().filter_map(|v| v.to_str().ok());
+    SignedRequest::from_headers(text(NONCE_HEADER), text(NOT_AFTER_HEADER), signatures)
+        .map_err(|e| Status::unauthenticated(e.to_string()))
 }
 
 fn unimplemented(what: &str) -> Status {

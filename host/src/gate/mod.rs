@@ -20,6 +20,7 @@ use tonic::Status;
 use crate::backend::Group;
 use crate::engine::{Engine, EvalRequest, Registry, ScopeSlot};
 use crate::index::{KeyRange, Owner, Scope, ScopeIndex};
+use crate::trust::SignedRequest;
 use fence::Fence;
 
 /// How many times a write is retried after its fence or a policy read moved.
@@ -49,6 +50,9 @@ pub enum GateError {
     /// A read at one revision across groups with separate revision spaces.
     #[error("{0}")]
     Unsupported(String),
+    /// The request's signatures were refused.
+    #[error("{0}")]
+    Unauthenticated(#[from] crate::trust::TrustError),
     /// The fence kept moving.
     #[error("scope {0} changed owner or state on every attempt; retry the request")]
     Contended(String),
@@ -87,6 +91,7 @@ pub struct Gateway {
     leases: lease::LeaseCopies,
     metrics: Arc<metrics::GateMetrics>,
     decisions: decisions::DecisionLog,
+    trust: Arc<crate::trust::Trust>,
 }
 
 impl Gateway {
@@ -101,6 +106,7 @@ impl Gateway {
         registry: Arc<Registry>,
         metrics: Arc<metrics::GateMetrics>,
         decisions: decisions::DecisionLog,
+        trust: Arc<crate::trust::Trust>,
     ) -> Result<Self, String> {
         let mut scopes = HashMap::new();
         for scope in index.scopes() {
@@ -133,6 +139,7 @@ impl Gateway {
             leases: lease::LeaseCopies::default(),
             metrics,
             decisions,
+            trust,
         })
     }
 
@@ -248,15 +255,23 @@ impl Gateway {
             m::Verdict::Allow => {}
             m::Verdict::Deny(reason) => return Err(GateError::Denied { reason }),
             m::Verdict::RequireApproval(rule) => {
-                let voters: Vec<String> =
-                    rule.voters.iter().map(|v| format!("{} (weight {})", v.principal, v.weight)).collect();
-                return Err(GateError::ApprovalRequired(format!(
-                    "writes to scope {} need approvals of weight {} from {}; the request carries none \
-                     (signed requests and approvals are not available through this gateway yet)",
-                    scope.id,
-                    rule.threshold,
-                    voters.join(", ")
-                )));
+                let weight = crate::trust::approval_weight(&rule, &context.credentials);
+                if weight < rule.threshold {
+                    let voters: Vec<String> =
+                        rule.voters.iter().map(|v| format!("{} (weight {})", v.principal, v.weight)).collect();
+                    let signers: Vec<&str> = context.credentials.iter().map(|c| c.principal.as_str()).collect();
+                    let carried = if signers.is_empty() {
+                        "the request carries no signature".to_string()
+                    } else {
+                        format!("its signatures ({}) weigh {weight}", signers.join(", "))
+                    };
+                    return Err(GateError::ApprovalRequired(format!(
+                        "writes to scope {} need approvals of weight {} from {}; {carried}",
+                        scope.id,
+                        rule.threshold,
+                        voters.join(", ")
+                    )));
+                }
             }
         }
         Ok(evaluation
@@ -378,8 +393,14 @@ impl Gateway {
         ops: Vec<m::Op>,
         compares: Vec<m::Compare>,
         op: pb::PbTxnOpRequest,
+        signed: Option<&SignedRequest>,
     ) -> Result<(pb::PbTxnOpResponse, Option<pb::PbResponseHeader>), GateError> {
         let mut context = self.context(runtime, ops, compares);
+        if let Some(signed) = signed {
+            let now = crate::meta::unix_now();
+            context.credentials =
+                self.trust.verify(&runtime.scope.id, &context.ops, &context.compares, signed, now)?;
+        }
         for _ in 0..MAX_ATTEMPTS {
             let guards = self.evaluate(runtime, &mut context)?;
             if let Some(mut response) = self.fenced(runtime, op.clone(), guards).await? {
@@ -395,12 +416,12 @@ impl Gateway {
     }
 
     /// etcd `Put`, governed.
-    pub async fn put(&self, request: pb::PbPutRequest) -> Result<pb::PbPutResponse, GateError> {
+    pub async fn put(&self, request: pb::PbPutRequest, signed: Option<&SignedRequest>) -> Result<pb::PbPutResponse, GateError> {
         let runtime = self.route_key(&request.key)?;
         self.ensure_leases(&runtime.group, [request.lease]).await?;
         let ops = vec![m::Op::Put(put_op(&request))];
         let (response, header) =
-            self.govern(runtime, ops, Vec::new(), pb::PbTxnOpRequest::RequestPut(request)).await?;
+            self.govern(runtime, ops, Vec::new(), pb::PbTxnOpRequest::RequestPut(request), signed).await?;
         match response {
             pb::PbTxnOpResponse::ResponsePut(mut put) => {
                 put.header = header;
@@ -412,7 +433,11 @@ impl Gateway {
 
     /// etcd `DeleteRange`, governed. A range over several scopes is deleted scope by scope,
     /// after every scope's policy allowed its part; it is not atomic across scopes.
-    pub async fn delete_range(&self, request: pb::PbDeleteRequest) -> Result<pb::PbDeleteResponse, GateError> {
+    pub async fn delete_range(
+        &self,
+        request: pb::PbDeleteRequest,
+        signed: Option<&SignedRequest>,
+    ) -> Result<pb::PbDeleteResponse, GateError> {
         let range = KeyRange::from_request(&request.key, &request.range_end);
         if let Owner::Reserved = self.index.lookup(&request.key) {
             return Err(GateError::Reserved(String::from_utf8_lossy(&request.key).into_owned()));
@@ -423,7 +448,11 @@ impl Gateway {
         }
         if parts.len() == 1 && parts[0].1 == range {
             let runtime = self.runtime(parts[0].0);
-            return self.delete_part(runtime, request).await;
+            return self.delete_part(runtime, request, signed).await;
+        }
+        if signed.is_some() {
+            let scopes = parts.iter().map(|(scope, _)| scope.id.clone()).collect();
+            return Err(GateError::CrossScope(scopes));
         }
         // Evaluate every part first, so a deny anywhere deletes nothing.
         let mut planned = Vec::new();
@@ -436,7 +465,7 @@ impl Gateway {
         }
         let mut merged = pb::PbDeleteResponse::default();
         for (runtime, part) in planned {
-            let response = self.delete_part(runtime, part).await?;
+            let response = self.delete_part(runtime, part, None).await?;
             merged.header = merged.header.or(response.header);
             merged.deleted += response.deleted;
             merged.prev_kvs.extend(response.prev_kvs);
@@ -448,13 +477,14 @@ impl Gateway {
         &self,
         runtime: &ScopeRuntime,
         request: pb::PbDeleteRequest,
+        signed: Option<&SignedRequest>,
     ) -> Result<pb::PbDeleteResponse, GateError> {
         let ops = vec![m::Op::DeleteRange(m::DeleteRangeOp {
             key: m::Bytes(request.key.clone()),
             range_end: m::Bytes(request.range_end.clone()),
         })];
         let (response, header) =
-            self.govern(runtime, ops, Vec::new(), pb::PbTxnOpRequest::RequestDeleteRange(request)).await?;
+            self.govern(runtime, ops, Vec::new(), pb::PbTxnOpRequest::RequestDeleteRange(request), signed).await?;
         match response {
             pb::PbTxnOpResponse::ResponseDeleteRange(mut delete) => {
                 delete.header = header;
@@ -466,7 +496,7 @@ impl Gateway {
 
     /// etcd `Txn`, governed: the whole transaction must stay in one scope. A transaction of
     /// reads only is forwarded without evaluation.
-    pub async fn txn(&self, request: pb::PbTxnRequest) -> Result<pb::PbTxnResponse, GateError> {
+    pub async fn txn(&self, request: pb::PbTxnRequest, signed: Option<&SignedRequest>) -> Result<pb::PbTxnResponse, GateError> {
         let mut ranges = Vec::new();
         let mut ops = Vec::new();
         collect_txn(&request, &mut ranges, &mut ops);
@@ -482,7 +512,8 @@ impl Gateway {
             ops.iter().filter_map(|op| match op { m::Op::Put(p) => Some(p.lease), _ => None }).collect();
         self.ensure_leases(&runtime.group, leases).await?;
         let compares = request.compare.iter().map(compare_to_model).collect();
-        let (response, header) = self.govern(runtime, ops, compares, pb::PbTxnOpRequest::RequestTxn(request)).await?;
+        let (response, header) =
+            self.govern(runtime, ops, compares, pb::PbTxnOpRequest::RequestTxn(request), signed).await?;
         match response {
             pb::PbTxnOpResponse::ResponseTxn(mut txn) => {
                 txn.header = header;

@@ -7,6 +7,7 @@
 //! | `\xffaq/meta/policy/<digest>`         | [`PolicyRecord`] (JSON), written last       |
 //! | `\xffaq/meta/chunk/<digest>/<n:05>`   | bytes `n·CHUNK..` of the component          |
 //! | `\xffaq/meta/binding/<scope>`         | [`BindingRecord`] (JSON)                    |
+//! | `\xffaq/meta/principal/<id>`          | [`crate::trust::Principal`] (JSON)          |
 //! | `\xffaq/meta/layout`                  | the scope layout, for tools                 |
 //!
 //! A policy counts as stored once its record exists: chunks are written first, so a reader
@@ -54,6 +55,16 @@ fn chunk_prefix(digest: &str) -> Vec<u8> {
 
 fn chunk_key(digest: &str, n: usize) -> Vec<u8> {
     key(&[b"chunk/", digest.as_bytes(), format!("/{n:05}").as_bytes()])
+}
+
+/// The key of a principal's record.
+pub fn principal_key(id: &str) -> Vec<u8> {
+    key(&[b"principal/", id.as_bytes()])
+}
+
+/// The prefix of every principal.
+pub fn principal_prefix() -> Vec<u8> {
+    key(&[b"principal/"])
 }
 
 /// The key of a scope's binding.
@@ -379,6 +390,29 @@ impl MetaStore {
             return Err(MetaError::Conflict(format!("(any, while deleting policy {digest})")));
         }
         Ok(record)
+    }
+
+    /// Every principal.
+    pub async fn principals(&self) -> Result<Vec<crate::trust::Principal>, MetaError> {
+        let response = self.range(KeyRange::prefix(&principal_prefix())).await?;
+        response.kvs.iter().map(|kv| parse(&kv.key, &kv.value)).collect()
+    }
+
+    /// Adds or replaces a principal; true when it is new.
+    pub async fn put_principal(&self, principal: &crate::trust::Principal) -> Result<bool, MetaError> {
+        let value = serde_json::to_vec(principal).expect("JSON");
+        let response = self
+            .group
+            .put(pb::PbPutRequest { key: principal_key(&principal.id), value, prev_kv: true, ..Default::default() })
+            .await?;
+        Ok(response.prev_kv.is_none())
+    }
+
+    /// Removes a principal; false when there was none.
+    pub async fn delete_principal(&self, id: &str) -> Result<bool, MetaError> {
+        let response =
+            self.group.delete_range(pb::PbDeleteRequest { key: principal_key(id), range_end: Vec::new(), prev_kv: false }).await?;
+        Ok(response.deleted > 0)
     }
 
     /// A scope's binding and its mod revision.

@@ -13,7 +13,11 @@ use etcd_client::proto as pb;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
-use super::{BindingRecord, BindingSource, BindingSpec, MetaError, MetaStore, PolicyRecord, binding_prefix, policy_prefix};
+use super::{
+    BindingRecord, BindingSource, BindingSpec, MetaError, MetaStore, PolicyRecord, binding_prefix, policy_prefix,
+    principal_prefix,
+};
+use crate::trust::Trust;
 use crate::backend::watch_request;
 use crate::config::ScopeConfig;
 use crate::engine::{Binding, BindError, Engine, LoadError, PolicyDigest, PolicyModule, Registry};
@@ -57,6 +61,8 @@ pub struct Syncer {
     applied: Mutex<HashMap<String, i64>>,
     /// The meta revision of the latest binding applied here, for waiters.
     latest: tokio::sync::watch::Sender<i64>,
+    /// Principals and signature checks, refreshed from the meta group.
+    trust: Arc<Trust>,
 }
 
 impl Syncer {
@@ -66,6 +72,7 @@ impl Syncer {
         engine: Arc<Engine>,
         registry: Arc<Registry>,
         metrics: Arc<GateMetrics>,
+        trust: Arc<Trust>,
         scopes: impl IntoIterator<Item = String>,
     ) -> Self {
         let scopes = scopes.into_iter().collect();
@@ -78,6 +85,7 @@ impl Syncer {
             modules: Mutex::default(),
             applied: Mutex::default(),
             latest: tokio::sync::watch::Sender::new(0),
+            trust,
         }
     }
 
@@ -236,8 +244,22 @@ impl Syncer {
         Err(context(&"the binding kept changing while starting; retry"))
     }
 
-    /// Applies every stored binding newer than what is in force; returns the revision read at.
+    /// Principals and signature checks.
+    pub fn trust(&self) -> &Arc<Trust> {
+        &self.trust
+    }
+
+    /// Reads every principal from the meta group into [`Trust`].
+    pub async fn reload_principals(&self) -> Result<(), MetaError> {
+        let principals = self.store.principals().await?;
+        self.trust.set_principals(&principals);
+        Ok(())
+    }
+
+    /// Applies every stored binding newer than what is in force and reloads the principals;
+    /// returns the revision read at.
     async fn catch_up(&self) -> Result<i64, SyncError> {
+        self.reload_principals().await?;
         let (bindings, revision) = self.store.bindings().await?;
         for (scope, record, mod_revision) in bindings {
             if self.has_scope(&scope)
@@ -288,7 +310,7 @@ impl Syncer {
     /// One watch stream from `from`; returns the revision to resume at when it ends.
     async fn watch_once(self: &Arc<Self>, from: i64) -> Result<i64, String> {
         let (requests, rx) = mpsc::channel(4);
-        for prefix in [binding_prefix(), policy_prefix()] {
+        for prefix in [binding_prefix(), policy_prefix(), principal_prefix()] {
             let (key, range_end) = KeyRange::prefix(&prefix).to_request();
             let create = watch_request(pb::PbWatchRequestUnion::CreateRequest, |c| {
                 c.key = key;
@@ -304,6 +326,7 @@ impl Syncer {
         let mut next = from;
         let binding_prefix = binding_prefix();
         let policy_prefix = policy_prefix();
+        let principal_prefix = principal_prefix();
         loop {
             let response = match stream.message().await {
                 Ok(Some(response)) => response,
@@ -316,9 +339,14 @@ impl Syncer {
             if response.canceled {
                 return Err(format!("the watch was cancelled: {}", response.cancel_reason));
             }
+            let mut principals_changed = false;
             for event in response.events {
                 let Some(kv) = event.kv else { continue };
                 next = next.max(kv.mod_revision + 1);
+                if kv.key.starts_with(&principal_prefix) {
+                    principals_changed = true;
+                    continue;
+                }
                 if event.r#type != 0 {
                     continue; // deletes: a deleted policy is unbound everywhere already
                 }
@@ -344,6 +372,9 @@ impl Syncer {
                         }
                     });
                 }
+            }
+            if principals_changed {
+                self.reload_principals().await.map_err(|e| e.to_string())?;
             }
         }
     }

@@ -1,0 +1,373 @@
+//! Principals and signed requests. A request may carry ed25519 signatures over its canonical
+//! digest ([`digest`]); aq verifies them before the policy runs and hands the policy the
+//! verified principals only, each once however many of its keys signed.
+//!
+//! On the etcd API the signatures travel in gRPC metadata:
+//!
+//! | header          | value                                                      |
+//! |-----------------|------------------------------------------------------------|
+//! | `aq-nonce`      | hex, 8 to 64 bytes the signer never reuses                 |
+//! | `aq-not-after`  | Unix seconds; at most [`MAX_VALIDITY`] ahead of aq's clock |
+//! | `aq-signature`  | `<public key hex>:<signature hex>`, once per signature     |
+//!
+//! Nonces are remembered until their not-after passes, so a signed request is accepted once.
+
+pub mod digest;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use aq_sdk as m;
+use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
+use serde::{Deserialize, Serialize};
+
+pub use digest::{Envelope, request_digest};
+
+/// gRPC metadata header of the nonce.
+pub const NONCE_HEADER: &str = "aq-nonce";
+/// gRPC metadata header of the not-after time.
+pub const NOT_AFTER_HEADER: &str = "aq-not-after";
+/// gRPC metadata header of one signature (repeated for several).
+pub const SIGNATURE_HEADER: &str = "aq-signature";
+/// The longest a signature may stay valid: nonces are remembered this long at most.
+pub const MAX_VALIDITY: Duration = Duration::from_secs(15 * 60);
+
+/// Someone who can sign: an id, public keys and roles. Stored in the meta group.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Principal {
+    /// Stable id, as policies name it (`alice`, `ci:deploy`, `anchor:gw-1`).
+    pub id: String,
+    /// ed25519 public keys, hex; a signature by any of them is this principal's.
+    pub keys: Vec<String>,
+    /// Roles policies check.
+    #[serde(default)]
+    pub roles: Vec<String>,
+}
+
+impl Principal {
+    /// Checks the id and keys; returns the parsed keys.
+    pub fn validate(&self) -> Result<Vec<VerifyingKey>, String> {
+        if self.id.is_empty() || self.id.len() > 128 || self.id.chars().any(|c| c.is_control() || c == '/') {
+            return Err(format!("principal id {:?} must be 1 to 128 characters without '/' or control characters", self.id));
+        }
+        if self.keys.is_empty() {
+            return Err(format!("principal {} has no keys; give at least one ed25519 public key (hex)", self.id));
+        }
+        self.keys.iter().map(|key| parse_public_key(key).map_err(|e| format!("principal {}: {e}", self.id))).collect()
+    }
+}
+
+/// Parses a hex ed25519 public key.
+pub fn parse_public_key(text: &str) -> Result<VerifyingKey, String> {
+    let bytes: [u8; 32] = hex::decode(text.trim())
+        .ok()
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(|| format!("{:?} is not an ed25519 public key (64 hex digits)", text.trim()))?;
+    VerifyingKey::from_bytes(&bytes).map_err(|e| format!("{} is not a valid ed25519 public key: {e}", text.trim()))
+}
+
+/// One signature of a request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeySignature {
+    /// The signer's public key.
+    pub key: [u8; 32],
+    /// The ed25519 signature over the request digest.
+    pub signature: [u8; 64],
+}
+
+/// What a signed request carries besides the request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SignedRequest {
+    /// The signer's nonce.
+    pub nonce: Vec<u8>,
+    /// Unix seconds after which the signatures are refused.
+    pub not_after: u64,
+    /// The signatures.
+    pub signatures: Vec<KeySignature>,
+}
+
+impl SignedRequest {
+    /// Reads the headers; `None` when the request carries no signature headers at all.
+    pub fn from_headers<'a>(
+        nonce: Option<&str>,
+        not_after: Option<&str>,
+        signatures: impl IntoIterator<Item = &'a str>,
+    ) -> Result<Option<Self>, TrustError> {
+        let signatures: Vec<&str> = signatures.into_iter().collect();
+        if nonce.is_none() && not_after.is_none() && signatures.is_empty() {
+            return Ok(None);
+        }
+        let malformed = |what: String| TrustError::Malformed(what);
+        let nonce = nonce.ok_or_else(|| malformed(format!("{NONCE_HEADER} is missing")))?;
+        let nonce = hex::decode(nonce.trim())
+            .ok()
+            .filter(|n| (8..=64).contains(&n.len()))
+            .ok_or_else(|| malformed(format!("{NONCE_HEADER} must be 8 to 64 bytes in hex")))?;
+        let not_after = not_after
+            .ok_or_else(|| malformed(format!("{NOT_AFTER_HEADER} is missing")))?
+            .trim()
+            .parse::<u64>()
+            .map_err(|_| malformed(format!("{NOT_AFTER_HEADER} must be Unix seconds")))?;
+        if signatures.is_empty() {
+            return Err(malformed(format!("{SIGNATURE_HEADER} is missing")));
+        }
+        let signatures = signatures
+            .into_iter()
+            .map(|value| {
+                let (key, signature) = value.trim().split_once(':').ok_or_else(|| {
+                    malformed(format!("{SIGNATURE_HEADER} must be <public key hex>:<signature hex>"))
+                })?;
+                let key = hex::decode(key).ok().and_then(|k| k.try_into().ok());
+                let signature = hex::decode(signature).ok().and_then(|s| s.try_into().ok());
+                match (key, signature) {
+                    (Some(key), Some(signature)) => Ok(KeySignature { key, signature }),
+                    _ => Err(malformed(format!("{SIGNATURE_HEADER}: a 32-byte key and a 64-byte signature, in hex"))),
+                }
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Some(SignedRequest { nonce, not_after, signatures }))
+    }
+
+    /// The headers carrying this request's signatures.
+    pub fn headers(&self) -> Vec<(&'static str, String)> {
+        let mut headers = vec![(NONCE_HEADER, hex::encode(&self.nonce)), (NOT_AFTER_HEADER, self.not_after.to_string())];
+        for s in &self.signatures {
+            headers.push((SIGNATURE_HEADER, format!("{}:{}", hex::encode(s.key), hex::encode(s.signature))));
+        }
+        headers
+    }
+
+    /// Signs `ops` and `compares` for `scope` with every key in `keys`.
+    pub fn sign(
+        keys: &[SigningKey],
+        cluster_id: u64,
+        scope: &str,
+        ops: &[m::Op],
+        compares: &[m::Compare],
+        validity: Duration,
+    ) -> Result<Self, String> {
+        let mut nonce = vec![0u8; 16];
+        getrandom::fill(&mut nonce).map_err(|e| format!("the system random source failed: {e}"))?;
+        let not_after = crate::meta::unix_now() + validity.as_secs();
+        let envelope = Envelope { cluster_id, scope: scope.to_string(), nonce, not_after };
+        let digest = request_digest(&envelope, ops, compares);
+        let signatures = keys
+            .iter()
+            .map(|key| KeySignature { key: key.verifying_key().to_bytes(), signature: key.sign(&digest).to_bytes() })
+            .collect();
+        Ok(SignedRequest { nonce: envelope.nonce, not_after, signatures })
+    }
+}
+
+/// Why signatures were refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TrustError {
+    /// The signature headers do not parse.
+    #[error("malformed signature headers: {0}")]
+    Malformed(String),
+    /// No principal has the key.
+    #[error("no principal has the public key {0}; add it with `aq principals add`")]
+    UnknownKey(String),
+    /// The signature does not verify.
+    #[error("the signature by {principal} (key {key}) does not match this request; sign exactly what is sent, for scope {scope}")]
+    BadSignature {
+        /// The principal.
+        principal: String,
+        /// The key, hex.
+        key: String,
+        /// The scope the digest was computed for.
+        scope: String,
+    },
+    /// Too late.
+    #[error("the signatures expired at {not_after} (Unix seconds; aq's clock reads {now}); sign again")]
+    Expired {
+        /// The request's not-after.
+        not_after: u64,
+        /// aq's time.
+        now: u64,
+    },
+    /// Valid for longer than aq remembers nonces.
+    #[error("not-after {not_after} is more than {} s ahead of aq's clock ({now}); sign with a shorter validity", MAX_VALIDITY.as_secs())]
+    TooLong {
+        /// The request's not-after.
+        not_after: u64,
+        /// aq's time.
+        now: u64,
+    },
+    /// The nonce was used before.
+    #[error("replayed: nonce {0} was already used by an accepted request; sign again with a fresh nonce")]
+    Replayed(String),
+}
+
+/// Nonces seen, kept until their not-after passes.
+#[derive(Default)]
+struct Nonces {
+    seen: HashMap<Vec<u8>, u64>,
+    by_expiry: BTreeMap<u64, Vec<Vec<u8>>>,
+}
+
+impl Nonces {
+    /// Records `nonce`; false when it is already recorded.
+    fn insert(&mut self, nonce: &[u8], not_after: u64, now: u64) -> bool {
+        let expired: Vec<u64> = self.by_expiry.range(..now).map(|(t, _)| *t).collect();
+        for t in expired {
+            for old in self.by_expiry.remove(&t).unwrap_or_default() {
+                self.seen.remove(&old);
+            }
+        }
+        if self.seen.contains_key(nonce) {
+            return false;
+        }
+        self.seen.insert(nonce.to_vec(), not_after);
+        self.by_expiry.entry(not_after).or_default().push(nonce.to_vec());
+        true
+    }
+}
+
+/// The verified identities of a request, each principal once.
+pub type Credentials = Vec<m::Credential>;
+
+/// Principals by key, and the nonces seen: one per gateway replica.
+pub struct Trust {
+    cluster_id: u64,
+    keys: ArcSwap<HashMap<[u8; 32], Arc<Principal>>>,
+    nonces: Mutex<Nonces>,
+}
+
+impl Trust {
+    /// Trust for the cluster `cluster_id` (the meta group's etcd cluster id), with no principals.
+    pub fn new(cluster_id: u64) -> Self {
+        Trust { cluster_id, keys: ArcSwap::from_pointee(HashMap::new()), nonces: Mutex::default() }
+    }
+
+    /// The cluster id signatures are bound to.
+    pub fn cluster_id(&self) -> u64 {
+        self.cluster_id
+    }
+
+    /// Replaces the known principals.
+    pub fn set_principals(&self, principals: &[Principal]) {
+        let mut keys = HashMap::new();
+        for principal in principals {
+            let principal = Arc::new(principal.clone());
+            for key in principal.validate().unwrap_or_default() {
+                keys.insert(key.to_bytes(), principal.clone());
+            }
+        }
+        self.keys.store(Arc::new(keys));
+    }
+
+    /// Verifies every signature of a request for `scope` at Unix second `now`; returns the
+    /// distinct principals that signed, in order of first signature.
+    pub fn verify(
+        &self,
+        scope: &str,
+        ops: &[m::Op],
+        compares: &[m::Compare],
+        signed: &SignedRequest,
+        now: u64,
+    ) -> Result<Credentials, TrustError> {
+        if signed.not_after < now {
+            return Err(TrustError::Expired { not_after: signed.not_after, now });
+        }
+        if signed.not_after > now + MAX_VALIDITY.as_secs() {
+            return Err(TrustError::TooLong { not_after: signed.not_after, now });
+        }
+        let envelope =
+            Envelope { cluster_id: self.cluster_id, scope: scope.to_string(), nonce: signed.nonce.clone(), not_after: signed.not_after };
+        let digest = request_digest(&envelope, ops, compares);
+        let keys = self.keys.load();
+        let mut credentials: Credentials = Vec::new();
+        for s in &signed.signatures {
+            let principal = keys.get(&s.key).ok_or_else(|| TrustError::UnknownKey(hex::encode(s.key)))?;
+            let key = VerifyingKey::from_bytes(&s.key).map_err(|_| TrustError::UnknownKey(hex::encode(s.key)))?;
+            key.verify_strict(&digest, &Signature::from_bytes(&s.signature)).map_err(|_| TrustError::BadSignature {
+                principal: principal.id.clone(),
+                key: hex::encode(s.key),
+                scope: scope.to_string(),
+            })?;
+            if !credentials.iter().any(|c| c.principal == principal.id) {
+                credentials.push(m::Credential { principal: principal.id.clone(), roles: principal.roles.clone() });
+            }
+        }
+        // Only a request whose signatures all verify uses up its nonce.
+        if !self.nonces.lock().expect("nonce lock").insert(&signed.nonce, signed.not_after, now) {
+            return Err(TrustError::Replayed(hex::encode(&signed.nonce)));
+        }
+        Ok(credentials)
+    }
+}
+
+/// The summed weight of `rule`'s voters among `credentials`, each principal counted once.
+pub fn approval_weight(rule: &m::ApprovalRule, credentials: &[m::Credential]) -> u32 {
+    rule.voters
+        .iter()
+        .filter(|v| credentials.iter().any(|c| c.principal == v.principal))
+        .fold(std::collections::HashMap::<&str, u32>::new(), |mut seen, v| {
+            let weight = seen.entry(v.principal.as_str()).or_default();
+            *weight = (*weight).max(v.weight);
+            seen
+        })
+        .values()
+        .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(seed: u8) -> SigningKey {
+        SigningKey::from_bytes(&[seed; 32])
+    }
+
+    fn principal(id: &str, keys: &[&SigningKey], roles: &[&str]) -> Principal {
+        Principal {
+            id: id.into(),
+            keys: keys.iter().map(|k| hex::encode(k.verifying_key().as_bytes())).collect(),
+            roles: roles.iter().map(|r| r.to_string()).collect(),
+        }
+    }
+
+    fn ops() -> Vec<m::Op> {
+        vec![m::Op::Put(m::PutOp { key: "/registry/secrets/ns/s".into(), value: "v".into(), ..Default::default() })]
+    }
+
+    #[test]
+    fn headers_round_trip() {
+        let signed = SignedRequest::sign(&[key(1), key(2)], 9, "secrets", &ops(), &[], Duration::from_secs(60)).unwrap();
+        let headers = signed.headers();
+        let get = |name: &str| headers.iter().find(|(n, _)| *n == name).map(|(_, v)| v.as_str());
+        let parsed = SignedRequest::from_headers(
+            get(NONCE_HEADER),
+            get(NOT_AFTER_HEADER),
+            headers.iter().filter(|(n, _)| *n == SIGNATURE_HEADER).map(|(_, v)| v.as_str()),
+        )
+        .unwrap();
+        assert_eq!(parsed, Some(signed));
+        assert_eq!(SignedRequest::from_headers(None, None, []).unwrap(), None);
+        assert!(matches!(SignedRequest::from_headers(Some("00"), Some("1"), ["x"]), Err(TrustError::Malformed(_))));
+    }
+
+    #[test]
+    fn one_principal_counts_once_and_weights_sum_distinct_voters() {
+        let (a1, a2, b) = (key(1), key(2), key(3));
+        let trust = Trust::new(9);
+        trust.set_principals(&[principal("alice", &[&a1, &a2], &["secret-writer"]), principal("bob", &[&b], &[])]);
+        let now = crate::meta::unix_now();
+        let signed = SignedRequest::sign(&[a1.clone(), a2.clone()], 9, "secrets", &ops(), &[], Duration::from_secs(60)).unwrap();
+        let credentials = trust.verify("secrets", &ops(), &[], &signed, now).unwrap();
+        assert_eq!(credentials.len(), 1, "two keys of alice are one principal");
+        let rule = m::ApprovalRule {
+            voters: vec![m::Voter { principal: "alice".into(), weight: 1 }, m::Voter { principal: "bob".into(), weight: 1 }],
+            threshold: 2,
+            expiry_seconds: 60,
+        };
+        assert_eq!(approval_weight(&rule, &credentials), 1, "just below the threshold");
+        let signed = SignedRequest::sign(&[a1, b], 9, "secrets", &ops(), &[], Duration::from_secs(60)).unwrap();
+        let credentials = trust.verify("secrets", &ops(), &[], &signed, now).unwrap();
+        assert_eq!(approval_weight(&rule, &credentials), 2, "exactly at the threshold");
+    }
+}
