@@ -7,6 +7,7 @@ pub mod admin;
 pub mod backend;
 pub mod builtin;
 pub mod cli;
+pub mod client;
 pub mod config;
 pub mod engine;
 pub mod fixtures;

@@ -6,5 +6,6 @@ mod gateway;
 mod hostile;
 mod hotswap;
 mod swap;
+mod trust;
 mod validation;
 mod watch;

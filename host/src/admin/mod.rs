@@ -7,6 +7,7 @@
 pub mod auth;
 pub mod openapi;
 mod policies;
+mod principals;
 mod scopes;
 
 use std::sync::Arc;
@@ -162,6 +163,8 @@ pub fn router(admin: Arc<Admin>) -> Router {
         .route("/v1/openapi.json", get(openapi::document))
         .route("/v1/policies", post(policies::push).get(policies::list))
         .route("/v1/policies/{digest}", get(policies::get).delete(policies::delete))
+        .route("/v1/principals", get(principals::list).post(principals::add))
+        .route("/v1/principals/{id}", axum::routing::delete(principals::remove))
         .route("/v1/scopes", get(scopes::list))
         .route("/v1/scopes/{scope}", get(scopes::get))
         .route("/v1/scopes/{scope}/policy", put(scopes::bind))

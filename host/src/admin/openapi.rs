@@ -5,7 +5,7 @@ use axum::response::{IntoResponse, Response};
 use utoipa::OpenApi;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 
-use super::{policies, scopes};
+use super::{policies, principals, scopes};
 
 /// Adds the bearer token scheme the `/v1/` routes require.
 struct BearerTokens;
@@ -34,6 +34,9 @@ impl utoipa::Modify for BearerTokens {
         policies::list,
         policies::get,
         policies::delete,
+        principals::list,
+        principals::add,
+        principals::remove,
         scopes::list,
         scopes::get,
         scopes::bind,
@@ -43,6 +46,7 @@ impl utoipa::Modify for BearerTokens {
     modifiers(&BearerTokens),
     tags(
         (name = "policies", description = "Stored policy components, content-addressed by blake3"),
+        (name = "principals", description = "Who can sign requests and approvals: ids, ed25519 keys, roles"),
         (name = "scopes", description = "The scope tree, bindings, hot swap, rollback and dry runs"),
         (name = "health", description = "Probes and metrics; no token needed"),
     )

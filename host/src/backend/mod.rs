@@ -147,9 +147,37 @@ impl Group {
         Q: prost::Message + Send + Sync + 'static,
         R: prost::Message + Default + Send + Sync + 'static,
     {
+        self.unary_with(path, request, &[]).await
+    }
+
+    /// A unary call with extra request metadata (ASCII headers).
+    async fn unary_with<Q, R>(&self, path: &'static str, request: Q, metadata: &[(&'static str, String)]) -> Result<R, Status>
+    where
+        Q: prost::Message + Send + Sync + 'static,
+        R: prost::Message + Default + Send + Sync + 'static,
+    {
         let codec = tonic_prost::ProstCodec::<Q, R>::default();
         let path = tonic::codegen::http::uri::PathAndQuery::from_static(path);
-        self.grpc().await?.unary(tonic::Request::new(request), path, codec).await.map(tonic::Response::into_inner)
+        let mut request = tonic::Request::new(request);
+        for (name, value) in metadata {
+            let value = value.parse().map_err(|_| Status::invalid_argument(format!("metadata {name} is not ASCII")))?;
+            request.metadata_mut().append(*name, value);
+        }
+        self.grpc().await?.unary(request, path, codec).await.map(tonic::Response::into_inner)
+    }
+
+    /// etcd `Put` with extra request metadata (signatures, for a client of aq).
+    pub async fn put_with(&self, request: pb::PbPutRequest, metadata: &[(&'static str, String)]) -> Result<pb::PbPutResponse, Status> {
+        self.unary_with(path::PUT, request, metadata).await
+    }
+
+    /// etcd `DeleteRange` with extra request metadata.
+    pub async fn delete_range_with(
+        &self,
+        request: pb::PbDeleteRequest,
+        metadata: &[(&'static str, String)],
+    ) -> Result<pb::PbDeleteResponse, Status> {
+        self.unary_with(path::DELETE_RANGE, request, metadata).await
     }
 
     async fn streaming<Q, R>(

@@ -55,9 +55,32 @@ enum Command {
         #[arg(long, default_value = "operator")]
         role: String,
     },
-    /// ed25519 keys (policy publishers).
+    /// ed25519 keys (principals, policy publishers).
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Principals: who can sign requests and approvals.
+    #[command(subcommand)]
+    Principals(PrincipalsCommand),
+    /// Put a key through aq, signed with each --key.
+    Put {
+        /// The key.
+        key: String,
+        /// The value.
+        value: String,
+        #[command(flatten)]
+        signing: SigningArgs,
+        #[command(flatten)]
+        remote: remote::Remote,
+    },
+    /// Delete a key through aq, signed with each --key.
+    Del {
+        /// The key.
+        key: String,
+        #[command(flatten)]
+        signing: SigningArgs,
+        #[command(flatten)]
+        remote: remote::Remote,
+    },
     /// Measure aq.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -67,6 +90,49 @@ enum Command {
 enum ScopesCommand {
     /// The scope tree with bindings and counters.
     Ls {
+        #[command(flatten)]
+        remote: remote::Remote,
+    },
+}
+
+/// How `aq put` and `aq del` sign and where they send.
+#[derive(clap::Args)]
+struct SigningArgs {
+    /// A private key (from `aq keys gen`); repeat to sign with several.
+    #[arg(long = "key", required = true)]
+    keys: Vec<PathBuf>,
+    /// aq's etcd API.
+    #[arg(long, default_value = "http://127.0.0.1:2379")]
+    endpoint: String,
+    /// The scope owning the key; default: looked up through the admin API.
+    #[arg(long)]
+    scope: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum PrincipalsCommand {
+    /// Add a principal (or replace one with the same id).
+    Add {
+        /// Its id.
+        id: String,
+        /// A public key, hex or a `.pub` file; repeatable.
+        #[arg(long = "key", required = true)]
+        keys: Vec<String>,
+        /// A role; repeatable.
+        #[arg(long = "role")]
+        roles: Vec<String>,
+        #[command(flatten)]
+        remote: remote::Remote,
+    },
+    /// List principals.
+    Ls {
+        #[command(flatten)]
+        remote: remote::Remote,
+    },
+    /// Remove a principal.
+    Rm {
+        /// Its id.
+        id: String,
         #[command(flatten)]
         remote: remote::Remote,
     },
@@ -237,6 +303,17 @@ pub fn main() -> ExitCode {
         Command::Eval { scope, puts, deletes, remote } => remote::eval(&remote, &scope, &puts, &deletes),
         Command::Token { name, role } => remote::token(&name, &role),
         Command::Keys(KeysCommand::Gen { out }) => remote::keygen(&out),
+        Command::Principals(PrincipalsCommand::Add { id, keys, roles, remote }) => {
+            remote::add_principal(&remote, &id, &keys, &roles)
+        }
+        Command::Principals(PrincipalsCommand::Ls { remote }) => remote::list_principals(&remote),
+        Command::Principals(PrincipalsCommand::Rm { id, remote }) => remote::remove_principal(&remote, &id),
+        Command::Put { key, value, signing, remote } => {
+            remote::signed_write(&remote, &signing.endpoint, signing.scope.as_deref(), &signing.keys, &key, Some(&value))
+        }
+        Command::Del { key, signing, remote } => {
+            remote::signed_write(&remote, &signing.endpoint, signing.scope.as_deref(), &signing.keys, &key, None)
+        }
         Command::Bench(BenchCommand::Policy { iterations }) => bench::policy(iterations),
         Command::Bench(BenchCommand::Put { seconds, clients, etcd }) => bench_put::put(seconds, &clients, &etcd),
         Command::Bench(BenchCommand::Swap { swaps, clients, etcd }) => bench_swap::swap(swaps, clients, &etcd),

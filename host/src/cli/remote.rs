@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use serde_json::{Value, json};
+use tonic::Status;
 
 use super::CliError;
 use crate::engine::PolicyDigest;
@@ -344,4 +345,116 @@ pub(super) fn keygen(out: &std::path::Path) -> Result<(), CliError> {
     std::fs::write(&public_path, format!("{public}\n"))?;
     println!("private key: {} (mode 0600)\npublic key:  {} = {public}", out.display(), public_path.display());
     Ok(())
+}
+
+/// `aq principals add`.
+pub(super) fn add_principal(remote: &Remote, id: &str, keys: &[String], roles: &[String]) -> Result<(), CliError> {
+    let mut hex_keys = Vec::new();
+    for key in keys {
+        // A key is hex, or a file holding it (`aq keys gen` writes `<name>.pub`).
+        let text = if std::path::Path::new(key).exists() {
+            std::fs::read_to_string(key).map_err(|e| CliError::Input(format!("cannot read {key}: {e}")))?
+        } else {
+            key.clone()
+        };
+        crate::trust::parse_public_key(&text).map_err(CliError::Input)?;
+        hex_keys.push(text.trim().to_string());
+    }
+    let answer = remote.json("POST", "/v1/principals", &json!({ "id": id, "keys": hex_keys, "roles": roles }))?;
+    if !remote.print_json(&answer) {
+        println!("principal {id}: {} key(s), roles {}", hex_keys.len(), if roles.is_empty() { "none".into() } else { roles.join(",") });
+    }
+    Ok(())
+}
+
+/// `aq principals ls`.
+pub(super) fn list_principals(remote: &Remote) -> Result<(), CliError> {
+    let body = remote.call("GET", "/v1/principals", None, &[])?;
+    if remote.print_json(&body) {
+        return Ok(());
+    }
+    let strings = |v: &Value| -> Vec<String> { v.as_array().map(|a| a.iter().filter_map(Value::as_str).map(str::to_string).collect()).unwrap_or_default() };
+    let rows = body["principals"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+        .iter()
+        .map(|p| {
+            let keys: Vec<String> = strings(&p["keys"]).iter().map(|k| short(k).to_string()).collect();
+            vec![p["id"].as_str().unwrap_or_default().to_string(), strings(&p["roles"]).join(","), keys.join(",")]
+        })
+        .collect();
+    table(&["PRINCIPAL", "ROLES", "KEYS"], rows);
+    Ok(())
+}
+
+/// `aq principals rm`.
+pub(super) fn remove_principal(remote: &Remote, id: &str) -> Result<(), CliError> {
+    let answer = remote.call("DELETE", &format!("/v1/principals/{id}"), None, &[])?;
+    if !remote.print_json(&answer) {
+        println!("removed principal {id}");
+    }
+    Ok(())
+}
+
+/// The innermost scope owning `key`, from the admin API's scope tree.
+fn owning_scope(remote: &Remote, key: &str) -> Result<String, CliError> {
+    let body = remote.call("GET", "/v1/scopes", None, &[])?;
+    fn find(nodes: &Value, key: &str, best: &mut Option<String>) {
+        for node in nodes.as_array().map(Vec::as_slice).unwrap_or_default() {
+            let start = node["range"]["start"].as_str().unwrap_or_default();
+            let end = node["range"]["end"].as_str().unwrap_or_default();
+            if key >= start && (end.is_empty() || key < end) {
+                *best = node["id"].as_str().map(str::to_string);
+                find(&node["children"], key, best);
+            }
+        }
+    }
+    let mut best = None;
+    find(&body["scopes"], key, &mut best);
+    best.ok_or_else(|| CliError::Input(format!("no scope owns {key}")))
+}
+
+/// `aq put` and `aq del`: a write signed with each `--key`.
+pub(super) fn signed_write(
+    remote: &Remote,
+    endpoint: &str,
+    scope: Option<&str>,
+    keys: &[PathBuf],
+    key: &str,
+    value: Option<&str>,
+) -> Result<(), CliError> {
+    let signing: Vec<ed25519_dalek::SigningKey> = keys.iter().map(|k| read_signing_key(k)).collect::<Result<_, _>>()?;
+    let scope = match scope {
+        Some(scope) => scope.to_string(),
+        None => owning_scope(remote, key)?,
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| CliError::Input(format!("cannot start the async runtime: {e}")))?;
+    runtime.block_on(async {
+        let client = crate::client::SignedClient::connect(endpoint, signing).await.map_err(CliError::Input)?;
+        let refused = |status: Status| CliError::Refused(format!("{} ({:?})", status.message(), status.code()));
+        match value {
+            Some(value) => {
+                let answer = client.put(&scope, key.as_bytes(), value.as_bytes()).await.map_err(refused)?;
+                let revision = answer.header.map(|h| h.revision).unwrap_or_default();
+                if remote.json {
+                    println!("{}", json!({ "scope": scope, "revision": revision }));
+                } else {
+                    println!("OK (scope {scope}, revision {revision})");
+                }
+            }
+            None => {
+                let answer = client.delete(&scope, key.as_bytes(), &[]).await.map_err(refused)?;
+                if remote.json {
+                    println!("{}", json!({ "scope": scope, "deleted": answer.deleted }));
+                } else {
+                    println!("{}", answer.deleted);
+                }
+            }
+        }
+        Ok(())
+    })
 }

@@ -1,0 +1,238 @@
+//! Signed requests against a gateway on real etcd: principals through the admin API, signatures
+//! in gRPC metadata, verification before the policy, approval weights by distinct principals.
+
+use std::time::Duration;
+
+use aq_host::client::SignedClient;
+use aq_host::trust::{Envelope, KeySignature, SignedRequest, request_digest};
+use aq_sdk as m;
+use aq_tests::etcd::TestGateway;
+use axum::body::Body;
+use axum::http::{Method, Request, StatusCode};
+use ed25519_dalek::{Signer, SigningKey};
+use serde_json::{Value, json};
+use tower::ServiceExt;
+
+async fn admin(gw: &TestGateway, method: Method, path: &str, body: Value) -> (StatusCode, Value) {
+    let router = aq_host::admin::router(gw.running.admin.clone());
+    let request = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("authorization", format!("Bearer {}", gw.admin_token()))
+        .header("content-type", "application/json")
+        .body(Body::from(serde_json::to_vec(&body).unwrap()))
+        .unwrap();
+    let response = router.oneshot(request).await.unwrap();
+    let status = response.status();
+    let bytes = axum::body::to_bytes(response.into_body(), 1 << 20).await.unwrap();
+    (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+}
+
+fn public(key: &SigningKey) -> String {
+    key.verifying_key().as_bytes().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+struct Keys {
+    alice: SigningKey,
+    alice_laptop: SigningKey,
+    bob: SigningKey,
+    carol: SigningKey,
+    mallory: SigningKey,
+}
+
+/// alice (two keys) and bob may write secrets; carol has no role; mallory is unknown.
+async fn principals(gw: &TestGateway) -> Keys {
+    let keys = Keys {
+        alice: SigningKey::from_bytes(&[1; 32]),
+        alice_laptop: SigningKey::from_bytes(&[2; 32]),
+        bob: SigningKey::from_bytes(&[3; 32]),
+        carol: SigningKey::from_bytes(&[4; 32]),
+        mallory: SigningKey::from_bytes(&[5; 32]),
+    };
+    for (id, ks, roles) in [
+        ("alice", vec![&keys.alice, &keys.alice_laptop], vec!["secret-writer"]),
+        ("bob", vec![&keys.bob], vec!["secret-writer"]),
+        ("carol", vec![&keys.carol], vec![]),
+    ] {
+        let body = json!({ "id": id, "keys": ks.iter().map(|k| public(k)).collect::<Vec<_>>(), "roles": roles });
+        let (status, answer) = admin(gw, Method::POST, "/v1/principals", body).await;
+        assert_eq!(status, StatusCode::CREATED, "{answer}");
+    }
+    keys
+}
+
+async fn client(gw: &TestGateway, keys: &[&SigningKey]) -> SignedClient {
+    SignedClient::connect(&gw.endpoint(), keys.iter().map(|k| (*k).clone()).collect()).await.unwrap()
+}
+
+fn status_of<T: std::fmt::Debug>(result: Result<T, tonic::Status>) -> tonic::Status {
+    result.expect_err("refused")
+}
+
+const SECRET: &[u8] = b"/registry/secrets/default/db";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn secrets_need_a_signature_by_a_principal_with_the_role() {
+    let gw = TestGateway::start().await;
+    let keys = principals(&gw).await;
+
+    let (ok, _, err) = gw.etcdctl(&["put", "/registry/secrets/default/db", "s3cr3t"]);
+    assert!(!ok);
+    assert!(err.contains("need a verified credential with role secret-writer (the request is unsigned)"), "{err}");
+
+    let alice = client(&gw, &[&keys.alice]).await;
+    alice.put("secrets", SECRET, b"s3cr3t").await.expect("alice holds the role");
+    let mut direct = gw.main.client().await;
+    let stored = direct.get(SECRET, None).await.unwrap();
+    assert_eq!(stored.kvs()[0].value(), b"s3cr3t");
+
+    let carol = client(&gw, &[&keys.carol]).await;
+    let refused = status_of(carol.put("secrets", SECRET, b"mine").await);
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+    assert!(refused.message().contains("signers carol lack it"), "{}", refused.message());
+
+    // The decision log names the verified principal.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let lines = gw.decisions();
+        if let Some(line) = lines.iter().find(|l| l["scope"] == "secrets" && l["verdict"] == "allow") {
+            assert_eq!(line["principals"], json!(["alice"]));
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no allow line in {lines:?}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Signs `value` for `key` in `scope` by `key_pair`, valid until `not_after`.
+fn signed_at(cluster_id: u64, scope: &str, key: &[u8], value: &[u8], by: &SigningKey, nonce: u8, not_after: u64) -> SignedRequest {
+    let op = m::Op::Put(m::PutOp { key: m::Bytes(key.to_vec()), value: m::Bytes(value.to_vec()), ..Default::default() });
+    let envelope = Envelope { cluster_id, scope: scope.into(), nonce: vec![nonce; 16], not_after };
+    let digest = request_digest(&envelope, &[op], &[]);
+    SignedRequest {
+        nonce: envelope.nonce,
+        not_after,
+        signatures: vec![KeySignature { key: by.verifying_key().to_bytes(), signature: by.sign(&digest).to_bytes() }],
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_signatures_are_unauthenticated_and_say_why() {
+    let gw = TestGateway::start().await;
+    let keys = principals(&gw).await;
+    let alice = client(&gw, &[&keys.alice]).await;
+    let cluster = alice.cluster_id();
+    let now = aq_host::meta::unix_now();
+    let expect = |result: Result<_, tonic::Status>, says: &str| {
+        let status = status_of(result);
+        assert_eq!(status.code(), tonic::Code::Unauthenticated, "{says}: {}", status.message());
+        assert!(status.message().contains(says), "expected {says:?} in {:?}", status.message());
+    };
+
+    // A key no principal has.
+    let stranger = signed_at(cluster, "secrets", SECRET, b"v", &keys.mallory, 1, now + 60);
+    expect(alice.put_presigned(SECRET, b"v", &stranger).await, "no principal has the public key");
+    // alice's public key with mallory's signature: forged.
+    let mut forged = signed_at(cluster, "secrets", SECRET, b"v", &keys.mallory, 2, now + 60);
+    forged.signatures[0].key = keys.alice.verifying_key().to_bytes();
+    expect(alice.put_presigned(SECRET, b"v", &forged).await, "signature by alice");
+    // A real signature over other content: another value, another scope, another cluster.
+    let other_value = signed_at(cluster, "secrets", SECRET, b"other", &keys.alice, 3, now + 60);
+    expect(alice.put_presigned(SECRET, b"v", &other_value).await, "does not match this request");
+    let other_scope = signed_at(cluster, "registry", SECRET, b"v", &keys.alice, 4, now + 60);
+    expect(alice.put_presigned(SECRET, b"v", &other_scope).await, "for scope secrets");
+    let other_cluster = signed_at(cluster + 1, "secrets", SECRET, b"v", &keys.alice, 5, now + 60);
+    expect(alice.put_presigned(SECRET, b"v", &other_cluster).await, "does not match");
+    // Expired, and valid for too long.
+    let expired = signed_at(cluster, "secrets", SECRET, b"v", &keys.alice, 6, now - 5);
+    expect(alice.put_presigned(SECRET, b"v", &expired).await, "expired");
+    let too_long = signed_at(cluster, "secrets", SECRET, b"v", &keys.alice, 7, now + 24 * 3600);
+    expect(alice.put_presigned(SECRET, b"v", &too_long).await, "shorter validity");
+    // Nothing of the above was written.
+    let mut direct = gw.main.client().await;
+    assert_eq!(direct.get(SECRET, None).await.unwrap().count(), 0);
+
+    // A good signature is accepted once; the same request again is a replay.
+    let good = signed_at(cluster, "secrets", SECRET, b"v", &keys.alice, 8, now + 60);
+    alice.put_presigned(SECRET, b"v", &good).await.expect("accepted");
+    expect(alice.put_presigned(SECRET, b"v", &good).await, "replayed");
+    // A refused forgery does not use up the nonce of a later honest request.
+    let mut burnt = signed_at(cluster, "secrets", SECRET, b"w", &keys.mallory, 9, now + 60);
+    burnt.signatures[0].key = keys.alice.verifying_key().to_bytes();
+    expect(alice.put_presigned(SECRET, b"w", &burnt).await, "does not match");
+    let honest = signed_at(cluster, "secrets", SECRET, b"w", &keys.alice, 9, now + 60);
+    alice.put_presigned(SECRET, b"w", &honest).await.expect("the nonce was not burnt by the forgery");
+
+    // Malformed headers are named.
+    let mut malformed = good.clone();
+    malformed.signatures.clear();
+    expect(alice.put_presigned(SECRET, b"v", &malformed).await, "aq-signature is missing");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn approval_weight_counts_each_principal_once() {
+    let gw = TestGateway::start().await;
+    let keys = principals(&gw).await;
+    // secrets under critical with a two-approver rule.
+    let critical = blake3::hash(aq_host::builtin::find("critical").unwrap().component).to_hex().to_string();
+    let config = json!({
+        "role": "secret-writer",
+        "approval": { "voters": [{ "principal": "alice", "weight": 1 }, { "principal": "bob", "weight": 1 }], "threshold": 2, "expiry_seconds": 60 }
+    });
+    let (status, body) = admin(&gw, Method::PUT, "/v1/scopes/secrets/policy", json!({ "digest": critical, "config": config })).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    // Two keys of alice: weight 1, just below the threshold.
+    let alice_twice = client(&gw, &[&keys.alice, &keys.alice_laptop]).await;
+    let refused = status_of(alice_twice.put("secrets", SECRET, b"v").await);
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+    assert!(refused.message().contains("need approvals of weight 2") && refused.message().contains("(alice) weigh 1"), "{}", refused.message());
+    // alice and bob: exactly the threshold; the write commits.
+    let both = client(&gw, &[&keys.alice, &keys.bob]).await;
+    both.put("secrets", SECRET, b"v").await.expect("weight 2 of 2");
+    let mut direct = gw.main.client().await;
+    assert_eq!(direct.get(SECRET, None).await.unwrap().kvs()[0].value(), b"v");
+    // carol's signature adds nothing: she is not a voter (and lacks the role).
+    let with_carol = client(&gw, &[&keys.alice, &keys.carol]).await;
+    assert_eq!(status_of(with_carol.put("secrets", SECRET, b"x").await).code(), tonic::Code::FailedPrecondition);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn principals_are_managed_through_the_admin_api_on_every_replica() {
+    let gw = TestGateway::start().await;
+    let replica = gw.replica().await;
+    let keys = principals(&gw).await;
+    let (status, body) = admin(&gw, Method::GET, "/v1/principals", json!(null)).await;
+    assert_eq!(status, StatusCode::OK);
+    let ids: Vec<&str> = body["principals"].as_array().unwrap().iter().map(|p| p["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["alice", "bob", "carol"]);
+    let (status, body) = admin(&gw, Method::POST, "/v1/principals", json!({ "id": "dave", "keys": ["abcd"] })).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    let (status, _) = admin(&gw, Method::POST, "/v1/principals", json!({ "id": "a/b", "keys": [public(&keys.carol)] })).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+
+    // The second replica learns the principals from the meta group.
+    let on_replica = SignedClient::connect(&replica.running.addr.to_string(), vec![keys.bob.clone()]).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while on_replica.put("secrets", SECRET, b"from the replica").await.is_err() {
+        assert!(std::time::Instant::now() < deadline, "the replica never accepted bob's signature");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    // Removing bob makes his key unknown, on the replica too.
+    let (status, _) = admin(&gw, Method::DELETE, "/v1/principals/bob", json!(null)).await;
+    assert_eq!(status, StatusCode::OK);
+    let bob = client(&gw, &[&keys.bob]).await;
+    let refused = status_of(bob.put("secrets", SECRET, b"v").await);
+    assert!(refused.message().contains("no principal has the public key"), "{}", refused.message());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match on_replica.put("secrets", SECRET, b"again").await {
+            Err(status) if status.code() == tonic::Code::Unauthenticated => break,
+            _ => assert!(std::time::Instant::now() < deadline, "the replica still accepts bob"),
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (status, _) = admin(&gw, Method::DELETE, "/v1/principals/bob", json!(null)).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}
