@@ -303,3 +303,37 @@ async fn both_apis_serve_tls_and_refuse_plaintext() {
     let error = aq_host::tls::TlsFiles { cert: cert.clone(), key: cert.clone() }.server_config().unwrap_err();
     assert!(error.contains("not a PEM private key"), "{error}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_principal_added_with_the_cli_signs_a_secret_put_with_aq_put() {
+    let gw = aq_tests::etcd::TestGateway::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("alice.key");
+    let (code, out, err) = run(aq().args(["keys", "gen", "--out"]).arg(&key));
+    assert_eq!(code, 0, "{out}{err}");
+    let public = dir.path().join("alice.key.pub");
+    let (code, out, err) =
+        remote(&gw, &["principals", "add", "alice", "--key", public.to_str().unwrap(), "--role", "secret-writer"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(out.trim(), "principal alice: 1 key(s), roles secret-writer");
+    let (code, out, _) = remote(&gw, &["principals", "ls"]).await;
+    assert_eq!(code, 0);
+    assert!(out.lines().any(|l| l.starts_with("alice") && l.contains("secret-writer")), "{out}");
+
+    let endpoint = format!("--endpoint=http://{}", gw.endpoint());
+    let key_arg = format!("--key={}", key.display());
+    let (code, out, err) = remote(&gw, &["put", "/registry/secrets/default/db", "s3cr3t", &key_arg, &endpoint]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.starts_with("OK (scope secrets, revision "), "the scope was looked up: {out}");
+    let mut direct = gw.main.client().await;
+    assert_eq!(direct.get("/registry/secrets/default/db", None).await.unwrap().kvs()[0].value(), b"s3cr3t");
+    let (code, out, _) = remote(&gw, &["del", "/registry/secrets/default/db", &key_arg, &endpoint, "--scope=secrets"]).await;
+    assert_eq!((code, out.trim()), (0, "1"));
+
+    // Once alice is removed, her signature no longer counts.
+    let (code, _, _) = remote(&gw, &["principals", "rm", "alice"]).await;
+    assert_eq!(code, 0);
+    let (code, _, err) = remote(&gw, &["put", "/registry/secrets/default/db", "again", &key_arg, &endpoint]).await;
+    assert_eq!(code, 1);
+    assert!(err.contains("no principal has the public key") && err.contains("Unauthenticated"), "{err}");
+}
