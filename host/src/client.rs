@@ -30,6 +30,7 @@ pub struct SignedClient {
     cluster_id: u64,
     keys: Vec<SigningKey>,
     validity: Duration,
+    wait: Option<Duration>,
 }
 
 impl SignedClient {
@@ -43,13 +44,28 @@ impl SignedClient {
         let aq = Group::connect_lazy("aq", std::slice::from_ref(&endpoint)).map_err(|e| e.to_string())?;
         let status = aq.wait_ready(Duration::from_secs(10)).await.map_err(|e| format!("cannot reach aq at {endpoint}: {e}"))?;
         let cluster_id = status.header.map(|h| h.cluster_id).unwrap_or_default();
-        Ok(SignedClient { aq, cluster_id, keys, validity: DEFAULT_VALIDITY })
+        Ok(SignedClient { aq, cluster_id, keys, validity: DEFAULT_VALIDITY, wait: None })
     }
 
     /// Signatures made from now on are valid for `validity`.
     pub fn with_validity(mut self, validity: Duration) -> Self {
         self.validity = validity;
         self
+    }
+
+    /// When a write needs approvals, wait up to `wait` for the proposal's outcome (the
+    /// `aq-wait` header) instead of getting its id at once.
+    pub fn with_wait(mut self, wait: Duration) -> Self {
+        self.wait = Some(wait);
+        self
+    }
+
+    fn metadata(&self, signed: &SignedRequest) -> Vec<(&'static str, String)> {
+        let mut headers = signed.headers();
+        if let Some(wait) = self.wait {
+            headers.push((crate::trust::WAIT_HEADER, format!("{:.3}", wait.as_secs_f64())));
+        }
+        headers
     }
 
     /// The cluster id the signatures are bound to.
@@ -67,7 +83,7 @@ impl SignedClient {
         let request = pb::PbPutRequest { key: key.to_vec(), value: value.to_vec(), ..Default::default() };
         let op = m::Op::Put(m::PutOp { key: m::Bytes(key.to_vec()), value: m::Bytes(value.to_vec()), ..Default::default() });
         let signed = self.sign(scope, &[op])?;
-        self.aq.put_with(request, &signed.headers()).await
+        self.aq.put_with(request, &self.metadata(&signed)).await
     }
 
     /// A signed delete of `key` (or of `[key, range_end)`) in `scope`.
@@ -75,7 +91,7 @@ impl SignedClient {
         let request = pb::PbDeleteRequest { key: key.to_vec(), range_end: range_end.to_vec(), prev_kv: false };
         let op = m::Op::DeleteRange(m::DeleteRangeOp { key: m::Bytes(key.to_vec()), range_end: m::Bytes(range_end.to_vec()) });
         let signed = self.sign(scope, &[op])?;
-        self.aq.delete_range_with(request, &signed.headers()).await
+        self.aq.delete_range_with(request, &self.metadata(&signed)).await
     }
 
     /// Sends a put with signatures made elsewhere (or tampered with, in tests).

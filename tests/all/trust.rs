@@ -236,3 +236,165 @@ async fn principals_are_managed_through_the_admin_api_on_every_replica() {
     let (status, _) = admin(&gw, Method::DELETE, "/v1/principals/bob", json!(null)).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
 }
+
+/// Binds `critical` to secrets with a rule: alice and bob, weight 1 each, threshold 2.
+async fn two_approvers(gw: &TestGateway, expiry_seconds: u64) {
+    let critical = blake3::hash(aq_host::builtin::find("critical").unwrap().component).to_hex().to_string();
+    let config = json!({
+        "role": "secret-writer",
+        "approval": {
+            "voters": [{ "principal": "alice", "weight": 1 }, { "principal": "bob", "weight": 1 }],
+            "threshold": 2,
+            "expiry_seconds": expiry_seconds
+        }
+    });
+    let (status, body) = admin(gw, Method::PUT, "/v1/scopes/secrets/policy", json!({ "digest": critical, "config": config })).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+}
+
+/// The proposal id in a refusal's message.
+fn proposal_id(status: &tonic::Status) -> String {
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{}", status.message());
+    let at = status.message().find("proposal ").unwrap_or_else(|| panic!("no proposal in {}", status.message()));
+    status.message()[at + 9..at + 25].to_string()
+}
+
+/// Signs a proposal's digest, after checking it is the digest of the write we expect.
+fn approval(proposal: &Value, by: &SigningKey, value: &[u8]) -> Value {
+    let op = m::Op::Put(m::PutOp { key: m::Bytes(SECRET.to_vec()), value: m::Bytes(value.to_vec()), ..Default::default() });
+    let digest = aq_host::trust::proposal::Proposal::approval_digest(
+        proposal["cluster_id"].as_u64().unwrap(),
+        "secrets",
+        proposal["id"].as_str().unwrap(),
+        proposal["expires_at"].as_u64().unwrap(),
+        &[op],
+        &[],
+    );
+    assert_eq!(proposal["approval_digest"], hex(&digest), "the digest covers exactly the proposed write");
+    json!({ "key": public(by), "signature": hex(&by.sign(&digest).to_bytes()) })
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_proposal_commits_at_the_threshold_and_only_voters_count() {
+    let gw = TestGateway::start().await;
+    let keys = principals(&gw).await;
+    two_approvers(&gw, 300).await;
+    let alice = client(&gw, &[&keys.alice]).await;
+    let id = proposal_id(&status_of(alice.put("secrets", SECRET, b"approved").await));
+    let mut direct = gw.main.client().await;
+    assert_eq!(direct.get(SECRET, None).await.unwrap().count(), 0, "nothing written before approval");
+
+    let path = format!("/v1/proposals/{id}");
+    let (status, proposal) = admin(&gw, Method::GET, &path, json!(null)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(proposal["state"], "pending");
+    assert_eq!(proposal["approvals"][0]["principal"], "alice", "the signer is the first approval");
+    assert_eq!(proposal["keys"], json!(["/registry/secrets/default/db"]));
+    let (_, listed) = admin(&gw, Method::GET, "/v1/proposals", json!(null)).await;
+    assert_eq!(listed["proposals"][0]["id"], id.as_str());
+
+    let approve = format!("{path}/approve");
+    // carol is not a voter; mallory is nobody; a signature over something else is refused.
+    let (status, body) = admin(&gw, Method::POST, &approve, approval(&proposal, &keys.carol, b"approved")).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert!(body["detail"].as_str().unwrap().contains("not a voter"), "{body}");
+    let (status, _) = admin(&gw, Method::POST, &approve, approval(&proposal, &keys.mallory, b"approved")).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let mut wrong = approval(&proposal, &keys.bob, b"approved");
+    wrong["signature"] = json!(hex(&keys.bob.sign(b"something else").to_bytes()));
+    let (status, body) = admin(&gw, Method::POST, &approve, wrong).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    // alice approving again (with her other key) adds nothing.
+    let (status, body) = admin(&gw, Method::POST, &approve, approval(&proposal, &keys.alice_laptop, b"approved")).await;
+    assert_eq!((status, &body["state"]), (StatusCode::OK, &json!("pending")), "{body}");
+    assert_eq!(direct.get(SECRET, None).await.unwrap().count(), 0);
+
+    // bob brings it to the threshold: committed.
+    let (status, body) = admin(&gw, Method::POST, &approve, approval(&proposal, &keys.bob, b"approved")).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["state"], "committed", "{body}");
+    let stored = direct.get(SECRET, None).await.unwrap();
+    assert_eq!(stored.kvs()[0].value(), b"approved");
+    assert_eq!(Some(stored.kvs()[0].mod_revision()), body["committed_revision"].as_i64());
+    let (status, _) = admin(&gw, Method::POST, &approve, approval(&proposal, &keys.bob, b"approved")).await;
+    assert_eq!(status, StatusCode::CONFLICT, "a committed proposal takes no approvals");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_waiting_client_gets_the_commit_and_a_moved_key_voids_a_proposal() {
+    let gw = TestGateway::start().await;
+    let keys = principals(&gw).await;
+    two_approvers(&gw, 300).await;
+
+    // The client waits (aq-wait) while bob approves.
+    let waiting = client(&gw, &[&keys.alice]).await.with_wait(Duration::from_secs(20));
+    let put = tokio::spawn(async move { waiting.put("secrets", SECRET, b"waited").await });
+    let proposal = loop {
+        let (_, listed) = admin(&gw, Method::GET, "/v1/proposals", json!(null)).await;
+        if let Some(p) = listed["proposals"].as_array().unwrap().iter().find(|p| p["state"] == "pending") {
+            break p.clone();
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let path = format!("/v1/proposals/{}/approve", proposal["id"].as_str().unwrap());
+    let (status, body) = admin(&gw, Method::POST, &path, approval(&proposal, &keys.bob, b"waited")).await;
+    assert_eq!((status, &body["state"]), (StatusCode::OK, &json!("committed")), "{body}");
+    let answer = put.await.unwrap().expect("the waiting put gets the commit");
+    assert_eq!(answer.header.unwrap().revision, body["committed_revision"].as_i64().unwrap());
+
+    // A proposal whose key changes before it is approved is void, and writes nothing.
+    let alice = client(&gw, &[&keys.alice]).await;
+    let id = proposal_id(&status_of(alice.put("secrets", SECRET, b"stale").await));
+    let both = client(&gw, &[&keys.alice, &keys.bob]).await;
+    both.put("secrets", SECRET, b"newer").await.expect("two signatures commit at once");
+    let (_, proposal) = admin(&gw, Method::GET, &format!("/v1/proposals/{id}"), json!(null)).await;
+    let (status, body) =
+        admin(&gw, Method::POST, &format!("/v1/proposals/{id}/approve"), approval(&proposal, &keys.bob, b"stale")).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["state"], "void", "{body}");
+    assert!(body["reason"].as_str().unwrap().contains("changed after revision"), "{body}");
+    let mut direct = gw.main.client().await;
+    assert_eq!(direct.get(SECRET, None).await.unwrap().kvs()[0].value(), b"newer");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn expired_and_rejected_proposals_take_no_approvals_and_are_kept() {
+    let gw = TestGateway::start().await;
+    let keys = principals(&gw).await;
+    two_approvers(&gw, 1).await;
+    let alice = client(&gw, &[&keys.alice]).await;
+    let expiring = proposal_id(&status_of(alice.put("secrets", SECRET, b"late").await));
+    two_approvers(&gw, 300).await;
+    let rejected = proposal_id(&status_of(alice.put("secrets", SECRET, b"refused").await));
+
+    let (status, body) = admin(&gw, Method::POST, &format!("/v1/proposals/{rejected}/reject"), json!({ "reason": "not today" })).await;
+    assert_eq!((status, &body["state"]), (StatusCode::OK, &json!("rejected")), "{body}");
+    let (_, proposal) = admin(&gw, Method::GET, &format!("/v1/proposals/{rejected}"), json!(null)).await;
+    let (status, body) =
+        admin(&gw, Method::POST, &format!("/v1/proposals/{rejected}/approve"), approval(&proposal, &keys.bob, b"refused")).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert!(body["detail"].as_str().unwrap().contains("not today"), "{body}");
+
+    // The one-second proposal expires; approving it then is refused.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let proposal = loop {
+        let (_, proposal) = admin(&gw, Method::GET, &format!("/v1/proposals/{expiring}"), json!(null)).await;
+        if proposal["state"] == "expired" {
+            break proposal;
+        }
+        assert!(std::time::Instant::now() < deadline, "never expired: {proposal}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let (status, _) =
+        admin(&gw, Method::POST, &format!("/v1/proposals/{expiring}/approve"), approval(&proposal, &keys.bob, b"late")).await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    let (_, listed) = admin(&gw, Method::GET, "/v1/proposals", json!(null)).await;
+    let states: Vec<&str> = listed["proposals"].as_array().unwrap().iter().map(|p| p["state"].as_str().unwrap()).collect();
+    assert!(states.contains(&"expired") && states.contains(&"rejected"), "kept for audit: {states:?}");
+    let mut direct = gw.main.client().await;
+    assert_eq!(direct.get(SECRET, None).await.unwrap().count(), 0);
+}

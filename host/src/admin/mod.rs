@@ -8,6 +8,7 @@ pub mod auth;
 pub mod openapi;
 mod policies;
 mod principals;
+mod proposals;
 mod scopes;
 
 use std::sync::Arc;
@@ -165,6 +166,10 @@ pub fn router(admin: Arc<Admin>) -> Router {
         .route("/v1/policies/{digest}", get(policies::get).delete(policies::delete))
         .route("/v1/principals", get(principals::list).post(principals::add))
         .route("/v1/principals/{id}", axum::routing::delete(principals::remove))
+        .route("/v1/proposals", get(proposals::list))
+        .route("/v1/proposals/{id}", get(proposals::get))
+        .route("/v1/proposals/{id}/approve", post(proposals::approve))
+        .route("/v1/proposals/{id}/reject", post(proposals::reject))
         .route("/v1/scopes", get(scopes::list))
         .route("/v1/scopes/{scope}", get(scopes::get))
         .route("/v1/scopes/{scope}/policy", put(scopes::bind))

@@ -5,7 +5,7 @@ use axum::response::{IntoResponse, Response};
 use utoipa::OpenApi;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 
-use super::{policies, principals, scopes};
+use super::{policies, principals, proposals, scopes};
 
 /// Adds the bearer token scheme the `/v1/` routes require.
 struct BearerTokens;
@@ -37,6 +37,10 @@ impl utoipa::Modify for BearerTokens {
         principals::list,
         principals::add,
         principals::remove,
+        proposals::list,
+        proposals::get,
+        proposals::approve,
+        proposals::reject,
         scopes::list,
         scopes::get,
         scopes::bind,
@@ -47,6 +51,7 @@ impl utoipa::Modify for BearerTokens {
     tags(
         (name = "policies", description = "Stored policy components, content-addressed by blake3"),
         (name = "principals", description = "Who can sign requests and approvals: ids, ed25519 keys, roles"),
+        (name = "proposals", description = "Writes waiting for approvals"),
         (name = "scopes", description = "The scope tree, bindings, hot swap, rollback and dry runs"),
         (name = "health", description = "Probes and metrics; no token needed"),
     )

@@ -48,6 +48,20 @@ pub fn watch_request<T: Default>(variant: fn(T) -> pb::PbWatchRequestUnion, fill
     pb::PbWatchRequest { request_union: Some(variant(message)) }
 }
 
+/// Numbers of etcd's `Compare` enums in its protocol.
+pub mod compare {
+    /// `Compare.target` `VERSION`.
+    pub const TARGET_VERSION: i32 = 0;
+    /// `Compare.target` `MOD`.
+    pub const TARGET_MOD: i32 = 2;
+    /// `Compare.result` `EQUAL`.
+    pub const RESULT_EQUAL: i32 = 0;
+    /// `Compare.result` `GREATER`.
+    pub const RESULT_GREATER: i32 = 1;
+    /// `Compare.result` `LESS`.
+    pub const RESULT_LESS: i32 = 2;
+}
+
 /// One etcd cluster.
 #[derive(Clone, Debug)]
 pub struct Group {

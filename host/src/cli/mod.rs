@@ -61,6 +61,29 @@ enum Command {
     /// Principals: who can sign requests and approvals.
     #[command(subcommand)]
     Principals(PrincipalsCommand),
+    /// Writes waiting for approvals.
+    #[command(subcommand)]
+    Proposals(ProposalsCommand),
+    /// Approve a proposal: check its digest against its request, sign it, send it.
+    Approve {
+        /// The proposal id.
+        id: String,
+        /// The approver's private key.
+        #[arg(long)]
+        key: PathBuf,
+        #[command(flatten)]
+        remote: remote::Remote,
+    },
+    /// Reject a pending proposal.
+    Reject {
+        /// The proposal id.
+        id: String,
+        /// Why.
+        #[arg(long, default_value = "")]
+        reason: String,
+        #[command(flatten)]
+        remote: remote::Remote,
+    },
     /// Put a key through aq, signed with each --key.
     Put {
         /// The key.
@@ -97,16 +120,31 @@ enum ScopesCommand {
 
 /// How `aq put` and `aq del` sign and where they send.
 #[derive(clap::Args)]
-struct SigningArgs {
+pub(crate) struct SigningArgs {
     /// A private key (from `aq keys gen`); repeat to sign with several.
     #[arg(long = "key", required = true)]
-    keys: Vec<PathBuf>,
+    pub(crate) keys: Vec<PathBuf>,
     /// aq's etcd API.
     #[arg(long, default_value = "http://127.0.0.1:2379")]
-    endpoint: String,
+    pub(crate) endpoint: String,
     /// The scope owning the key; default: looked up through the admin API.
     #[arg(long)]
-    scope: Option<String>,
+    pub(crate) scope: Option<String>,
+    /// When approvals are needed, wait this many seconds for the proposal's outcome.
+    #[arg(long)]
+    pub(crate) wait: Option<f64>,
+}
+
+#[derive(Subcommand)]
+enum ProposalsCommand {
+    /// Pending proposals (all of them with --all).
+    Ls {
+        /// Include committed, expired, rejected and void ones.
+        #[arg(long)]
+        all: bool,
+        #[command(flatten)]
+        remote: remote::Remote,
+    },
 }
 
 #[derive(Subcommand)]
@@ -308,12 +346,11 @@ pub fn main() -> ExitCode {
         }
         Command::Principals(PrincipalsCommand::Ls { remote }) => remote::list_principals(&remote),
         Command::Principals(PrincipalsCommand::Rm { id, remote }) => remote::remove_principal(&remote, &id),
-        Command::Put { key, value, signing, remote } => {
-            remote::signed_write(&remote, &signing.endpoint, signing.scope.as_deref(), &signing.keys, &key, Some(&value))
-        }
-        Command::Del { key, signing, remote } => {
-            remote::signed_write(&remote, &signing.endpoint, signing.scope.as_deref(), &signing.keys, &key, None)
-        }
+        Command::Proposals(ProposalsCommand::Ls { all, remote }) => remote::list_proposals(&remote, all),
+        Command::Approve { id, key, remote } => remote::approve(&remote, &id, &key),
+        Command::Reject { id, reason, remote } => remote::reject(&remote, &id, &reason),
+        Command::Put { key, value, signing, remote } => remote::signed_write(&remote, &signing, &key, Some(&value)),
+        Command::Del { key, signing, remote } => remote::signed_write(&remote, &signing, &key, None),
         Command::Bench(BenchCommand::Policy { iterations }) => bench::policy(iterations),
         Command::Bench(BenchCommand::Put { seconds, clients, etcd }) => bench_put::put(seconds, &clients, &etcd),
         Command::Bench(BenchCommand::Swap { swaps, clients, etcd }) => bench_swap::swap(swaps, clients, &etcd),

@@ -416,25 +416,26 @@ fn owning_scope(remote: &Remote, key: &str) -> Result<String, CliError> {
 }
 
 /// `aq put` and `aq del`: a write signed with each `--key`.
-pub(super) fn signed_write(
-    remote: &Remote,
-    endpoint: &str,
-    scope: Option<&str>,
-    keys: &[PathBuf],
-    key: &str,
-    value: Option<&str>,
-) -> Result<(), CliError> {
-    let signing: Vec<ed25519_dalek::SigningKey> = keys.iter().map(|k| read_signing_key(k)).collect::<Result<_, _>>()?;
-    let scope = match scope {
-        Some(scope) => scope.to_string(),
+pub(super) fn signed_write(remote: &Remote, signing: &super::SigningArgs, key: &str, value: Option<&str>) -> Result<(), CliError> {
+    let keys: Vec<ed25519_dalek::SigningKey> = signing.keys.iter().map(|k| read_signing_key(k)).collect::<Result<_, _>>()?;
+    let scope = match &signing.scope {
+        Some(scope) => scope.clone(),
         None => owning_scope(remote, key)?,
+    };
+    let wait = match signing.wait {
+        Some(s) if s.is_finite() && s >= 0.0 => Some(std::time::Duration::from_secs_f64(s)),
+        Some(_) => return Err(CliError::Input("--wait takes seconds, 0 or more".into())),
+        None => None,
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| CliError::Input(format!("cannot start the async runtime: {e}")))?;
     runtime.block_on(async {
-        let client = crate::client::SignedClient::connect(endpoint, signing).await.map_err(CliError::Input)?;
+        let mut client = crate::client::SignedClient::connect(&signing.endpoint, keys).await.map_err(CliError::Input)?;
+        if let Some(wait) = wait {
+            client = client.with_wait(wait);
+        }
         let refused = |status: Status| CliError::Refused(format!("{} ({:?})", status.message(), status.code()));
         match value {
             Some(value) => {
@@ -457,4 +458,83 @@ pub(super) fn signed_write(
         }
         Ok(())
     })
+}
+
+/// `aq proposals ls`.
+pub(super) fn list_proposals(remote: &Remote, all: bool) -> Result<(), CliError> {
+    let body = remote.call("GET", "/v1/proposals", None, &[])?;
+    if remote.print_json(&body) {
+        return Ok(());
+    }
+    let rows = body["proposals"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+        .iter()
+        .filter(|p| all || p["state"] == "pending")
+        .map(|p| {
+            let approvers: Vec<&str> = p["approvals"].as_array().map(|a| a.iter().filter_map(|x| x["principal"].as_str()).collect()).unwrap_or_default();
+            let expires = p["expires_at"].as_u64().unwrap_or_default();
+            vec![
+                p["id"].as_str().unwrap_or_default().to_string(),
+                p["scope"].as_str().unwrap_or_default().to_string(),
+                p["state"].as_str().unwrap_or_default().to_string(),
+                format!("{}/{}", approvers.join(","), p["threshold"]),
+                p["keys"].as_array().map(|k| k.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(" ")).unwrap_or_default(),
+                humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(expires)).to_string(),
+            ]
+        })
+        .collect();
+    table(&["ID", "SCOPE", "STATE", "APPROVED/NEEDED", "KEYS", "EXPIRES"], rows);
+    Ok(())
+}
+
+/// `aq approve`: checks that the proposal's digest is the digest of its request, then signs it.
+pub(super) fn approve(remote: &Remote, id: &str, key: &std::path::Path) -> Result<(), CliError> {
+    use ed25519_dalek::Signer;
+    let signing = read_signing_key(key)?;
+    let body = remote.call("GET", &format!("/v1/proposals/{id}"), None, &[])?;
+    let proposal: crate::trust::proposal::Proposal =
+        serde_json::from_value(body).map_err(|e| CliError::Input(format!("the admin API's proposal does not parse: {e}")))?;
+    let request = crate::gate::decode_request(&proposal).map_err(CliError::Input)?;
+    let (ops, compares, _) = crate::gate::model_of(&request);
+    let digest = crate::trust::proposal::Proposal::approval_digest(
+        proposal.cluster_id,
+        &proposal.scope,
+        &proposal.id,
+        proposal.expires_at,
+        &ops,
+        &compares,
+    );
+    if hex::encode(digest) != proposal.approval_digest {
+        return Err(CliError::Input(format!(
+            "proposal {id}'s digest does not match its request; not signing (server says {}, request gives {})",
+            proposal.approval_digest,
+            hex::encode(digest)
+        )));
+    }
+    let signature = signing.sign(&digest);
+    let answer = remote.json(
+        "POST",
+        &format!("/v1/proposals/{id}/approve"),
+        &json!({ "key": hex::encode(signing.verifying_key().as_bytes()), "signature": hex::encode(signature.to_bytes()) }),
+    )?;
+    if !remote.print_json(&answer) {
+        let state = answer["state"].as_str().unwrap_or_default();
+        match state {
+            "committed" => println!("proposal {id} committed at revision {}", answer["committed_revision"]),
+            "void" => println!("proposal {id} is void: {}", answer["reason"].as_str().unwrap_or_default()),
+            _ => println!("proposal {id}: approved, {state}, keys {}", proposal.keys.join(" ")),
+        }
+    }
+    if answer["state"] == "void" { Err(CliError::Check) } else { Ok(()) }
+}
+
+/// `aq reject`.
+pub(super) fn reject(remote: &Remote, id: &str, reason: &str) -> Result<(), CliError> {
+    let answer = remote.json("POST", &format!("/v1/proposals/{id}/reject"), &json!({ "reason": reason }))?;
+    if !remote.print_json(&answer) {
+        println!("proposal {id} rejected");
+    }
+    Ok(())
 }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use etcd_client::proto as pb;
 use tonic::{Request, Response, Status};
 
-use crate::gate::{GateError, Gateway};
+use crate::gate::{Caller, GateError, Gateway};
 use crate::trust::SignedRequest;
 
 /// The etcd version aq reports in `Maintenance.Status`: new enough that kube-apiserver uses
@@ -22,7 +22,11 @@ impl From<GateError> for Status {
             GateError::Backend(status) => status,
             GateError::Denied { reason } => Status::permission_denied(reason),
             GateError::Reserved(_) => Status::permission_denied(error.to_string()),
-            GateError::ApprovalRequired(_) | GateError::CrossScope(_) | GateError::Unowned(_) => {
+            GateError::ApprovalRequired(_)
+            | GateError::NeedsApproval(_)
+            | GateError::Proposed { .. }
+            | GateError::CrossScope(_)
+            | GateError::Unowned(_) => {
                 Status::failed_precondition(error.to_string())
             }
             GateError::Unsupported(_) => Status::invalid_argument(error.to_string()),
@@ -54,21 +58,21 @@ impl pb::PbKvService for Kv {
     }
 
     async fn put(&self, request: Request<pb::PbPutRequest>) -> Result<Response<pb::PbPutResponse>, Status> {
-        let signed = signed(request.metadata())?;
-        Ok(Response::new(self.gate.put(request.into_inner(), signed.as_ref()).await?))
+        let caller = caller(request.metadata())?;
+        Ok(Response::new(self.gate.put(request.into_inner(), &caller).await?))
     }
 
     async fn delete_range(
         &self,
         request: Request<pb::PbDeleteRequest>,
     ) -> Result<Response<pb::PbDeleteResponse>, Status> {
-        let signed = signed(request.metadata())?;
-        Ok(Response::new(self.gate.delete_range(request.into_inner(), signed.as_ref()).await?))
+        let caller = caller(request.metadata())?;
+        Ok(Response::new(self.gate.delete_range(request.into_inner(), &caller).await?))
     }
 
     async fn txn(&self, request: Request<pb::PbTxnRequest>) -> Result<Response<pb::PbTxnResponse>, Status> {
-        let signed = signed(request.metadata())?;
-        Ok(Response::new(self.gate.txn(request.into_inner(), signed.as_ref()).await?))
+        let caller = caller(request.metadata())?;
+        Ok(Response::new(self.gate.txn(request.into_inner(), &caller).await?))
     }
 
     async fn compact(
@@ -88,13 +92,27 @@ impl pb::PbKvService for Kv {
     }
 }
 
-/// The signatures a request carries in its metadata (see [`crate::trust`] for the headers).
-fn signed(metadata: &tonic::metadata::MetadataMap) -> Result<Option<SignedRequest>, Status> {
-    use crate::trust::{NONCE_HEADER, NOT_AFTER_HEADER, SIGNATURE_HEADER};
+/// What a request carries in its metadata: signatures (see [`crate::trust`] for the headers)
+/// and how long it waits for approvals.
+fn caller(metadata: &tonic::metadata::MetadataMap) -> Result<Caller, Status> {
+    use crate::trust::{NONCE_HEADER, NOT_AFTER_HEADER, SIGNATURE_HEADER, WAIT_HEADER};
     let text = |name: &str| metadata.get(name).and_then(|v| v.to_str().ok());
     let signatures = metadata.get_all(SIGNATURE_HEADER).iter().filter_map(|v| v.to_str().ok());
-    SignedRequest::from_headers(text(NONCE_HEADER), text(NOT_AFTER_HEADER), signatures)
-        .map_err(|e| Status::unauthenticated(e.to_string()))
+    let signed = SignedRequest::from_headers(text(NONCE_HEADER), text(NOT_AFTER_HEADER), signatures)
+        .map_err(|e| Status::unauthenticated(e.to_string()))?;
+    let wait = match text(WAIT_HEADER) {
+        Some(seconds) => Some(
+            seconds
+                .trim()
+                .parse::<f64>()
+                .ok()
+                .filter(|s| s.is_finite() && *s >= 0.0 && *s <= 3600.0)
+                .map(std::time::Duration::from_secs_f64)
+                .ok_or_else(|| Status::invalid_argument(format!("{WAIT_HEADER} must be seconds between 0 and 3600")))?,
+        ),
+        None => None,
+    };
+    Ok(Caller { signed, wait })
 }
 
 fn unimplemented(what: &str) -> Status {

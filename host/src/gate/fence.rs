@@ -8,12 +8,7 @@ use etcd_client::proto as pb;
 
 use crate::index::RESERVED_PREFIX;
 
-/// `Compare.target` value for `VERSION` in etcd's protocol.
-pub(crate) const TARGET_VERSION: i32 = 0;
-/// `Compare.target` value for `MOD`.
-pub(crate) const TARGET_MOD: i32 = 2;
-/// `Compare.result` value for `EQUAL`.
-pub(crate) const RESULT_EQUAL: i32 = 0;
+pub(crate) use crate::backend::compare::{RESULT_EQUAL, TARGET_MOD, TARGET_VERSION};
 
 /// The fence key of a scope, in the reserved keyspace of the scope's group.
 pub fn fence_key(scope: &str) -> Vec<u8> {

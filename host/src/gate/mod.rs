@@ -3,6 +3,9 @@
 //! with the client's own compares nested inside so its else-branch answers as etcd's would.
 //! Reads are routed, split across scopes and merged, and counted.
 
+mod approvals;
+pub use approvals::ApprovalError;
+pub(crate) use approvals::{decode_request, model_of};
 pub mod decisions;
 pub mod fence;
 mod lease;
@@ -38,6 +41,17 @@ pub enum GateError {
     /// The policy requires approvals the request does not carry.
     #[error("{0}")]
     ApprovalRequired(String),
+    /// The same, with what a proposal needs.
+    #[error("{}", .0.message)]
+    NeedsApproval(Box<Shortfall>),
+    /// The write became a proposal and waits for approvals.
+    #[error("{message}")]
+    Proposed {
+        /// The proposal's id.
+        id: String,
+        /// What to do.
+        message: String,
+    },
     /// A write or transaction touches keys of several scopes.
     #[error("the request touches keys of several scopes ({}); a write or transaction must stay within one scope", .0.join(", "))]
     CrossScope(Vec<String>),
@@ -65,6 +79,29 @@ impl From<Status> for GateError {
     fn from(status: Status) -> Self {
         GateError::Backend(status)
     }
+}
+
+/// What a request carries besides its message: signatures, and how long to wait for
+/// approvals.
+#[derive(Clone, Debug, Default)]
+pub struct Caller {
+    /// Signatures from the request's metadata.
+    pub signed: Option<SignedRequest>,
+    /// Wait this long for a proposal's outcome instead of answering with its id at once.
+    pub wait: Option<std::time::Duration>,
+}
+
+/// A write whose signatures fall short of its policy's approval rule.
+#[derive(Debug)]
+pub struct Shortfall {
+    /// The rule.
+    pub rule: m::ApprovalRule,
+    /// The weight the request's signatures carry.
+    pub weight: u32,
+    /// The policy that asked.
+    pub policy: crate::engine::PolicyDigest,
+    /// Why, in words.
+    pub message: String,
 }
 
 /// One scope at run time.
@@ -265,12 +302,18 @@ impl Gateway {
                     } else {
                         format!("its signatures ({}) weigh {weight}", signers.join(", "))
                     };
-                    return Err(GateError::ApprovalRequired(format!(
+                    let message = format!(
                         "writes to scope {} need approvals of weight {} from {}; {carried}",
                         scope.id,
                         rule.threshold,
                         voters.join(", ")
-                    )));
+                    );
+                    return Err(GateError::NeedsApproval(Box::new(Shortfall {
+                        rule,
+                        weight,
+                        policy: evaluation.digest,
+                        message,
+                    })));
                 }
             }
         }
@@ -393,16 +436,22 @@ impl Gateway {
         ops: Vec<m::Op>,
         compares: Vec<m::Compare>,
         op: pb::PbTxnOpRequest,
-        signed: Option<&SignedRequest>,
+        caller: &Caller,
     ) -> Result<(pb::PbTxnOpResponse, Option<pb::PbResponseHeader>), GateError> {
         let mut context = self.context(runtime, ops, compares);
-        if let Some(signed) = signed {
+        if let Some(signed) = &caller.signed {
             let now = crate::meta::unix_now();
             context.credentials =
                 self.trust.verify(&runtime.scope.id, &context.ops, &context.compares, signed, now)?;
         }
         for _ in 0..MAX_ATTEMPTS {
-            let guards = self.evaluate(runtime, &mut context)?;
+            let guards = match self.evaluate(runtime, &mut context) {
+                Ok(guards) => guards,
+                Err(GateError::NeedsApproval(shortfall)) => {
+                    return self.propose(runtime, &context, &op, *shortfall, caller.wait).await;
+                }
+                Err(e) => return Err(e),
+            };
             if let Some(mut response) = self.fenced(runtime, op.clone(), guards).await? {
                 let inner = response
                     .responses
@@ -416,12 +465,12 @@ impl Gateway {
     }
 
     /// etcd `Put`, governed.
-    pub async fn put(&self, request: pb::PbPutRequest, signed: Option<&SignedRequest>) -> Result<pb::PbPutResponse, GateError> {
+    pub async fn put(&self, request: pb::PbPutRequest, caller: &Caller) -> Result<pb::PbPutResponse, GateError> {
         let runtime = self.route_key(&request.key)?;
         self.ensure_leases(&runtime.group, [request.lease]).await?;
         let ops = vec![m::Op::Put(put_op(&request))];
         let (response, header) =
-            self.govern(runtime, ops, Vec::new(), pb::PbTxnOpRequest::RequestPut(request), signed).await?;
+            self.govern(runtime, ops, Vec::new(), pb::PbTxnOpRequest::RequestPut(request), caller).await?;
         match response {
             pb::PbTxnOpResponse::ResponsePut(mut put) => {
                 put.header = header;
@@ -436,7 +485,7 @@ impl Gateway {
     pub async fn delete_range(
         &self,
         request: pb::PbDeleteRequest,
-        signed: Option<&SignedRequest>,
+        caller: &Caller,
     ) -> Result<pb::PbDeleteResponse, GateError> {
         let range = KeyRange::from_request(&request.key, &request.range_end);
         if let Owner::Reserved = self.index.lookup(&request.key) {
@@ -448,9 +497,9 @@ impl Gateway {
         }
         if parts.len() == 1 && parts[0].1 == range {
             let runtime = self.runtime(parts[0].0);
-            return self.delete_part(runtime, request, signed).await;
+            return self.delete_part(runtime, request, caller).await;
         }
-        if signed.is_some() {
+        if caller.signed.is_some() {
             let scopes = parts.iter().map(|(scope, _)| scope.id.clone()).collect();
             return Err(GateError::CrossScope(scopes));
         }
@@ -460,12 +509,16 @@ impl Gateway {
             let runtime = self.runtime(scope);
             let (key, range_end) = part.to_request();
             let op = m::Op::DeleteRange(m::DeleteRangeOp { key: m::Bytes(key.clone()), range_end: m::Bytes(range_end.clone()) });
-            self.evaluate(runtime, &mut self.context(runtime, vec![op], Vec::new()))?;
+            self.evaluate(runtime, &mut self.context(runtime, vec![op], Vec::new())).map_err(|e| match e {
+                // Proposals cover one scope; a delete over several cannot wait for approvals.
+                GateError::NeedsApproval(shortfall) => GateError::ApprovalRequired(shortfall.message),
+                other => other,
+            })?;
             planned.push((runtime, pb::PbDeleteRequest { key, range_end, prev_kv: request.prev_kv }));
         }
         let mut merged = pb::PbDeleteResponse::default();
         for (runtime, part) in planned {
-            let response = self.delete_part(runtime, part, None).await?;
+            let response = self.delete_part(runtime, part, &Caller::default()).await?;
             merged.header = merged.header.or(response.header);
             merged.deleted += response.deleted;
             merged.prev_kvs.extend(response.prev_kvs);
@@ -477,14 +530,14 @@ impl Gateway {
         &self,
         runtime: &ScopeRuntime,
         request: pb::PbDeleteRequest,
-        signed: Option<&SignedRequest>,
+        caller: &Caller,
     ) -> Result<pb::PbDeleteResponse, GateError> {
         let ops = vec![m::Op::DeleteRange(m::DeleteRangeOp {
             key: m::Bytes(request.key.clone()),
             range_end: m::Bytes(request.range_end.clone()),
         })];
         let (response, header) =
-            self.govern(runtime, ops, Vec::new(), pb::PbTxnOpRequest::RequestDeleteRange(request), signed).await?;
+            self.govern(runtime, ops, Vec::new(), pb::PbTxnOpRequest::RequestDeleteRange(request), caller).await?;
         match response {
             pb::PbTxnOpResponse::ResponseDeleteRange(mut delete) => {
                 delete.header = header;
@@ -496,7 +549,7 @@ impl Gateway {
 
     /// etcd `Txn`, governed: the whole transaction must stay in one scope. A transaction of
     /// reads only is forwarded without evaluation.
-    pub async fn txn(&self, request: pb::PbTxnRequest, signed: Option<&SignedRequest>) -> Result<pb::PbTxnResponse, GateError> {
+    pub async fn txn(&self, request: pb::PbTxnRequest, caller: &Caller) -> Result<pb::PbTxnResponse, GateError> {
         let mut ranges = Vec::new();
         let mut ops = Vec::new();
         collect_txn(&request, &mut ranges, &mut ops);
@@ -513,7 +566,7 @@ impl Gateway {
         self.ensure_leases(&runtime.group, leases).await?;
         let compares = request.compare.iter().map(compare_to_model).collect();
         let (response, header) =
-            self.govern(runtime, ops, compares, pb::PbTxnOpRequest::RequestTxn(request), signed).await?;
+            self.govern(runtime, ops, compares, pb::PbTxnOpRequest::RequestTxn(request), caller).await?;
         match response {
             pb::PbTxnOpResponse::ResponseTxn(mut txn) => {
                 txn.header = header;

@@ -8,6 +8,7 @@
 //! | `\xffaq/meta/chunk/<digest>/<n:05>`   | bytes `n·CHUNK..` of the component          |
 //! | `\xffaq/meta/binding/<scope>`         | [`BindingRecord`] (JSON)                    |
 //! | `\xffaq/meta/principal/<id>`          | [`crate::trust::Principal`] (JSON)          |
+//! | `\xffaq/meta/proposal/<id>`           | [`crate::trust::proposal::Proposal`] (JSON) |
 //! | `\xffaq/meta/layout`                  | the scope layout, for tools                 |
 //!
 //! A policy counts as stored once its record exists: chunks are written first, so a reader
@@ -24,8 +25,9 @@ use tonic::Status;
 
 use crate::backend::Group;
 use crate::engine::{FailMode, Limits, PolicyDigest};
-use crate::gate::fence::{RESULT_EQUAL, TARGET_MOD, TARGET_VERSION};
+use crate::backend::compare::{RESULT_EQUAL, RESULT_GREATER, TARGET_MOD, TARGET_VERSION};
 use crate::index::{KeyRange, RESERVED_PREFIX};
+use crate::trust::proposal::Proposal;
 
 /// Bytes per stored chunk; well under etcd's default request limit of 1.5 MiB.
 pub const CHUNK_BYTES: usize = 1 << 20;
@@ -65,6 +67,11 @@ pub fn principal_key(id: &str) -> Vec<u8> {
 /// The prefix of every principal.
 pub fn principal_prefix() -> Vec<u8> {
     key(&[b"principal/"])
+}
+
+/// The key of a proposal.
+pub fn proposal_key(id: &str) -> Vec<u8> {
+    key(&[b"proposal/", id.as_bytes()])
 }
 
 /// The key of a scope's binding.
@@ -247,9 +254,6 @@ fn compare_unchanged(key: Vec<u8>, revision: i64) -> pb::PbCompare {
     }
 }
 
-/// `Compare.CompareResult.GREATER`.
-const RESULT_GREATER: i32 = 1;
-
 fn put_op(key: Vec<u8>, value: Vec<u8>) -> pb::PbTxnRequestOp {
     pb::PbTxnRequestOp { request: Some(pb::PbTxnOpRequest::RequestPut(pb::PbPutRequest { key, value, ..Default::default() })) }
 }
@@ -413,6 +417,37 @@ impl MetaStore {
         let response =
             self.group.delete_range(pb::PbDeleteRequest { key: principal_key(id), range_end: Vec::new(), prev_kv: false }).await?;
         Ok(response.deleted > 0)
+    }
+
+    /// A proposal and its mod revision.
+    pub async fn proposal(&self, id: &str) -> Result<Option<(Proposal, i64)>, MetaError> {
+        match self.get(proposal_key(id)).await? {
+            Some(kv) => Ok(Some((parse(&kv.key, &kv.value)?, kv.mod_revision))),
+            None => Ok(None),
+        }
+    }
+
+    /// Every proposal with its mod revision, oldest id first.
+    pub async fn proposals(&self) -> Result<Vec<(Proposal, i64)>, MetaError> {
+        let response = self.range(KeyRange::prefix(&key(&[b"proposal/"]))).await?;
+        response.kvs.iter().map(|kv| Ok((parse(&kv.key, &kv.value)?, kv.mod_revision))).collect()
+    }
+
+    /// Writes a proposal if it is still at `expected` (0: new); returns the write's revision.
+    pub async fn write_proposal(&self, proposal: &Proposal, expected: i64) -> Result<i64, MetaError> {
+        let value = serde_json::to_vec(proposal).expect("JSON");
+        let response = self
+            .group
+            .txn(pb::PbTxnRequest {
+                compare: vec![compare_unchanged(proposal_key(&proposal.id), expected)],
+                success: vec![put_op(proposal_key(&proposal.id), value)],
+                failure: Vec::new(),
+            })
+            .await?;
+        if !response.succeeded {
+            return Err(MetaError::Conflict(format!("(proposal {})", proposal.id)));
+        }
+        Ok(response.header.map(|h| h.revision).unwrap_or_default())
     }
 
     /// A scope's binding and its mod revision.

@@ -9,10 +9,12 @@
 //! | `aq-nonce`      | hex, 8 to 64 bytes the signer never reuses                 |
 //! | `aq-not-after`  | Unix seconds; at most [`MAX_VALIDITY`] ahead of aq's clock |
 //! | `aq-signature`  | `<public key hex>:<signature hex>`, once per signature     |
+//! | `aq-wait`       | optional: seconds to wait for a proposal's outcome         |
 //!
 //! Nonces are remembered until their not-after passes, so a signed request is accepted once.
 
 pub mod digest;
+pub mod proposal;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -31,6 +33,8 @@ pub const NONCE_HEADER: &str = "aq-nonce";
 pub const NOT_AFTER_HEADER: &str = "aq-not-after";
 /// gRPC metadata header of one signature (repeated for several).
 pub const SIGNATURE_HEADER: &str = "aq-signature";
+/// gRPC metadata header asking aq to wait up to this many seconds for a proposal's outcome.
+pub const WAIT_HEADER: &str = "aq-wait";
 /// The longest a signature may stay valid: nonces are remembered this long at most.
 pub const MAX_VALIDITY: Duration = Duration::from_secs(15 * 60);
 
@@ -258,6 +262,16 @@ impl Trust {
             }
         }
         self.keys.store(Arc::new(keys));
+    }
+
+    /// The principal owning a public key.
+    pub fn principal_of(&self, key: &[u8; 32]) -> Option<Arc<Principal>> {
+        self.keys.load().get(key).cloned()
+    }
+
+    /// Every known principal, by id.
+    pub fn principals_by_id(&self) -> HashMap<String, Arc<Principal>> {
+        self.keys.load().values().map(|p| (p.id.clone(), p.clone())).collect()
     }
 
     /// Verifies every signature of a request for `scope` at Unix second `now`; returns the
