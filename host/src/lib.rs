@@ -14,6 +14,7 @@ pub mod fixtures;
 pub mod front;
 pub mod gate;
 pub mod index;
+pub mod lineage;
 pub mod meta;
 pub mod serve;
 pub mod tls;

@@ -102,7 +102,10 @@ async fn swaps_under_load_reach_every_replica_and_every_request_gets_one_version
         assert_eq!(&replica.running.gateway.registry().active("registry").unwrap().module.digest().to_hex(), expected);
         // Let some writes land on each binding.
         let floor = gw.running.gateway.metrics().routed_count("registry", "write") + 2;
+        let deadline = Instant::now() + Duration::from_secs(30);
         while gw.running.gateway.metrics().routed_count("registry", "write") < floor {
+            assert!(Instant::now() < deadline, "writes stopped landing after swap {swap}");
+            assert!(!writers.iter().any(|w| w.is_finished()), "a writer ended early (it failed; see its panic)");
             tokio::task::yield_now().await;
         }
     }

@@ -21,14 +21,32 @@ pub struct TestEtcd {
 
 impl TestEtcd {
     /// Starts etcd and waits until it answers.
+    ///
+    /// A free port can be taken by another process between being picked and etcd binding it
+    /// (tests run in parallel and open many connections): an etcd that exits at start is
+    /// started again on fresh ports, up to three times.
     pub async fn start(name: &str) -> TestEtcd {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let process = EtcdProcess::spawn("etcd", name, dir.path()).expect("etcd starts (is etcd-server installed?)");
-        let group = Group::connect_lazy(name, &[process.client_url().to_string()]).unwrap();
-        if let Err(e) = group.wait_ready(Duration::from_secs(20)).await {
-            panic!("{e}\netcd log:\n{}", process.log_tail(20));
+        let mut last_log = String::new();
+        for _ in 0..3 {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let mut process =
+                EtcdProcess::spawn("etcd", name, dir.path()).expect("etcd starts (is etcd-server installed?)");
+            let group = Group::connect_lazy(name, &[process.client_url().to_string()]).unwrap();
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            loop {
+                if group.wait_ready(Duration::from_millis(500)).await.is_ok() {
+                    return TestEtcd { process, _dir: dir };
+                }
+                if process.exited().is_some() {
+                    last_log = process.log_tail(20);
+                    break;
+                }
+                if std::time::Instant::now() > deadline {
+                    panic!("etcd {name} did not answer within 30 s\netcd log:\n{}", process.log_tail(20));
+                }
+            }
         }
-        TestEtcd { process, _dir: dir }
+        panic!("etcd {name} exited at start three times\nlast etcd log:\n{last_log}");
     }
 
     /// `http://127.0.0.1:<port>`.

@@ -11,7 +11,8 @@ use etcd_client::proto as pb;
 use prost::Message;
 use tonic::Status;
 
-use super::{Caller, GateError, Gateway, ScopeRuntime, Shortfall, collect_txn, compare_to_model, put_op};
+use super::{Caller, Draft, GateError, Gateway, ScopeRuntime, Shortfall, collect_txn, compare_to_model, put_op};
+use crate::lineage::{ApprovalRecord, RecordKind};
 use crate::backend::compare::{RESULT_LESS, TARGET_MOD};
 use crate::index::KeyRange;
 use crate::meta::{MetaError, MetaStore, unix_now};
@@ -337,13 +338,23 @@ impl Gateway {
             .map(|p| m::Credential { principal: p.id.clone(), roles: p.roles.clone() })
             .collect();
         for _ in 0..super::MAX_ATTEMPTS {
-            let mut guards = match self.evaluate(runtime, &mut context) {
-                Ok(guards) => guards,
+            let evaluated = match self.evaluate(runtime, &mut context) {
+                Ok(evaluated) => evaluated,
                 Err(GateError::NeedsApproval(shortfall)) => {
                     return Err(format!("the policy now asks for more: {}", shortfall.message));
                 }
                 Err(e) => return Err(format!("the policy no longer allows it: {e}")),
             };
+            // Every approved commit is recorded, whatever lineage the policy asks of plain writes.
+            let mut draft = Draft::of(&context, &evaluated.at_least_digest(), RecordKind::Approval)
+                .expect("digest lineage makes a record");
+            draft.proposal = Some(proposal.id.clone());
+            draft.approvals = proposal
+                .approvals
+                .iter()
+                .map(|a| ApprovalRecord { principal: a.principal.clone(), key: a.key.clone(), signature: a.signature.clone() })
+                .collect();
+            let mut guards = evaluated.guards;
             for range in &ranges {
                 let (key, range_end) = range.to_request();
                 guards.push(pb::PbCompare {
@@ -355,7 +366,7 @@ impl Gateway {
                 });
             }
             let fence = runtime.fence.expected();
-            match self.fenced(runtime, op.clone(), guards).await.map_err(|e| e.to_string())? {
+            match self.fenced(runtime, op.clone(), guards, Some(&draft)).await.map_err(|e| e.to_string())? {
                 Some(mut response) => {
                     let inner = response.responses.pop().and_then(|r| r.response).ok_or("etcd returned an empty txn response")?;
                     return Ok((inner, response.header.map(|h| h.revision).unwrap_or_default()));

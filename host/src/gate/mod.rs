@@ -23,11 +23,16 @@ use tonic::Status;
 use crate::backend::Group;
 use crate::engine::{Engine, EvalRequest, Registry, ScopeSlot};
 use crate::index::{KeyRange, Owner, Scope, ScopeIndex};
+use crate::lineage::{ApprovalRecord, Head, OpRecord, Record, RecordKind, head_key, record_key};
 use crate::trust::SignedRequest;
 use fence::Fence;
 
 /// How many times a write is retried after its fence or a policy read moved.
 const MAX_ATTEMPTS: usize = 5;
+
+/// How many times a write is sent again because other replicas extended its scope's lineage
+/// chain first (no new evaluation: the decision still holds).
+const LINEAGE_ATTEMPTS: usize = 100;
 
 /// Why the gate refused or could not complete a request.
 #[derive(Debug, thiserror::Error)]
@@ -81,6 +86,101 @@ impl From<Status> for GateError {
     }
 }
 
+/// The outcome of an allowing evaluation.
+pub(crate) struct Evaluated {
+    /// Compares guarding the write on what the policy read.
+    guards: Vec<pb::PbCompare>,
+    /// How much lineage the policy asked for.
+    lineage: m::LineageLevel,
+    /// The policy that decided.
+    policy: crate::engine::PolicyDigest,
+}
+
+impl Evaluated {
+    /// The same outcome with at least digest lineage.
+    fn at_least_digest(&self) -> Evaluated {
+        let lineage = match self.lineage {
+            m::LineageLevel::None => m::LineageLevel::Digest,
+            other => other,
+        };
+        Evaluated { guards: Vec::new(), lineage, policy: self.policy }
+    }
+}
+
+/// A lineage record waiting for its place in the chain.
+pub(crate) struct Draft {
+    kind: RecordKind,
+    policy: String,
+    level: &'static str,
+    principals: Vec<String>,
+    ops: Vec<OpRecord>,
+    pub(crate) proposal: Option<String>,
+    pub(crate) approvals: Vec<ApprovalRecord>,
+}
+
+impl Draft {
+    /// The record of an allowed write, if its policy asked for lineage.
+    fn of(context: &m::Context, evaluated: &Evaluated, kind: RecordKind) -> Option<Draft> {
+        let level = match evaluated.lineage {
+            m::LineageLevel::None => return None,
+            m::LineageLevel::Digest => "digest",
+            m::LineageLevel::Full => "full",
+        };
+        let ops = context
+            .ops
+            .iter()
+            .map(|op| match op {
+                m::Op::Put(p) => OpRecord::Put {
+                    key: hex::encode(&p.key.0),
+                    value_blake3: blake3::hash(&p.value).to_hex().to_string(),
+                    lease: p.lease,
+                },
+                m::Op::DeleteRange(d) => OpRecord::Delete { key: hex::encode(&d.key.0), range_end: hex::encode(&d.range_end.0) },
+            })
+            .collect();
+        Some(Draft {
+            kind,
+            policy: evaluated.policy.to_hex(),
+            level,
+            principals: context.credentials.iter().map(|c| c.principal.clone()).collect(),
+            ops,
+            proposal: None,
+            approvals: Vec::new(),
+        })
+    }
+
+    fn record(&self, scope: &str, head: &Head) -> Record {
+        Record {
+            v: 1,
+            scope: scope.to_string(),
+            seq: head.next,
+            prev: head.prev.clone(),
+            kind: self.kind,
+            time_ms: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or_default(),
+            policy: self.policy.clone(),
+            level: self.level.to_string(),
+            principals: self.principals.clone(),
+            ops: self.ops.clone(),
+            proposal: self.proposal.clone(),
+            approvals: self.approvals.clone(),
+        }
+    }
+}
+
+fn put(key: Vec<u8>, value: Vec<u8>) -> pb::PbTxnRequestOp {
+    pb::PbTxnRequestOp { request: Some(pb::PbTxnOpRequest::RequestPut(pb::PbPutRequest { key, value, ..Default::default() })) }
+}
+
+/// A chain head as read (absent: the empty chain, revision 0).
+fn parse_head(range: &pb::PbRangeResponse) -> Result<(Head, i64), GateError> {
+    match range.kvs.first() {
+        Some(kv) => serde_json::from_slice(&kv.value)
+            .map(|head| (head, kv.mod_revision))
+            .map_err(|e| GateError::Backend(Status::data_loss(format!("the lineage head is damaged: {e}")))),
+        None => Ok((Head::default(), 0)),
+    }
+}
+
 /// What a request carries besides its message: signatures, and how long to wait for
 /// approvals.
 #[derive(Clone, Debug, Default)]
@@ -114,6 +214,8 @@ pub struct ScopeRuntime {
     pub fence: Fence,
     /// Its policy binding.
     pub slot: Arc<ScopeSlot>,
+    /// Its lineage chain head and the head key's mod revision, once read.
+    lineage_head: tokio::sync::Mutex<Option<(Head, i64)>>,
 }
 
 /// The gateway core shared by every front-end service.
@@ -162,6 +264,7 @@ impl Gateway {
                     group,
                     fence: Fence::new(&scope.id, version),
                     slot,
+                    lineage_head: tokio::sync::Mutex::new(None),
                 },
             );
         }
@@ -270,7 +373,7 @@ impl Gateway {
 
     /// Evaluates `context` with the scope's active policy, at the current time. Returns the
     /// compares that guard the write on what the policy read.
-    fn evaluate(&self, runtime: &ScopeRuntime, context: &mut m::Context) -> Result<Vec<pb::PbCompare>, GateError> {
+    fn evaluate(&self, runtime: &ScopeRuntime, context: &mut m::Context) -> Result<Evaluated, GateError> {
         let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
         let scope = &runtime.scope;
         context.request_time = m::Timestamp { seconds: now.as_secs(), nanoseconds: now.subsec_nanos() };
@@ -317,7 +420,7 @@ impl Gateway {
                 }
             }
         }
-        Ok(evaluation
+        let guards = evaluation
             .observed_reads
             .into_iter()
             .map(|read| pb::PbCompare {
@@ -331,7 +434,8 @@ impl Gateway {
                     None => pb::PbTargetUnion::Version(0),
                 }),
             })
-            .collect())
+            .collect();
+        Ok(Evaluated { guards, lineage: evaluation.decision.lineage, policy: evaluation.digest })
     }
 
     /// Queues the decision log line of an evaluation.
@@ -395,37 +499,95 @@ impl Gateway {
         self.decisions.dropped()
     }
 
-    /// Sends `op` as the success branch of a Txn guarded by the scope's fence and `guards`.
-    /// `Ok(None)` when a guard failed (the fence has been refreshed); the caller re-evaluates.
+    /// Sends `op` as the success branch of a Txn guarded by the scope's fence and `guards`,
+    /// with the lineage record of `draft` (and the new chain head) in the same Txn, guarded on
+    /// the head. `Ok(None)` when a guard failed (fence and head have been refreshed); the caller
+    /// re-evaluates.
     async fn fenced(
         &self,
         runtime: &ScopeRuntime,
         op: pb::PbTxnOpRequest,
         guards: Vec<pb::PbCompare>,
+        draft: Option<&Draft>,
     ) -> Result<Option<pb::PbTxnResponse>, GateError> {
-        let mut compare = Vec::with_capacity(guards.len() + 1);
-        compare.push(runtime.fence.compare());
-        compare.extend(guards);
-        let request = pb::PbTxnRequest {
-            compare,
-            success: vec![pb::PbTxnRequestOp { request: Some(op) }],
-            failure: vec![runtime.fence.read_op()],
+        // Held across the Txn: this replica's lineage writes to a scope form one chain.
+        let mut head_slot = match draft {
+            Some(_) => Some(runtime.lineage_head.lock().await),
+            None => None,
         };
-        let response = runtime.group.txn(request).await.inspect_err(|_| self.metrics.backend_error(runtime.group.name()))?;
-        if response.succeeded {
-            self.metrics.routed(&runtime.scope.id, "write");
-            return Ok(Some(response));
+        for _ in 0..LINEAGE_ATTEMPTS {
+            let mut compare = Vec::with_capacity(guards.len() + 2);
+            compare.push(runtime.fence.compare());
+            compare.extend(guards.iter().cloned());
+            let mut success = Vec::with_capacity(3);
+            let mut failure = vec![runtime.fence.read_op()];
+            let mut next_head = None;
+            if let (Some(draft), Some(slot)) = (draft, head_slot.as_mut()) {
+                if slot.is_none() {
+                    **slot = Some(self.read_head(runtime).await?);
+                }
+                let (head, head_revision) = slot.clone().expect("head read above");
+                let record = draft.record(&runtime.scope.id, &head);
+                let bytes = record.encode();
+                let new_head = Head { next: head.next + 1, prev: crate::lineage::record_hash(&bytes) };
+                let key = head_key(&runtime.scope.id);
+                compare.push(crate::meta::compare_unchanged(key.clone(), head_revision));
+                success.push(put(record_key(&runtime.scope.id, record.seq), bytes));
+                success.push(put(key.clone(), serde_json::to_vec(&new_head).expect("JSON")));
+                failure.push(pb::PbTxnRequestOp {
+                    request: Some(pb::PbTxnOpRequest::RequestRange(pb::PbRangeRequest { key, ..Default::default() })),
+                });
+                next_head = Some((head_revision, new_head));
+            }
+            success.push(pb::PbTxnRequestOp { request: Some(op.clone()) });
+            let request = pb::PbTxnRequest { compare, success, failure };
+            let response =
+                runtime.group.txn(request).await.inspect_err(|_| self.metrics.backend_error(runtime.group.name()))?;
+            if response.succeeded {
+                self.metrics.routed(&runtime.scope.id, "write");
+                if let (Some(slot), Some((_, head))) = (head_slot.as_mut(), next_head) {
+                    let revision = response.header.as_ref().map(|h| h.revision).unwrap_or_default();
+                    **slot = Some((head, revision));
+                }
+                return Ok(Some(response));
+            }
+            let version = match response.responses.first().and_then(|r| r.response.as_ref()) {
+                Some(pb::PbTxnOpResponse::ResponseRange(range)) => range.kvs.first().map(|kv| kv.version).unwrap_or(0),
+                _ => 0,
+            };
+            if version != runtime.fence.expected() {
+                self.metrics.fence_retry(&runtime.scope.id);
+                tracing::info!(scope = %runtime.scope.id, from = runtime.fence.expected(), to = version, "fence moved; retrying");
+                runtime.fence.refresh(version);
+                // A new owner may hold another chain: read its head next time.
+                if let Some(slot) = head_slot.as_mut() {
+                    **slot = None;
+                }
+                return Ok(None);
+            }
+            if let (Some(slot), Some((read_at, _))) = (head_slot.as_mut(), next_head) {
+                let seen = match response.responses.get(1).and_then(|r| r.response.as_ref()) {
+                    Some(pb::PbTxnOpResponse::ResponseRange(range)) => parse_head(range)?,
+                    _ => (Head::default(), 0),
+                };
+                let moved = seen.1 != read_at;
+                **slot = Some(seen);
+                if moved {
+                    // Another replica extended the chain; the decision still holds: send again
+                    // on the new head without evaluating again.
+                    continue;
+                }
+            }
+            // A policy read moved: the caller evaluates again.
+            self.metrics.fence_retry(&runtime.scope.id);
+            return Ok(None);
         }
-        self.metrics.fence_retry(&runtime.scope.id);
-        let version = match response.responses.first().and_then(|r| r.response.as_ref()) {
-            Some(pb::PbTxnOpResponse::ResponseRange(range)) => range.kvs.first().map(|kv| kv.version).unwrap_or(0),
-            _ => 0,
-        };
-        if version != runtime.fence.expected() {
-            tracing::info!(scope = %runtime.scope.id, from = runtime.fence.expected(), to = version, "fence moved; retrying");
-            runtime.fence.refresh(version);
-        }
-        Ok(None)
+        Err(GateError::Contended(runtime.scope.id.clone()))
+    }
+
+    async fn read_head(&self, runtime: &ScopeRuntime) -> Result<(Head, i64), GateError> {
+        let range = runtime.group.range(pb::PbRangeRequest { key: head_key(&runtime.scope.id), ..Default::default() }).await?;
+        parse_head(&range)
     }
 
     /// Runs one governed mutation: evaluate, send fenced, retry when the fence or a policy read
@@ -445,14 +607,15 @@ impl Gateway {
                 self.trust.verify(&runtime.scope.id, &context.ops, &context.compares, signed, now)?;
         }
         for _ in 0..MAX_ATTEMPTS {
-            let guards = match self.evaluate(runtime, &mut context) {
-                Ok(guards) => guards,
+            let evaluated = match self.evaluate(runtime, &mut context) {
+                Ok(evaluated) => evaluated,
                 Err(GateError::NeedsApproval(shortfall)) => {
                     return self.propose(runtime, &context, &op, *shortfall, caller.wait).await;
                 }
                 Err(e) => return Err(e),
             };
-            if let Some(mut response) = self.fenced(runtime, op.clone(), guards).await? {
+            let draft = Draft::of(&context, &evaluated, RecordKind::Mutation);
+            if let Some(mut response) = self.fenced(runtime, op.clone(), evaluated.guards, draft.as_ref()).await? {
                 let inner = response
                     .responses
                     .pop()

@@ -241,7 +241,7 @@ fn compare_version(key: Vec<u8>, version: i64, result: i32) -> pb::PbCompare {
 }
 
 /// `mod_revision(key) == revision`, or the key is absent when `revision` is 0.
-fn compare_unchanged(key: Vec<u8>, revision: i64) -> pb::PbCompare {
+pub(crate) fn compare_unchanged(key: Vec<u8>, revision: i64) -> pb::PbCompare {
     if revision == 0 {
         return compare_version(key, 0, RESULT_EQUAL);
     }
