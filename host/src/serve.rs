@@ -189,7 +189,9 @@ pub async fn start(config: Config, options: ServeOptions) -> Result<Running, Str
     } else {
         Auth::disabled()
     };
-    let admin = Arc::new(Admin::new(gateway.clone(), syncer.clone(), &config.admin, auth)?);
+    let identity = crate::trust::load_or_create_key(&options.data_dir.join("identity.key"))?;
+    let admin = Arc::new(Admin::new(gateway.clone(), syncer.clone(), &config.admin, auth, identity.clone())?);
+    checkpoint_lineage(gateway.clone(), syncer.store().clone(), identity);
 
     // The etcd API.
     let listener = tokio::net::TcpListener::bind(options.listen)
@@ -282,6 +284,28 @@ async fn persist_layout(gateway: &Gateway) -> Result<(), String> {
         .await
         .map_err(|s| format!("cannot record the layout in group {}: {}", gateway.home().name(), s.message()))?;
     Ok(())
+}
+
+/// How often each replica signs checkpoints of scopes whose lineage grew.
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(10);
+
+/// Signs lineage checkpoints in the background, so that records written now are covered by a
+/// signature before anyone could alter them.
+fn checkpoint_lineage(gateway: Arc<Gateway>, meta: MetaStore, key: ed25519_dalek::SigningKey) {
+    let weak = Arc::downgrade(&gateway);
+    drop(gateway);
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(CHECKPOINT_EVERY).await;
+            let Some(gateway) = weak.upgrade() else { return };
+            for scope in gateway.index().scopes() {
+                let Some(runtime) = gateway.scope(&scope.id) else { continue };
+                if let Err(e) = crate::lineage::store::checkpoint(&runtime.group, &meta, &key, &scope.id).await {
+                    tracing::warn!(scope = %scope.id, "cannot checkpoint lineage: {e}");
+                }
+            }
+        }
+    });
 }
 
 /// Restarts managed etcd processes that exit, on their data directories.

@@ -5,6 +5,7 @@
 //! balancers.
 
 pub mod auth;
+mod lineage;
 pub mod openapi;
 mod policies;
 mod principals;
@@ -39,11 +40,19 @@ pub struct Admin {
     max_policy_bytes: usize,
     require_signed_policies: bool,
     publishers: Vec<ed25519_dalek::VerifyingKey>,
+    /// This replica's identity: signs lineage checkpoints.
+    identity: ed25519_dalek::SigningKey,
 }
 
 impl Admin {
     /// The admin API over a gateway and its syncer.
-    pub fn new(gateway: Arc<Gateway>, syncer: Arc<Syncer>, config: &AdminConfig, auth: Auth) -> Result<Self, String> {
+    pub fn new(
+        gateway: Arc<Gateway>,
+        syncer: Arc<Syncer>,
+        config: &AdminConfig,
+        auth: Auth,
+        identity: ed25519_dalek::SigningKey,
+    ) -> Result<Self, String> {
         let mut publishers = Vec::new();
         for key in &config.trusted_publishers {
             let bytes: [u8; 32] = hex::decode(key)
@@ -65,6 +74,7 @@ impl Admin {
             max_policy_bytes: config.max_policy_bytes,
             require_signed_policies: config.require_signed_policies,
             publishers,
+            identity,
         })
     }
 
@@ -166,6 +176,9 @@ pub fn router(admin: Arc<Admin>) -> Router {
         .route("/v1/policies/{digest}", get(policies::get).delete(policies::delete))
         .route("/v1/principals", get(principals::list).post(principals::add))
         .route("/v1/principals/{id}", axum::routing::delete(principals::remove))
+        .route("/v1/lineage/{scope}/export", get(lineage::export))
+        .route("/v1/lineage/{scope}/checkpoint", post(lineage::checkpoint))
+        .route("/v1/lineage/{scope}/proof/{index}", get(lineage::proof))
         .route("/v1/proposals", get(proposals::list))
         .route("/v1/proposals/{id}", get(proposals::get))
         .route("/v1/proposals/{id}/approve", post(proposals::approve))

@@ -84,6 +84,9 @@ enum Command {
         #[command(flatten)]
         remote: remote::Remote,
     },
+    /// Lineage: export a scope's records and check an export offline.
+    #[command(subcommand)]
+    Lineage(LineageCommand),
     /// Put a key through aq, signed with each --key.
     Put {
         /// The key.
@@ -133,6 +136,29 @@ pub(crate) struct SigningArgs {
     /// When approvals are needed, wait this many seconds for the proposal's outcome.
     #[arg(long)]
     pub(crate) wait: Option<f64>,
+}
+
+#[derive(Subcommand)]
+enum LineageCommand {
+    /// Export a scope's lineage (a fresh checkpoint is signed first).
+    Export {
+        /// The scope.
+        scope: String,
+        /// Write here instead of standard output.
+        #[arg(long, short)]
+        out: Option<PathBuf>,
+        #[command(flatten)]
+        remote: remote::Remote,
+    },
+    /// Check an export offline: the chain of records, checkpoints, the root log. Exit 1 naming
+    /// the record when it does not verify.
+    Verify {
+        /// The export file.
+        export: PathBuf,
+        /// Require checkpoints signed by this public key (hex or file); repeatable.
+        #[arg(long = "trust")]
+        trusted: Vec<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -347,6 +373,8 @@ pub fn main() -> ExitCode {
         Command::Principals(PrincipalsCommand::Ls { remote }) => remote::list_principals(&remote),
         Command::Principals(PrincipalsCommand::Rm { id, remote }) => remote::remove_principal(&remote, &id),
         Command::Proposals(ProposalsCommand::Ls { all, remote }) => remote::list_proposals(&remote, all),
+        Command::Lineage(LineageCommand::Export { scope, out, remote }) => remote::lineage_export(&remote, &scope, out.as_deref()),
+        Command::Lineage(LineageCommand::Verify { export, trusted }) => remote::lineage_verify(&export, &trusted),
         Command::Approve { id, key, remote } => remote::approve(&remote, &id, &key),
         Command::Reject { id, reason, remote } => remote::reject(&remote, &id, &reason),
         Command::Put { key, value, signing, remote } => remote::signed_write(&remote, &signing, &key, Some(&value)),

@@ -538,3 +538,58 @@ pub(super) fn reject(remote: &Remote, id: &str, reason: &str) -> Result<(), CliE
     }
     Ok(())
 }
+
+/// `aq lineage export`.
+pub(super) fn lineage_export(remote: &Remote, scope: &str, out: Option<&std::path::Path>) -> Result<(), CliError> {
+    let export = remote.call("GET", &format!("/v1/lineage/{scope}/export"), None, &[])?;
+    let text = serde_json::to_string_pretty(&export).expect("JSON");
+    match out {
+        Some(path) => {
+            std::fs::write(path, format!("{text}\n")).map_err(|e| CliError::Input(format!("cannot write {}: {e}", path.display())))?;
+            eprintln!(
+                "exported {} records and {} checkpoints of scope {scope} to {}",
+                export["records"].as_array().map(Vec::len).unwrap_or_default(),
+                export["checkpoints"].as_array().map(Vec::len).unwrap_or_default(),
+                path.display()
+            );
+        }
+        None => println!("{text}"),
+    }
+    Ok(())
+}
+
+/// `aq lineage verify`: offline; exit 1 naming the record when the export does not verify.
+pub(super) fn lineage_verify(path: &std::path::Path, trusted: &[String]) -> Result<(), CliError> {
+    let text = std::fs::read_to_string(path).map_err(|e| CliError::Input(format!("cannot read {}: {e}", path.display())))?;
+    let export: crate::lineage::log::Export =
+        serde_json::from_str(&text).map_err(|e| CliError::Input(format!("{} is not a lineage export: {e}", path.display())))?;
+    let mut keys = Vec::new();
+    for key in trusted {
+        let text = if std::path::Path::new(key).exists() {
+            std::fs::read_to_string(key).map_err(|e| CliError::Input(format!("cannot read {key}: {e}")))?
+        } else {
+            key.clone()
+        };
+        keys.push(crate::trust::parse_public_key(&text).map_err(CliError::Input)?);
+    }
+    match crate::lineage::log::verify(&export, &keys) {
+        Ok(verified) => {
+            println!(
+                "ok: scope {}: {} records, {} checkpoints, root log of {}; signed by {}",
+                export.scope,
+                verified.records,
+                verified.checkpoints,
+                export.root_log.len(),
+                verified.signers.iter().chain(std::iter::once(&export.root_checkpoint.signer)).map(|k| short(k)).collect::<std::collections::BTreeSet<_>>().into_iter().collect::<Vec<_>>().join(", ")
+            );
+            if keys.is_empty() {
+                println!("note: signer keys were not pinned; pass --trust <key> to require them");
+            }
+            Ok(())
+        }
+        Err(e) => {
+            println!("FAILED: scope {}: {e}", export.scope);
+            Err(CliError::Check)
+        }
+    }
+}

@@ -14,7 +14,8 @@
 //! RFC 6962 Merkle log ([`log`]); signed checkpoints of those logs, and a root log over the
 //! checkpoints, make an export verifiable offline.
 
-// pub mod log;
+pub mod log;
+pub mod store;
 
 use serde::{Deserialize, Serialize};
 

@@ -419,6 +419,39 @@ impl MetaStore {
         Ok(response.deleted > 0)
     }
 
+    /// A scope's lineage checkpoints, smallest first.
+    pub async fn checkpoints(&self, scope: &str) -> Result<Vec<crate::lineage::log::Checkpoint>, MetaError> {
+        let prefix = key(&[b"checkpoint/", scope.as_bytes(), b"/"]);
+        let response = self.range(KeyRange::prefix(&prefix)).await?;
+        response.kvs.iter().map(|kv| parse(&kv.key, &kv.value)).collect()
+    }
+
+    /// The root log: every checkpoint of every scope, in the order appended.
+    pub async fn root_log(&self) -> Result<Vec<crate::lineage::log::Checkpoint>, MetaError> {
+        let response = self.range(KeyRange::prefix(&key(&[b"rootlog/"]))).await?;
+        response.kvs.iter().map(|kv| parse(&kv.key, &kv.value)).collect()
+    }
+
+    /// Stores a checkpoint and appends it to the root log, in one Txn; a checkpoint of the same
+    /// scope and size already stored (by another replica) wins.
+    pub async fn put_checkpoint(&self, checkpoint: &crate::lineage::log::Checkpoint) -> Result<bool, MetaError> {
+        let value = serde_json::to_vec(checkpoint).expect("JSON");
+        let at = key(&[b"checkpoint/", checkpoint.scope.as_bytes(), format!("/{:020}", checkpoint.size).as_bytes()]);
+        let entry = key(&[
+            b"rootlog/",
+            format!("{:020}-{}-{:020}", checkpoint.time_ms, checkpoint.scope, checkpoint.size).as_bytes(),
+        ]);
+        let response = self
+            .group
+            .txn(pb::PbTxnRequest {
+                compare: vec![compare_version(at.clone(), 0, RESULT_EQUAL)],
+                success: vec![put_op(at, value.clone()), put_op(entry, value)],
+                failure: Vec::new(),
+            })
+            .await?;
+        Ok(response.succeeded)
+    }
+
     /// A proposal and its mod revision.
     pub async fn proposal(&self, id: &str) -> Result<Option<(Proposal, i64)>, MetaError> {
         match self.get(proposal_key(id)).await? {

@@ -64,6 +64,33 @@ impl Principal {
     }
 }
 
+/// Reads the ed25519 key at `path` (hex), or creates it (mode 0600) when the file is missing.
+pub fn load_or_create_key(path: &std::path::Path) -> Result<SigningKey, String> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => {
+            let bytes: [u8; 32] = hex::decode(text.trim())
+                .ok()
+                .and_then(|b| b.try_into().ok())
+                .ok_or_else(|| format!("{} is not an ed25519 private key (64 hex digits)", path.display()))?;
+            return Ok(SigningKey::from_bytes(&bytes));
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+    }
+    let mut secret = [0u8; 32];
+    getrandom::fill(&mut secret).map_err(|e| format!("the system random source failed: {e}"))?;
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+    file.write_all(format!("{}\n", hex::encode(secret)).as_bytes()).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    Ok(SigningKey::from_bytes(&secret))
+}
+
 /// Parses a hex ed25519 public key.
 pub fn parse_public_key(text: &str) -> Result<VerifyingKey, String> {
     let bytes: [u8; 32] = hex::decode(text.trim())

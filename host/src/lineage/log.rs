@@ -1,0 +1,242 @@
+//! Merkle logs over lineage records, signed checkpoints, exports and their offline check.
+//!
+//! Each scope's records, in `seq` order, are the leaves of an RFC 6962 Merkle tree (SHA-256, as
+//! in Certificate Transparency; `ct-merkle`). A checkpoint is a replica's ed25519 signature over
+//! (scope, size, root). Every checkpoint is also appended to the root log, whose own signed
+//! checkpoint therefore commits to every scope's checkpoints.
+
+use ct_merkle::mem_backed_tree::MemoryBackedTree;
+use ct_merkle::{InclusionProof, RootHash};
+use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
+use serde::{Deserialize, Serialize};
+use sha2::Sha256;
+
+use super::{Record, record_hash};
+
+/// The scope name of the root log's checkpoints.
+pub const ROOT_LOG: &str = "@root";
+
+/// A signed (scope, size, root).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Checkpoint {
+    /// The scope, or [`ROOT_LOG`].
+    pub scope: String,
+    /// Leaves covered.
+    pub size: u64,
+    /// The RFC 6962 tree hash of those leaves (hex).
+    pub root: String,
+    /// When it was signed (Unix milliseconds).
+    pub time_ms: u64,
+    /// The signing replica's public key (hex).
+    pub signer: String,
+    /// ed25519 over [`checkpoint_message`] (hex).
+    pub signature: String,
+}
+
+/// What a checkpoint signature covers.
+pub fn checkpoint_message(scope: &str, size: u64, root: &str, time_ms: u64) -> Vec<u8> {
+    let mut message = b"aq lineage checkpoint v1\0".to_vec();
+    message.extend_from_slice(&(scope.len() as u32).to_le_bytes());
+    message.extend_from_slice(scope.as_bytes());
+    message.extend_from_slice(&size.to_le_bytes());
+    message.extend_from_slice(root.as_bytes());
+    message.extend_from_slice(&time_ms.to_le_bytes());
+    message
+}
+
+/// The Merkle tree of `leaves`.
+pub fn tree(leaves: &[Vec<u8>]) -> MemoryBackedTree<Sha256, Vec<u8>> {
+    let mut tree = MemoryBackedTree::new();
+    for leaf in leaves {
+        tree.push(leaf.clone());
+    }
+    tree
+}
+
+/// The tree hash of `leaves`, hex.
+pub fn root_hex(leaves: &[Vec<u8>]) -> String {
+    hex::encode(tree(leaves).root().as_bytes())
+}
+
+impl Checkpoint {
+    /// Signs a checkpoint of `leaves` for `scope`.
+    pub fn sign(key: &SigningKey, scope: &str, leaves: &[Vec<u8>], time_ms: u64) -> Checkpoint {
+        let root = root_hex(leaves);
+        let size = leaves.len() as u64;
+        let signature = key.sign(&checkpoint_message(scope, size, &root, time_ms));
+        Checkpoint {
+            scope: scope.to_string(),
+            size,
+            root,
+            time_ms,
+            signer: hex::encode(key.verifying_key().as_bytes()),
+            signature: hex::encode(signature.to_bytes()),
+        }
+    }
+
+    /// Checks the signature (and, when `trusted` is not empty, that the signer is trusted).
+    pub fn check_signature(&self, trusted: &[VerifyingKey]) -> Result<(), String> {
+        let key = crate::trust::parse_public_key(&self.signer)?;
+        if !trusted.is_empty() && !trusted.contains(&key) {
+            return Err(format!("checkpoint of {} (size {}) is signed by {}, which is not trusted", self.scope, self.size, self.signer));
+        }
+        let signature: [u8; 64] = hex::decode(&self.signature)
+            .ok()
+            .and_then(|s| s.try_into().ok())
+            .ok_or_else(|| format!("checkpoint of {} (size {}): the signature is not 64 bytes of hex", self.scope, self.size))?;
+        key.verify_strict(&checkpoint_message(&self.scope, self.size, &self.root, self.time_ms), &Signature::from_bytes(&signature))
+            .map_err(|_| format!("checkpoint of {} (size {}): the signature does not verify", self.scope, self.size))
+    }
+}
+
+/// A record as exported: where it was and what it held.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ExportedRecord {
+    /// Its etcd key's `seq` part.
+    pub seq: u64,
+    /// The revision that last wrote it.
+    pub revision: i64,
+    /// The stored bytes (the record's JSON).
+    pub record: String,
+}
+
+/// Everything needed to check a scope's lineage offline.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Export {
+    /// Format version (1).
+    pub v: u8,
+    /// The scope.
+    pub scope: String,
+    /// Its records, in key order.
+    pub records: Vec<ExportedRecord>,
+    /// Its checkpoints, oldest first.
+    pub checkpoints: Vec<Checkpoint>,
+    /// The root log: every checkpoint of every scope, in the order appended.
+    pub root_log: Vec<Checkpoint>,
+    /// A checkpoint of the root log.
+    pub root_checkpoint: Checkpoint,
+}
+
+/// What a clean export holds.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Verified {
+    /// Records checked.
+    pub records: u64,
+    /// Checkpoints checked.
+    pub checkpoints: usize,
+    /// The keys that signed them.
+    pub signers: Vec<String>,
+}
+
+/// Why an export does not verify, naming the record when one is to blame.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{}{message}", .record.map(|s| format!("record {s}: ")).unwrap_or_default())]
+pub struct VerifyError {
+    /// The record's `seq`.
+    pub record: Option<u64>,
+    /// What is wrong.
+    pub message: String,
+}
+
+fn fail(record: Option<u64>, message: impl Into<String>) -> VerifyError {
+    VerifyError { record, message: message.into() }
+}
+
+/// Checks an export: the chain of records, their order, every checkpoint's signature and root,
+/// and the root log. `trusted`, when not empty, are the only keys checkpoints may be signed by.
+pub fn verify(export: &Export, trusted: &[VerifyingKey]) -> Result<Verified, VerifyError> {
+    let mut leaves: Vec<Vec<u8>> = Vec::with_capacity(export.records.len());
+    for (i, exported) in export.records.iter().enumerate() {
+        let i = i as u64;
+        if exported.seq != i {
+            return Err(fail(
+                Some(i),
+                format!("missing: the records jump from seq {} to seq {}", i.wrapping_sub(1) as i64, exported.seq),
+            ));
+        }
+        let record: Record = serde_json::from_str(&exported.record)
+            .map_err(|e| fail(Some(i), format!("does not parse as a lineage record: {e}")))?;
+        if record.seq != i || record.scope != export.scope {
+            return Err(fail(Some(i), format!("claims to be seq {} of scope {}", record.seq, record.scope)));
+        }
+        if let Some(previous) = leaves.last() {
+            let expected = record_hash(previous);
+            if record.prev != expected {
+                return Err(fail(
+                    Some(i - 1),
+                    format!("altered: record {i} names its predecessor's hash {}, but record {} hashes to {expected}", record.prev, i - 1),
+                ));
+            }
+            let before = &export.records[i as usize - 1];
+            if exported.revision <= before.revision {
+                return Err(fail(
+                    Some(i - 1),
+                    format!(
+                        "rewritten: it was last written at revision {}, after record {i} (revision {})",
+                        before.revision, exported.revision
+                    ),
+                ));
+            }
+        } else if !record.prev.is_empty() {
+            return Err(fail(Some(0), "the first record names a predecessor"));
+        }
+        leaves.push(exported.record.as_bytes().to_vec());
+    }
+    let mut signers: Vec<String> = Vec::new();
+    for checkpoint in &export.checkpoints {
+        checkpoint.check_signature(trusted).map_err(|e| fail(None, e))?;
+        if checkpoint.scope != export.scope {
+            return Err(fail(None, format!("a checkpoint of scope {} is in the export of {}", checkpoint.scope, export.scope)));
+        }
+        let size = checkpoint.size as usize;
+        if size > leaves.len() {
+            return Err(fail(
+                Some(leaves.len() as u64),
+                format!("missing: a checkpoint covers {size} records but only {} remain", leaves.len()),
+            ));
+        }
+        if root_hex(&leaves[..size]) != checkpoint.root {
+            // The chain holds up to here, so the last record under the checkpoint was changed.
+            return Err(fail(
+                Some(checkpoint.size.saturating_sub(1)),
+                format!("altered: the records do not match the checkpoint of size {size} (root {})", checkpoint.root),
+            ));
+        }
+        if !export.root_log.contains(checkpoint) {
+            return Err(fail(None, format!("the checkpoint of size {size} is not in the root log")));
+        }
+        if !signers.contains(&checkpoint.signer) {
+            signers.push(checkpoint.signer.clone());
+        }
+    }
+    let root = &export.root_checkpoint;
+    root.check_signature(trusted).map_err(|e| fail(None, e))?;
+    let root_leaves: Vec<Vec<u8>> =
+        export.root_log.iter().take(root.size as usize).map(|c| serde_json::to_vec(c).expect("JSON")).collect();
+    if root.scope != ROOT_LOG || root_leaves.len() as u64 != root.size || root_hex(&root_leaves) != root.root {
+        return Err(fail(None, "the root log does not match its checkpoint"));
+    }
+    Ok(Verified { records: leaves.len() as u64, checkpoints: export.checkpoints.len(), signers })
+}
+
+/// An inclusion proof of record `index` in a log of `leaves`, checked before it is returned.
+pub fn prove(leaves: &[Vec<u8>], index: usize) -> Option<(String, String)> {
+    if index >= leaves.len() {
+        return None;
+    }
+    let tree = tree(leaves);
+    let proof = tree.prove_inclusion(index);
+    let root: RootHash<Sha256> = tree.root();
+    root.verify_inclusion(&leaves[index], index as u64, &proof).ok()?;
+    Some((hex::encode(root.as_bytes()), hex::encode(proof.as_bytes())))
+}
+
+/// Checks an inclusion proof (hex) of `leaf` at `index` in a log of `size` with root `root`.
+pub fn check_proof(leaf: &[u8], index: u64, size: u64, root: &str, proof: &str) -> Result<(), String> {
+    let root_bytes = hex::decode(root).map_err(|e| format!("root: {e}"))?;
+    let digest = ct_merkle::digest::Output::<Sha256>::try_from(root_bytes.as_slice()).map_err(|_| "root: not 32 bytes".to_string())?;
+    let root = RootHash::<Sha256>::new(digest, size);
+    let proof = InclusionProof::<Sha256>::try_from_bytes(hex::decode(proof).map_err(|e| format!("proof: {e}"))?)
+        .map_err(|e| format!("proof: {e:?}"))?;
+    root.verify_inclusion(&leaf.to_vec(), index, &proof).map_err(|e| format!("the proof does not verify: {e:?}"))
+}
