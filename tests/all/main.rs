@@ -5,6 +5,7 @@ mod builtins;
 mod gateway;
 mod hostile;
 mod hotswap;
+mod lineage;
 mod swap;
 mod trust;
 mod validation;

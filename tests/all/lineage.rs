@@ -1,0 +1,145 @@
+//! Lineage against real etcd: records written with governed writes, exports that verify, and
+//! tampering done directly in etcd that verification catches and names.
+
+use aq_host::lineage::log::{Export, check_proof, verify};
+use aq_tests::etcd::TestGateway;
+use aq_tests::guests;
+use axum::body::Body;
+use axum::http::{Method, Request, StatusCode};
+use serde_json::{Value, json};
+use tower::ServiceExt;
+
+async fn admin(gw: &TestGateway, method: Method, path: &str, body: Value) -> (StatusCode, Value) {
+    let router = aq_host::admin::router(gw.running.admin.clone());
+    let request = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("authorization", format!("Bearer {}", gw.admin_token()))
+        .header("content-type", "application/json")
+        .body(Body::from(if body.is_null() { Vec::new() } else { serde_json::to_vec(&body).unwrap() }))
+        .unwrap();
+    let response = router.oneshot(request).await.unwrap();
+    let status = response.status();
+    let bytes = axum::body::to_bytes(response.into_body(), 1 << 24).await.unwrap();
+    (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+}
+
+/// aq with the example policy (digest lineage) on `registry`, and three writes there.
+async fn governed_writes() -> TestGateway {
+    let gw = TestGateway::start().await;
+    let router = aq_host::admin::router(gw.running.admin.clone());
+    let push = Request::post("/v1/policies")
+        .header("authorization", format!("Bearer {}", gw.admin_token()))
+        .body(Body::from(guests::bytes(guests::EXAMPLE_DENY_PREFIX)))
+        .unwrap();
+    assert_eq!(router.oneshot(push).await.unwrap().status(), StatusCode::CREATED);
+    let digest = blake3::hash(&guests::bytes(guests::EXAMPLE_DENY_PREFIX)).to_hex().to_string();
+    let (status, body) =
+        admin(&gw, Method::PUT, "/v1/scopes/registry/policy", json!({ "digest": digest, "config": { "read_only": ["/registry/ro/"] } })).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let mut client = gw.client().await;
+    for (key, value) in [("/registry/pods/a", "one"), ("/registry/pods/b", "two"), ("/registry/pods/a", "three")] {
+        client.put(key, value, None).await.unwrap();
+    }
+    client.delete("/registry/pods/b", None).await.unwrap();
+    client.put("/elsewhere", "open scopes keep no lineage", None).await.unwrap();
+    gw
+}
+
+async fn export(gw: &TestGateway, scope: &str) -> Export {
+    let (status, body) = admin(gw, Method::GET, &format!("/v1/lineage/{scope}/export"), Value::Null).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    serde_json::from_value(body).unwrap()
+}
+
+fn record_key(scope: &str, seq: u64) -> Vec<u8> {
+    aq_host::lineage::record_key(scope, seq)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn governed_writes_leave_records_that_verify_and_open_scopes_leave_none() {
+    let gw = governed_writes().await;
+    let exported = export(&gw, "registry").await;
+    assert_eq!(exported.records.len(), 4, "three puts and a delete");
+    let records: Vec<Value> = exported.records.iter().map(|r| serde_json::from_str(&r.record).unwrap()).collect();
+    assert_eq!(records[0]["ops"][0]["op"], "put");
+    assert_eq!(records[0]["ops"][0]["key"], hex("/registry/pods/a"));
+    assert_eq!(records[0]["ops"][0]["value_blake3"], blake3::hash(b"one").to_hex().as_str());
+    assert_eq!(records[3]["ops"][0]["op"], "delete");
+    assert_eq!(records[1]["prev"], blake3::hash(exported.records[0].record.as_bytes()).to_hex().as_str());
+    assert!(!exported.records.iter().any(|r| r.record.contains("one\"") || r.record.contains("three")), "values never appear");
+    let verified = verify(&exported, &[]).expect("a clean export verifies");
+    assert_eq!(verified.records, 4);
+    assert!(verified.checkpoints >= 1);
+
+    // Pinned to this replica's identity key it verifies; pinned to another it does not.
+    let identity = std::fs::read_to_string(gw.data_dir().join("identity.key")).unwrap();
+    let identity = ed25519_dalek::SigningKey::from_bytes(&hex_bytes(identity.trim()).try_into().unwrap());
+    verify(&exported, &[identity.verifying_key()]).expect("signed by this replica");
+    let stranger = ed25519_dalek::SigningKey::from_bytes(&[9; 32]).verifying_key();
+    assert!(verify(&exported, &[stranger]).unwrap_err().message.contains("not trusted"));
+
+    // The open catch-all scope keeps none.
+    assert!(export(&gw, "catch-all").await.records.is_empty());
+
+    // Inclusion proofs check against the log's root.
+    let (status, proof) = admin(&gw, Method::GET, "/v1/lineage/registry/proof/2", Value::Null).await;
+    assert_eq!(status, StatusCode::OK, "{proof}");
+    let leaf = proof["record"].as_str().unwrap().as_bytes();
+    check_proof(leaf, 2, 4, proof["root"].as_str().unwrap(), proof["proof"].as_str().unwrap()).expect("the proof verifies");
+    assert_eq!(proof["root"], exported.checkpoints.last().unwrap().root, "the root the export's last checkpoint signed");
+    assert!(check_proof(b"another record", 2, 4, proof["root"].as_str().unwrap(), proof["proof"].as_str().unwrap()).is_err());
+    let (status, _) = admin(&gw, Method::GET, "/v1/lineage/registry/proof/4", Value::Null).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
+fn hex(text: &str) -> String {
+    text.bytes().map(|b| format!("{b:02x}")).collect()
+}
+
+fn hex_bytes(text: &str) -> Vec<u8> {
+    (0..text.len()).step_by(2).map(|i| u8::from_str_radix(&text[i..i + 2], 16).unwrap()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn edits_deletions_and_rewrites_in_etcd_are_caught_and_named() {
+    let gw = governed_writes().await;
+    // A checkpoint covers the four records before anyone touches them.
+    let clean = export(&gw, "registry").await;
+    verify(&clean, &[]).unwrap();
+    let mut direct = gw.main.client().await;
+
+    // An edited record: its successor no longer names its hash.
+    let original = clean.records[1].record.clone();
+    let edited = original.replace(&blake3::hash(b"two").to_hex().to_string(), &blake3::hash(b"forged").to_hex().to_string());
+    assert_ne!(edited, original);
+    direct.put(record_key("registry", 1), edited, None).await.unwrap();
+    let error = verify(&export(&gw, "registry").await, &[]).unwrap_err();
+    assert_eq!(error.record, Some(1), "{error}");
+    assert!(error.message.contains("altered"), "{error}");
+    direct.put(record_key("registry", 1), original.clone(), None).await.unwrap();
+
+    // Restored, but rewritten after its successors: the order betrays it.
+    let error = verify(&export(&gw, "registry").await, &[]).unwrap_err();
+    assert_eq!(error.record, Some(1), "{error}");
+    assert!(error.message.contains("rewritten"), "{error}");
+
+    // A deleted record.
+    let gw = governed_writes().await;
+    let clean = export(&gw, "registry").await;
+    verify(&clean, &[]).unwrap();
+    let mut direct = gw.main.client().await;
+    direct.delete(record_key("registry", 2), None).await.unwrap();
+    let error = verify(&export(&gw, "registry").await, &[]).unwrap_err();
+    assert_eq!(error.record, Some(2), "{error}");
+    assert!(error.message.contains("missing"), "{error}");
+
+    // The last record edited: no successor names it, but the signed checkpoint does.
+    let last = clean.records[3].record.replace("\"delete\"", "\"put\"");
+    direct.put(record_key("registry", 2), clean.records[2].record.clone(), None).await.unwrap();
+    let mut tampered = export(&gw, "registry").await;
+    tampered.records[2].revision = clean.records[2].revision; // as if record 2 had never moved
+    tampered.records[3].record = last;
+    let error = verify(&tampered, &[]).unwrap_err();
+    assert_eq!(error.record, Some(3), "{error}");
+}
