@@ -337,3 +337,46 @@ async fn a_principal_added_with_the_cli_signs_a_secret_put_with_aq_put() {
     assert_eq!(code, 1);
     assert!(err.contains("no principal has the public key") && err.contains("Unauthenticated"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lineage_export_and_offline_verify_through_the_cli() {
+    let gw = aq_tests::etcd::TestGateway::start().await;
+    // secrets under critical keeps full lineage of signed writes.
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("alice.key");
+    assert_eq!(run(aq().args(["keys", "gen", "--out"]).arg(&key)).0, 0);
+    let public = dir.path().join("alice.key.pub");
+    let (code, out, err) =
+        remote(&gw, &["principals", "add", "alice", "--key", public.to_str().unwrap(), "--role", "secret-writer"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    let endpoint = format!("--endpoint=http://{}", gw.endpoint());
+    let key_arg = format!("--key={}", key.display());
+    for value in ["one", "two"] {
+        let (code, out, err) = remote(&gw, &["put", "/registry/secrets/ns/db", value, &key_arg, &endpoint, "--scope=secrets"]).await;
+        assert_eq!(code, 0, "{out}{err}");
+    }
+
+    let export = dir.path().join("secrets.json");
+    let (code, _, err) = remote(&gw, &["lineage", "export", "secrets", "--out", export.to_str().unwrap()]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("exported 2 records"), "{err}");
+    let identity = std::fs::read_to_string(gw.data_dir().join("identity.key")).unwrap();
+    let signer = ed25519_dalek::SigningKey::from_bytes(
+        &(0..64).step_by(2).map(|i| u8::from_str_radix(&identity.trim()[i..i + 2], 16).unwrap()).collect::<Vec<_>>().try_into().unwrap(),
+    );
+    let trust = format!("--trust={}", signer.verifying_key().as_bytes().iter().map(|b| format!("{b:02x}")).collect::<String>());
+    let (code, out, _) = run(aq().args(["lineage", "verify"]).arg(&export).arg(&trust));
+    assert_eq!(code, 0, "{out}");
+    assert!(out.starts_with("ok: scope secrets: 2 records"), "{out}");
+
+    // Swap the two records in the file: the offline check names the first out of place.
+    let mut doc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&export).unwrap()).unwrap();
+    let records = doc["records"].as_array_mut().unwrap();
+    let first = records[0]["record"].clone();
+    records[0]["record"] = records[1]["record"].clone();
+    records[1]["record"] = first;
+    std::fs::write(&export, serde_json::to_string(&doc).unwrap()).unwrap();
+    let (code, out, _) = run(aq().args(["lineage", "verify"]).arg(&export));
+    assert_eq!(code, 1, "{out}");
+    assert!(out.starts_with("FAILED: scope secrets: record 0:"), "{out}");
+}
