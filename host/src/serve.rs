@@ -16,7 +16,7 @@ use crate::engine::{Engine, EngineConfig, Registry};
 use crate::front;
 use crate::admin::{Admin, Auth};
 use crate::tls::{TlsFiles, TlsListener};
-use crate::gate::Gateway;
+use crate::gate::{GateServices, Gateway};
 use crate::gate::decisions::{DecisionLog, DecisionSink};
 use crate::gate::metrics::GateMetrics;
 use crate::meta::MetaStore;
@@ -174,7 +174,7 @@ pub async fn start(config: Config, options: ServeOptions) -> Result<Running, Str
     }
     let index = ScopeIndex::new(scopes).map_err(|e| e.to_string())?;
     let decisions = DecisionLog::open(&options.decision_log, options.log_allows).map_err(|e| e.to_string())?;
-    let gateway = Arc::new(Gateway::new(index, groups, &home, engine, registry, metrics, decisions, trust).await?);
+    let gateway = Arc::new(Gateway::new(index, groups, &home, GateServices { engine, registry, metrics, decisions, trust }).await?);
     syncer.follow().await?;
     persist_layout(&gateway).await?;
 

@@ -111,7 +111,7 @@ async fn edits_deletions_and_rewrites_in_etcd_are_caught_and_named() {
 
     // An edited record: its successor no longer names its hash.
     let original = clean.records[1].record.clone();
-    let edited = original.replace(&blake3::hash(b"two").to_hex().to_string(), &blake3::hash(b"forged").to_hex().to_string());
+    let edited = original.replace(blake3::hash(b"two").to_hex().as_str(), blake3::hash(b"forged").to_hex().as_str());
     assert_ne!(edited, original);
     direct.put(record_key("registry", 1), edited, None).await.unwrap();
     let error = verify(&export(&gw, "registry").await, &[]).unwrap_err();

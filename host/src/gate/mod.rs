@@ -86,6 +86,21 @@ impl From<Status> for GateError {
     }
 }
 
+/// What the gate works with besides the layout: the policy engine and bindings, metrics, the
+/// decision log and signature checks.
+pub struct GateServices {
+    /// The policy engine.
+    pub engine: Arc<Engine>,
+    /// Each scope's active binding.
+    pub registry: Arc<Registry>,
+    /// The request path's metrics.
+    pub metrics: Arc<metrics::GateMetrics>,
+    /// Where decisions are logged.
+    pub decisions: decisions::DecisionLog,
+    /// Principals and signature checks.
+    pub trust: Arc<crate::trust::Trust>,
+}
+
 /// The outcome of an allowing evaluation.
 pub(crate) struct Evaluated {
     /// Compares guarding the write on what the policy read.
@@ -234,19 +249,16 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    /// Assembles a gateway. Every scope of `index` must have a binding in `registry` and a group
-    /// in `groups`; fences are read (and created when missing) from each scope's group. `home`
-    /// names the group that grants leases.
+    /// Assembles a gateway. Every scope of `index` must have a binding in the registry and a
+    /// group in `groups`; fences are read (and created when missing) from each scope's group.
+    /// `home` names the group that grants leases and holds the meta records.
     pub async fn new(
         index: ScopeIndex,
         groups: BTreeMap<String, Group>,
         home: &str,
-        engine: Arc<Engine>,
-        registry: Arc<Registry>,
-        metrics: Arc<metrics::GateMetrics>,
-        decisions: decisions::DecisionLog,
-        trust: Arc<crate::trust::Trust>,
+        services: GateServices,
     ) -> Result<Self, String> {
+        let GateServices { engine, registry, metrics, decisions, trust } = services;
         let mut scopes = HashMap::new();
         for scope in index.scopes() {
             let group = groups
