@@ -3,6 +3,7 @@
 //! world, bad arguments, aq unreachable).
 
 mod bench;
+mod bench_critical;
 mod bench_put;
 mod bench_swap;
 mod policy;
@@ -302,6 +303,18 @@ enum BenchCommand {
         #[arg(long, default_value = "etcd")]
         etcd: String,
     },
+    /// Critical-scope puts (two signatures, approval rule, full lineage) against direct etcd.
+    Critical {
+        /// Seconds per measured configuration.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        /// Concurrent clients.
+        #[arg(long, default_value_t = 16)]
+        clients: usize,
+        /// The etcd binary.
+        #[arg(long, default_value = "etcd")]
+        etcd: String,
+    },
     /// How fast a policy swap on one replica is enforced by another, under write load.
     Swap {
         /// Swaps to make.
@@ -382,6 +395,7 @@ pub fn main() -> ExitCode {
         Command::Bench(BenchCommand::Policy { iterations }) => bench::policy(iterations),
         Command::Bench(BenchCommand::Put { seconds, clients, etcd }) => bench_put::put(seconds, &clients, &etcd),
         Command::Bench(BenchCommand::Swap { swaps, clients, etcd }) => bench_swap::swap(swaps, clients, &etcd),
+        Command::Bench(BenchCommand::Critical { seconds, clients, etcd }) => bench_critical::critical(seconds, clients, &etcd),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

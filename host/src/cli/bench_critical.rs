@@ -1,0 +1,161 @@
+//! `aq bench critical`: puts to a critical scope, each signed by two principals and recorded in
+//! lineage, against plain puts straight to the same etcd, at the same concurrency.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ed25519_dalek::SigningKey;
+use etcd_client::proto as pb;
+use serde_json::json;
+
+use super::CliError;
+use super::bench_put::{Guard, RemoveOnDrop, ready};
+use crate::backend::managed::{EtcdProcess, free_port};
+use crate::client::SignedClient;
+
+fn layout(etcd_url: &str) -> String {
+    format!(
+        r#"[[groups]]
+name = "main"
+endpoints = ["{etcd_url}"]
+
+[[scopes]]
+id = "catch-all"
+prefix = ""
+group = "main"
+policy = "builtin:open"
+
+[[scopes]]
+id = "secrets"
+prefix = "/registry/secrets/"
+group = "main"
+policy = "builtin:critical"
+config = {{ role = "secret-writer", lineage = "full", approval = {{ voters = [{{ principal = "alice", weight = 1 }}, {{ principal = "bob", weight = 1 }}], threshold = 2, expiry_seconds = 60 }} }}
+"#
+    )
+}
+
+/// One measured configuration.
+struct Run {
+    target: &'static str,
+    puts: usize,
+    elapsed: Duration,
+    latencies: Vec<Duration>,
+}
+
+pub(super) fn critical(seconds: u64, clients: usize, etcd_binary: &str) -> Result<(), CliError> {
+    if clients == 0 {
+        return Err(CliError::Input("--clients must be at least 1".into()));
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| CliError::Input(e.to_string()))?;
+    runtime.block_on(run(Duration::from_secs(seconds.max(1)), clients, etcd_binary))
+}
+
+async fn run(duration: Duration, clients: usize, etcd_binary: &str) -> Result<(), CliError> {
+    let dir = std::env::temp_dir().join(format!("aq-bench-critical-{}", std::process::id()));
+    let _cleanup = RemoveOnDrop(dir.clone());
+    let etcd = EtcdProcess::spawn(etcd_binary, "bench", &dir.join("etcd")).map_err(|e| CliError::Input(e.to_string()))?;
+    let direct = ready("etcd", etcd.client_url()).await?;
+    let layout_path = dir.join("layout.toml");
+    std::fs::write(&layout_path, layout(etcd.client_url()))?;
+    let (port, admin_port) = (free_port()?, free_port()?);
+    let data = dir.join("aq");
+    let aq = Guard(
+        std::process::Command::new(std::env::current_exe()?)
+            .arg("serve")
+            .arg("--config")
+            .arg(&layout_path)
+            .arg("--data-dir")
+            .arg(&data)
+            .arg(format!("--listen=127.0.0.1:{port}"))
+            .arg(format!("--admin-listen=127.0.0.1:{admin_port}"))
+            .arg("--decision-log=off")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()?,
+    );
+    let aq_url = format!("http://127.0.0.1:{port}");
+    ready("aq", &aq_url).await?;
+
+    // Two principals with the role, through the admin API.
+    let (alice, bob) = (SigningKey::from_bytes(&[11; 32]), SigningKey::from_bytes(&[12; 32]));
+    let token = std::fs::read_to_string(crate::serve::admin_token_path(&data)).map_err(|e| CliError::Input(e.to_string()))?;
+    for (id, key) in [("alice", &alice), ("bob", &bob)] {
+        let body = json!({ "id": id, "keys": [hex::encode(key.verifying_key().as_bytes())], "roles": ["secret-writer"] });
+        let url = format!("http://127.0.0.1:{admin_port}/v1/principals");
+        let token = token.trim().to_string();
+        tokio::task::spawn_blocking(move || {
+            let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(true).build().into();
+            agent.post(&url).header("authorization", &format!("Bearer {token}")).header("content-type", "application/json").send(body.to_string())
+        })
+        .await
+        .map_err(|e| CliError::Input(e.to_string()))?
+        .map_err(|e| CliError::Input(format!("cannot add principal {id}: {e}")))?;
+    }
+
+    let value = Arc::new(vec![b's'; 256]);
+    let mut runs = Vec::new();
+    for target in ["direct etcd", "aq critical"] {
+        // A short warm-up on the same keys, then the measured run.
+        for (length, keep) in [(Duration::from_millis(500), false), (duration, true)] {
+            let started = Instant::now();
+            let deadline = started + length;
+            let mut tasks = Vec::new();
+            for i in 0..clients {
+                let value = value.clone();
+                let direct = direct.clone();
+                let signer = match target {
+                    "aq critical" => Some(
+                        SignedClient::connect(&aq_url, vec![alice.clone(), bob.clone()]).await.map_err(CliError::Input)?,
+                    ),
+                    _ => None,
+                };
+                tasks.push(tokio::spawn(async move {
+                    let mut latencies = Vec::new();
+                    let mut n = 0u64;
+                    while Instant::now() < deadline {
+                        let key = format!("/registry/secrets/bench/{i:03}-{:04}", n % 1000).into_bytes();
+                        let t = Instant::now();
+                        match &signer {
+                            Some(client) => client.put("secrets", &key, &value).await.map(drop),
+                            None => direct.put(pb::PbPutRequest { key, value: value.to_vec(), ..Default::default() }).await.map(drop),
+                        }
+                        .map_err(|s| s.message().to_string())?;
+                        latencies.push(t.elapsed());
+                        n += 1;
+                    }
+                    Ok::<_, String>(latencies)
+                }));
+            }
+            let mut latencies = Vec::new();
+            for task in tasks {
+                latencies.extend(task.await.map_err(|e| CliError::Input(e.to_string()))?.map_err(CliError::Input)?);
+            }
+            let elapsed = started.elapsed();
+            latencies.sort();
+            if keep {
+                runs.push(Run { target, puts: latencies.len(), elapsed, latencies });
+            }
+        }
+    }
+    let lineage = crate::lineage::store::records(&direct, "secrets").await.map_err(CliError::Input)?.len();
+    drop(aq);
+    println!("{:<12} {:>7} {:>9} {:>9} {:>9} {:>9} {:>8}", "target", "clients", "puts/s", "× direct", "p50 µs", "p99 µs", "puts");
+    let base = runs[0].puts as f64 / runs[0].elapsed.as_secs_f64();
+    for run in &runs {
+        let rate = run.puts as f64 / run.elapsed.as_secs_f64();
+        println!(
+            "{:<12} {:>7} {:>9.0} {:>9.2} {:>9.0} {:>9.0} {:>8}",
+            run.target,
+            clients,
+            rate,
+            rate / base,
+            super::bench::percentile(&run.latencies, 0.5).as_secs_f64() * 1e6,
+            super::bench::percentile(&run.latencies, 0.99).as_secs_f64() * 1e6,
+            run.puts
+        );
+    }
+    println!("lineage records written for secrets: {lineage} (each aq put signed by alice and bob, full lineage)");
+    drop(etcd);
+    Ok(())
+}
