@@ -4,12 +4,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use axum::body::Body;
-use axum::http::{Method, Request, StatusCode};
+use axum::http::{Method, StatusCode};
 use aq_tests::etcd::TestGateway;
 use aq_tests::guests;
 use serde_json::{Value, json};
-use tower::ServiceExt;
 
 const SWAPS: usize = 100;
 const CLIENTS_PER_REPLICA: usize = 3;
@@ -22,18 +20,7 @@ enum Outcome {
 }
 
 async fn admin_call(gw: &TestGateway, method: Method, path: &str, body: Vec<u8>) -> (StatusCode, Value) {
-    let router = aq_host::admin::router(gw.running.admin.clone());
-    let request = Request::builder()
-        .method(method)
-        .uri(path)
-        .header("authorization", format!("Bearer {}", gw.admin_token()))
-        .header("content-type", "application/json")
-        .body(Body::from(body))
-        .unwrap();
-    let response = router.oneshot(request).await.unwrap();
-    let status = response.status();
-    let bytes = axum::body::to_bytes(response.into_body(), 1 << 24).await.unwrap();
-    (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+    gw.admin_bytes(method, path, body).await
 }
 
 /// Writes alternately a key the deny policy refuses and one every policy allows, until told

@@ -4,35 +4,18 @@
 use aq_host::lineage::log::{Export, check_proof, verify};
 use aq_tests::etcd::TestGateway;
 use aq_tests::guests;
-use axum::body::Body;
-use axum::http::{Method, Request, StatusCode};
+use axum::http::{Method, StatusCode};
 use serde_json::{Value, json};
-use tower::ServiceExt;
 
 async fn admin(gw: &TestGateway, method: Method, path: &str, body: Value) -> (StatusCode, Value) {
-    let router = aq_host::admin::router(gw.running.admin.clone());
-    let request = Request::builder()
-        .method(method)
-        .uri(path)
-        .header("authorization", format!("Bearer {}", gw.admin_token()))
-        .header("content-type", "application/json")
-        .body(Body::from(if body.is_null() { Vec::new() } else { serde_json::to_vec(&body).unwrap() }))
-        .unwrap();
-    let response = router.oneshot(request).await.unwrap();
-    let status = response.status();
-    let bytes = axum::body::to_bytes(response.into_body(), 1 << 24).await.unwrap();
-    (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+    gw.admin(method, path, body).await
 }
 
 /// aq with the example policy (digest lineage) on `registry`, and three writes there.
 async fn governed_writes() -> TestGateway {
     let gw = TestGateway::start().await;
-    let router = aq_host::admin::router(gw.running.admin.clone());
-    let push = Request::post("/v1/policies")
-        .header("authorization", format!("Bearer {}", gw.admin_token()))
-        .body(Body::from(guests::bytes(guests::EXAMPLE_DENY_PREFIX)))
-        .unwrap();
-    assert_eq!(router.oneshot(push).await.unwrap().status(), StatusCode::CREATED);
+    let (status, body) = gw.admin_bytes(Method::POST, "/v1/policies", guests::bytes(guests::EXAMPLE_DENY_PREFIX)).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
     let digest = blake3::hash(&guests::bytes(guests::EXAMPLE_DENY_PREFIX)).to_hex().to_string();
     let (status, body) =
         admin(&gw, Method::PUT, "/v1/scopes/registry/policy", json!({ "digest": digest, "config": { "read_only": ["/registry/ro/"] } })).await;

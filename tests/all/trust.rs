@@ -7,25 +7,12 @@ use aq_host::client::SignedClient;
 use aq_host::trust::{Envelope, KeySignature, SignedRequest, request_digest};
 use aq_sdk as m;
 use aq_tests::etcd::TestGateway;
-use axum::body::Body;
-use axum::http::{Method, Request, StatusCode};
+use axum::http::{Method, StatusCode};
 use ed25519_dalek::{Signer, SigningKey};
 use serde_json::{Value, json};
-use tower::ServiceExt;
 
 async fn admin(gw: &TestGateway, method: Method, path: &str, body: Value) -> (StatusCode, Value) {
-    let router = aq_host::admin::router(gw.running.admin.clone());
-    let request = Request::builder()
-        .method(method)
-        .uri(path)
-        .header("authorization", format!("Bearer {}", gw.admin_token()))
-        .header("content-type", "application/json")
-        .body(Body::from(serde_json::to_vec(&body).unwrap()))
-        .unwrap();
-    let response = router.oneshot(request).await.unwrap();
-    let status = response.status();
-    let bytes = axum::body::to_bytes(response.into_body(), 1 << 20).await.unwrap();
-    (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+    gw.admin(method, path, body).await
 }
 
 fn public(key: &SigningKey) -> String {

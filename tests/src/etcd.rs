@@ -162,6 +162,40 @@ impl TestGateway {
         std::fs::read_to_string(aq_host::serve::admin_token_path(self.data_dir())).expect("admin token").trim().to_string()
     }
 
+    /// One JSON request to aq's admin router in process, with the generated admin token; a
+    /// `null` body sends none. Answers the status and the JSON body (`null` if not JSON).
+    pub async fn admin(
+        &self,
+        method: axum::http::Method,
+        path: &str,
+        body: serde_json::Value,
+    ) -> (axum::http::StatusCode, serde_json::Value) {
+        let body = if body.is_null() { Vec::new() } else { serde_json::to_vec(&body).expect("JSON") };
+        self.admin_bytes(method, path, body).await
+    }
+
+    /// [`TestGateway::admin`] with a raw body (a component to push).
+    pub async fn admin_bytes(
+        &self,
+        method: axum::http::Method,
+        path: &str,
+        body: Vec<u8>,
+    ) -> (axum::http::StatusCode, serde_json::Value) {
+        use tower::ServiceExt;
+        let router = aq_host::admin::router(self.running.admin.clone());
+        let request = axum::http::Request::builder()
+            .method(method)
+            .uri(path)
+            .header("authorization", format!("Bearer {}", self.admin_token()))
+            .header("content-type", "application/json")
+            .body(axum::body::Body::from(body))
+            .expect("a request");
+        let response = router.oneshot(request).await.expect("the router answers");
+        let status = response.status();
+        let bytes = axum::body::to_bytes(response.into_body(), 1 << 24).await.expect("a body");
+        (status, serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null))
+    }
+
     /// The decision log's lines so far, parsed.
     pub fn decisions(&self) -> Vec<serde_json::Value> {
         let text = std::fs::read_to_string(self.data_dir().join("decisions.log")).unwrap_or_default();

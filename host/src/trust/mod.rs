@@ -65,7 +65,18 @@ impl Principal {
 }
 
 /// Reads the ed25519 key at `path` (hex), or creates it (mode 0600) when the file is missing.
+/// The public key is kept beside it in `<path>.pub`, for operators to pin.
 pub fn load_or_create_key(path: &std::path::Path) -> Result<SigningKey, String> {
+    let key = read_or_create_key(path)?;
+    let public = std::path::PathBuf::from(format!("{}.pub", path.display()));
+    if !public.exists() {
+        std::fs::write(&public, format!("{}\n", hex::encode(key.verifying_key().as_bytes())))
+            .map_err(|e| format!("cannot write {}: {e}", public.display()))?;
+    }
+    Ok(key)
+}
+
+fn read_or_create_key(path: &std::path::Path) -> Result<SigningKey, String> {
     match std::fs::read_to_string(path) {
         Ok(text) => {
             let bytes: [u8; 32] = hex::decode(text.trim())
