@@ -127,6 +127,9 @@ impl Config {
     pub fn parse(text: &str, origin: &str) -> Result<Self, String> {
         let config: Config = toml::from_str(text).map_err(|e| format!("{origin}: {e}"))?;
         for scope in &config.scopes {
+            if scope.id.is_empty() || scope.id.starts_with('@') || scope.id.contains('/') {
+                return Err(format!("{origin}: scope id {:?} must be non-empty, without '/', and not start with '@' (aq's own logs use it)", scope.id));
+            }
             if !config.groups.iter().any(|g| g.name == scope.group) {
                 return Err(format!("{origin}: scope {} names group {}, which is not in [[groups]]", scope.id, scope.group));
             }
@@ -183,6 +186,21 @@ impl ScopeConfig {
             timeout: self.timeout_ms.map(std::time::Duration::from_millis).unwrap_or(defaults.timeout),
             memory_bytes: self.memory_mib.map(|m| m << 20).unwrap_or(defaults.memory_bytes),
             ..defaults
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Config;
+
+    #[test]
+    fn scope_ids_reserved_for_aq_are_refused() {
+        let layout = |id: &str| format!("[[groups]]\nname = \"g\"\n[[scopes]]\nid = \"{id}\"\nprefix = \"\"\ngroup = \"g\"\npolicy = \"builtin:open\"\n");
+        assert!(Config::parse(&layout("catch-all"), "t").is_ok());
+        for id in ["@meta", "", "a/b"] {
+            let error = Config::parse(&layout(id), "t").unwrap_err();
+            assert!(error.contains("must be non-empty"), "{id}: {error}");
         }
     }
 }

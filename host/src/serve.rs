@@ -298,10 +298,15 @@ fn checkpoint_lineage(gateway: Arc<Gateway>, meta: MetaStore, key: ed25519_dalek
         loop {
             tokio::time::sleep(CHECKPOINT_EVERY).await;
             let Some(gateway) = weak.upgrade() else { return };
-            for scope in gateway.index().scopes() {
-                let Some(runtime) = gateway.scope(&scope.id) else { continue };
-                if let Err(e) = crate::lineage::store::checkpoint(&runtime.group, &meta, &key, &scope.id).await {
-                    tracing::warn!(scope = %scope.id, "cannot checkpoint lineage: {e}");
+            let logs = gateway
+                .index()
+                .scopes()
+                .iter()
+                .filter_map(|scope| gateway.scope(&scope.id).map(|runtime| (scope.id.as_str(), &runtime.group)))
+                .chain(std::iter::once((crate::lineage::META_LOG, gateway.home())));
+            for (log, group) in logs {
+                if let Err(e) = crate::lineage::store::checkpoint(group, &meta, &key, log).await {
+                    tracing::warn!(log, "cannot checkpoint lineage: {e}");
                 }
             }
         }

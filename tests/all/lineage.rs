@@ -126,3 +126,28 @@ async fn edits_deletions_and_rewrites_in_etcd_are_caught_and_named() {
     let error = verify(&tampered, &[]).unwrap_err();
     assert_eq!(error.record, Some(3), "{error}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn policy_swaps_are_recorded_in_the_meta_log_in_the_same_txn() {
+    let gw = governed_writes().await;
+    let (status, body) = admin(&gw, Method::POST, "/v1/scopes/registry/rollback", json!({})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let exported = export(&gw, "@meta").await;
+    verify(&exported, &[]).expect("the meta log verifies");
+    let records: Vec<Value> = exported.records.iter().map(|r| serde_json::from_str(&r.record).unwrap()).collect();
+    // One record per configured scope at first start, then the bind and the rollback.
+    let layout_scopes = gw.running.gateway.index().scopes().len();
+    assert_eq!(records.len(), layout_scopes + 2, "{records:?}");
+    let deny = blake3::hash(&guests::bytes(guests::EXAMPLE_DENY_PREFIX)).to_hex().to_string();
+    let quota = blake3::hash(aq_host::builtin::find("quota").unwrap().component).to_hex().to_string();
+    let swaps: Vec<(&str, &str)> = records[layout_scopes..]
+        .iter()
+        .map(|r| (r["subject"].as_str().unwrap(), r["policy"].as_str().unwrap()))
+        .collect();
+    assert_eq!(swaps, [("registry", deny.as_str()), ("registry", quota.as_str())]);
+    assert!(records.iter().all(|r| r["kind"] == "policy_swap"));
+    // A refused bind (the policy rejects the configuration) records nothing.
+    let (status, _) = admin(&gw, Method::PUT, "/v1/scopes/registry/policy", json!({ "digest": deny, "config": { "read_only": [""] } })).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(export(&gw, "@meta").await.records.len(), layout_scopes + 2);
+}

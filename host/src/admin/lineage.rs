@@ -12,6 +12,9 @@ use crate::lineage::log::{self, Export};
 use crate::lineage::store;
 
 fn group<'a>(admin: &'a Admin, scope: &str) -> Result<&'a crate::backend::Group, ApiError> {
+    if scope == crate::lineage::META_LOG {
+        return Ok(admin.gateway.home());
+    }
     admin
         .gateway
         .scope(scope)
@@ -27,7 +30,7 @@ fn unavailable(message: String) -> ApiError {
 /// signed first), the root log and a signed checkpoint of the root log.
 #[utoipa::path(
     get, path = "/v1/lineage/{scope}/export", tag = "lineage",
-    params(("scope" = String, Path, description = "Scope id")),
+    params(("scope" = String, Path, description = "Scope id, or @meta for policy swaps")),
     responses((status = 200, body = Export), (status = 404, body = super::ErrorBody)),
     security(("bearer" = ["reader"]))
 )]

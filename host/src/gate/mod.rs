@@ -178,6 +178,8 @@ impl Draft {
             ops: self.ops.clone(),
             proposal: self.proposal.clone(),
             approvals: self.approvals.clone(),
+            subject: None,
+            binding: None,
         }
     }
 }

@@ -8,6 +8,9 @@
 //! | `\xffaq/lineage/<scope>/<seq:020>`   | the record (JSON, [`Record`]), `seq` from 0   |
 //! | `\xffaq/lineage-head/<scope>`        | [`Head`]: the next `seq` and the last record's hash |
 //!
+//! Policy swaps are recorded the same way in the meta group's log [`META_LOG`], in the Txn that
+//! changes the binding.
+//!
 //! Every record names the blake3 hash of its predecessor's bytes, and the Txn that writes it is
 //! guarded on the head it read, so a scope's records form one chain in revision order. Records
 //! hold blake3 hashes of values, never values. Each scope's records are the leaves of an
@@ -29,7 +32,12 @@ pub enum RecordKind {
     Mutation,
     /// A write committed by approval of a proposal.
     Approval,
+    /// A scope's policy binding changed (in the meta log).
+    PolicySwap,
 }
+
+/// The log of aq's own changes (policy swaps), kept in the meta group.
+pub const META_LOG: &str = "@meta";
 
 /// One operation of a recorded write.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -93,6 +101,12 @@ pub struct Record {
     /// For an approval: who approved.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub approvals: Vec<ApprovalRecord>,
+    /// For a policy swap: the scope whose binding changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
+    /// For a policy swap: the new binding (JSON).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub binding: Option<String>,
 }
 
 impl Record {
