@@ -290,7 +290,7 @@ async fn persist_layout(gateway: &Gateway) -> Result<(), String> {
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(10);
 
 /// Signs lineage checkpoints in the background, so that records written now are covered by a
-/// signature before anyone could alter them.
+/// signature before anyone could alter them; and drops recorded nonces once they expire.
 fn checkpoint_lineage(gateway: Arc<Gateway>, meta: MetaStore, key: ed25519_dalek::SigningKey) {
     let weak = Arc::downgrade(&gateway);
     drop(gateway);
@@ -309,6 +309,7 @@ fn checkpoint_lineage(gateway: Arc<Gateway>, meta: MetaStore, key: ed25519_dalek
                     tracing::warn!(log, "cannot checkpoint lineage: {e}");
                 }
             }
+            gateway.sweep_nonces().await;
         }
     });
 }

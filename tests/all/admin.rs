@@ -204,15 +204,16 @@ async fn policies_are_pushed_listed_read_and_deleted() {
     let (status, body) = call(&gw, Method::DELETE, &format!("/v1/policies/{open}"), Some(&gw.admin_token()), &[], Vec::new()).await;
     assert_eq!(status, StatusCode::CONFLICT, "{body}");
     assert!(detail(&body).contains("catch-all"), "{body}");
+    let mut chunks = b"\xffaq/meta/chunk/".to_vec();
+    chunks.extend_from_slice(format!("{digest}/").as_bytes());
+    let stored = kv.get(chunks.clone(), Some(etcd_client::GetOptions::new().with_prefix())).await.unwrap();
+    assert!(stored.count() > 0, "the example's chunks are stored");
     let path = format!("/v1/policies/{digest}");
     let (status, body) = call(&gw, Method::DELETE, &path, Some(&gw.admin_token()), &[], Vec::new()).await;
     assert_eq!((status, &body["deleted"]), (StatusCode::OK, &json!(digest)));
     assert_eq!(get(&gw, &path).await.0, StatusCode::NOT_FOUND);
-    let left = kv
-        .get(format!("\u{ff}aq/meta/chunk/{digest}/").into_bytes(), Some(etcd_client::GetOptions::new().with_prefix()))
-        .await
-        .unwrap();
-    assert_eq!(left.count(), 0);
+    let left = kv.get(chunks, Some(etcd_client::GetOptions::new().with_prefix())).await.unwrap();
+    assert_eq!(left.count(), 0, "deleted with the record");
     let (status, _) = call(&gw, Method::DELETE, &path, Some(&gw.admin_token()), &[], Vec::new()).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
 }

@@ -385,3 +385,33 @@ async fn expired_and_rejected_proposals_take_no_approvals_and_are_kept() {
     let mut direct = gw.main.client().await;
     assert_eq!(direct.get(SECRET, None).await.unwrap().count(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_signed_request_replayed_through_another_replica_is_refused() {
+    let gw = TestGateway::start().await;
+    let replica = gw.replica().await;
+    let keys = principals(&gw).await;
+    let on_a = client(&gw, &[&keys.alice]).await;
+    let on_b = SignedClient::connect(&replica.running.addr.to_string(), vec![keys.alice.clone()]).await.unwrap();
+    // The replica knows alice once it has followed the meta group.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while on_b.put("secrets", SECRET, b"warm-up").await.is_err() {
+        assert!(std::time::Instant::now() < deadline, "the replica never accepted alice");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let now = aq_host::meta::unix_now();
+    let signed = signed_at(on_a.cluster_id(), "secrets", SECRET, b"once", &keys.alice, 42, now + 60);
+    on_a.put_presigned(SECRET, b"once", &signed).await.expect("first use");
+    let replayed = status_of(on_b.put_presigned(SECRET, b"once", &signed).await);
+    assert_eq!(replayed.code(), tonic::Code::Unauthenticated, "{}", replayed.message());
+    assert!(replayed.message().contains("replayed"), "{}", replayed.message());
+    // The nonce's record stays in etcd until its signature expires; the write was not repeated.
+    let mut direct = gw.main.client().await;
+    let mut nonce = b"\xffaq/nonce/".to_vec();
+    nonce.extend_from_slice(hex(&[42; 16]).as_bytes());
+    assert_eq!(direct.get(nonce, None).await.unwrap().count(), 1);
+    let mod_revision = direct.get(SECRET, None).await.unwrap().kvs()[0].mod_revision();
+    let again = status_of(on_a.put_presigned(SECRET, b"once", &signed).await);
+    assert!(again.message().contains("replayed"));
+    assert_eq!(direct.get(SECRET, None).await.unwrap().kvs()[0].mod_revision(), mod_revision);
+}

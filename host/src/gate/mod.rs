@@ -184,6 +184,36 @@ impl Draft {
     }
 }
 
+/// Where a signed write's nonce is recorded in its scope's group, until its not-after passes.
+fn nonce_key(nonce: &[u8]) -> Vec<u8> {
+    let mut key = crate::index::RESERVED_PREFIX.to_vec();
+    key.extend_from_slice(b"nonce/");
+    key.extend_from_slice(hex::encode(nonce).as_bytes());
+    key
+}
+
+/// The client's op with the nonce record beside it, as one nested Txn whose last answer is the
+/// client's.
+fn with_nonce(op: pb::PbTxnOpRequest, key: Vec<u8>, not_after: u64) -> pb::PbTxnOpRequest {
+    pb::PbTxnOpRequest::RequestTxn(pb::PbTxnRequest {
+        compare: Vec::new(),
+        success: vec![put(key, not_after.to_string().into_bytes()), pb::PbTxnRequestOp { request: Some(op) }],
+        failure: Vec::new(),
+    })
+}
+
+/// The client's answer inside [`with_nonce`]'s Txn.
+fn without_nonce(response: pb::PbTxnOpResponse) -> Result<pb::PbTxnOpResponse, GateError> {
+    match response {
+        pb::PbTxnOpResponse::ResponseTxn(mut txn) => txn
+            .responses
+            .pop()
+            .and_then(|r| r.response)
+            .ok_or_else(|| GateError::Backend(Status::internal("etcd returned an empty txn response"))),
+        other => Ok(other),
+    }
+}
+
 fn put(key: Vec<u8>, value: Vec<u8>) -> pb::PbTxnRequestOp {
     pb::PbTxnRequestOp { request: Some(pb::PbTxnOpRequest::RequestPut(pb::PbPutRequest { key, value, ..Default::default() })) }
 }
@@ -629,16 +659,49 @@ impl Gateway {
                 Err(e) => return Err(e),
             };
             let draft = Draft::of(&context, &evaluated, RecordKind::Mutation);
-            if let Some(mut response) = self.fenced(runtime, op.clone(), evaluated.guards, draft.as_ref()).await? {
-                let inner = response
+            let mut guards = evaluated.guards;
+            let mut op = op.clone();
+            if let Some(signed) = &caller.signed {
+                // The nonce is recorded with the write, guarded on being new to the scope's
+                // group: a replay through another replica fails the guard.
+                let key = nonce_key(&signed.nonce);
+                guards.push(crate::meta::compare_unchanged(key.clone(), 0));
+                op = with_nonce(op, key, signed.not_after);
+            }
+            if let Some(mut response) = self.fenced(runtime, op, guards, draft.as_ref()).await? {
+                let mut inner = response
                     .responses
                     .pop()
                     .and_then(|r| r.response)
                     .ok_or_else(|| GateError::Backend(Status::internal("etcd returned an empty txn response")))?;
+                if caller.signed.is_some() {
+                    inner = without_nonce(inner)?;
+                }
                 return Ok((inner, response.header));
+            }
+            if let Some(signed) = &caller.signed {
+                let seen = runtime.group.range(pb::PbRangeRequest { key: nonce_key(&signed.nonce), count_only: true, ..Default::default() }).await?;
+                if seen.count > 0 {
+                    return Err(crate::trust::TrustError::Replayed(hex::encode(&signed.nonce)).into());
+                }
             }
         }
         Err(GateError::Contended(runtime.scope.id.clone()))
+    }
+
+    /// Deletes recorded nonces whose signatures have expired, on every group.
+    pub async fn sweep_nonces(&self) {
+        let now = crate::meta::unix_now();
+        for group in self.groups.values() {
+            let (key, range_end) = KeyRange::prefix(&nonce_key(&[])).to_request();
+            let Ok(found) = group.range(pb::PbRangeRequest { key, range_end, ..Default::default() }).await else { continue };
+            for kv in found.kvs {
+                let expired = std::str::from_utf8(&kv.value).ok().and_then(|v| v.parse::<u64>().ok()).is_none_or(|t| t < now);
+                if expired {
+                    let _ = group.delete_range(pb::PbDeleteRequest { key: kv.key, range_end: Vec::new(), prev_kv: false }).await;
+                }
+            }
+        }
     }
 
     /// etcd `Put`, governed.
