@@ -9,29 +9,22 @@ use etcd_client::proto as pb;
 use serde_json::json;
 
 use super::CliError;
-use super::bench_put::{Guard, RemoveOnDrop, ready};
-use crate::backend::managed::{EtcdProcess, free_port};
+use super::bench_put::{RemoveOnDrop, ready, serve_process};
+use crate::backend::managed::EtcdProcess;
 use crate::client::SignedClient;
 
+/// `aq bench put`'s layout plus `secrets` under `critical` with a two-approver rule.
 fn layout(etcd_url: &str) -> String {
     format!(
-        r#"[[groups]]
-name = "main"
-endpoints = ["{etcd_url}"]
-
-[[scopes]]
-id = "catch-all"
-prefix = ""
-group = "main"
-policy = "builtin:open"
-
+        r#"{}
 [[scopes]]
 id = "secrets"
 prefix = "/registry/secrets/"
 group = "main"
 policy = "builtin:critical"
 config = {{ role = "secret-writer", lineage = "full", approval = {{ voters = [{{ principal = "alice", weight = 1 }}, {{ principal = "bob", weight = 1 }}], threshold = 2, expiry_seconds = 60 }} }}
-"#
+"#,
+        super::bench_put::layout(etcd_url)
     )
 }
 
@@ -58,32 +51,15 @@ async fn run(duration: Duration, clients: usize, etcd_binary: &str) -> Result<()
     let direct = ready("etcd", etcd.client_url()).await?;
     let layout_path = dir.join("layout.toml");
     std::fs::write(&layout_path, layout(etcd.client_url()))?;
-    let (port, admin_port) = (free_port()?, free_port()?);
-    let data = dir.join("aq");
-    let aq = Guard(
-        std::process::Command::new(std::env::current_exe()?)
-            .arg("serve")
-            .arg("--config")
-            .arg(&layout_path)
-            .arg("--data-dir")
-            .arg(&data)
-            .arg(format!("--listen=127.0.0.1:{port}"))
-            .arg(format!("--admin-listen=127.0.0.1:{admin_port}"))
-            .arg("--decision-log=off")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::inherit())
-            .spawn()?,
-    );
-    let aq_url = format!("http://127.0.0.1:{port}");
-    ready("aq", &aq_url).await?;
+    let aq = serve_process(&dir, "aq", &layout_path).await?;
+    let aq_url = aq.url.clone();
 
     // Two principals with the role, through the admin API.
     let (alice, bob) = (SigningKey::from_bytes(&[11; 32]), SigningKey::from_bytes(&[12; 32]));
-    let token = std::fs::read_to_string(crate::serve::admin_token_path(&data)).map_err(|e| CliError::Input(e.to_string()))?;
     for (id, key) in [("alice", &alice), ("bob", &bob)] {
         let body = json!({ "id": id, "keys": [hex::encode(key.verifying_key().as_bytes())], "roles": ["secret-writer"] });
-        let url = format!("http://127.0.0.1:{admin_port}/v1/principals");
-        let token = token.trim().to_string();
+        let url = format!("{}/v1/principals", aq.admin);
+        let token = aq.token.clone();
         tokio::task::spawn_blocking(move || {
             let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(true).build().into();
             agent.post(&url).header("authorization", &format!("Bearer {token}")).header("content-type", "application/json").send(body.to_string())

@@ -56,6 +56,43 @@ impl Drop for Guard {
     }
 }
 
+/// An `aq serve` process started by a benchmark, stopped on drop.
+pub(super) struct AqProcess {
+    pub(super) process: Guard,
+    /// Its etcd API, `http://127.0.0.1:<port>`.
+    pub(super) url: String,
+    /// Its admin API.
+    pub(super) admin: String,
+    /// The admin token it generated.
+    pub(super) token: String,
+}
+
+/// Starts `aq serve` (this binary) with `layout_path`, its data in `dir/name`, on free ports,
+/// without a decision log, and waits until its etcd API answers.
+pub(super) async fn serve_process(dir: &std::path::Path, name: &str, layout_path: &std::path::Path) -> Result<AqProcess, CliError> {
+    let (port, admin_port) = (free_port()?, free_port()?);
+    let data = dir.join(name);
+    let process = Guard(
+        Command::new(std::env::current_exe()?)
+            .arg("serve")
+            .arg("--config")
+            .arg(layout_path)
+            .arg("--data-dir")
+            .arg(&data)
+            .arg(format!("--listen=127.0.0.1:{port}"))
+            .arg(format!("--admin-listen=127.0.0.1:{admin_port}"))
+            .arg("--decision-log=off")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()?,
+    );
+    let url = format!("http://127.0.0.1:{port}");
+    ready(name, &url).await?;
+    let token = std::fs::read_to_string(crate::serve::admin_token_path(&data))
+        .map_err(|e| CliError::Input(format!("{name} wrote no admin token: {e}")))?;
+    Ok(AqProcess { process, url, admin: format!("http://127.0.0.1:{admin_port}"), token: token.trim().to_string() })
+}
+
 pub(super) async fn ready(name: &str, url: &str) -> Result<Group, CliError> {
     let group = Group::connect_lazy(name, &[url.to_string()]).map_err(|e| CliError::Input(e.to_string()))?;
     group.wait_ready(Duration::from_secs(20)).await.map_err(|e| CliError::Input(e.to_string()))?;
@@ -185,22 +222,8 @@ async fn run(duration: Duration, clients: &[usize], etcd_binary: &str) -> Result
     // aq, as its own process over the same etcd.
     let layout_path = dir.join("layout.toml");
     std::fs::write(&layout_path, layout(etcd.client_url()))?;
-    let aq_port = free_port()?;
-    let aq = Guard(
-        Command::new(std::env::current_exe()?)
-            .arg("serve")
-            .arg("--config")
-            .arg(&layout_path)
-            .arg("--data-dir")
-            .arg(dir.join("aq"))
-            .arg(format!("--listen=127.0.0.1:{aq_port}"))
-            .arg(format!("--admin-listen=127.0.0.1:{}", free_port()?))
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()?,
-    );
-    let aq_url = format!("http://127.0.0.1:{aq_port}");
-    ready("aq", &aq_url).await?;
+    let aq = serve_process(&dir, "aq", &layout_path).await?;
+    let aq_url = aq.url.clone();
 
     let value = Arc::new(vec![b'v'; 256]);
     let mut runs = Vec::new();
@@ -208,7 +231,7 @@ async fn run(duration: Duration, clients: &[usize], etcd_binary: &str) -> Result
         let targets = [
             ("direct etcd", etcd.client_url(), None, Shape::Put),
             ("direct txn", etcd.client_url(), None, Shape::FencedTxn),
-            ("aq + policy", aq_url.as_str(), Some(aq.0.id()), Shape::Put),
+            ("aq + policy", aq_url.as_str(), Some(aq.process.0.id()), Shape::Put),
             ("grpc-proxy", proxy_url.as_str(), Some(proxy.0.id()), Shape::Put),
         ];
         for (target, url, pid, shape) in targets {

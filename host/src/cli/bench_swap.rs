@@ -12,16 +12,9 @@ use serde_json::{Value, json};
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::CliError;
-use super::bench_put::{Guard, RemoveOnDrop, layout, ready};
-use crate::backend::managed::{EtcdProcess, free_port};
+use super::bench_put::{RemoveOnDrop, layout, ready, serve_process};
+use crate::backend::managed::EtcdProcess;
 use crate::backend::{Group, watch_request};
-
-/// One aq replica under test.
-struct Replica {
-    _process: Guard,
-    admin: String,
-    token: String,
-}
 
 fn http(method: &str, url: &str, token: &str, body: Option<Value>) -> Result<Value, String> {
     let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
@@ -39,30 +32,6 @@ fn http(method: &str, url: &str, token: &str, body: Option<Value>) -> Result<Val
         return Err(format!("{method} {url}: HTTP {status}: {text}"));
     }
     serde_json::from_str(&text).map_err(|e| e.to_string())
-}
-
-async fn start_replica(dir: &std::path::Path, name: &str, layout_path: &std::path::Path) -> Result<(Replica, String), CliError> {
-    let (port, admin_port) = (free_port()?, free_port()?);
-    let data = dir.join(name);
-    let process = Guard(
-        std::process::Command::new(std::env::current_exe()?)
-            .arg("serve")
-            .arg("--config")
-            .arg(layout_path)
-            .arg("--data-dir")
-            .arg(&data)
-            .arg(format!("--listen=127.0.0.1:{port}"))
-            .arg(format!("--admin-listen=127.0.0.1:{admin_port}"))
-            .arg("--decision-log=off")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::inherit())
-            .spawn()?,
-    );
-    let url = format!("http://127.0.0.1:{port}");
-    ready(name, &url).await?;
-    let token = std::fs::read_to_string(crate::serve::admin_token_path(&data))
-        .map_err(|e| CliError::Input(format!("{name} wrote no admin token: {e}")))?;
-    Ok((Replica { _process: process, admin: format!("http://127.0.0.1:{admin_port}"), token: token.trim().to_string() }, url))
 }
 
 /// Writers that put until stopped; counts puts and failures.
@@ -130,8 +99,9 @@ async fn run(swaps: usize, clients: usize, etcd_binary: &str) -> Result<(), CliE
     let direct = ready("etcd", etcd.client_url()).await?;
     let layout_path = dir.join("layout.toml");
     std::fs::write(&layout_path, layout(etcd.client_url()))?;
-    let (a, a_url) = start_replica(&dir, "replica-a", &layout_path).await?;
-    let (b, b_url) = start_replica(&dir, "replica-b", &layout_path).await?;
+    let a = serve_process(&dir, "replica-a", &layout_path).await?;
+    let b = serve_process(&dir, "replica-b", &layout_path).await?;
+    let (a_url, b_url) = (a.url.clone(), b.url.clone());
 
     let digest_of = |name: &str| blake3::hash(crate::builtin::find(name).expect("built-in").component).to_hex().to_string();
     let (open, quota) = (digest_of("open"), digest_of("quota"));
