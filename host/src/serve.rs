@@ -173,7 +173,8 @@ pub async fn start(config: Config, options: ServeOptions) -> Result<Running, Str
         scopes.push(scope.to_scope()?);
     }
     let index = ScopeIndex::new(scopes).map_err(|e| e.to_string())?;
-    let decisions = DecisionLog::open(&options.decision_log, options.log_allows).map_err(|e| e.to_string())?;
+    let decisions = DecisionLog::open(&options.decision_log, options.log_allows, metrics.decision_lines_dropped())
+        .map_err(|e| e.to_string())?;
     let gateway = Arc::new(Gateway::new(index, groups, &home, GateServices { engine, registry, metrics, decisions, trust }).await?);
     syncer.follow().await?;
     persist_layout(&gateway).await?;

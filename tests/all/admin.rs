@@ -100,6 +100,7 @@ async fn metrics_count_evaluations_verdicts_and_routed_ops() {
         r#"aq_routed_ops_total{scope="registry",kind="write"} 2"#,
         r#"aq_routed_ops_total{scope="registry",kind="read"} 1"#,
         r#"aq_policy_evaluation_seconds_count{scope="registry"} 2"#,
+        "aq_decision_lines_dropped_total 0",
     ] {
         assert!(text.lines().any(|l| l == line), "missing {line:?} in:\n{text}");
     }

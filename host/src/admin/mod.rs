@@ -77,11 +77,6 @@ impl Admin {
             identity,
         })
     }
-
-    /// The gateway.
-    pub fn gateway(&self) -> &Arc<Gateway> {
-        &self.gateway
-    }
 }
 
 /// The body of every error answer.

@@ -20,7 +20,6 @@ impl From<ApprovalError> for ApiError {
             ApprovalError::BadSignature(_) => ApiError::new(StatusCode::FORBIDDEN, "bad signature", e.to_string()),
             ApprovalError::NotVoter { .. } => ApiError::new(StatusCode::FORBIDDEN, "not a voter", e.to_string()),
             ApprovalError::Meta(e) => e.into(),
-            ApprovalError::Gate(_) => ApiError::new(StatusCode::BAD_GATEWAY, "commit failed", e.to_string()),
         }
     }
 }

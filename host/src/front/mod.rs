@@ -22,8 +22,7 @@ impl From<GateError> for Status {
             GateError::Backend(status) => status,
             GateError::Denied { reason } => Status::permission_denied(reason),
             GateError::Reserved(_) => Status::permission_denied(error.to_string()),
-            GateError::ApprovalRequired(_)
-            | GateError::NeedsApproval(_)
+            GateError::NeedsApproval(_)
             | GateError::Proposed { .. }
             | GateError::CrossScope(_)
             | GateError::Unowned(_) => {

@@ -11,7 +11,7 @@ use etcd_client::proto as pb;
 use prost::Message;
 use tonic::Status;
 
-use super::{Caller, Draft, GateError, Gateway, ScopeRuntime, Shortfall, collect_txn, compare_to_model, put_op};
+use super::{Draft, GateError, Gateway, ScopeRuntime, Shortfall, collect_txn, compare_to_model, put_op};
 use crate::lineage::{ApprovalRecord, RecordKind};
 use crate::backend::compare::{RESULT_LESS, TARGET_MOD};
 use crate::index::KeyRange;
@@ -53,9 +53,6 @@ pub enum ApprovalError {
     /// The meta group failed.
     #[error(transparent)]
     Meta(#[from] MetaError),
-    /// The commit failed in etcd.
-    #[error("{0}")]
-    Gate(String),
 }
 
 /// The ops, compares and touched ranges of a client's request op.
@@ -346,8 +343,9 @@ impl Gateway {
                 Err(e) => return Err(format!("the policy no longer allows it: {e}")),
             };
             // Every approved commit is recorded, whatever lineage the policy asks of plain writes.
-            let mut draft = Draft::of(&context, &evaluated.at_least_digest(), RecordKind::Approval)
-                .expect("digest lineage makes a record");
+            let level = evaluated.lineage.max(m::LineageLevel::Digest);
+            let mut draft =
+                Draft::of(&context, level, evaluated.policy, RecordKind::Approval).expect("digest lineage makes a record");
             draft.proposal = Some(proposal.id.clone());
             draft.approvals = proposal
                 .approvals
@@ -382,12 +380,5 @@ impl Gateway {
             }
         }
         Err(format!("scope {} kept changing owner", proposal.scope))
-    }
-}
-
-impl Caller {
-    /// A caller without signatures that does not wait.
-    pub fn anonymous() -> Self {
-        Caller::default()
     }
 }

@@ -1,14 +1,15 @@
 //! The decision log: one JSON line per deny and require-approval decision (and per allow when
 //! asked), with the scope, the policy digest that decided, the verdict, the reason and the
 //! principal. Lines are written by a dedicated thread; the request path only queues them and,
-//! when the queue is full, counts the line as dropped instead of waiting.
+//! when the queue is full, counts the line as dropped (`aq_decision_lines_dropped_total`)
+//! instead of waiting.
 
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, SyncSender, TrySendError};
 use std::time::SystemTime;
 
+use prometheus_client::metrics::counter::Counter;
 use serde::Serialize;
 
 /// Lines queued before new ones are dropped.
@@ -71,17 +72,18 @@ pub struct DecisionLine<'a> {
 pub struct DecisionLog {
     queue: Option<SyncSender<Vec<u8>>>,
     log_allows: bool,
-    dropped: AtomicU64,
+    dropped: Counter,
 }
 
 impl DecisionLog {
     /// A log that writes nothing.
     pub fn off() -> Self {
-        DecisionLog { queue: None, log_allows: false, dropped: AtomicU64::new(0) }
+        DecisionLog { queue: None, log_allows: false, dropped: Counter::default() }
     }
 
-    /// Opens `sink`; `log_allows` also logs allowed requests.
-    pub fn open(sink: &DecisionSink, log_allows: bool) -> std::io::Result<Self> {
+    /// Opens `sink`; `log_allows` also logs allowed requests; lines dropped are counted in
+    /// `dropped`.
+    pub fn open(sink: &DecisionSink, log_allows: bool, dropped: Counter) -> std::io::Result<Self> {
         let out: Box<dyn Write + Send> = match sink {
             DecisionSink::Off => return Ok(Self::off()),
             DecisionSink::Stdout => Box::new(std::io::stdout()),
@@ -93,7 +95,7 @@ impl DecisionLog {
         };
         let (queue, lines) = mpsc::sync_channel::<Vec<u8>>(QUEUE);
         std::thread::Builder::new().name("aq-decision-log".into()).spawn(move || write_lines(out, lines))?;
-        Ok(DecisionLog { queue: Some(queue), log_allows, dropped: AtomicU64::new(0) })
+        Ok(DecisionLog { queue: Some(queue), log_allows, dropped })
     }
 
     /// Whether a decision with `verdict` is logged.
@@ -109,14 +111,9 @@ impl DecisionLog {
         match queue.try_send(bytes) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
-                self.dropped.fetch_add(1, Ordering::Relaxed);
+                self.dropped.inc();
             }
         }
-    }
-
-    /// Lines dropped because the writer fell behind.
-    pub fn dropped(&self) -> u64 {
-        self.dropped.load(Ordering::Relaxed)
     }
 }
 

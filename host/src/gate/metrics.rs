@@ -23,6 +23,7 @@ pub struct GateMetrics {
     fence_retries: Family<Labels, Counter>,
     backend_errors: Family<Labels, Counter>,
     swaps: Family<Labels, Counter>,
+    decision_lines_dropped: Counter,
 }
 
 fn scope(id: &str) -> Labels {
@@ -39,6 +40,7 @@ impl Default for GateMetrics {
         let fence_retries = Family::<Labels, Counter>::default();
         let backend_errors = Family::<Labels, Counter>::default();
         let swaps = Family::<Labels, Counter>::default();
+        let decision_lines_dropped = Counter::default();
         registry.register("policy_evaluations", "Policy evaluations by scope and verdict", evaluations.clone());
         registry.register(
             "policy_evaluation_seconds",
@@ -50,6 +52,11 @@ impl Default for GateMetrics {
         registry.register("fence_retries", "Writes whose fence guard failed and were retried", fence_retries.clone());
         registry.register("backend_errors", "Errors returned by etcd groups", backend_errors.clone());
         registry.register("policy_swaps", "Changes of a scope's active policy binding on this replica", swaps.clone());
+        registry.register(
+            "decision_lines_dropped",
+            "Decision log lines dropped because the log writer fell behind",
+            decision_lines_dropped.clone(),
+        );
         GateMetrics {
             registry,
             evaluations,
@@ -59,6 +66,7 @@ impl Default for GateMetrics {
             fence_retries,
             backend_errors,
             swaps,
+            decision_lines_dropped,
         }
     }
 }
@@ -96,6 +104,11 @@ impl GateMetrics {
 
     pub(super) fn backend_error(&self, group: &str) {
         self.backend_errors.get_or_create(&vec![("group".to_string(), group.to_string())]).inc();
+    }
+
+    /// The counter the decision log increments for each line it drops.
+    pub fn decision_lines_dropped(&self) -> Counter {
+        self.decision_lines_dropped.clone()
     }
 
     /// Counts a change of a scope's active binding.

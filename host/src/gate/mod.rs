@@ -43,10 +43,7 @@ pub enum GateError {
         /// The policy's reason.
         reason: String,
     },
-    /// The policy requires approvals the request does not carry.
-    #[error("{0}")]
-    ApprovalRequired(String),
-    /// The same, with what a proposal needs.
+    /// The policy requires approval weight the request's signatures do not carry.
     #[error("{}", .0.message)]
     NeedsApproval(Box<Shortfall>),
     /// The write became a proposal and waits for approvals.
@@ -111,17 +108,6 @@ pub(crate) struct Evaluated {
     policy: crate::engine::PolicyDigest,
 }
 
-impl Evaluated {
-    /// The same outcome with at least digest lineage.
-    fn at_least_digest(&self) -> Evaluated {
-        let lineage = match self.lineage {
-            m::LineageLevel::None => m::LineageLevel::Digest,
-            other => other,
-        };
-        Evaluated { guards: Vec::new(), lineage, policy: self.policy }
-    }
-}
-
 /// A lineage record waiting for its place in the chain.
 pub(crate) struct Draft {
     kind: RecordKind,
@@ -134,9 +120,14 @@ pub(crate) struct Draft {
 }
 
 impl Draft {
-    /// The record of an allowed write, if its policy asked for lineage.
-    fn of(context: &m::Context, evaluated: &Evaluated, kind: RecordKind) -> Option<Draft> {
-        let level = match evaluated.lineage {
+    /// The record of an allowed write at `level` (none: no record), decided by `policy`.
+    fn of(
+        context: &m::Context,
+        level: m::LineageLevel,
+        policy: crate::engine::PolicyDigest,
+        kind: RecordKind,
+    ) -> Option<Draft> {
+        let level = match level {
             m::LineageLevel::None => return None,
             m::LineageLevel::Digest => "digest",
             m::LineageLevel::Full => "full",
@@ -155,7 +146,7 @@ impl Draft {
             .collect();
         Some(Draft {
             kind,
-            policy: evaluated.policy.to_hex(),
+            policy: policy.to_hex(),
             level,
             principals: context.credentials.iter().map(|c| c.principal.clone()).collect(),
             ops,
@@ -418,14 +409,8 @@ impl Gateway {
     /// Evaluates `context` with the scope's active policy, at the current time. Returns the
     /// compares that guard the write on what the policy read.
     fn evaluate(&self, runtime: &ScopeRuntime, context: &mut m::Context) -> Result<Evaluated, GateError> {
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
         let scope = &runtime.scope;
-        context.request_time = m::Timestamp { seconds: now.as_secs(), nanoseconds: now.subsec_nanos() };
-        let seed = request_seed(context, now);
-        let binding = runtime.slot.active();
-        let reader = reader::EtcdReader::new(runtime.group.clone());
-        let evaluation =
-            self.engine.evaluate(&binding, EvalRequest { context, seed, reader: Some(Arc::new(reader)) });
+        let evaluation = self.run_policy(runtime, context);
         let verdict = evaluation.decision.verdict.kind();
         self.metrics.evaluated(&scope.id, verdict, evaluation.elapsed.as_secs_f64());
         if let Some(failure) = &evaluation.failure {
@@ -482,6 +467,16 @@ impl Gateway {
         Ok(Evaluated { guards, lineage: evaluation.decision.lineage, policy: evaluation.digest })
     }
 
+    /// Runs the scope's active policy on `context`, stamped with the current time.
+    fn run_policy(&self, runtime: &ScopeRuntime, context: &mut m::Context) -> crate::engine::Evaluation {
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+        context.request_time = m::Timestamp { seconds: now.as_secs(), nanoseconds: now.subsec_nanos() };
+        let seed = request_seed(context, now);
+        let binding = runtime.slot.active();
+        let reader = reader::EtcdReader::new(runtime.group.clone());
+        self.engine.evaluate(&binding, EvalRequest { context, seed, reader: Some(Arc::new(reader)) })
+    }
+
     /// Queues the decision log line of an evaluation.
     fn log_decision(&self, context: &m::Context, evaluation: &crate::engine::Evaluation) {
         let reason = match &evaluation.decision.verdict {
@@ -530,17 +525,7 @@ impl Gateway {
             return Err(GateError::CrossScope(vec![scope_id.to_string(), owner.scope.id.clone()]));
         }
         let mut context = self.context(runtime, ops, Vec::new());
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
-        context.request_time = m::Timestamp { seconds: now.as_secs(), nanoseconds: now.subsec_nanos() };
-        let seed = request_seed(&context, now);
-        let binding = runtime.slot.active();
-        let reader = reader::EtcdReader::new(runtime.group.clone());
-        Ok(self.engine.evaluate(&binding, EvalRequest { context: &context, seed, reader: Some(Arc::new(reader)) }))
-    }
-
-    /// Lines the decision log dropped because its writer fell behind.
-    pub fn decisions_dropped(&self) -> u64 {
-        self.decisions.dropped()
+        Ok(self.run_policy(runtime, &mut context))
     }
 
     /// Sends `op` as the success branch of a Txn guarded by the scope's fence and `guards`,
@@ -559,6 +544,9 @@ impl Gateway {
             Some(_) => Some(runtime.lineage_head.lock().await),
             None => None,
         };
+        // Without lineage the op is sent once, so it moves into the Txn; with lineage a lost
+        // race for the chain head sends it again.
+        let mut op = Some(op);
         for _ in 0..LINEAGE_ATTEMPTS {
             let mut compare = Vec::with_capacity(guards.len() + 2);
             compare.push(runtime.fence.compare());
@@ -583,7 +571,8 @@ impl Gateway {
                 });
                 next_head = Some((head_revision, new_head));
             }
-            success.push(pb::PbTxnRequestOp { request: Some(op.clone()) });
+            let this_op = if draft.is_some() { op.clone() } else { op.take() };
+            success.push(pb::PbTxnRequestOp { request: this_op });
             let request = pb::PbTxnRequest { compare, success, failure };
             let response =
                 runtime.group.txn(request).await.inspect_err(|_| self.metrics.backend_error(runtime.group.name()))?;
@@ -658,7 +647,7 @@ impl Gateway {
                 }
                 Err(e) => return Err(e),
             };
-            let draft = Draft::of(&context, &evaluated, RecordKind::Mutation);
+            let draft = Draft::of(&context, evaluated.lineage, evaluated.policy, RecordKind::Mutation);
             let mut guards = evaluated.guards;
             let mut op = op.clone();
             if let Some(signed) = &caller.signed {
@@ -749,11 +738,8 @@ impl Gateway {
             let runtime = self.runtime(scope);
             let (key, range_end) = part.to_request();
             let op = m::Op::DeleteRange(m::DeleteRangeOp { key: m::Bytes(key.clone()), range_end: m::Bytes(range_end.clone()) });
-            self.evaluate(runtime, &mut self.context(runtime, vec![op], Vec::new())).map_err(|e| match e {
-                // Proposals cover one scope; a delete over several cannot wait for approvals.
-                GateError::NeedsApproval(shortfall) => GateError::ApprovalRequired(shortfall.message),
-                other => other,
-            })?;
+            // Proposals cover one scope: a delete over several that needs approval is refused.
+            self.evaluate(runtime, &mut self.context(runtime, vec![op], Vec::new()))?;
             planned.push((runtime, pb::PbDeleteRequest { key, range_end, prev_kv: request.prev_kv }));
         }
         let mut merged = pb::PbDeleteResponse::default();

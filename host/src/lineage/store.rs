@@ -35,11 +35,18 @@ fn now_ms() -> u64 {
 /// Signs a checkpoint of the scope's log when it grew since its last checkpoint, and appends
 /// it to the root log. Returns the new checkpoint, if any.
 pub async fn checkpoint(group: &Group, meta: &MetaStore, key: &SigningKey, scope: &str) -> Result<Option<Checkpoint>, String> {
-    let records = records(group, scope).await?;
+    // Count first: most passes find nothing new, and records are only read when there is.
+    let (prefix_key, range_end) = KeyRange::prefix(&records_prefix(scope)).to_request();
+    let count = group
+        .range(pb::PbRangeRequest { key: prefix_key, range_end, count_only: true, ..Default::default() })
+        .await
+        .map_err(|s| format!("cannot count the lineage of scope {scope} on group {}: {}", group.name(), s.message()))?
+        .count;
     let last = meta.checkpoints(scope).await.map_err(|e| e.to_string())?.last().map(|c| c.size).unwrap_or(0);
-    if records.len() as u64 <= last {
+    if count as u64 <= last {
         return Ok(None);
     }
+    let records = records(group, scope).await?;
     let leaves: Vec<Vec<u8>> = records.iter().map(|r| r.record.as_bytes().to_vec()).collect();
     let checkpoint = Checkpoint::sign(key, scope, &leaves, now_ms());
     meta.put_checkpoint(&checkpoint).await.map_err(|e| e.to_string())?;

@@ -99,11 +99,6 @@ impl Syncer {
         &self.store
     }
 
-    /// The engine.
-    pub fn engine(&self) -> &Arc<Engine> {
-        &self.engine
-    }
-
     /// Validates and compiles component bytes off the async workers, and keeps the module.
     pub async fn load(&self, bytes: Vec<u8>) -> Result<Arc<PolicyModule>, LoadError> {
         let digest = PolicyDigest::of(&bytes).to_hex();
@@ -176,11 +171,6 @@ impl Syncer {
         self.latest.subscribe()
     }
 
-    /// The meta revision of the binding in force for `scope`.
-    pub fn applied_revision(&self, scope: &str) -> Option<i64> {
-        self.applied.lock().expect("applied lock").get(scope).copied()
-    }
-
     /// Stores the policy of a configured scope and settles the scope's binding: a binding set
     /// through the admin API is kept; otherwise the configuration's is recorded. Binds the
     /// result locally.
@@ -242,11 +232,6 @@ impl Syncer {
             }
         }
         Err(context(&"the binding kept changing while starting; retry"))
-    }
-
-    /// Principals and signature checks.
-    pub fn trust(&self) -> &Arc<Trust> {
-        &self.trust
     }
 
     /// Reads every principal from the meta group into [`Trust`].

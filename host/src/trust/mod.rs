@@ -353,18 +353,23 @@ impl Trust {
     }
 }
 
+/// The summed weight of the distinct `signers` among `voters` (principal, weight): each
+/// principal counts once, at its largest weight.
+pub fn distinct_weight<'a>(voters: impl IntoIterator<Item = (&'a str, u32)>, signers: &[&str]) -> u32 {
+    let mut best: HashMap<&str, u32> = HashMap::new();
+    for (principal, weight) in voters {
+        if signers.contains(&principal) {
+            let entry = best.entry(principal).or_default();
+            *entry = (*entry).max(weight);
+        }
+    }
+    best.values().sum()
+}
+
 /// The summed weight of `rule`'s voters among `credentials`, each principal counted once.
 pub fn approval_weight(rule: &m::ApprovalRule, credentials: &[m::Credential]) -> u32 {
-    rule.voters
-        .iter()
-        .filter(|v| credentials.iter().any(|c| c.principal == v.principal))
-        .fold(std::collections::HashMap::<&str, u32>::new(), |mut seen, v| {
-            let weight = seen.entry(v.principal.as_str()).or_default();
-            *weight = (*weight).max(v.weight);
-            seen
-        })
-        .values()
-        .sum()
+    let signers: Vec<&str> = credentials.iter().map(|c| c.principal.as_str()).collect();
+    distinct_weight(rule.voters.iter().map(|v| (v.principal.as_str(), v.weight)), &signers)
 }
 
 #[cfg(test)]

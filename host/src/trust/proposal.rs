@@ -98,17 +98,7 @@ impl Proposal {
 
     /// The summed weight of the distinct approving voters.
     pub fn weight(&self) -> u32 {
-        let mut counted: Vec<&str> = Vec::new();
-        let mut weight = 0;
-        for approval in &self.approvals {
-            if counted.contains(&approval.principal.as_str()) {
-                continue;
-            }
-            if let Some(voter) = self.voters.iter().filter(|v| v.principal == approval.principal).map(|v| v.weight).max() {
-                weight += voter;
-                counted.push(&approval.principal);
-            }
-        }
-        weight
+        let approvers: Vec<&str> = self.approvals.iter().map(|a| a.principal.as_str()).collect();
+        super::distinct_weight(self.voters.iter().map(|v| (v.principal.as_str(), v.weight)), &approvers)
     }
 }
