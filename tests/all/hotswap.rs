@@ -19,10 +19,6 @@ enum Outcome {
     Denied,
 }
 
-async fn admin_call(gw: &TestGateway, method: Method, path: &str, body: Vec<u8>) -> (StatusCode, Value) {
-    gw.admin_bytes(method, path, body).await
-}
-
 /// Writes alternately a key the deny policy refuses and one every policy allows, until told
 /// to stop; any failure other than a policy's deny fails the test.
 async fn writer(endpoint: String, name: String, stop: Arc<AtomicBool>) -> Vec<(String, Outcome)> {
@@ -53,7 +49,7 @@ async fn swaps_under_load_reach_every_replica_and_every_request_gets_one_version
     let replica = gw.replica().await;
 
     let example = guests::bytes(guests::EXAMPLE_DENY_PREFIX);
-    let (status, body) = admin_call(&gw, Method::POST, "/v1/policies", example.clone()).await;
+    let (status, body) = gw.admin_bytes(Method::POST, "/v1/policies", example.clone()).await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
     let deny = blake3::hash(&example).to_hex().to_string();
     let open = blake3::hash(aq_host::builtin::find("open").unwrap().component).to_hex().to_string();
@@ -77,7 +73,7 @@ async fn swaps_under_load_reach_every_replica_and_every_request_gets_one_version
     for swap in 0..SWAPS {
         // From the operator's request until the other replica enforces the new binding.
         let sent = Instant::now();
-        let (status, body) = admin_call(&gw, Method::PUT, "/v1/scopes/registry/policy", bodies[swap % 2].clone()).await;
+        let (status, body) = gw.admin_bytes(Method::PUT, "/v1/scopes/registry/policy", bodies[swap % 2].clone()).await;
         assert_eq!(status, StatusCode::OK, "swap {swap}: {body}");
         let revision = body["revision"].as_i64().unwrap();
         tokio::time::timeout(Duration::from_secs(10), changes.wait_for(|applied| *applied >= revision))

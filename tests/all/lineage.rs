@@ -7,10 +7,6 @@ use aq_tests::guests;
 use axum::http::{Method, StatusCode};
 use serde_json::{Value, json};
 
-async fn admin(gw: &TestGateway, method: Method, path: &str, body: Value) -> (StatusCode, Value) {
-    gw.admin(method, path, body).await
-}
-
 /// aq with the example policy (digest lineage) on `registry`, and three writes there.
 async fn governed_writes() -> TestGateway {
     let gw = TestGateway::start().await;
@@ -18,7 +14,7 @@ async fn governed_writes() -> TestGateway {
     assert_eq!(status, StatusCode::CREATED, "{body}");
     let digest = blake3::hash(&guests::bytes(guests::EXAMPLE_DENY_PREFIX)).to_hex().to_string();
     let (status, body) =
-        admin(&gw, Method::PUT, "/v1/scopes/registry/policy", json!({ "digest": digest, "config": { "read_only": ["/registry/ro/"] } })).await;
+        gw.admin(Method::PUT, "/v1/scopes/registry/policy", json!({ "digest": digest, "config": { "read_only": ["/registry/ro/"] } })).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     let mut client = gw.client().await;
     for (key, value) in [("/registry/pods/a", "one"), ("/registry/pods/b", "two"), ("/registry/pods/a", "three")] {
@@ -30,7 +26,7 @@ async fn governed_writes() -> TestGateway {
 }
 
 async fn export(gw: &TestGateway, scope: &str) -> Export {
-    let (status, body) = admin(gw, Method::GET, &format!("/v1/lineage/{scope}/export"), Value::Null).await;
+    let (status, body) = gw.admin(Method::GET, &format!("/v1/lineage/{scope}/export"), Value::Null).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     serde_json::from_value(body).unwrap()
 }
@@ -66,13 +62,13 @@ async fn governed_writes_leave_records_that_verify_and_open_scopes_leave_none() 
     assert!(export(&gw, "catch-all").await.records.is_empty());
 
     // Inclusion proofs check against the log's root.
-    let (status, proof) = admin(&gw, Method::GET, "/v1/lineage/registry/proof/2", Value::Null).await;
+    let (status, proof) = gw.admin(Method::GET, "/v1/lineage/registry/proof/2", Value::Null).await;
     assert_eq!(status, StatusCode::OK, "{proof}");
     let leaf = proof["record"].as_str().unwrap().as_bytes();
     check_proof(leaf, 2, 4, proof["root"].as_str().unwrap(), proof["proof"].as_str().unwrap()).expect("the proof verifies");
     assert_eq!(proof["root"], exported.checkpoints.last().unwrap().root, "the root the export's last checkpoint signed");
     assert!(check_proof(b"another record", 2, 4, proof["root"].as_str().unwrap(), proof["proof"].as_str().unwrap()).is_err());
-    let (status, _) = admin(&gw, Method::GET, "/v1/lineage/registry/proof/4", Value::Null).await;
+    let (status, _) = gw.admin(Method::GET, "/v1/lineage/registry/proof/4", Value::Null).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
 }
 
@@ -130,7 +126,7 @@ async fn edits_deletions_and_rewrites_in_etcd_are_caught_and_named() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn policy_swaps_are_recorded_in_the_meta_log_in_the_same_txn() {
     let gw = governed_writes().await;
-    let (status, body) = admin(&gw, Method::POST, "/v1/scopes/registry/rollback", json!({})).await;
+    let (status, body) = gw.admin(Method::POST, "/v1/scopes/registry/rollback", json!({})).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     let exported = export(&gw, "@meta").await;
     verify(&exported, &[]).expect("the meta log verifies");
@@ -147,7 +143,7 @@ async fn policy_swaps_are_recorded_in_the_meta_log_in_the_same_txn() {
     assert_eq!(swaps, [("registry", deny.as_str()), ("registry", quota.as_str())]);
     assert!(records.iter().all(|r| r["kind"] == "policy_swap"));
     // A refused bind (the policy rejects the configuration) records nothing.
-    let (status, _) = admin(&gw, Method::PUT, "/v1/scopes/registry/policy", json!({ "digest": deny, "config": { "read_only": [""] } })).await;
+    let (status, _) = gw.admin(Method::PUT, "/v1/scopes/registry/policy", json!({ "digest": deny, "config": { "read_only": [""] } })).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert_eq!(export(&gw, "@meta").await.records.len(), layout_scopes + 2);
 }

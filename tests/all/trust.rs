@@ -11,10 +11,6 @@ use axum::http::{Method, StatusCode};
 use ed25519_dalek::{Signer, SigningKey};
 use serde_json::{Value, json};
 
-async fn admin(gw: &TestGateway, method: Method, path: &str, body: Value) -> (StatusCode, Value) {
-    gw.admin(method, path, body).await
-}
-
 fn public(key: &SigningKey) -> String {
     key.verifying_key().as_bytes().iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -42,7 +38,7 @@ async fn principals(gw: &TestGateway) -> Keys {
         ("carol", vec![&keys.carol], vec![]),
     ] {
         let body = json!({ "id": id, "keys": ks.iter().map(|k| public(k)).collect::<Vec<_>>(), "roles": roles });
-        let (status, answer) = admin(gw, Method::POST, "/v1/principals", body).await;
+        let (status, answer) = gw.admin(Method::POST, "/v1/principals", body).await;
         assert_eq!(status, StatusCode::CREATED, "{answer}");
     }
     keys
@@ -166,7 +162,7 @@ async fn approval_weight_counts_each_principal_once() {
         "role": "secret-writer",
         "approval": { "voters": [{ "principal": "alice", "weight": 1 }, { "principal": "bob", "weight": 1 }], "threshold": 2, "expiry_seconds": 60 }
     });
-    let (status, body) = admin(&gw, Method::PUT, "/v1/scopes/secrets/policy", json!({ "digest": critical, "config": config })).await;
+    let (status, body) = gw.admin(Method::PUT, "/v1/scopes/secrets/policy", json!({ "digest": critical, "config": config })).await;
     assert_eq!(status, StatusCode::OK, "{body}");
 
     // Two keys of alice: weight 1, just below the threshold.
@@ -189,13 +185,13 @@ async fn principals_are_managed_through_the_admin_api_on_every_replica() {
     let gw = TestGateway::start().await;
     let replica = gw.replica().await;
     let keys = principals(&gw).await;
-    let (status, body) = admin(&gw, Method::GET, "/v1/principals", json!(null)).await;
+    let (status, body) = gw.admin(Method::GET, "/v1/principals", json!(null)).await;
     assert_eq!(status, StatusCode::OK);
     let ids: Vec<&str> = body["principals"].as_array().unwrap().iter().map(|p| p["id"].as_str().unwrap()).collect();
     assert_eq!(ids, ["alice", "bob", "carol"]);
-    let (status, body) = admin(&gw, Method::POST, "/v1/principals", json!({ "id": "dave", "keys": ["abcd"] })).await;
+    let (status, body) = gw.admin(Method::POST, "/v1/principals", json!({ "id": "dave", "keys": ["abcd"] })).await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
-    let (status, _) = admin(&gw, Method::POST, "/v1/principals", json!({ "id": "a/b", "keys": [public(&keys.carol)] })).await;
+    let (status, _) = gw.admin(Method::POST, "/v1/principals", json!({ "id": "a/b", "keys": [public(&keys.carol)] })).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
 
     // The second replica learns the principals from the meta group.
@@ -207,7 +203,7 @@ async fn principals_are_managed_through_the_admin_api_on_every_replica() {
     }
 
     // Removing bob makes his key unknown, on the replica too.
-    let (status, _) = admin(&gw, Method::DELETE, "/v1/principals/bob", json!(null)).await;
+    let (status, _) = gw.admin(Method::DELETE, "/v1/principals/bob", json!(null)).await;
     assert_eq!(status, StatusCode::OK);
     let bob = client(&gw, &[&keys.bob]).await;
     let refused = status_of(bob.put("secrets", SECRET, b"v").await);
@@ -220,7 +216,7 @@ async fn principals_are_managed_through_the_admin_api_on_every_replica() {
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let (status, _) = admin(&gw, Method::DELETE, "/v1/principals/bob", json!(null)).await;
+    let (status, _) = gw.admin(Method::DELETE, "/v1/principals/bob", json!(null)).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
 }
 
@@ -235,7 +231,7 @@ async fn two_approvers(gw: &TestGateway, expiry_seconds: u64) {
             "expiry_seconds": expiry_seconds
         }
     });
-    let (status, body) = admin(gw, Method::PUT, "/v1/scopes/secrets/policy", json!({ "digest": critical, "config": config })).await;
+    let (status, body) = gw.admin(Method::PUT, "/v1/scopes/secrets/policy", json!({ "digest": critical, "config": config })).await;
     assert_eq!(status, StatusCode::OK, "{body}");
 }
 
@@ -276,38 +272,38 @@ async fn a_proposal_commits_at_the_threshold_and_only_voters_count() {
     assert_eq!(direct.get(SECRET, None).await.unwrap().count(), 0, "nothing written before approval");
 
     let path = format!("/v1/proposals/{id}");
-    let (status, proposal) = admin(&gw, Method::GET, &path, json!(null)).await;
+    let (status, proposal) = gw.admin(Method::GET, &path, json!(null)).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(proposal["state"], "pending");
     assert_eq!(proposal["approvals"][0]["principal"], "alice", "the signer is the first approval");
     assert_eq!(proposal["keys"], json!(["/registry/secrets/default/db"]));
-    let (_, listed) = admin(&gw, Method::GET, "/v1/proposals", json!(null)).await;
+    let (_, listed) = gw.admin(Method::GET, "/v1/proposals", json!(null)).await;
     assert_eq!(listed["proposals"][0]["id"], id.as_str());
 
     let approve = format!("{path}/approve");
     // carol is not a voter; mallory is nobody; a signature over something else is refused.
-    let (status, body) = admin(&gw, Method::POST, &approve, approval(&proposal, &keys.carol, b"approved")).await;
+    let (status, body) = gw.admin(Method::POST, &approve, approval(&proposal, &keys.carol, b"approved")).await;
     assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
     assert!(body["detail"].as_str().unwrap().contains("not a voter"), "{body}");
-    let (status, _) = admin(&gw, Method::POST, &approve, approval(&proposal, &keys.mallory, b"approved")).await;
+    let (status, _) = gw.admin(Method::POST, &approve, approval(&proposal, &keys.mallory, b"approved")).await;
     assert_eq!(status, StatusCode::FORBIDDEN);
     let mut wrong = approval(&proposal, &keys.bob, b"approved");
     wrong["signature"] = json!(hex(&keys.bob.sign(b"something else").to_bytes()));
-    let (status, body) = admin(&gw, Method::POST, &approve, wrong).await;
+    let (status, body) = gw.admin(Method::POST, &approve, wrong).await;
     assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
     // alice approving again (with her other key) adds nothing.
-    let (status, body) = admin(&gw, Method::POST, &approve, approval(&proposal, &keys.alice_laptop, b"approved")).await;
+    let (status, body) = gw.admin(Method::POST, &approve, approval(&proposal, &keys.alice_laptop, b"approved")).await;
     assert_eq!((status, &body["state"]), (StatusCode::OK, &json!("pending")), "{body}");
     assert_eq!(direct.get(SECRET, None).await.unwrap().count(), 0);
 
     // bob brings it to the threshold: committed.
-    let (status, body) = admin(&gw, Method::POST, &approve, approval(&proposal, &keys.bob, b"approved")).await;
+    let (status, body) = gw.admin(Method::POST, &approve, approval(&proposal, &keys.bob, b"approved")).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["state"], "committed", "{body}");
     let stored = direct.get(SECRET, None).await.unwrap();
     assert_eq!(stored.kvs()[0].value(), b"approved");
     assert_eq!(Some(stored.kvs()[0].mod_revision()), body["committed_revision"].as_i64());
-    let (status, _) = admin(&gw, Method::POST, &approve, approval(&proposal, &keys.bob, b"approved")).await;
+    let (status, _) = gw.admin(Method::POST, &approve, approval(&proposal, &keys.bob, b"approved")).await;
     assert_eq!(status, StatusCode::CONFLICT, "a committed proposal takes no approvals");
 }
 
@@ -321,14 +317,14 @@ async fn a_waiting_client_gets_the_commit_and_a_moved_key_voids_a_proposal() {
     let waiting = client(&gw, &[&keys.alice]).await.with_wait(Duration::from_secs(20));
     let put = tokio::spawn(async move { waiting.put("secrets", SECRET, b"waited").await });
     let proposal = loop {
-        let (_, listed) = admin(&gw, Method::GET, "/v1/proposals", json!(null)).await;
+        let (_, listed) = gw.admin(Method::GET, "/v1/proposals", json!(null)).await;
         if let Some(p) = listed["proposals"].as_array().unwrap().iter().find(|p| p["state"] == "pending") {
             break p.clone();
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
     let path = format!("/v1/proposals/{}/approve", proposal["id"].as_str().unwrap());
-    let (status, body) = admin(&gw, Method::POST, &path, approval(&proposal, &keys.bob, b"waited")).await;
+    let (status, body) = gw.admin(Method::POST, &path, approval(&proposal, &keys.bob, b"waited")).await;
     assert_eq!((status, &body["state"]), (StatusCode::OK, &json!("committed")), "{body}");
     let answer = put.await.unwrap().expect("the waiting put gets the commit");
     assert_eq!(answer.header.unwrap().revision, body["committed_revision"].as_i64().unwrap());
@@ -338,9 +334,9 @@ async fn a_waiting_client_gets_the_commit_and_a_moved_key_voids_a_proposal() {
     let id = proposal_id(&status_of(alice.put("secrets", SECRET, b"stale").await));
     let both = client(&gw, &[&keys.alice, &keys.bob]).await;
     both.put("secrets", SECRET, b"newer").await.expect("two signatures commit at once");
-    let (_, proposal) = admin(&gw, Method::GET, &format!("/v1/proposals/{id}"), json!(null)).await;
+    let (_, proposal) = gw.admin(Method::GET, &format!("/v1/proposals/{id}"), json!(null)).await;
     let (status, body) =
-        admin(&gw, Method::POST, &format!("/v1/proposals/{id}/approve"), approval(&proposal, &keys.bob, b"stale")).await;
+        gw.admin(Method::POST, &format!("/v1/proposals/{id}/approve"), approval(&proposal, &keys.bob, b"stale")).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["state"], "void", "{body}");
     assert!(body["reason"].as_str().unwrap().contains("changed after revision"), "{body}");
@@ -358,18 +354,18 @@ async fn expired_and_rejected_proposals_take_no_approvals_and_are_kept() {
     two_approvers(&gw, 300).await;
     let rejected = proposal_id(&status_of(alice.put("secrets", SECRET, b"refused").await));
 
-    let (status, body) = admin(&gw, Method::POST, &format!("/v1/proposals/{rejected}/reject"), json!({ "reason": "not today" })).await;
+    let (status, body) = gw.admin(Method::POST, &format!("/v1/proposals/{rejected}/reject"), json!({ "reason": "not today" })).await;
     assert_eq!((status, &body["state"]), (StatusCode::OK, &json!("rejected")), "{body}");
-    let (_, proposal) = admin(&gw, Method::GET, &format!("/v1/proposals/{rejected}"), json!(null)).await;
+    let (_, proposal) = gw.admin(Method::GET, &format!("/v1/proposals/{rejected}"), json!(null)).await;
     let (status, body) =
-        admin(&gw, Method::POST, &format!("/v1/proposals/{rejected}/approve"), approval(&proposal, &keys.bob, b"refused")).await;
+        gw.admin(Method::POST, &format!("/v1/proposals/{rejected}/approve"), approval(&proposal, &keys.bob, b"refused")).await;
     assert_eq!(status, StatusCode::CONFLICT, "{body}");
     assert!(body["detail"].as_str().unwrap().contains("not today"), "{body}");
 
     // The one-second proposal expires; approving it then is refused.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let proposal = loop {
-        let (_, proposal) = admin(&gw, Method::GET, &format!("/v1/proposals/{expiring}"), json!(null)).await;
+        let (_, proposal) = gw.admin(Method::GET, &format!("/v1/proposals/{expiring}"), json!(null)).await;
         if proposal["state"] == "expired" {
             break proposal;
         }
@@ -377,9 +373,9 @@ async fn expired_and_rejected_proposals_take_no_approvals_and_are_kept() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     let (status, _) =
-        admin(&gw, Method::POST, &format!("/v1/proposals/{expiring}/approve"), approval(&proposal, &keys.bob, b"late")).await;
+        gw.admin(Method::POST, &format!("/v1/proposals/{expiring}/approve"), approval(&proposal, &keys.bob, b"late")).await;
     assert_eq!(status, StatusCode::CONFLICT);
-    let (_, listed) = admin(&gw, Method::GET, "/v1/proposals", json!(null)).await;
+    let (_, listed) = gw.admin(Method::GET, "/v1/proposals", json!(null)).await;
     let states: Vec<&str> = listed["proposals"].as_array().unwrap().iter().map(|p| p["state"].as_str().unwrap()).collect();
     assert!(states.contains(&"expired") && states.contains(&"rejected"), "kept for audit: {states:?}");
     let mut direct = gw.main.client().await;
