@@ -44,6 +44,12 @@ pub struct ServeOptions {
     pub log_allows: bool,
     /// Serve both APIs over TLS with this certificate.
     pub tls: Option<TlsFiles>,
+    /// This replica's name: it is the principal `anchor:<name>`. `None` derives one from the
+    /// identity key.
+    pub name: Option<String>,
+    /// The admin API URL peers use to reach this replica; `None` derives it from the bound
+    /// admin address.
+    pub advertise_admin_url: Option<String>,
 }
 
 /// A running gateway. Dropping it stops the server and the managed etcd processes.
@@ -60,6 +66,8 @@ pub struct Running {
     pub syncer: Arc<Syncer>,
     /// The admin API's state (served at `admin_addr`).
     pub admin: Arc<Admin>,
+    /// This replica's principal id as an anchor, `anchor:<name>`.
+    pub anchor: String,
     /// Managed etcd processes, by group.
     pub managed: Arc<Mutex<BTreeMap<String, EtcdProcess>>>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
@@ -175,7 +183,14 @@ pub async fn start(config: Config, options: ServeOptions) -> Result<Running, Str
     let index = ScopeIndex::new(scopes).map_err(|e| e.to_string())?;
     let decisions = DecisionLog::open(&options.decision_log, options.log_allows, metrics.decision_lines_dropped())
         .map_err(|e| e.to_string())?;
-    let gateway = Arc::new(Gateway::new(index, groups, &home, GateServices { engine, registry, metrics, decisions, trust }).await?);
+    let identity = crate::trust::load_or_create_key(&options.data_dir.join("identity.key"))?;
+    let anchor = Arc::new(crate::gate::anchors::Anchor::new(
+        crate::trust::anchor::Identity::new(options.name.as_deref(), identity.clone())?,
+        options.tls.as_ref().map(|tls| tls.cert.as_path()),
+    )?);
+    let anchor_id = anchor.identity().id().to_string();
+    let services = GateServices { engine, registry, metrics, decisions, trust, anchor: Some(anchor.clone()) };
+    let gateway = Arc::new(Gateway::new(index, groups, &home, services).await?);
     syncer.follow().await?;
     persist_layout(&gateway).await?;
 
@@ -190,7 +205,6 @@ pub async fn start(config: Config, options: ServeOptions) -> Result<Running, Str
     } else {
         Auth::disabled()
     };
-    let identity = crate::trust::load_or_create_key(&options.data_dir.join("identity.key"))?;
     let admin = Arc::new(Admin::new(gateway.clone(), syncer.clone(), &config.admin, auth, identity.clone())?);
     checkpoint_lineage(gateway.clone(), syncer.store().clone(), identity);
 
@@ -240,9 +254,33 @@ pub async fn start(config: Config, options: ServeOptions) -> Result<Running, Str
         }
         None => (None, None),
     };
+    // Peers reach this replica's anchor through its admin API.
+    if let Some(admin_addr) = admin_addr {
+        let scheme = if options.tls.is_some() { "https" } else { "http" };
+        let url = options.advertise_admin_url.clone().unwrap_or_else(|| {
+            let host = if admin_addr.ip().is_unspecified() { "127.0.0.1".to_string() } else { admin_addr.ip().to_string() };
+            format!("{scheme}://{}", SocketAddr::new(host.parse().expect("an IP"), admin_addr.port()))
+        });
+        let identity = anchor.identity();
+        let record = crate::trust::anchor::AnchorRecord { id: identity.id().to_string(), key: identity.public_hex(), url };
+        syncer.store().register_anchor(&identity.principal(), &record).await.map_err(|e| e.to_string())?;
+        syncer.reload_principals().await.map_err(|e| format!("cannot read the principals: {e}"))?;
+    }
     let managed = Arc::new(Mutex::new(managed));
     supervise(managed.clone(), options.etcd_binary.clone());
-    Ok(Running { addr, admin_addr, tls: options.tls.is_some(), gateway, syncer, admin, managed, shutdown: Some(shutdown), server, admin_task })
+    Ok(Running {
+        addr,
+        admin_addr,
+        tls: options.tls.is_some(),
+        gateway,
+        syncer,
+        admin,
+        anchor: anchor_id,
+        managed,
+        shutdown: Some(shutdown),
+        server,
+        admin_task,
+    })
 }
 
 /// Where the generated admin token lives.
@@ -341,6 +379,7 @@ fn supervise(managed: Arc<Mutex<BTreeMap<String, EtcdProcess>>>, binary: String)
 pub fn describe(running: &Running, data_dir: &Path) -> String {
     let scheme = if running.tls { "https" } else { "http" };
     let mut out = format!("aq: etcd API listening on {scheme}://{}\n", running.addr);
+    out.push_str(&format!("aq: this replica is {}\n", running.anchor));
     if let Some(admin) = running.admin_addr {
         out.push_str(&format!("aq: admin API listening on {scheme}://{admin} (/healthz, /readyz, /metrics, /v1/openapi.json)\n"));
         let token = admin_token_path(data_dir);

@@ -122,3 +122,21 @@ impl axum::serve::Listener for TlsListener {
         Ok(self.local)
     }
 }
+
+/// A TLS client configuration trusting exactly the certificates in the PEM file at `path`: the
+/// CLI's `--cacert`, and a replica calling its peers (which trusts its own certificate chain).
+pub fn client_roots(path: &std::path::Path) -> Result<ureq::tls::TlsConfig, String> {
+    let pem = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let certs = ureq::tls::parse_pem(&pem)
+        .filter_map(|item| match item {
+            Ok(ureq::tls::PemItem::Certificate(cert)) => Some(Ok(cert)),
+            Ok(_) => None,
+            Err(e) => Some(Err(e)),
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{} is not PEM: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{} holds no certificate", path.display()));
+    }
+    Ok(ureq::tls::TlsConfig::builder().root_certs(ureq::tls::RootCerts::new_with_certs(&certs)).build())
+}

@@ -300,6 +300,8 @@ async fn managed_etcd_is_restarted_after_a_crash() {
         decision_log: aq_host::gate::decisions::DecisionSink::Off,
         log_allows: false,
         tls: None,
+        name: None,
+        advertise_admin_url: None,
     };
     let running = aq_host::serve::start(config, options).await.expect("aq starts with managed etcd");
     let mut client = etcd_client::Client::connect([running.addr.to_string()], None).await.unwrap();

@@ -188,7 +188,12 @@ async fn principals_are_managed_through_the_admin_api_on_every_replica() {
     let (status, body) = gw.admin(Method::GET, "/v1/principals", json!(null)).await;
     assert_eq!(status, StatusCode::OK);
     let ids: Vec<&str> = body["principals"].as_array().unwrap().iter().map(|p| p["id"].as_str().unwrap()).collect();
-    assert_eq!(ids, ["alice", "bob", "carol"]);
+    // Each replica registered itself as an anchor.
+    let (anchors, people): (Vec<&str>, Vec<&str>) = ids.into_iter().partition(|id| id.starts_with("anchor:"));
+    assert_eq!(people, ["alice", "bob", "carol"]);
+    let mut expected = vec![gw.running.anchor.as_str(), replica.running.anchor.as_str()];
+    expected.sort();
+    assert_eq!(anchors, expected);
     let (status, body) = gw.admin(Method::POST, "/v1/principals", json!({ "id": "dave", "keys": ["abcd"] })).await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
     let (status, _) = gw.admin(Method::POST, "/v1/principals", json!({ "id": "a/b", "keys": [public(&keys.carol)] })).await;
@@ -410,4 +415,102 @@ async fn a_signed_request_replayed_through_another_replica_is_refused() {
     let again = status_of(on_a.put_presigned(SECRET, b"once", &signed).await);
     assert!(again.message().contains("replayed"));
     assert_eq!(direct.get(SECRET, None).await.unwrap().kvs()[0].mod_revision(), mod_revision);
+}
+
+/// Waits until `gateway` knows principal `id` and enforces a secrets binding whose config
+/// mentions `needle`.
+async fn until_following(gateway: &aq_host::gate::Gateway, id: &str, needle: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let knows = gateway.trust().principals_by_id().contains_key(id);
+        let bound = gateway.registry().active("secrets").is_some_and(|b| b.config.contains(needle));
+        if knows && bound {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "the replica never followed the meta group");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The newest lineage record of scope `secrets`, straight from etcd.
+async fn last_secret_record(gw: &TestGateway) -> Value {
+    let mut direct = gw.main.client().await;
+    let prefix = b"\xffaq/lineage/secrets/".to_vec();
+    let options = etcd_client::GetOptions::new().with_prefix().with_sort(etcd_client::SortTarget::Key, etcd_client::SortOrder::Descend).with_limit(1);
+    let found = direct.get(prefix, Some(options)).await.unwrap();
+    serde_json::from_slice(found.kvs()[0].value()).expect("a lineage record")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_write_needing_two_anchors_commits_with_two_replicas_and_is_refused_with_one() {
+    let gw = TestGateway::start().await;
+    let replica = gw.replica().await;
+    let (a, b) = (gw.running.anchor.clone(), replica.running.anchor.clone());
+    assert!(a.starts_with("anchor:aq-") && b.starts_with("anchor:aq-") && a != b, "{a} {b}");
+    let (_, listed) = gw.admin(Method::GET, "/v1/principals", json!(null)).await;
+    for anchor in [&a, &b] {
+        let found = listed["principals"].as_array().unwrap().iter().find(|p| p["id"] == anchor.as_str());
+        assert_eq!(found.map(|p| &p["roles"]), Some(&json!(["anchor"])), "{anchor} registered: {listed}");
+    }
+    let keys = principals(&gw).await;
+    let critical = blake3::hash(aq_host::builtin::find("critical").unwrap().component).to_hex().to_string();
+    let config = json!({
+        "role": "secret-writer",
+        "approval": { "voters": [{ "principal": a, "weight": 1 }, { "principal": b, "weight": 1 }], "threshold": 2 }
+    });
+    let (status, body) = gw.admin(Method::PUT, "/v1/scopes/secrets/policy", json!({ "digest": critical, "config": config })).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    until_following(&replica.running.gateway, "alice", &b).await;
+
+    // Through either replica, alice's signed write gathers both anchors and commits at once.
+    let mut direct = gw.main.client().await;
+    let on_a = client(&gw, &[&keys.alice]).await;
+    on_a.put("secrets", SECRET, b"anchored-a").await.expect("both anchors co-sign");
+    assert_eq!(direct.get(SECRET, None).await.unwrap().kvs()[0].value(), b"anchored-a");
+    let record = last_secret_record(&gw).await;
+    assert_eq!(record["principals"], json!(["alice", a, b]), "{record}");
+    let on_b = SignedClient::connect(&replica.running.addr.to_string(), vec![keys.alice.clone()]).await.unwrap();
+    on_b.put("secrets", SECRET, b"anchored-b").await.expect("both anchors co-sign through the replica");
+    assert_eq!(direct.get(SECRET, None).await.unwrap().kvs()[0].value(), b"anchored-b");
+    assert_eq!(last_secret_record(&gw).await["principals"], json!(["alice", b, a]));
+
+    // A peer co-signs only for anchors, and only requests its own policy supports.
+    let (status, body) = gw.admin(Method::POST, "/v1/anchors/cosign", json!({})).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "no anchor header: {body}");
+    // An unsigned write: the peer evaluates it itself and its policy denies it.
+    let op = etcd_client::proto::PbTxnRequestOp {
+        request: Some(etcd_client::proto::PbTxnOpRequest::RequestPut(etcd_client::proto::PbPutRequest {
+            key: SECRET.to_vec(),
+            value: b"sneaky".to_vec(),
+            ..Default::default()
+        })),
+    };
+    let call = json!({
+        "scope": "secrets",
+        "request": hex(&prost::Message::encode_to_vec(&op)),
+        "nonce": hex(&[9; 16]),
+        "not_after": aq_host::meta::unix_now() + 20,
+        "client": null
+    });
+    let body = serde_json::to_vec(&call).unwrap();
+    let b_key = aq_host::trust::load_or_create_key(&replica.data_dir().join("identity.key")).unwrap();
+    let b_identity = aq_host::trust::anchor::Identity::new(Some(b.trim_start_matches("anchor:")), b_key).unwrap();
+    let alice_identity = aq_host::trust::anchor::Identity::new(Some("alice"), keys.alice.clone()).unwrap();
+    for (header, needle) in
+        [(alice_identity.call_header(&body), "not an anchor"), (b_identity.call_header(b"other"), "does not match"), (b_identity.call_header(&body), "denies")]
+    {
+        let request = axum::http::Request::post("/v1/anchors/cosign").header("aq-anchor", header).body(axum::body::Body::from(body.clone())).unwrap();
+        let response = tower::ServiceExt::oneshot(aq_host::admin::router(gw.running.admin.clone()), request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::FORBIDDEN);
+        let text = String::from_utf8(axum::body::to_bytes(response.into_body(), 1 << 20).await.unwrap().to_vec()).unwrap();
+        assert!(text.contains(needle), "{needle}: {text}");
+    }
+
+    // With the replica gone, anchor b cannot co-sign: the write is refused, not proposed.
+    replica.running.stop().await;
+    let refused = status_of(on_a.put("secrets", SECRET, b"one-anchor").await);
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{}", refused.message());
+    assert!(refused.message().contains(&format!("no co-signature from {b}")), "{}", refused.message());
+    assert!(!refused.message().contains("is proposal"), "{}", refused.message());
+    assert_eq!(direct.get(SECRET, None).await.unwrap().kvs()[0].value(), b"anchored-b", "nothing written");
 }

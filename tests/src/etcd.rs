@@ -88,6 +88,8 @@ fn serve_options(data: &std::path::Path, tls: Option<aq_host::tls::TlsFiles>) ->
         decision_log: DecisionSink::File(data.join("decisions.log")),
         log_allows: true,
         tls,
+        name: None,
+        advertise_admin_url: None,
     }
 }
 

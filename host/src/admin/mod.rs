@@ -4,6 +4,7 @@
 //! metrics and the OpenAPI document are open, as is conventional for scrapers and load
 //! balancers.
 
+mod anchors;
 pub mod auth;
 mod lineage;
 pub mod openapi;
@@ -125,7 +126,7 @@ impl From<MetaError> for ApiError {
     fn from(e: MetaError) -> Self {
         match e {
             MetaError::UnknownPolicy(_) => ApiError::not_found(e.to_string()),
-            MetaError::Bound { .. } | MetaError::Conflict(_) => ApiError::conflict(e.to_string()),
+            MetaError::Bound { .. } | MetaError::Conflict(_) | MetaError::AnchorTaken(_) => ApiError::conflict(e.to_string()),
             MetaError::Backend(_) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "meta group unavailable", e.to_string()),
             MetaError::Corrupt(_) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "damaged state", e.to_string()),
         }
@@ -167,6 +168,7 @@ pub fn router(admin: Arc<Admin>) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/v1/openapi.json", get(openapi::document))
+        .route("/v1/anchors/cosign", post(anchors::cosign))
         .route("/v1/policies", post(policies::push).get(policies::list))
         .route("/v1/policies/{digest}", get(policies::get).delete(policies::delete))
         .route("/v1/principals", get(principals::list).post(principals::add))

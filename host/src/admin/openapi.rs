@@ -5,7 +5,7 @@ use axum::response::{IntoResponse, Response};
 use utoipa::OpenApi;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 
-use super::{lineage, policies, principals, proposals, scopes};
+use super::{anchors, lineage, policies, principals, proposals, scopes};
 
 /// Adds the bearer token scheme the `/v1/` routes require.
 struct BearerTokens;
@@ -30,6 +30,7 @@ impl utoipa::Modify for BearerTokens {
         super::healthz,
         super::readyz,
         super::metrics,
+        anchors::cosign,
         lineage::export,
         lineage::checkpoint,
         lineage::proof,
@@ -52,6 +53,7 @@ impl utoipa::Modify for BearerTokens {
     ),
     modifiers(&BearerTokens),
     tags(
+        (name = "anchors", description = "Replicas co-signing writes whose policy names them as voters"),
         (name = "lineage", description = "Tamper-evident records of governed writes: exports, checkpoints, inclusion proofs"),
         (name = "policies", description = "Stored policy components, content-addressed by blake3"),
         (name = "principals", description = "Who can sign requests and approvals: ids, ed25519 keys, roles"),

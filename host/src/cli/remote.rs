@@ -48,21 +48,7 @@ impl Remote {
             .http_status_as_error(false)
             .timeout_global(Some(std::time::Duration::from_secs(60)));
         if let Some(path) = &self.cacert {
-            let pem = std::fs::read(path).map_err(|e| CliError::Input(format!("cannot read --cacert {}: {e}", path.display())))?;
-            let certs = ureq::tls::parse_pem(&pem)
-                .filter_map(|item| match item {
-                    Ok(ureq::tls::PemItem::Certificate(cert)) => Some(Ok(cert)),
-                    Ok(_) => None,
-                    Err(e) => Some(Err(e)),
-                })
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| CliError::Input(format!("--cacert {} is not PEM: {e}", path.display())))?;
-            if certs.is_empty() {
-                return Err(CliError::Input(format!("--cacert {} holds no certificate", path.display())));
-            }
-            config = config.tls_config(
-                ureq::tls::TlsConfig::builder().root_certs(ureq::tls::RootCerts::new_with_certs(&certs)).build(),
-            );
+            config = config.tls_config(crate::tls::client_roots(path).map_err(|e| CliError::Input(format!("--cacert: {e}")))?);
         }
         let agent: ureq::Agent = config.build().into();
         let url = format!("{}{path}", self.admin_url.trim_end_matches('/'));

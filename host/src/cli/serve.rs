@@ -46,10 +46,30 @@ pub(super) struct ServeArgs {
     /// The certificate's private key (PEM).
     #[arg(long, requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// This replica's name; it is the principal `anchor:<name>` policies name as a voter.
+    /// Default: `aq-` and the first 8 hex digits of the identity key in the data directory.
+    #[arg(long)]
+    name: Option<String>,
+    /// The admin API URL other replicas use to reach this one, when --admin-listen is not it
+    /// (behind NAT, or listening on 0.0.0.0).
+    #[arg(long)]
+    advertise_admin_url: Option<String>,
 }
 
 pub(super) fn run(args: ServeArgs) -> Result<(), CliError> {
-    let ServeArgs { config, data_dir, listen, admin_listen, etcd, decision_log, log_allows, tls_cert, tls_key } = args;
+    let ServeArgs {
+        config,
+        data_dir,
+        listen,
+        admin_listen,
+        etcd,
+        decision_log,
+        log_allows,
+        tls_cert,
+        tls_key,
+        name,
+        advertise_admin_url,
+    } = args;
     let tls = tls_cert.zip(tls_key).map(|(cert, key)| crate::tls::TlsFiles { cert, key });
     let config = match config {
         Some(path) => Config::load(&path).map_err(CliError::Input)?,
@@ -72,6 +92,8 @@ pub(super) fn run(args: ServeArgs) -> Result<(), CliError> {
             decision_log,
             log_allows,
             tls,
+            name,
+            advertise_admin_url,
         };
         let mut running = start(config, options).await.map_err(CliError::Input)?;
         say(&describe(&running, &data_dir));

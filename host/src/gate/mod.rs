@@ -3,6 +3,7 @@
 //! with the client's own compares nested inside so its else-branch answers as etcd's would.
 //! Reads are routed, split across scopes and merged, and counted.
 
+pub mod anchors;
 mod approvals;
 pub use approvals::ApprovalError;
 pub(crate) use approvals::{decode_request, model_of};
@@ -96,6 +97,8 @@ pub struct GateServices {
     pub decisions: decisions::DecisionLog,
     /// Principals and signature checks.
     pub trust: Arc<crate::trust::Trust>,
+    /// This replica as an anchor, when it serves peers.
+    pub anchor: Option<Arc<anchors::Anchor>>,
 }
 
 /// The outcome of an allowing evaluation.
@@ -269,6 +272,7 @@ pub struct Gateway {
     metrics: Arc<metrics::GateMetrics>,
     decisions: decisions::DecisionLog,
     trust: Arc<crate::trust::Trust>,
+    anchor: Option<Arc<anchors::Anchor>>,
 }
 
 impl Gateway {
@@ -281,7 +285,7 @@ impl Gateway {
         home: &str,
         services: GateServices,
     ) -> Result<Self, String> {
-        let GateServices { engine, registry, metrics, decisions, trust } = services;
+        let GateServices { engine, registry, metrics, decisions, trust, anchor } = services;
         let mut scopes = HashMap::new();
         for scope in index.scopes() {
             let group = groups
@@ -315,6 +319,7 @@ impl Gateway {
             metrics,
             decisions,
             trust,
+            anchor,
         })
     }
 
@@ -346,6 +351,11 @@ impl Gateway {
     /// The policy registry.
     pub fn registry(&self) -> &Arc<Registry> {
         &self.registry
+    }
+
+    /// The principals this replica knows, and its signature checks.
+    pub fn trust(&self) -> &Arc<crate::trust::Trust> {
+        &self.trust
     }
 
     fn runtime(&self, scope: &Scope) -> &ScopeRuntime {
@@ -639,10 +649,38 @@ impl Gateway {
             context.credentials =
                 self.trust.verify(&runtime.scope.id, &context.ops, &context.compares, signed, now)?;
         }
+        // Anchors that did not co-sign, once they were asked.
+        let mut unanchored: Option<Vec<String>> = None;
         for _ in 0..MAX_ATTEMPTS {
             let evaluated = match self.evaluate(runtime, &mut context) {
                 Ok(evaluated) => evaluated,
-                Err(GateError::NeedsApproval(shortfall)) => {
+                Err(GateError::NeedsApproval(mut shortfall)) => {
+                    let wanted = self.unsigned_anchors(&shortfall.rule, &context);
+                    if unanchored.is_none() && !wanted.is_empty() {
+                        let votes = self.gather_anchors(runtime, &context, &op, caller, &wanted).await;
+                        context.credentials.extend(votes.credentials);
+                        unanchored = Some(votes.missing);
+                        continue;
+                    }
+                    if let Some(missing) = unanchored.as_ref().filter(|m| !m.is_empty()) {
+                        shortfall.message = format!("{}; no co-signature from {}", shortfall.message, missing.join("; "));
+                        // Without the missing anchors, only people can make up the weight.
+                        let people: Vec<(&str, u32)> = shortfall
+                            .rule
+                            .voters
+                            .iter()
+                            .filter(|v| !v.principal.starts_with(crate::trust::anchor::ANCHOR_PREFIX))
+                            .map(|v| (v.principal.as_str(), v.weight))
+                            .collect();
+                        let open: Vec<&str> = people
+                            .iter()
+                            .map(|(p, _)| *p)
+                            .filter(|p| !context.credentials.iter().any(|c| c.principal == *p))
+                            .collect();
+                        if shortfall.weight + crate::trust::distinct_weight(people.iter().copied(), &open) < shortfall.rule.threshold {
+                            return Err(GateError::NeedsApproval(shortfall));
+                        }
+                    }
                     return self.propose(runtime, &context, &op, *shortfall, caller.wait).await;
                 }
                 Err(e) => return Err(e),

@@ -72,6 +72,11 @@ pub fn principal_prefix() -> Vec<u8> {
     key(&[b"principal/"])
 }
 
+/// The key of a replica's anchor record (where peers reach it).
+pub fn anchor_key(id: &str) -> Vec<u8> {
+    key(&[b"anchor/", id.as_bytes()])
+}
+
 /// The key of a proposal.
 pub fn proposal_key(id: &str) -> Vec<u8> {
     key(&[b"proposal/", id.as_bytes()])
@@ -222,6 +227,9 @@ pub enum MetaError {
     /// The binding changed while this change was being made.
     #[error("the binding of scope {0} changed concurrently; read it again and retry")]
     Conflict(String),
+    /// A replica's anchor name is held by another key.
+    #[error("cannot register anchor {0}")]
+    AnchorTaken(String),
     /// Stored data that does not parse or does not match its digest.
     #[error("stored data is damaged: {0}")]
     Corrupt(String),
@@ -420,6 +428,57 @@ impl MetaStore {
         let response =
             self.group.delete_range(pb::PbDeleteRequest { key: principal_key(id), range_end: Vec::new(), prev_kv: false }).await?;
         Ok(response.deleted > 0)
+    }
+
+    /// Registers a replica as an anchor: its principal (created when missing) and where peers
+    /// reach it. Refused when the principal exists with other keys: two replicas must not
+    /// share a name.
+    pub async fn register_anchor(
+        &self,
+        principal: &crate::trust::Principal,
+        record: &crate::trust::anchor::AnchorRecord,
+    ) -> Result<(), MetaError> {
+        let key = principal_key(&principal.id);
+        let existing = self.get(key.clone()).await?;
+        if let Some(kv) = &existing {
+            let stored: crate::trust::Principal = parse(&kv.key, &kv.value)?;
+            if stored.keys != principal.keys {
+                return Err(MetaError::AnchorTaken(format!(
+                    "{}: the principal is registered with key(s) {}, not this replica's {}; give this replica another --name, \
+                     or remove the principal with `aq principals rm {}`",
+                    principal.id,
+                    stored.keys.join(", "),
+                    principal.keys.join(", "),
+                    principal.id
+                )));
+            }
+        }
+        // Create-only unless the same principal is there: a racing replica of the same name
+        // cannot overwrite it.
+        let revision = existing.map(|kv| kv.mod_revision).unwrap_or(0);
+        let response = self
+            .group
+            .txn(pb::PbTxnRequest {
+                compare: vec![compare_unchanged(key.clone(), revision)],
+                success: vec![
+                    put_op(key, serde_json::to_vec(principal).expect("JSON")),
+                    put_op(anchor_key(&record.id), serde_json::to_vec(record).expect("JSON")),
+                ],
+                failure: Vec::new(),
+            })
+            .await?;
+        if !response.succeeded {
+            return Err(MetaError::AnchorTaken(format!("{}: registered concurrently by another replica; retry", principal.id)));
+        }
+        Ok(())
+    }
+
+    /// Where anchor `id` is reached, if it registered.
+    pub async fn anchor(&self, id: &str) -> Result<Option<crate::trust::anchor::AnchorRecord>, MetaError> {
+        match self.get(anchor_key(id)).await? {
+            Some(kv) => Ok(Some(parse(&kv.key, &kv.value)?)),
+            None => Ok(None),
+        }
     }
 
     /// A scope's lineage checkpoints, smallest first.

@@ -13,6 +13,7 @@
 //!
 //! Nonces are remembered until their not-after passes, so a signed request is accepted once.
 
+pub mod anchor;
 pub mod digest;
 pub mod proposal;
 
@@ -312,9 +313,27 @@ impl Trust {
         self.keys.load().values().map(|p| (p.id.clone(), p.clone())).collect()
     }
 
-    /// Verifies every signature of a request for `scope` at Unix second `now`; returns the
-    /// distinct principals that signed, in order of first signature.
+    /// Verifies every signature of a request for `scope` at Unix second `now` and uses up its
+    /// nonce; returns the distinct principals that signed, in order of first signature.
     pub fn verify(
+        &self,
+        scope: &str,
+        ops: &[m::Op],
+        compares: &[m::Compare],
+        signed: &SignedRequest,
+        now: u64,
+    ) -> Result<Credentials, TrustError> {
+        let credentials = self.check(scope, ops, compares, signed, now)?;
+        // Only a request whose signatures all verify uses up its nonce.
+        if !self.nonces.lock().expect("nonce lock").insert(&signed.nonce, signed.not_after, now) {
+            return Err(TrustError::Replayed(hex::encode(&signed.nonce)));
+        }
+        Ok(credentials)
+    }
+
+    /// [`Trust::verify`] without using up the nonce: for a request another replica received
+    /// (an anchor co-signing it) or signatures this replica asked for.
+    pub fn check(
         &self,
         scope: &str,
         ops: &[m::Op],
@@ -344,10 +363,6 @@ impl Trust {
             if !credentials.iter().any(|c| c.principal == principal.id) {
                 credentials.push(m::Credential { principal: principal.id.clone(), roles: principal.roles.clone() });
             }
-        }
-        // Only a request whose signatures all verify uses up its nonce.
-        if !self.nonces.lock().expect("nonce lock").insert(&signed.nonce, signed.not_after, now) {
-            return Err(TrustError::Replayed(hex::encode(&signed.nonce)));
         }
         Ok(credentials)
     }
