@@ -5,6 +5,7 @@
 
 pub mod anchors;
 mod approvals;
+mod chain;
 pub use approvals::ApprovalError;
 pub(crate) use approvals::{decode_request, model_of};
 pub mod decisions;
@@ -24,7 +25,7 @@ use tonic::Status;
 use crate::backend::Group;
 use crate::engine::{Engine, EvalRequest, Registry, ScopeSlot};
 use crate::index::{KeyRange, Owner, Scope, ScopeIndex};
-use crate::lineage::{ApprovalRecord, Head, OpRecord, Record, RecordKind, head_key, record_key};
+use crate::lineage::{ApprovalRecord, Head, OpRecord, Record, RecordKind};
 use crate::trust::SignedRequest;
 use fence::Fence;
 
@@ -112,6 +113,7 @@ pub(crate) struct Evaluated {
 }
 
 /// A lineage record waiting for its place in the chain.
+#[derive(Clone)]
 pub(crate) struct Draft {
     kind: RecordKind,
     policy: String,
@@ -156,6 +158,19 @@ impl Draft {
             proposal: None,
             approvals: Vec::new(),
         })
+    }
+
+    #[cfg(test)]
+    fn for_tests() -> Draft {
+        Draft {
+            kind: RecordKind::Mutation,
+            policy: String::new(),
+            level: "digest",
+            principals: Vec::new(),
+            ops: Vec::new(),
+            proposal: None,
+            approvals: Vec::new(),
+        }
     }
 
     fn record(&self, scope: &str, head: &Head) -> Record {
@@ -252,11 +267,11 @@ pub struct ScopeRuntime {
     /// Its group.
     pub group: Group,
     /// Its fence.
-    pub fence: Fence,
+    pub fence: Arc<Fence>,
     /// Its policy binding.
     pub slot: Arc<ScopeSlot>,
-    /// Its lineage chain head and the head key's mod revision, once read.
-    lineage_head: tokio::sync::Mutex<Option<(Head, i64)>>,
+    /// Its lineage chain: writes with records queue here and commit in batches.
+    chain: Arc<chain::Chain>,
 }
 
 /// The gateway core shared by every front-end service.
@@ -296,16 +311,9 @@ impl Gateway {
             let version = init_fence(&group, &scope.id).await.map_err(|e| {
                 format!("cannot read the fence of scope {} on group {}: {}", scope.id, group.name(), e.message())
             })?;
-            scopes.insert(
-                scope.id.clone(),
-                ScopeRuntime {
-                    scope: scope.clone(),
-                    group,
-                    fence: Fence::new(&scope.id, version),
-                    slot,
-                    lineage_head: tokio::sync::Mutex::new(None),
-                },
-            );
+            let fence = Arc::new(Fence::new(&scope.id, version));
+            let chain = Arc::new(chain::Chain::new(&scope.id, group.clone(), fence.clone(), metrics.clone()));
+            scopes.insert(scope.id.clone(), ScopeRuntime { scope: scope.clone(), group, fence, slot, chain });
         }
         let home = groups.get(home).ok_or_else(|| format!("the home group {home} is not configured"))?.clone();
         Ok(Gateway {
@@ -538,10 +546,10 @@ impl Gateway {
         Ok(self.run_policy(runtime, &mut context))
     }
 
-    /// Sends `op` as the success branch of a Txn guarded by the scope's fence and `guards`,
-    /// with the lineage record of `draft` (and the new chain head) in the same Txn, guarded on
-    /// the head. `Ok(None)` when a guard failed (fence and head have been refreshed); the caller
-    /// re-evaluates.
+    /// Sends `op` as the success branch of a Txn guarded by the scope's fence and `guards`;
+    /// with a `draft`, its lineage record goes into the same Txn through the scope's chain
+    /// (batched with other writes, see [`chain`]). `Ok(None)` when a guard failed (the fence
+    /// has been refreshed); the caller re-evaluates.
     async fn fenced(
         &self,
         runtime: &ScopeRuntime,
@@ -549,88 +557,35 @@ impl Gateway {
         guards: Vec<pb::PbCompare>,
         draft: Option<&Draft>,
     ) -> Result<Option<pb::PbTxnResponse>, GateError> {
-        // Held across the Txn: this replica's lineage writes to a scope form one chain.
-        let mut head_slot = match draft {
-            Some(_) => Some(runtime.lineage_head.lock().await),
-            None => None,
-        };
-        // Without lineage the op is sent once, so it moves into the Txn; with lineage a lost
-        // race for the chain head sends it again.
-        let mut op = Some(op);
-        for _ in 0..LINEAGE_ATTEMPTS {
-            let mut compare = Vec::with_capacity(guards.len() + 2);
-            compare.push(runtime.fence.compare());
-            compare.extend(guards.iter().cloned());
-            let mut success = Vec::with_capacity(3);
-            let mut failure = vec![runtime.fence.read_op()];
-            let mut next_head = None;
-            if let (Some(draft), Some(slot)) = (draft, head_slot.as_mut()) {
-                if slot.is_none() {
-                    **slot = Some(self.read_head(runtime).await?);
-                }
-                let (head, head_revision) = slot.clone().expect("head read above");
-                let record = draft.record(&runtime.scope.id, &head);
-                let bytes = record.encode();
-                let new_head = Head { next: head.next + 1, prev: crate::lineage::record_hash(&bytes) };
-                let key = head_key(&runtime.scope.id);
-                compare.push(crate::meta::compare_unchanged(key.clone(), head_revision));
-                success.push(put(record_key(&runtime.scope.id, record.seq), bytes));
-                success.push(put(key.clone(), serde_json::to_vec(&new_head).expect("JSON")));
-                failure.push(pb::PbTxnRequestOp {
-                    request: Some(pb::PbTxnOpRequest::RequestRange(pb::PbRangeRequest { key, ..Default::default() })),
-                });
-                next_head = Some((head_revision, new_head));
-            }
-            let this_op = if draft.is_some() { op.clone() } else { op.take() };
-            success.push(pb::PbTxnRequestOp { request: this_op });
-            let request = pb::PbTxnRequest { compare, success, failure };
-            let response =
-                runtime.group.txn(request).await.inspect_err(|_| self.metrics.backend_error(runtime.group.name()))?;
-            if response.succeeded {
-                self.metrics.routed(&runtime.scope.id, "write");
-                if let (Some(slot), Some((_, head))) = (head_slot.as_mut(), next_head) {
-                    let revision = response.header.as_ref().map(|h| h.revision).unwrap_or_default();
-                    **slot = Some((head, revision));
-                }
-                return Ok(Some(response));
-            }
-            let version = match response.responses.first().and_then(|r| r.response.as_ref()) {
-                Some(pb::PbTxnOpResponse::ResponseRange(range)) => range.kvs.first().map(|kv| kv.version).unwrap_or(0),
-                _ => 0,
-            };
-            if version != runtime.fence.expected() {
-                self.metrics.fence_retry(&runtime.scope.id);
-                tracing::info!(scope = %runtime.scope.id, from = runtime.fence.expected(), to = version, "fence moved; retrying");
-                runtime.fence.refresh(version);
-                // A new owner may hold another chain: read its head next time.
-                if let Some(slot) = head_slot.as_mut() {
-                    **slot = None;
-                }
-                return Ok(None);
-            }
-            if let (Some(slot), Some((read_at, _))) = (head_slot.as_mut(), next_head) {
-                let seen = match response.responses.get(1).and_then(|r| r.response.as_ref()) {
-                    Some(pb::PbTxnOpResponse::ResponseRange(range)) => parse_head(range)?,
-                    _ => (Head::default(), 0),
-                };
-                let moved = seen.1 != read_at;
-                **slot = Some(seen);
-                if moved {
-                    // Another replica extended the chain; the decision still holds: send again
-                    // on the new head without evaluating again.
-                    continue;
-                }
-            }
-            // A policy read moved: the caller evaluates again.
-            self.metrics.fence_retry(&runtime.scope.id);
-            return Ok(None);
+        if let Some(draft) = draft {
+            let mut footprint = model_of(&op).2;
+            footprint.extend(guards.iter().map(|g| KeyRange::from_request(&g.key, &g.range_end)));
+            return runtime.chain.commit(op, guards, draft.clone(), footprint).await;
         }
-        Err(GateError::Contended(runtime.scope.id.clone()))
-    }
-
-    async fn read_head(&self, runtime: &ScopeRuntime) -> Result<(Head, i64), GateError> {
-        let range = runtime.group.range(pb::PbRangeRequest { key: head_key(&runtime.scope.id), ..Default::default() }).await?;
-        parse_head(&range)
+        let mut compare = Vec::with_capacity(guards.len() + 1);
+        compare.push(runtime.fence.compare());
+        compare.extend(guards);
+        let request = pb::PbTxnRequest {
+            compare,
+            success: vec![pb::PbTxnRequestOp { request: Some(op) }],
+            failure: vec![runtime.fence.read_op()],
+        };
+        let response = runtime.group.txn(request).await.inspect_err(|_| self.metrics.backend_error(runtime.group.name()))?;
+        if response.succeeded {
+            self.metrics.routed(&runtime.scope.id, "write");
+            return Ok(Some(response));
+        }
+        let version = match response.responses.first().and_then(|r| r.response.as_ref()) {
+            Some(pb::PbTxnOpResponse::ResponseRange(range)) => range.kvs.first().map(|kv| kv.version).unwrap_or(0),
+            _ => 0,
+        };
+        self.metrics.fence_retry(&runtime.scope.id);
+        if version != runtime.fence.expected() {
+            tracing::info!(scope = %runtime.scope.id, from = runtime.fence.expected(), to = version, "fence moved; retrying");
+            runtime.fence.refresh(version);
+        }
+        // The fence or a policy read moved: the caller evaluates again.
+        Ok(None)
     }
 
     /// Runs one governed mutation: evaluate, send fenced, retry when the fence or a policy read

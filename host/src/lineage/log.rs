@@ -168,7 +168,9 @@ pub fn verify(export: &Export, trusted: &[VerifyingKey]) -> Result<Verified, Ver
                 ));
             }
             let before = &export.records[i as usize - 1];
-            if exported.revision <= before.revision {
+            // Records written in one Txn (a batch) share its revision; a record written again
+            // later carries a revision beyond its successor's.
+            if exported.revision < before.revision {
                 return Err(fail(
                     Some(i - 1),
                     format!(
