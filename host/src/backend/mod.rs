@@ -151,7 +151,9 @@ impl Group {
 
     /// A gRPC client on the group's channel, ready to send.
     async fn grpc(&self) -> Result<tonic::client::Grpc<Channel>, Status> {
-        let mut grpc = tonic::client::Grpc::new(self.channel.clone());
+        // etcd's own client accepts answers up to 2 GiB (MaxCallRecvMsgSize); a large range
+        // through aq must not fail where it would succeed against etcd.
+        let mut grpc = tonic::client::Grpc::new(self.channel.clone()).max_decoding_message_size(i32::MAX as usize);
         grpc.ready().await.map_err(|e| Status::unavailable(format!("etcd group {} unreachable: {e}", self.name)))?;
         Ok(grpc)
     }

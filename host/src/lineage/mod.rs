@@ -12,7 +12,8 @@
 //! changes the binding.
 //!
 //! Every record names the blake3 hash of its predecessor's bytes, and the Txn that writes it is
-//! guarded on the head it read, so a scope's records form one chain in revision order. Records
+//! guarded on the head it read, so a scope's records form one chain in revision order (records
+//! batched into one Txn share its revision). Records
 //! hold blake3 hashes of values, never values. Each scope's records are the leaves of an
 //! RFC 6962 Merkle log ([`log`]); signed checkpoints of those logs, and a root log over the
 //! checkpoints, make an export verifiable offline.

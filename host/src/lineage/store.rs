@@ -9,23 +9,34 @@ use crate::backend::Group;
 use crate::index::KeyRange;
 use crate::meta::MetaStore;
 
-/// A scope's records, in `seq` order, with the revision that last wrote each.
+/// Records read per range request.
+const PAGE: i64 = 1000;
+
+/// A scope's records, in `seq` order, with the revision that last wrote each. Read in pages,
+/// all at the revision of the first page.
 pub async fn records(group: &Group, scope: &str) -> Result<Vec<ExportedRecord>, String> {
     let prefix = records_prefix(scope);
-    let (key, range_end) = KeyRange::prefix(&prefix).to_request();
-    let response = group
-        .range(pb::PbRangeRequest { key, range_end, ..Default::default() })
-        .await
-        .map_err(|s| format!("cannot read the lineage of scope {scope} from group {}: {}", group.name(), s.message()))?;
-    Ok(response
-        .kvs
-        .into_iter()
-        .map(|kv| ExportedRecord {
+    let (mut key, range_end) = KeyRange::prefix(&prefix).to_request();
+    let mut records = Vec::new();
+    let mut revision = 0;
+    loop {
+        let response = group
+            .range(pb::PbRangeRequest { key, range_end: range_end.clone(), limit: PAGE, revision, ..Default::default() })
+            .await
+            .map_err(|s| format!("cannot read the lineage of scope {scope} from group {}: {}", group.name(), s.message()))?;
+        revision = response.header.as_ref().map(|h| h.revision).unwrap_or_default();
+        let Some(last) = response.kvs.last() else { break };
+        key = crate::index::successor(&last.key);
+        records.extend(response.kvs.into_iter().map(|kv| ExportedRecord {
             seq: std::str::from_utf8(&kv.key[prefix.len()..]).ok().and_then(|s| s.parse().ok()).unwrap_or(u64::MAX),
             revision: kv.mod_revision,
             record: String::from_utf8_lossy(&kv.value).into_owned(),
-        })
-        .collect())
+        }));
+        if !response.more {
+            break;
+        }
+    }
+    Ok(records)
 }
 
 fn now_ms() -> u64 {

@@ -276,7 +276,8 @@ pub type Credentials = Vec<m::Credential>;
 /// Principals by key, and the nonces seen: one per gateway replica.
 pub struct Trust {
     cluster_id: u64,
-    keys: ArcSwap<HashMap<[u8; 32], Arc<Principal>>>,
+    /// Each known key, decompressed once, with its principal.
+    keys: ArcSwap<HashMap<[u8; 32], (Arc<Principal>, VerifyingKey)>>,
     nonces: Mutex<Nonces>,
 }
 
@@ -297,7 +298,7 @@ impl Trust {
         for principal in principals {
             let principal = Arc::new(principal.clone());
             for key in principal.validate().unwrap_or_default() {
-                keys.insert(key.to_bytes(), principal.clone());
+                keys.insert(key.to_bytes(), (principal.clone(), key));
             }
         }
         self.keys.store(Arc::new(keys));
@@ -305,12 +306,12 @@ impl Trust {
 
     /// The principal owning a public key.
     pub fn principal_of(&self, key: &[u8; 32]) -> Option<Arc<Principal>> {
-        self.keys.load().get(key).cloned()
+        self.keys.load().get(key).map(|(principal, _)| principal.clone())
     }
 
     /// Every known principal, by id.
     pub fn principals_by_id(&self) -> HashMap<String, Arc<Principal>> {
-        self.keys.load().values().map(|p| (p.id.clone(), p.clone())).collect()
+        self.keys.load().values().map(|(p, _)| (p.id.clone(), p.clone())).collect()
     }
 
     /// Verifies every signature of a request for `scope` at Unix second `now` and uses up its
@@ -353,8 +354,7 @@ impl Trust {
         let keys = self.keys.load();
         let mut credentials: Credentials = Vec::new();
         for s in &signed.signatures {
-            let principal = keys.get(&s.key).ok_or_else(|| TrustError::UnknownKey(hex::encode(s.key)))?;
-            let key = VerifyingKey::from_bytes(&s.key).map_err(|_| TrustError::UnknownKey(hex::encode(s.key)))?;
+            let (principal, key) = keys.get(&s.key).ok_or_else(|| TrustError::UnknownKey(hex::encode(s.key)))?;
             key.verify_strict(&digest, &Signature::from_bytes(&s.signature)).map_err(|_| TrustError::BadSignature {
                 principal: principal.id.clone(),
                 key: hex::encode(s.key),
