@@ -96,15 +96,18 @@ pub(super) fn run(args: ServeArgs) -> Result<(), CliError> {
             advertise_admin_url,
         };
         let mut running = start(config, options).await.map_err(CliError::Input)?;
-        say(&describe(&running, &data_dir));
-        say("aq: ready; stop with Ctrl-C\n");
+        // Watch for signals before saying ready: a supervisor may stop aq as soon as it reads it.
         let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .map_err(|e| CliError::Input(format!("cannot watch for SIGTERM: {e}")))?;
+        let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+            .map_err(|e| CliError::Input(format!("cannot watch for SIGINT: {e}")))?;
+        say(&describe(&running, &data_dir));
+        say("aq: ready; stop with Ctrl-C\n");
         // On Ctrl-C or SIGTERM: stop serving, then the managed etcd processes stop as
         // `running` drops.
         tokio::select! {
             result = running.wait() => result.map_err(CliError::Input),
-            _ = tokio::signal::ctrl_c() => {
+            _ = interrupt.recv() => {
                 say("aq: stopping\n");
                 running.stop().await;
                 Ok(())
