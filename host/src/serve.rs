@@ -329,7 +329,8 @@ async fn persist_layout(gateway: &Gateway) -> Result<(), String> {
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(10);
 
 /// Signs lineage checkpoints in the background, so that records written now are covered by a
-/// signature before anyone could alter them; and drops recorded nonces once they expire.
+/// signature before anyone could alter them; drops recorded nonces once they expire; and
+/// finishes proposal commits another replica claimed and did not finish.
 fn checkpoint_lineage(gateway: Arc<Gateway>, meta: MetaStore, key: ed25519_dalek::SigningKey) {
     let weak = Arc::downgrade(&gateway);
     drop(gateway);
@@ -349,6 +350,7 @@ fn checkpoint_lineage(gateway: Arc<Gateway>, meta: MetaStore, key: ed25519_dalek
                 }
             }
             gateway.sweep_nonces().await;
+            gateway.recover_proposals().await;
         }
     });
 }

@@ -514,3 +514,64 @@ async fn a_write_needing_two_anchors_commits_with_two_replicas_and_is_refused_wi
     assert!(!refused.message().contains("is proposal"), "{}", refused.message());
     assert_eq!(direct.get(SECRET, None).await.unwrap().kvs()[0].value(), b"anchored-b", "nothing written");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_interrupted_commit_is_finished_once_by_any_replica() {
+    use aq_host::trust::proposal::{Approval, ProposalState};
+    let gw = TestGateway::start().await;
+    let keys = principals(&gw).await;
+    two_approvers(&gw, 300).await;
+    let store = gw.running.syncer.store().clone();
+    let mut direct = gw.main.client().await;
+    let alice = client(&gw, &[&keys.alice]).await;
+    let id = proposal_id(&status_of(alice.put("secrets", SECRET, b"interrupted").await));
+
+    // As if a replica claimed the commit at bob's approval and stopped before writing.
+    let claim = |age: u64| {
+        let store = store.clone();
+        let id = id.clone();
+        let bob = keys.bob.clone();
+        async move {
+            let (mut proposal, revision) = store.proposal(&id).await.unwrap().unwrap();
+            let shown = serde_json::to_value(&proposal).unwrap();
+            if !proposal.approvals.iter().any(|a| a.principal == "bob") {
+                let signed = approval(&shown, &bob, b"interrupted");
+                let (key, signature) = (signed["key"].as_str().unwrap(), signed["signature"].as_str().unwrap());
+                let at = aq_host::meta::unix_now();
+                proposal.approvals.push(Approval { principal: "bob".into(), key: key.into(), signature: signature.into(), at });
+            }
+            proposal.state = ProposalState::Committing;
+            proposal.committed_revision = None;
+            proposal.response = None;
+            proposal.claimed_at = Some(aq_host::meta::unix_now() - age);
+            store.write_proposal(&proposal, revision).await.unwrap();
+        }
+    };
+    let path = format!("/v1/proposals/{id}");
+    let state = || gw.admin(Method::GET, &path, json!(null));
+
+    // A fresh claim is left to its claimer.
+    claim(0).await;
+    gw.running.gateway.recover_proposals().await;
+    assert_eq!(state().await.1["state"], "committing");
+    assert_eq!(direct.get(SECRET, None).await.unwrap().count(), 0, "nothing written yet");
+
+    // A stale one is finished: written once, with its lineage record, and recorded.
+    claim(120).await;
+    gw.running.gateway.recover_proposals().await;
+    let finished = state().await.1;
+    assert_eq!(finished["state"], "committed", "{finished}");
+    let stored = direct.get(SECRET, None).await.unwrap();
+    assert_eq!(stored.kvs()[0].value(), b"interrupted");
+    let revision = stored.kvs()[0].mod_revision();
+    assert_eq!(finished["committed_revision"].as_i64(), Some(revision));
+    assert_eq!(last_secret_record(&gw).await["proposal"], id.as_str());
+
+    // As if the claimer wrote and stopped before recording it: the marker tells, and the
+    // write is not repeated.
+    claim(120).await;
+    gw.running.gateway.recover_proposals().await;
+    let again = state().await.1;
+    assert_eq!((&again["state"], again["committed_revision"].as_i64()), (&json!("committed"), Some(revision)), "{again}");
+    assert_eq!(direct.get(SECRET, None).await.unwrap().kvs()[0].mod_revision(), revision, "written once");
+}

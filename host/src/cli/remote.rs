@@ -510,6 +510,7 @@ pub(super) fn approve(remote: &Remote, id: &str, key: &std::path::Path) -> Resul
         match state {
             "committed" => println!("proposal {id} committed at revision {}", answer["committed_revision"]),
             "void" => println!("proposal {id} is void: {}", answer["reason"].as_str().unwrap_or_default()),
+            "committing" => println!("proposal {id}: approved, committing: {}", answer["reason"].as_str().unwrap_or("in progress")),
             _ => println!("proposal {id}: approved, {state}, keys {}", proposal.keys.join(" ")),
         }
     }

@@ -16,7 +16,7 @@ use crate::lineage::{ApprovalRecord, RecordKind};
 use crate::backend::compare::{RESULT_LESS, TARGET_MOD};
 use crate::index::KeyRange;
 use crate::meta::{MetaError, MetaStore, unix_now};
-use crate::trust::proposal::{Approval, Proposal, ProposalState, VoterWeight};
+use crate::trust::proposal::{Approval, CLAIM_TIMEOUT, Proposal, ProposalState, VoterWeight};
 
 /// How often a waiting request looks at its proposal.
 const WAIT_POLL: Duration = Duration::from_millis(25);
@@ -76,6 +76,22 @@ pub(crate) fn model_of(op: &pb::PbTxnOpRequest) -> (Vec<m::Op>, Vec<m::Compare>,
         }
         pb::PbTxnOpRequest::RequestRange(range) => (Vec::new(), Vec::new(), vec![KeyRange::from_request(&range.key, &range.range_end)]),
     }
+}
+
+/// Why an approved proposal did not commit.
+enum CommitError {
+    /// It never will: the policy or the keys moved on. Nothing was written.
+    Void(String),
+    /// Unknown whether it landed (etcd did not answer); recovery finishes it.
+    Unfinished(String),
+}
+
+/// Where a proposal's commit leaves its marker, in the scope's group, in the write's own Txn.
+fn commit_marker_key(id: &str) -> Vec<u8> {
+    let mut key = crate::index::RESERVED_PREFIX.to_vec();
+    key.extend_from_slice(b"commit/");
+    key.extend_from_slice(id.as_bytes());
+    key
 }
 
 /// Decodes a proposal's stored request.
@@ -155,6 +171,7 @@ impl Gateway {
             evaluated_at_revision: revision,
             committed_revision: None,
             response: None,
+            claimed_at: None,
         };
         self.meta().write_proposal(&proposal, 0).await.map_err(|e| GateError::Backend(Status::unavailable(e.to_string())))?;
         tracing::info!(%scope, proposal = %id, weight = shortfall.weight, threshold = shortfall.rule.threshold, "write proposed");
@@ -181,7 +198,17 @@ impl Gateway {
             let proposal = self.proposal(id).await.map_err(|e| GateError::Backend(Status::unavailable(e.to_string())))?;
             match proposal.state {
                 // Claimed by the approving replica, write in progress.
-                ProposalState::Committed if proposal.response.is_none() => {}
+                ProposalState::Committing => {}
+                ProposalState::Committed if proposal.response.is_none() => {
+                    return Err(GateError::Proposed {
+                        id: id.to_string(),
+                        message: format!(
+                            "proposal {id} was committed at revision {}, finished by another replica after the first \
+                             was interrupted, so etcd's answer was not kept; read the keys for the result",
+                            proposal.committed_revision.unwrap_or_default()
+                        ),
+                    });
+                }
                 ProposalState::Committed => {
                     let response = proposal
                         .response
@@ -286,8 +313,9 @@ impl Gateway {
             }
             let reached = proposal.weight() >= proposal.threshold;
             if reached {
-                // Claim the commit: only the replica whose write lands commits.
-                proposal.state = ProposalState::Committed;
+                // Claim the commit; the write itself can land only once (see `commit_write`).
+                proposal.state = ProposalState::Committing;
+                proposal.claimed_at = Some(unix_now());
             }
             let revision = match self.meta().write_proposal(&proposal, revision).await {
                 Ok(revision) => revision,
@@ -303,28 +331,65 @@ impl Gateway {
     }
 
     /// Writes an approved proposal: re-evaluated with its approvers as credentials, guarded on
-    /// the fence and on no touched key having changed since it was evaluated.
+    /// the fence and on no touched key having changed since it was evaluated. When the write's
+    /// fate is unknown (etcd did not answer) the proposal stays `committing` for
+    /// [`Gateway::recover_proposals`].
     async fn commit(&self, mut proposal: Proposal, revision: i64) -> Result<Proposal, ApprovalError> {
-        let outcome = self.commit_write(&proposal).await;
-        match outcome {
+        match self.commit_write(&proposal).await {
             Ok((response, committed)) => {
+                proposal.state = ProposalState::Committed;
                 proposal.committed_revision = Some(committed);
-                proposal.response = Some(hex::encode(pb::PbResponseOp { response: Some(response) }.encode_to_vec()));
+                proposal.response = response.map(|r| hex::encode(pb::PbResponseOp { response: Some(r) }.encode_to_vec()));
                 tracing::info!(proposal = %proposal.id, scope = %proposal.scope, revision = committed, "proposal committed");
             }
-            Err(reason) => {
+            Err(CommitError::Void(reason)) => {
                 proposal.state = ProposalState::Void;
                 proposal.reason = Some(reason);
                 tracing::info!(proposal = %proposal.id, scope = %proposal.scope, reason = ?proposal.reason, "proposal void");
+            }
+            Err(CommitError::Unfinished(reason)) => {
+                tracing::warn!(proposal = %proposal.id, scope = %proposal.scope, "commit unfinished, left for recovery: {reason}");
+                proposal.reason = Some(format!("the commit was interrupted ({reason}); a replica finishes it"));
+                return Ok(proposal);
             }
         }
         self.meta().write_proposal(&proposal, revision).await?;
         Ok(proposal)
     }
 
-    async fn commit_write(&self, proposal: &Proposal) -> Result<(pb::PbTxnOpResponse, i64), String> {
-        let runtime = self.scopes.get(&proposal.scope).ok_or_else(|| format!("scope {} no longer exists", proposal.scope))?;
-        let op = decode_request(proposal)?;
+    /// Finishes commits whose claim is older than [`CLAIM_TIMEOUT`]: the claiming replica
+    /// stopped or lost etcd between claim and write. Safe against a claimer that is only slow:
+    /// the write is guarded on the proposal's commit marker, so it lands once, and a replica
+    /// that finds the marker reports the commit it records.
+    pub async fn recover_proposals(&self) {
+        let Ok(proposals) = self.meta().proposals().await else { return };
+        let now = unix_now();
+        for (mut proposal, revision) in proposals {
+            let stale = proposal.claimed_at.unwrap_or(0) + CLAIM_TIMEOUT.as_secs() <= now;
+            if proposal.state != ProposalState::Committing || !stale {
+                continue;
+            }
+            proposal.claimed_at = Some(now);
+            let Ok(revision) = self.meta().write_proposal(&proposal, revision).await else { continue };
+            tracing::info!(proposal = %proposal.id, scope = %proposal.scope, "finishing an interrupted commit");
+            if let Err(e) = self.commit(proposal, revision).await {
+                tracing::warn!("cannot finish an interrupted commit: {e}");
+            }
+        }
+    }
+
+    /// The write of an approved proposal, with its commit marker in the same Txn: the answer
+    /// (none when another replica's write landed first) and the revision.
+    async fn commit_write(&self, proposal: &Proposal) -> Result<(Option<pb::PbTxnOpResponse>, i64), CommitError> {
+        let runtime = self
+            .scopes
+            .get(&proposal.scope)
+            .ok_or_else(|| CommitError::Void(format!("scope {} no longer exists", proposal.scope)))?;
+        let op = decode_request(proposal).map_err(CommitError::Void)?;
+        let marker = commit_marker_key(&proposal.id);
+        if let Some(done) = self.commit_marker(runtime, &marker).await? {
+            return Ok((None, done));
+        }
         let (ops, compares, ranges) = model_of(&op);
         let mut context = self.context(runtime, ops, compares);
         let principals = self.trust.principals_by_id();
@@ -338,9 +403,9 @@ impl Gateway {
             let evaluated = match self.evaluate(runtime, &mut context) {
                 Ok(evaluated) => evaluated,
                 Err(GateError::NeedsApproval(shortfall)) => {
-                    return Err(format!("the policy now asks for more: {}", shortfall.message));
+                    return Err(CommitError::Void(format!("the policy now asks for more: {}", shortfall.message)));
                 }
-                Err(e) => return Err(format!("the policy no longer allows it: {e}")),
+                Err(e) => return Err(CommitError::Void(format!("the policy no longer allows it: {e}"))),
             };
             // Every approved commit is recorded, whatever lineage the policy asks of plain writes.
             let level = evaluated.lineage.max(m::LineageLevel::Digest);
@@ -363,22 +428,44 @@ impl Gateway {
                     target_union: Some(pb::PbTargetUnion::ModRevision(proposal.evaluated_at_revision + 1)),
                 });
             }
+            // The marker makes the write land once, whoever sends it.
+            guards.push(crate::meta::compare_unchanged(marker.clone(), 0));
+            let marked = super::with_reserved(op.clone(), marker.clone(), proposal.id.clone().into_bytes());
             let fence = runtime.fence.expected();
-            match self.fenced(runtime, op.clone(), guards, Some(&draft)).await.map_err(|e| e.to_string())? {
+            let sent = self.fenced(runtime, marked, guards, Some(&draft)).await.map_err(|e| CommitError::Unfinished(e.to_string()))?;
+            match sent {
                 Some(mut response) => {
-                    let inner = response.responses.pop().and_then(|r| r.response).ok_or("etcd returned an empty txn response")?;
-                    return Ok((inner, response.header.map(|h| h.revision).unwrap_or_default()));
+                    let inner = response
+                        .responses
+                        .pop()
+                        .and_then(|r| r.response)
+                        .ok_or_else(|| CommitError::Unfinished("etcd returned an empty txn response".into()))?;
+                    let inner = super::client_answer(inner).map_err(|e| CommitError::Unfinished(e.to_string()))?;
+                    return Ok((Some(inner), response.header.map(|h| h.revision).unwrap_or_default()));
                 }
                 // The fence moved: try again against the new owner.
                 None if runtime.fence.expected() != fence => continue,
                 None => {
-                    return Err(format!(
+                    if let Some(done) = self.commit_marker(runtime, &marker).await? {
+                        return Ok((None, done));
+                    }
+                    return Err(CommitError::Void(format!(
                         "the keys it writes changed after revision {} when it was evaluated; nothing was written",
                         proposal.evaluated_at_revision
-                    ));
+                    )));
                 }
             }
         }
-        Err(format!("scope {} kept changing owner", proposal.scope))
+        Err(CommitError::Unfinished(format!("scope {} kept changing owner", proposal.scope)))
+    }
+
+    /// The revision of a proposal's landed commit, if it landed.
+    async fn commit_marker(&self, runtime: &ScopeRuntime, marker: &[u8]) -> Result<Option<i64>, CommitError> {
+        let found = runtime
+            .group
+            .range(pb::PbRangeRequest { key: marker.to_vec(), ..Default::default() })
+            .await
+            .map_err(|s| CommitError::Unfinished(format!("cannot read the commit marker: {}", s.message())))?;
+        Ok(found.kvs.first().map(|kv| kv.mod_revision))
     }
 }

@@ -201,18 +201,18 @@ fn nonce_key(nonce: &[u8]) -> Vec<u8> {
     key
 }
 
-/// The client's op with the nonce record beside it, as one nested Txn whose last answer is the
-/// client's.
-fn with_nonce(op: pb::PbTxnOpRequest, key: Vec<u8>, not_after: u64) -> pb::PbTxnOpRequest {
+/// The client's op with one of aq's reserved records beside it (a nonce, a proposal's commit
+/// marker), as one nested Txn whose last answer is the client's.
+fn with_reserved(op: pb::PbTxnOpRequest, key: Vec<u8>, value: Vec<u8>) -> pb::PbTxnOpRequest {
     pb::PbTxnOpRequest::RequestTxn(pb::PbTxnRequest {
         compare: Vec::new(),
-        success: vec![put(key, not_after.to_string().into_bytes()), pb::PbTxnRequestOp { request: Some(op) }],
+        success: vec![put(key, value), pb::PbTxnRequestOp { request: Some(op) }],
         failure: Vec::new(),
     })
 }
 
-/// The client's answer inside [`with_nonce`]'s Txn.
-fn without_nonce(response: pb::PbTxnOpResponse) -> Result<pb::PbTxnOpResponse, GateError> {
+/// The client's answer inside [`with_reserved`]'s Txn.
+fn client_answer(response: pb::PbTxnOpResponse) -> Result<pb::PbTxnOpResponse, GateError> {
     match response {
         pb::PbTxnOpResponse::ResponseTxn(mut txn) => txn
             .responses
@@ -648,7 +648,7 @@ impl Gateway {
                 // group: a replay through another replica fails the guard.
                 let key = nonce_key(&signed.nonce);
                 guards.push(crate::meta::compare_unchanged(key.clone(), 0));
-                op = with_nonce(op, key, signed.not_after);
+                op = with_reserved(op, key, signed.not_after.to_string().into_bytes());
             }
             if let Some(mut response) = self.fenced(runtime, op, guards, draft.as_ref()).await? {
                 let mut inner = response
@@ -657,7 +657,7 @@ impl Gateway {
                     .and_then(|r| r.response)
                     .ok_or_else(|| GateError::Backend(Status::internal("etcd returned an empty txn response")))?;
                 if caller.signed.is_some() {
-                    inner = without_nonce(inner)?;
+                    inner = client_answer(inner)?;
                 }
                 return Ok((inner, response.header));
             }

@@ -14,6 +14,9 @@ use super::digest::{Envelope, request_digest};
 pub enum ProposalState {
     /// Waiting for approvals.
     Pending,
+    /// Approved; a replica claimed the commit and is writing it. A claim older than
+    /// [`CLAIM_TIMEOUT`] is finished by any replica (the write can land only once).
+    Committing,
     /// Approved and written.
     Committed,
     /// Not approved in time.
@@ -84,10 +87,17 @@ pub struct Proposal {
     /// The revision of the commit.
     #[serde(default)]
     pub committed_revision: Option<i64>,
-    /// The commit's etcd `ResponseOp` in protobuf, hex, for a client waiting on it.
+    /// The commit's etcd `ResponseOp` in protobuf, hex, for a client waiting on it; absent when
+    /// a replica other than the claimer finished the commit.
     #[serde(default)]
     pub response: Option<String>,
+    /// When the commit was claimed (Unix seconds).
+    #[serde(default)]
+    pub claimed_at: Option<u64>,
 }
+
+/// How long a claimed commit may stay unfinished before another replica finishes it.
+pub const CLAIM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl Proposal {
     /// The digest approvers sign for a proposal of `ops` and `compares`.
