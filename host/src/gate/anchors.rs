@@ -13,12 +13,12 @@ use etcd_client::proto as pb;
 use prost::Message;
 
 use super::{Caller, Gateway, ScopeRuntime, model_of};
-use crate::meta::{MetaStore, unix_now};
+use crate::meta::unix_now;
 use crate::trust::anchor::{
     ANCHOR_HEADER, ANCHOR_PREFIX, COSIGN_TIMEOUT, COSIGN_VALIDITY, ClientSignatures, CosignAnswer, CosignRequest,
     Identity, cosign_message,
 };
-use crate::trust::{Envelope, KeySignature, SignedRequest, request_digest};
+use crate::trust::{Envelope, SignedRequest, request_digest};
 
 /// This replica as an anchor: its identity, and how it calls its peers.
 pub struct Anchor {
@@ -65,6 +65,21 @@ pub(super) struct AnchorVotes {
     pub credentials: Vec<m::Credential>,
     /// Named anchors that did not co-sign, with why.
     pub missing: Vec<String>,
+}
+
+/// Whether the people among the voters (not anchors), those who have not signed yet included,
+/// could still bring a write that fell short up to its threshold.
+pub(super) fn people_can_reach(shortfall: &super::Shortfall, credentials: &[m::Credential]) -> bool {
+    let people: Vec<(&str, u32)> = shortfall
+        .rule
+        .voters
+        .iter()
+        .filter(|v| !v.principal.starts_with(ANCHOR_PREFIX))
+        .map(|v| (v.principal.as_str(), v.weight))
+        .collect();
+    let unsigned: Vec<&str> =
+        people.iter().map(|(p, _)| *p).filter(|p| !credentials.iter().any(|c| c.principal == *p)).collect();
+    shortfall.weight + crate::trust::distinct_weight(people.iter().copied(), &unsigned) >= shortfall.rule.threshold
 }
 
 impl Gateway {
@@ -116,7 +131,7 @@ impl Gateway {
         };
         let body = Arc::new(serde_json::to_vec(&body).expect("JSON"));
         let header = anchor.identity.call_header(&body);
-        let meta = MetaStore::new(self.home.clone());
+        let meta = self.meta();
         // Every peer is asked at once; the slowest bounds the wait.
         let asks: Vec<_> = peers
             .iter()
@@ -240,12 +255,9 @@ impl Gateway {
         }
         let envelope = Envelope { cluster_id: self.trust.cluster_id(), scope: runtime.scope.id.clone(), nonce, not_after: request.not_after };
         let digest = request_digest(&envelope, &context.ops, &context.compares);
-        let signature = KeySignature { key: anchor.identity.key().verifying_key().to_bytes(), signature: anchor.identity.key().sign(&digest).to_bytes() };
+        let signature = hex::encode(anchor.identity.key().sign(&digest).to_bytes());
         tracing::info!(scope = %runtime.scope.id, %caller, policy = %evaluation.digest, "co-signed a write as {own}");
-        Ok(CosignAnswer {
-            principal: own.to_string(),
-            signature: format!("{}:{}", hex::encode(signature.key), hex::encode(signature.signature)),
-        })
+        Ok(CosignAnswer { principal: own.to_string(), signature: format!("{}:{signature}", anchor.identity.public_hex()) })
     }
 
     /// The anchor that signed a co-sign call.

@@ -11,7 +11,7 @@ use etcd_client::proto as pb;
 use prost::Message;
 use tonic::Status;
 
-use super::{Draft, GateError, Gateway, ScopeRuntime, Shortfall, collect_txn, compare_to_model, put_op};
+use super::{Draft, GateError, Gateway, ScopeRuntime, Shortfall, collect_txn, compare_to_model, footprint, put_op};
 use crate::lineage::{ApprovalRecord, RecordKind};
 use crate::backend::compare::{RESULT_LESS, TARGET_MOD};
 use crate::index::KeyRange;
@@ -57,24 +57,23 @@ pub enum ApprovalError {
 
 /// The ops, compares and touched ranges of a client's request op.
 pub(crate) fn model_of(op: &pb::PbTxnOpRequest) -> (Vec<m::Op>, Vec<m::Compare>, Vec<KeyRange>) {
+    let ranges = footprint(op);
     match op {
-        pb::PbTxnOpRequest::RequestPut(put) => {
-            (vec![m::Op::Put(put_op(put))], Vec::new(), vec![KeyRange::from_request(&put.key, &[])])
-        }
+        pb::PbTxnOpRequest::RequestPut(put) => (vec![m::Op::Put(put_op(put))], Vec::new(), ranges),
         pb::PbTxnOpRequest::RequestDeleteRange(delete) => (
             vec![m::Op::DeleteRange(m::DeleteRangeOp {
                 key: m::Bytes(delete.key.clone()),
                 range_end: m::Bytes(delete.range_end.clone()),
             })],
             Vec::new(),
-            vec![KeyRange::from_request(&delete.key, &delete.range_end)],
+            ranges,
         ),
         pb::PbTxnOpRequest::RequestTxn(txn) => {
-            let (mut ranges, mut ops) = (Vec::new(), Vec::new());
-            collect_txn(txn, &mut ranges, &mut ops);
+            let mut ops = Vec::new();
+            collect_txn(txn, &mut Vec::new(), Some(&mut ops));
             (ops, txn.compare.iter().map(compare_to_model).collect(), ranges)
         }
-        pb::PbTxnOpRequest::RequestRange(range) => (Vec::new(), Vec::new(), vec![KeyRange::from_request(&range.key, &range.range_end)]),
+        pb::PbTxnOpRequest::RequestRange(_) => (Vec::new(), Vec::new(), ranges),
     }
 }
 
@@ -108,7 +107,7 @@ fn text(bytes: &[u8]) -> String {
 }
 
 impl Gateway {
-    fn meta(&self) -> MetaStore {
+    pub(super) fn meta(&self) -> MetaStore {
         MetaStore::new(self.home.clone())
     }
 
@@ -432,7 +431,7 @@ impl Gateway {
             guards.push(crate::meta::compare_unchanged(marker.clone(), 0));
             let marked = super::with_reserved(op.clone(), marker.clone(), proposal.id.clone().into_bytes());
             let fence = runtime.fence.expected();
-            let sent = self.fenced(runtime, marked, guards, Some(&draft)).await.map_err(|e| CommitError::Unfinished(e.to_string()))?;
+            let sent = self.fenced(runtime, marked, guards, Some(draft)).await.map_err(|e| CommitError::Unfinished(e.to_string()))?;
             match sent {
                 Some(mut response) => {
                     let inner = response

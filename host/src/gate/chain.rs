@@ -122,7 +122,7 @@ impl Chain {
             loop {
                 attempts += 1;
                 if attempts > LINEAGE_ATTEMPTS {
-                    answer_all(jobs, |_| Err(GateError::Contended(self.scope.clone())));
+                    answer_all(jobs, || Err(GateError::Contended(self.scope.clone())));
                     break;
                 }
                 let (current, read_at) = match head.clone() {
@@ -134,7 +134,7 @@ impl Chain {
                         }
                         Err(e) => {
                             let status = backend_status(e);
-                            answer_all(jobs, |_| Err(GateError::Backend(status.clone())));
+                            answer_all(jobs, || Err(GateError::Backend(status.clone())));
                             break;
                         }
                     },
@@ -144,7 +144,7 @@ impl Chain {
                     Ok(response) => response,
                     Err(status) => {
                         self.metrics.backend_error(self.group.name());
-                        answer_all(jobs, |_| Err(GateError::Backend(status.clone())));
+                        answer_all(jobs, || Err(GateError::Backend(status.clone())));
                         break;
                     }
                 };
@@ -164,7 +164,7 @@ impl Chain {
                     self.fence.refresh(version);
                     // A new owner may hold another chain: read its head next time.
                     *head = None;
-                    answer_all(jobs, |_| Ok(None));
+                    answer_all(jobs, || Ok(None));
                     break;
                 }
                 let seen = match response.responses.get(1).and_then(|r| r.response.as_ref()) {
@@ -182,7 +182,7 @@ impl Chain {
                     Err(e) => {
                         *head = None;
                         let status = backend_status(e);
-                        answer_all(jobs, |_| Err(GateError::Backend(status.clone())));
+                        answer_all(jobs, || Err(GateError::Backend(status.clone())));
                         break;
                     }
                 }
@@ -195,7 +195,7 @@ impl Chain {
                 }
                 // A policy read moved: the caller evaluates again.
                 self.metrics.fence_retry(&self.scope);
-                answer_all(jobs, |_| Ok(None));
+                answer_all(jobs, || Ok(None));
                 break;
             }
         }
@@ -249,10 +249,9 @@ fn backend_status(e: GateError) -> Status {
     }
 }
 
-fn answer_all(jobs: Vec<Job>, outcome: impl Fn(&Job) -> Outcome) {
+fn answer_all(jobs: Vec<Job>, outcome: impl Fn() -> Outcome) {
     for job in jobs {
-        let answer = outcome(&job);
-        let _ = job.done.send(answer);
+        let _ = job.done.send(outcome());
     }
 }
 

@@ -555,12 +555,12 @@ impl Gateway {
         runtime: &ScopeRuntime,
         op: pb::PbTxnOpRequest,
         guards: Vec<pb::PbCompare>,
-        draft: Option<&Draft>,
+        draft: Option<Draft>,
     ) -> Result<Option<pb::PbTxnResponse>, GateError> {
         if let Some(draft) = draft {
-            let mut footprint = model_of(&op).2;
+            let mut footprint = footprint(&op);
             footprint.extend(guards.iter().map(|g| KeyRange::from_request(&g.key, &g.range_end)));
-            return runtime.chain.commit(op, guards, draft.clone(), footprint).await;
+            return runtime.chain.commit(op, guards, draft, footprint).await;
         }
         let mut compare = Vec::with_capacity(guards.len() + 1);
         compare.push(runtime.fence.compare());
@@ -619,20 +619,7 @@ impl Gateway {
                     }
                     if let Some(missing) = unanchored.as_ref().filter(|m| !m.is_empty()) {
                         shortfall.message = format!("{}; no co-signature from {}", shortfall.message, missing.join("; "));
-                        // Without the missing anchors, only people can make up the weight.
-                        let people: Vec<(&str, u32)> = shortfall
-                            .rule
-                            .voters
-                            .iter()
-                            .filter(|v| !v.principal.starts_with(crate::trust::anchor::ANCHOR_PREFIX))
-                            .map(|v| (v.principal.as_str(), v.weight))
-                            .collect();
-                        let open: Vec<&str> = people
-                            .iter()
-                            .map(|(p, _)| *p)
-                            .filter(|p| !context.credentials.iter().any(|c| c.principal == *p))
-                            .collect();
-                        if shortfall.weight + crate::trust::distinct_weight(people.iter().copied(), &open) < shortfall.rule.threshold {
+                        if !anchors::people_can_reach(&shortfall, &context.credentials) {
                             return Err(GateError::NeedsApproval(shortfall));
                         }
                     }
@@ -650,7 +637,7 @@ impl Gateway {
                 guards.push(crate::meta::compare_unchanged(key.clone(), 0));
                 op = with_reserved(op, key, signed.not_after.to_string().into_bytes());
             }
-            if let Some(mut response) = self.fenced(runtime, op, guards, draft.as_ref()).await? {
+            if let Some(mut response) = self.fenced(runtime, op, guards, draft).await? {
                 let mut inner = response
                     .responses
                     .pop()
@@ -771,7 +758,7 @@ impl Gateway {
     pub async fn txn(&self, request: pb::PbTxnRequest, caller: &Caller) -> Result<pb::PbTxnResponse, GateError> {
         let mut ranges = Vec::new();
         let mut ops = Vec::new();
-        collect_txn(&request, &mut ranges, &mut ops);
+        collect_txn(&request, &mut ranges, Some(&mut ops));
         if ranges.is_empty() {
             return Ok(pb::PbTxnResponse { header: self.any_header().await?, succeeded: true, responses: Vec::new() });
         }
@@ -945,9 +932,9 @@ fn put_op(request: &pb::PbPutRequest) -> m::PutOp {
     }
 }
 
-/// Collects the key ranges a transaction touches (compares and every op, nested included) and
-/// its mutations in order: success branch, then failure branch.
-fn collect_txn(request: &pb::PbTxnRequest, ranges: &mut Vec<KeyRange>, ops: &mut Vec<m::Op>) {
+/// Collects the key ranges a transaction touches (compares and every op, nested included) and,
+/// when asked, its mutations in order: success branch, then failure branch.
+fn collect_txn(request: &pb::PbTxnRequest, ranges: &mut Vec<KeyRange>, mut ops: Option<&mut Vec<m::Op>>) {
     for compare in &request.compare {
         ranges.push(KeyRange::from_request(&compare.key, &compare.range_end));
     }
@@ -956,17 +943,35 @@ fn collect_txn(request: &pb::PbTxnRequest, ranges: &mut Vec<KeyRange>, ops: &mut
             Some(pb::PbTxnOpRequest::RequestRange(r)) => ranges.push(KeyRange::from_request(&r.key, &r.range_end)),
             Some(pb::PbTxnOpRequest::RequestPut(p)) => {
                 ranges.push(KeyRange::from_request(&p.key, b""));
-                ops.push(m::Op::Put(put_op(p)));
+                if let Some(ops) = ops.as_deref_mut() {
+                    ops.push(m::Op::Put(put_op(p)));
+                }
             }
             Some(pb::PbTxnOpRequest::RequestDeleteRange(d)) => {
                 ranges.push(KeyRange::from_request(&d.key, &d.range_end));
-                ops.push(m::Op::DeleteRange(m::DeleteRangeOp {
-                    key: m::Bytes(d.key.clone()),
-                    range_end: m::Bytes(d.range_end.clone()),
-                }));
+                if let Some(ops) = ops.as_deref_mut() {
+                    ops.push(m::Op::DeleteRange(m::DeleteRangeOp {
+                        key: m::Bytes(d.key.clone()),
+                        range_end: m::Bytes(d.range_end.clone()),
+                    }));
+                }
             }
-            Some(pb::PbTxnOpRequest::RequestTxn(t)) => collect_txn(t, ranges, ops),
+            Some(pb::PbTxnOpRequest::RequestTxn(t)) => collect_txn(t, ranges, ops.as_deref_mut()),
             None => {}
+        }
+    }
+}
+
+/// The key ranges a request op touches: its keys, and for a transaction its compares and reads.
+fn footprint(op: &pb::PbTxnOpRequest) -> Vec<KeyRange> {
+    match op {
+        pb::PbTxnOpRequest::RequestPut(p) => vec![KeyRange::from_request(&p.key, b"")],
+        pb::PbTxnOpRequest::RequestDeleteRange(d) => vec![KeyRange::from_request(&d.key, &d.range_end)],
+        pb::PbTxnOpRequest::RequestRange(r) => vec![KeyRange::from_request(&r.key, &r.range_end)],
+        pb::PbTxnOpRequest::RequestTxn(t) => {
+            let mut ranges = Vec::new();
+            collect_txn(t, &mut ranges, None);
+            ranges
         }
     }
 }

@@ -112,11 +112,7 @@ impl ClientSignatures {
         ClientSignatures {
             nonce: hex::encode(&signed.nonce),
             not_after: signed.not_after,
-            signatures: signed
-                .signatures
-                .iter()
-                .map(|s| format!("{}:{}", hex::encode(s.key), hex::encode(s.signature)))
-                .collect(),
+            signatures: signed.signatures.iter().map(super::KeySignature::header_value).collect(),
         }
     }
 

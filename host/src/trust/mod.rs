@@ -121,6 +121,13 @@ pub struct KeySignature {
     pub signature: [u8; 64],
 }
 
+impl KeySignature {
+    /// The [`SIGNATURE_HEADER`] value: `<public key hex>:<signature hex>`.
+    pub fn header_value(&self) -> String {
+        format!("{}:{}", hex::encode(self.key), hex::encode(self.signature))
+    }
+}
+
 /// What a signed request carries besides the request.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SignedRequest {
@@ -178,7 +185,7 @@ impl SignedRequest {
     pub fn headers(&self) -> Vec<(&'static str, String)> {
         let mut headers = vec![(NONCE_HEADER, hex::encode(&self.nonce)), (NOT_AFTER_HEADER, self.not_after.to_string())];
         for s in &self.signatures {
-            headers.push((SIGNATURE_HEADER, format!("{}:{}", hex::encode(s.key), hex::encode(s.signature))));
+            headers.push((SIGNATURE_HEADER, s.header_value()));
         }
         headers
     }
