@@ -9,7 +9,7 @@ use etcd_client::proto as pb;
 use serde_json::json;
 
 use super::CliError;
-use super::bench_put::{RemoveOnDrop, ready, serve_process};
+use super::bench_put::{RemoveOnDrop, cpu_seconds, ready, serve_process};
 use crate::backend::managed::EtcdProcess;
 use crate::client::SignedClient;
 
@@ -34,6 +34,9 @@ struct Run {
     puts: usize,
     elapsed: Duration,
     latencies: Vec<Duration>,
+    /// CPU seconds used during the run by aq (none for direct etcd), etcd and this process,
+    /// the clients.
+    cpu: (Option<f64>, f64, f64),
 }
 
 pub(super) fn critical(seconds: u64, clients: usize, etcd_binary: &str) -> Result<(), CliError> {
@@ -47,8 +50,9 @@ pub(super) fn critical(seconds: u64, clients: usize, etcd_binary: &str) -> Resul
 async fn run(duration: Duration, clients: usize, etcd_binary: &str) -> Result<(), CliError> {
     let dir = std::env::temp_dir().join(format!("aq-bench-critical-{}", std::process::id()));
     let _cleanup = RemoveOnDrop(dir.clone());
-    let etcd = EtcdProcess::spawn(etcd_binary, "bench", &dir.join("etcd")).map_err(|e| CliError::Input(e.to_string()))?;
+    let mut etcd = EtcdProcess::spawn(etcd_binary, "bench", &dir.join("etcd")).map_err(|e| CliError::Input(e.to_string()))?;
     let direct = ready("etcd", etcd.client_url()).await?;
+    let etcd_pid = etcd.pid().ok_or_else(|| CliError::Input(format!("etcd exited at start:\n{}", etcd.log_tail(10))))?;
     let layout_path = dir.join("layout.toml");
     std::fs::write(&layout_path, layout(etcd.client_url()))?;
     let aq = serve_process(&dir, "aq", &layout_path).await?;
@@ -74,6 +78,8 @@ async fn run(duration: Duration, clients: usize, etcd_binary: &str) -> Result<()
     for target in ["direct etcd", "aq critical"] {
         // A short warm-up on the same keys, then the measured run.
         for (length, keep) in [(Duration::from_millis(500), false), (duration, true)] {
+            let aq_pid = (target == "aq critical").then(|| aq.process.0.id());
+            let cpu_before = (aq_pid.map(cpu_seconds), cpu_seconds(etcd_pid), cpu_seconds(std::process::id()));
             let started = Instant::now();
             let deadline = started + length;
             let mut tasks = Vec::new();
@@ -108,27 +114,39 @@ async fn run(duration: Duration, clients: usize, etcd_binary: &str) -> Result<()
                 latencies.extend(task.await.map_err(|e| CliError::Input(e.to_string()))?.map_err(CliError::Input)?);
             }
             let elapsed = started.elapsed();
+            let cpu = (
+                aq_pid.map(cpu_seconds).zip(cpu_before.0).map(|(after, before)| after - before),
+                cpu_seconds(etcd_pid) - cpu_before.1,
+                cpu_seconds(std::process::id()) - cpu_before.2,
+            );
             latencies.sort();
             if keep {
-                runs.push(Run { target, puts: latencies.len(), elapsed, latencies });
+                runs.push(Run { target, puts: latencies.len(), elapsed, latencies, cpu });
             }
         }
     }
     let lineage = crate::lineage::store::records(&direct, "secrets").await.map_err(CliError::Input)?.len();
     drop(aq);
-    println!("{:<12} {:>7} {:>9} {:>9} {:>9} {:>9} {:>8}", "target", "clients", "puts/s", "× direct", "p50 µs", "p99 µs", "puts");
+    println!(
+        "{:<12} {:>7} {:>9} {:>9} {:>9} {:>9} {:>8} {:>12} {:>14} {:>16}",
+        "target", "clients", "puts/s", "× direct", "p50 µs", "p99 µs", "puts", "aq CPU µs/put", "etcd CPU µs/put", "client CPU µs/put"
+    );
     let base = runs[0].puts as f64 / runs[0].elapsed.as_secs_f64();
     for run in &runs {
         let rate = run.puts as f64 / run.elapsed.as_secs_f64();
+        let per_put = |cpu: f64| format!("{:.0}", cpu / run.puts as f64 * 1e6);
         println!(
-            "{:<12} {:>7} {:>9.0} {:>9.2} {:>9.0} {:>9.0} {:>8}",
+            "{:<12} {:>7} {:>9.0} {:>9.2} {:>9.0} {:>9.0} {:>8} {:>13} {:>15} {:>17}",
             run.target,
             clients,
             rate,
             rate / base,
             super::bench::percentile(&run.latencies, 0.5).as_secs_f64() * 1e6,
             super::bench::percentile(&run.latencies, 0.99).as_secs_f64() * 1e6,
-            run.puts
+            run.puts,
+            run.cpu.0.map(per_put).unwrap_or_else(|| "-".into()),
+            per_put(run.cpu.1),
+            per_put(run.cpu.2),
         );
     }
     println!("lineage records written for secrets: {lineage} (each aq put signed by alice and bob, full lineage)");

@@ -36,7 +36,7 @@ impl Run {
 }
 
 /// CPU seconds (user + system) a process has used, from /proc/<pid>/stat.
-fn cpu_seconds(pid: u32) -> f64 {
+pub(super) fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields after the command name, which is in parentheses and may hold spaces.
     let after = stat.rsplit_once(") ").map(|(_, rest)| rest).unwrap_or("");
