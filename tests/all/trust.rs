@@ -388,7 +388,7 @@ async fn expired_and_rejected_proposals_take_no_approvals_and_are_kept() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_signed_request_replayed_through_another_replica_is_refused() {
+async fn a_replay_through_another_replica_is_refused_and_expired_nonces_are_swept() {
     let gw = TestGateway::start().await;
     let replica = gw.replica().await;
     let keys = principals(&gw).await;
@@ -408,13 +408,26 @@ async fn a_signed_request_replayed_through_another_replica_is_refused() {
     assert!(replayed.message().contains("replayed"), "{}", replayed.message());
     // The nonce's record stays in etcd until its signature expires; the write was not repeated.
     let mut direct = gw.main.client().await;
-    let mut nonce = b"\xffaq/nonce/".to_vec();
-    nonce.extend_from_slice(hex(&[42; 16]).as_bytes());
-    assert_eq!(direct.get(nonce, None).await.unwrap().count(), 1);
+    let live = nonce_record(now + 60, &[42; 16]);
+    assert_eq!(direct.get(live.clone(), None).await.unwrap().count(), 1);
     let mod_revision = direct.get(SECRET, None).await.unwrap().kvs()[0].mod_revision();
     let again = status_of(on_a.put_presigned(SECRET, b"once", &signed).await);
     assert!(again.message().contains("replayed"));
     assert_eq!(direct.get(SECRET, None).await.unwrap().kvs()[0].mod_revision(), mod_revision);
+
+    // A sweep deletes the records of expired signatures and keeps the rest.
+    let expired = nonce_record(now - 1, &[7; 16]);
+    direct.put(expired.clone(), "", None).await.unwrap();
+    gw.running.gateway.sweep_nonces().await;
+    assert_eq!(direct.get(expired, None).await.unwrap().count(), 0, "an expired nonce is swept");
+    assert_eq!(direct.get(live, None).await.unwrap().count(), 1, "a live nonce is kept");
+}
+
+/// The reserved key recording a signed write's nonce: ordered by the signature's expiry.
+fn nonce_record(not_after: u64, nonce: &[u8]) -> Vec<u8> {
+    let mut key = b"\xffaq/nonce/".to_vec();
+    key.extend_from_slice(format!("{not_after:020}/{}", hex(nonce)).as_bytes());
+    key
 }
 
 /// Waits until `gateway` knows principal `id` and enforces a secrets binding whose config

@@ -193,11 +193,26 @@ impl Draft {
     }
 }
 
-/// Where a signed write's nonce is recorded in its scope's group, until its not-after passes.
-fn nonce_key(nonce: &[u8]) -> Vec<u8> {
-    let mut key = crate::index::RESERVED_PREFIX.to_vec();
-    key.extend_from_slice(b"nonce/");
+/// Where a signed write's nonce is recorded in its scope's group, until its not-after passes:
+/// `\xffaq/nonce/<not-after, 20 decimal digits>/<nonce hex>`. Keys sort by expiry, so one
+/// DeleteRange sweeps every expired nonce ([`Gateway::sweep_nonces`]). A replay carries the
+/// same signed not-after, so it finds the same key.
+fn nonce_key(nonce: &[u8], not_after: u64) -> Vec<u8> {
+    let mut key = nonce_expiry_bound(not_after);
+    key.push(b'/');
     key.extend_from_slice(hex::encode(nonce).as_bytes());
+    key
+}
+
+/// Where the nonce keys start.
+fn nonce_prefix() -> Vec<u8> {
+    [crate::index::RESERVED_PREFIX, b"nonce/"].concat()
+}
+
+/// The first nonce key of signatures expiring at `not_after`.
+fn nonce_expiry_bound(not_after: u64) -> Vec<u8> {
+    let mut key = nonce_prefix();
+    key.extend_from_slice(format!("{not_after:020}").as_bytes());
     key
 }
 
@@ -633,9 +648,9 @@ impl Gateway {
             if let Some(signed) = &caller.signed {
                 // The nonce is recorded with the write, guarded on being new to the scope's
                 // group: a replay through another replica fails the guard.
-                let key = nonce_key(&signed.nonce);
+                let key = nonce_key(&signed.nonce, signed.not_after);
                 guards.push(crate::meta::compare_unchanged(key.clone(), 0));
-                op = with_reserved(op, key, signed.not_after.to_string().into_bytes());
+                op = with_reserved(op, key, Vec::new());
             }
             if let Some(mut response) = self.fenced(runtime, op, guards, draft).await? {
                 let mut inner = response
@@ -649,7 +664,7 @@ impl Gateway {
                 return Ok((inner, response.header));
             }
             if let Some(signed) = &caller.signed {
-                let seen = runtime.group.range(pb::PbRangeRequest { key: nonce_key(&signed.nonce), count_only: true, ..Default::default() }).await?;
+                let seen = runtime.group.range(pb::PbRangeRequest { key: nonce_key(&signed.nonce, signed.not_after), count_only: true, ..Default::default() }).await?;
                 if seen.count > 0 {
                     return Err(crate::trust::TrustError::Replayed(hex::encode(&signed.nonce)).into());
                 }
@@ -658,17 +673,14 @@ impl Gateway {
         Err(GateError::Contended(runtime.scope.id.clone()))
     }
 
-    /// Deletes recorded nonces whose signatures have expired, on every group.
+    /// Deletes recorded nonces whose signatures have expired, on every group: one DeleteRange
+    /// per group, from the first nonce key up to those expiring now.
     pub async fn sweep_nonces(&self) {
-        let now = crate::meta::unix_now();
+        let expired_before = nonce_expiry_bound(crate::meta::unix_now());
         for group in self.groups.values() {
-            let (key, range_end) = KeyRange::prefix(&nonce_key(&[])).to_request();
-            let Ok(found) = group.range(pb::PbRangeRequest { key, range_end, ..Default::default() }).await else { continue };
-            for kv in found.kvs {
-                let expired = std::str::from_utf8(&kv.value).ok().and_then(|v| v.parse::<u64>().ok()).is_none_or(|t| t < now);
-                if expired {
-                    let _ = group.delete_range(pb::PbDeleteRequest { key: kv.key, range_end: Vec::new(), prev_kv: false }).await;
-                }
+            let request = pb::PbDeleteRequest { key: nonce_prefix(), range_end: expired_before.clone(), prev_kv: false };
+            if let Err(e) = group.delete_range(request).await {
+                tracing::warn!(group = group.name(), "cannot sweep expired nonces: {}", e.message());
             }
         }
     }
