@@ -617,7 +617,7 @@ impl Gateway {
         if let Some(signed) = &caller.signed {
             let now = crate::meta::unix_now();
             context.credentials =
-                self.trust.verify(&runtime.scope.id, &context.ops, &context.compares, signed, now)?;
+                self.trust.verify(&runtime.scope.id, &context.ops, &context.compares, signed, now).await?;
         }
         // Anchors that did not co-sign, once they were asked.
         let mut unanchored: Option<Vec<String>> = None;

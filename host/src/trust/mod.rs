@@ -14,6 +14,7 @@
 //! Nonces are remembered until their not-after passes, so a signed request is accepted once.
 
 pub mod anchor;
+mod batch;
 pub mod digest;
 pub mod proposal;
 
@@ -109,7 +110,12 @@ pub fn parse_public_key(text: &str) -> Result<VerifyingKey, String> {
         .ok()
         .and_then(|b| b.try_into().ok())
         .ok_or_else(|| format!("{:?} is not an ed25519 public key (64 hex digits)", text.trim()))?;
-    VerifyingKey::from_bytes(&bytes).map_err(|e| format!("{} is not a valid ed25519 public key: {e}", text.trim()))
+    let key = VerifyingKey::from_bytes(&bytes).map_err(|e| format!("{} is not a valid ed25519 public key: {e}", text.trim()))?;
+    if key.is_weak() {
+        // A small-order key: signatures by it verify for many messages.
+        return Err(format!("{} is a weak ed25519 public key (of small order); generate a key pair with `aq keys gen`", text.trim()));
+    }
+    Ok(key)
 }
 
 /// One signature of a request.
@@ -286,12 +292,13 @@ pub struct Trust {
     /// Each known key, decompressed once, with its principal.
     keys: ArcSwap<HashMap<[u8; 32], (Arc<Principal>, VerifyingKey)>>,
     nonces: Mutex<Nonces>,
+    batcher: Arc<batch::Batcher>,
 }
 
 impl Trust {
     /// Trust for the cluster `cluster_id` (the meta group's etcd cluster id), with no principals.
     pub fn new(cluster_id: u64) -> Self {
-        Trust { cluster_id, keys: ArcSwap::from_pointee(HashMap::new()), nonces: Mutex::default() }
+        Trust { cluster_id, keys: ArcSwap::from_pointee(HashMap::new()), nonces: Mutex::default(), batcher: Arc::default() }
     }
 
     /// The cluster id signatures are bound to.
@@ -322,8 +329,9 @@ impl Trust {
     }
 
     /// Verifies every signature of a request for `scope` at Unix second `now` and uses up its
-    /// nonce; returns the distinct principals that signed, in order of first signature.
-    pub fn verify(
+    /// nonce; returns the distinct principals that signed, in order of first signature. The
+    /// signatures are verified in a batch with those of concurrent requests.
+    pub async fn verify(
         &self,
         scope: &str,
         ops: &[m::Op],
@@ -331,16 +339,20 @@ impl Trust {
         signed: &SignedRequest,
         now: u64,
     ) -> Result<Credentials, TrustError> {
-        let credentials = self.check(scope, ops, compares, signed, now)?;
+        let resolved = self.resolve(scope, ops, compares, signed, now)?;
+        if !self.batcher.verify(resolved.signed).await {
+            // Name the signature that does not verify.
+            self.check(scope, ops, compares, signed, now)?;
+        }
         // Only a request whose signatures all verify uses up its nonce.
         if !self.nonces.lock().expect("nonce lock").insert(&signed.nonce, signed.not_after, now) {
             return Err(TrustError::Replayed(hex::encode(&signed.nonce)));
         }
-        Ok(credentials)
+        Ok(resolved.credentials)
     }
 
-    /// [`Trust::verify`] without using up the nonce: for a request another replica received
-    /// (an anchor co-signing it) or signatures this replica asked for.
+    /// [`Trust::verify`] without using up the nonce, one signature at a time: for a request
+    /// another replica received (an anchor co-signing it) or signatures this replica asked for.
     pub fn check(
         &self,
         scope: &str,
@@ -349,6 +361,26 @@ impl Trust {
         signed: &SignedRequest,
         now: u64,
     ) -> Result<Credentials, TrustError> {
+        let Resolved { credentials, signed: signatures, signers } = self.resolve(scope, ops, compares, signed, now)?;
+        for ((key, signature), principal) in signatures.signatures.iter().zip(signers) {
+            key.verify_strict(&signatures.digest, signature).map_err(|_| TrustError::BadSignature {
+                principal: principal.id.clone(),
+                key: hex::encode(key.as_bytes()),
+                scope: scope.to_string(),
+            })?;
+        }
+        Ok(credentials)
+    }
+
+    /// Checks a request's validity period and finds the principal of every signature.
+    fn resolve(
+        &self,
+        scope: &str,
+        ops: &[m::Op],
+        compares: &[m::Compare],
+        signed: &SignedRequest,
+        now: u64,
+    ) -> Result<Resolved, TrustError> {
         if signed.not_after < now {
             return Err(TrustError::Expired { not_after: signed.not_after, now });
         }
@@ -360,19 +392,28 @@ impl Trust {
         let digest = request_digest(&envelope, ops, compares);
         let keys = self.keys.load();
         let mut credentials: Credentials = Vec::new();
+        let mut signatures = Vec::with_capacity(signed.signatures.len());
+        let mut signers = Vec::with_capacity(signed.signatures.len());
         for s in &signed.signatures {
             let (principal, key) = keys.get(&s.key).ok_or_else(|| TrustError::UnknownKey(hex::encode(s.key)))?;
-            key.verify_strict(&digest, &Signature::from_bytes(&s.signature)).map_err(|_| TrustError::BadSignature {
-                principal: principal.id.clone(),
-                key: hex::encode(s.key),
-                scope: scope.to_string(),
-            })?;
+            signatures.push((*key, Signature::from_bytes(&s.signature)));
+            signers.push(principal.clone());
             if !credentials.iter().any(|c| c.principal == principal.id) {
                 credentials.push(m::Credential { principal: principal.id.clone(), roles: principal.roles.clone() });
             }
         }
-        Ok(credentials)
+        Ok(Resolved { credentials, signed: batch::Signed { digest, signatures }, signers })
     }
+}
+
+/// A request's signatures with their principals, before any is verified.
+struct Resolved {
+    /// The distinct principals, in order of first signature.
+    credentials: Credentials,
+    /// The signatures and the digest they must cover.
+    signed: batch::Signed,
+    /// The principal of each signature.
+    signers: Vec<Arc<Principal>>,
 }
 
 /// The summed weight of the distinct `signers` among `voters` (principal, weight): each
@@ -415,6 +456,16 @@ mod tests {
     }
 
     #[test]
+    fn weak_keys_are_refused() {
+        // The identity point: of small order, it "verifies" signatures it never made.
+        let mut identity = [0u8; 32];
+        identity[0] = 1;
+        let error = parse_public_key(&hex::encode(identity)).unwrap_err();
+        assert!(error.contains("weak"), "{error}");
+        assert!(parse_public_key(&hex::encode(key(1).verifying_key().as_bytes())).is_ok());
+    }
+
+    #[test]
     fn headers_round_trip() {
         let signed = SignedRequest::sign(&[key(1), key(2)], 9, "secrets", &ops(), &[], Duration::from_secs(60)).unwrap();
         let headers = signed.headers();
@@ -430,14 +481,14 @@ mod tests {
         assert!(matches!(SignedRequest::from_headers(Some("00"), Some("1"), ["x"]), Err(TrustError::Malformed(_))));
     }
 
-    #[test]
-    fn one_principal_counts_once_and_weights_sum_distinct_voters() {
+    #[tokio::test]
+    async fn one_principal_counts_once_and_weights_sum_distinct_voters() {
         let (a1, a2, b) = (key(1), key(2), key(3));
         let trust = Trust::new(9);
         trust.set_principals(&[principal("alice", &[&a1, &a2], &["secret-writer"]), principal("bob", &[&b], &[])]);
         let now = crate::meta::unix_now();
         let signed = SignedRequest::sign(&[a1.clone(), a2.clone()], 9, "secrets", &ops(), &[], Duration::from_secs(60)).unwrap();
-        let credentials = trust.verify("secrets", &ops(), &[], &signed, now).unwrap();
+        let credentials = trust.verify("secrets", &ops(), &[], &signed, now).await.unwrap();
         assert_eq!(credentials.len(), 1, "two keys of alice are one principal");
         let rule = m::ApprovalRule {
             voters: vec![m::Voter { principal: "alice".into(), weight: 1 }, m::Voter { principal: "bob".into(), weight: 1 }],
@@ -446,7 +497,7 @@ mod tests {
         };
         assert_eq!(approval_weight(&rule, &credentials), 1, "just below the threshold");
         let signed = SignedRequest::sign(&[a1, b], 9, "secrets", &ops(), &[], Duration::from_secs(60)).unwrap();
-        let credentials = trust.verify("secrets", &ops(), &[], &signed, now).unwrap();
+        let credentials = trust.verify("secrets", &ops(), &[], &signed, now).await.unwrap();
         assert_eq!(approval_weight(&rule, &credentials), 2, "exactly at the threshold");
     }
 }
