@@ -6,8 +6,9 @@
 //! throughput of a scope is no longer one write per round trip.
 //!
 //! A batch holds only writes whose keys do not overlap (etcd refuses a Txn that puts one key
-//! twice, and a write must not see another's effect mid-batch), and stays within etcd's
-//! default limits on ops per Txn and request size. If the batch's Txn fails a guard other than
+//! twice, and a write must not see another's effect mid-batch) and that were decided at the
+//! same fence version, which guards it; it stays within etcd's default limits on ops per Txn
+//! and request size. If the batch's Txn fails a guard other than
 //! the fence or the head, some write's policy read or nonce moved: the writes are sent one by
 //! one so each gets its own answer.
 //!
@@ -48,6 +49,8 @@ pub(super) struct Job {
     /// Every key range the write reads or writes, its guards' keys included.
     footprint: Vec<KeyRange>,
     bytes: usize,
+    /// The fence version when the write was decided: it commits only while the fence is there.
+    fence: i64,
     done: oneshot::Sender<Outcome>,
 }
 
@@ -84,7 +87,7 @@ impl Chain {
     ) -> Outcome {
         let (done, outcome) = oneshot::channel();
         let bytes = op.encoded_len() + guards.iter().map(Message::encoded_len).sum::<usize>() + 512;
-        let job = Job { op, guards, draft, footprint, bytes, done };
+        let job = Job { op, guards, draft, footprint, bytes, fence: self.fence.expected(), done };
         let start = {
             let mut queue = self.queue.lock().expect("chain queue");
             queue.pending.push_back(job);
@@ -158,10 +161,14 @@ impl Chain {
                     Some(pb::PbTxnOpResponse::ResponseRange(range)) => range.kvs.first().map(|kv| kv.version).unwrap_or(0),
                     _ => 0,
                 };
-                if version != self.fence.expected() {
+                if version != jobs[0].fence {
+                    // The fence moved since these writes were decided: their callers evaluate
+                    // again.
                     self.metrics.fence_retry(&self.scope);
-                    tracing::info!(scope = %self.scope, from = self.fence.expected(), to = version, "fence moved; retrying");
-                    self.fence.refresh(version);
+                    if version != self.fence.expected() {
+                        tracing::info!(scope = %self.scope, from = self.fence.expected(), to = version, "fence moved; retrying");
+                        self.fence.refresh(version);
+                    }
                     // A new owner may hold another chain: read its head next time.
                     *head = None;
                     answer_all(jobs, || Ok(None));
@@ -206,7 +213,7 @@ impl Chain {
     fn txn(&self, jobs: &[Job], head: &Head, read_at: i64) -> (pb::PbTxnRequest, Head) {
         let key = head_key(&self.scope);
         let mut compare = Vec::with_capacity(2 + jobs.iter().map(|j| j.guards.len()).sum::<usize>());
-        compare.push(self.fence.compare());
+        compare.push(self.fence.compare_at(jobs[0].fence));
         compare.push(crate::meta::compare_unchanged(key.clone(), read_at));
         let mut success = Vec::with_capacity(jobs.len() * 2 + 1);
         let mut next = head.clone();
@@ -264,6 +271,7 @@ fn take_batch(pending: &mut VecDeque<Job>) -> Vec<Job> {
     while let Some(job) = pending.pop_front() {
         let fits = batch.is_empty()
             || (batch.len() < MAX_BATCH
+                && job.fence == batch[0].fence
                 && ops + 2 <= MAX_TXN_OPS
                 && compares + job.guards.len() <= MAX_TXN_OPS
                 && bytes + job.bytes <= MAX_BATCH_BYTES
@@ -297,7 +305,7 @@ mod tests {
         let footprint = keys.iter().map(|k| KeyRange::from_request(k.as_bytes(), b"")).collect();
         let guard = pb::PbCompare::default();
         let op = pb::PbTxnOpRequest::RequestPut(pb::PbPutRequest::default());
-        (Job { op, guards: vec![guard; guards], draft, footprint, bytes: 600, done }, rx)
+        (Job { op, guards: vec![guard; guards], draft, footprint, bytes: 600, fence: 1, done }, rx)
     }
 
     #[test]
@@ -315,6 +323,19 @@ mod tests {
         let next = take_batch(&mut pending);
         assert_eq!(next.len(), 1, "the next batch starts with the write that waited");
         assert_eq!(pending.len(), 1);
+    }
+
+    #[test]
+    fn a_batch_holds_writes_decided_at_one_fence() {
+        let mut pending = VecDeque::new();
+        for (key, fence) in [("a", 1), ("b", 2), ("c", 1)] {
+            let (mut job, _) = job(&[key], 0);
+            job.fence = fence;
+            pending.push_back(job);
+        }
+        let batch = take_batch(&mut pending);
+        assert_eq!(batch.iter().map(|j| j.fence).collect::<Vec<_>>(), [1, 1]);
+        assert_eq!(take_batch(&mut pending).iter().map(|j| j.fence).collect::<Vec<_>>(), [2]);
     }
 
     #[test]

@@ -48,12 +48,17 @@ impl Fence {
 
     /// The guard compare.
     pub fn compare(&self) -> pb::PbCompare {
+        self.compare_at(self.expected())
+    }
+
+    /// The guard compare of a write decided while the fence was at `version`.
+    pub fn compare_at(&self, version: i64) -> pb::PbCompare {
         pb::PbCompare {
             result: RESULT_EQUAL,
             target: TARGET_VERSION,
             key: self.key.clone(),
             range_end: Vec::new(),
-            target_union: Some(pb::PbTargetUnion::Version(self.expected())),
+            target_union: Some(pb::PbTargetUnion::Version(version)),
         }
     }
 
