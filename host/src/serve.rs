@@ -205,8 +205,9 @@ pub async fn start(config: Config, options: ServeOptions) -> Result<Running, Str
     } else {
         Auth::disabled()
     };
-    let admin = Arc::new(Admin::new(gateway.clone(), syncer.clone(), &config.admin, auth, identity.clone())?);
-    checkpoint_lineage(gateway.clone(), syncer.store().clone(), identity);
+    let checkpointer = Arc::new(crate::lineage::store::Checkpointer::new(identity.clone(), syncer.store().clone()));
+    let admin = Arc::new(Admin::new(gateway.clone(), syncer.clone(), &config.admin, auth, checkpointer.clone())?);
+    checkpoint_lineage(gateway.clone(), checkpointer);
 
     // The etcd API.
     let listener = tokio::net::TcpListener::bind(options.listen)
@@ -331,7 +332,7 @@ const CHECKPOINT_EVERY: Duration = Duration::from_secs(10);
 /// Signs lineage checkpoints in the background, so that records written now are covered by a
 /// signature before anyone could alter them; drops recorded nonces once they expire; and
 /// finishes proposal commits another replica claimed and did not finish.
-fn checkpoint_lineage(gateway: Arc<Gateway>, meta: MetaStore, key: ed25519_dalek::SigningKey) {
+fn checkpoint_lineage(gateway: Arc<Gateway>, checkpointer: Arc<crate::lineage::store::Checkpointer>) {
     let weak = Arc::downgrade(&gateway);
     drop(gateway);
     tokio::spawn(async move {
@@ -345,7 +346,7 @@ fn checkpoint_lineage(gateway: Arc<Gateway>, meta: MetaStore, key: ed25519_dalek
                 .filter_map(|scope| gateway.scope(&scope.id).map(|runtime| (scope.id.as_str(), &runtime.group)))
                 .chain(std::iter::once((crate::lineage::META_LOG, gateway.home())));
             for (log, group) in logs {
-                if let Err(e) = crate::lineage::store::checkpoint(group, &meta, &key, log).await {
+                if let Err(e) = checkpointer.checkpoint(group, log).await {
                     tracing::warn!(log, "cannot checkpoint lineage: {e}");
                 }
             }

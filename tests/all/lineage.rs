@@ -218,3 +218,37 @@ async fn a_recorded_write_decided_before_the_fence_moved_is_decided_again() {
     let exported = export(&gw, "registry").await;
     assert_eq!(verify(&exported, &[]).expect("the chain verifies").records, 5, "four earlier writes and this one");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn checkpoints_cover_what_was_written_and_stop_at_a_gap() {
+    let gw = governed_writes().await;
+    let first = export(&gw, "registry").await;
+    assert_eq!(first.checkpoints.last().unwrap().size, 4);
+    let mut client = gw.client().await;
+    client.put("/registry/pods/d", "five", None).await.unwrap();
+    client.put("/registry/pods/e", "six", None).await.unwrap();
+    let mut direct = gw.main.client().await;
+    let mut leaves: Vec<Vec<u8>> = first.records.iter().map(|r| r.record.clone().into_bytes()).collect();
+    for seq in [4, 5] {
+        leaves.push(direct.get(record_key("registry", seq), None).await.unwrap().kvs()[0].value().to_vec());
+    }
+
+    // An old record deleted: the next checkpoint reads only what was added since the last one,
+    // so it signs the log as written, and verification names the deletion.
+    direct.delete(record_key("registry", 1), None).await.unwrap();
+    let second = export(&gw, "registry").await;
+    let signed = second.checkpoints.last().unwrap();
+    assert_eq!((signed.size, signed.root.as_str()), (6, aq_host::lineage::log::root_hex(&leaves).as_str()));
+    let error = verify(&second, &[]).unwrap_err();
+    assert_eq!(error.record, Some(1), "{error}");
+
+    // A record missing past the last checkpoint: nothing beyond it is signed.
+    client.put("/registry/pods/f", "seven", None).await.unwrap();
+    client.put("/registry/pods/g", "eight", None).await.unwrap();
+    direct.delete(record_key("registry", 6), None).await.unwrap();
+    let (status, body) = gw.admin(Method::POST, "/v1/lineage/registry/checkpoint", Value::Null).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(body["detail"].as_str().unwrap().contains("has no record 6 but has 7"), "{body}");
+    let third = export(&gw, "registry").await;
+    assert_eq!(third.checkpoints.last().unwrap().size, 6, "no checkpoint past the gap");
+}

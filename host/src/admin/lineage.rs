@@ -37,7 +37,7 @@ fn unavailable(message: String) -> ApiError {
 pub(super) async fn export(State(admin): State<Arc<Admin>>, headers: HeaderMap, Path(scope): Path<String>) -> Result<Response, ApiError> {
     admin.auth.check(&headers, Role::Reader)?;
     let group = group(&admin, &scope)?;
-    let export = store::export(group, admin.syncer.store(), &admin.identity, &scope).await.map_err(unavailable)?;
+    let export = admin.checkpointer.export(group, &scope).await.map_err(unavailable)?;
     Ok(axum::Json(export).into_response())
 }
 
@@ -51,7 +51,7 @@ pub(super) async fn export(State(admin): State<Arc<Admin>>, headers: HeaderMap, 
 pub(super) async fn checkpoint(State(admin): State<Arc<Admin>>, headers: HeaderMap, Path(scope): Path<String>) -> Result<Response, ApiError> {
     admin.auth.check(&headers, Role::Operator)?;
     let group = group(&admin, &scope)?;
-    let checkpoint = store::checkpoint(group, admin.syncer.store(), &admin.identity, &scope).await.map_err(unavailable)?;
+    let checkpoint = admin.checkpointer.checkpoint(group, &scope).await.map_err(unavailable)?;
     Ok(axum::Json(json!({ "checkpoint": checkpoint })).into_response())
 }
 

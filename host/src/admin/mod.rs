@@ -41,8 +41,8 @@ pub struct Admin {
     max_policy_bytes: usize,
     require_signed_policies: bool,
     publishers: Vec<ed25519_dalek::VerifyingKey>,
-    /// This replica's identity: signs lineage checkpoints.
-    identity: ed25519_dalek::SigningKey,
+    /// Signs lineage checkpoints with this replica's identity key.
+    checkpointer: Arc<crate::lineage::store::Checkpointer>,
 }
 
 impl Admin {
@@ -52,7 +52,7 @@ impl Admin {
         syncer: Arc<Syncer>,
         config: &AdminConfig,
         auth: Auth,
-        identity: ed25519_dalek::SigningKey,
+        checkpointer: Arc<crate::lineage::store::Checkpointer>,
     ) -> Result<Self, String> {
         let mut publishers = Vec::new();
         for key in &config.trusted_publishers {
@@ -75,7 +75,7 @@ impl Admin {
             max_policy_bytes: config.max_policy_bytes,
             require_signed_policies: config.require_signed_policies,
             publishers,
-            identity,
+            checkpointer,
         })
     }
 }

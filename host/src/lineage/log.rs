@@ -58,11 +58,66 @@ pub fn root_hex(leaves: &[Vec<u8>]) -> String {
     hex::encode(tree(leaves).root().as_bytes())
 }
 
+/// A growing log's tree hash without its leaves: the roots of the perfect subtrees its leaves
+/// fill, largest first (one per set bit of the size). Appending costs O(log n) hashes and the
+/// state O(log n) memory, so a replica checkpoints a log of millions of records by reading
+/// only the records added since its last pass. Gives the same root as [`tree`]; the leaves
+/// stay in etcd for exports and proofs.
+#[derive(Clone, Debug, Default)]
+pub struct Frontier {
+    size: u64,
+    peaks: Vec<[u8; 32]>,
+}
+
+impl Frontier {
+    /// Leaves appended so far.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Appends a leaf.
+    pub fn push(&mut self, leaf: &[u8]) {
+        let mut hash = rfc6962_hash(&[&[0], leaf]);
+        // Each trailing one bit of the old size is a peak of the same height as the new
+        // subtree: merge them, smallest first.
+        let mut filled = self.size;
+        while filled & 1 == 1 {
+            let left = self.peaks.pop().expect("a peak per set bit of the size");
+            hash = rfc6962_hash(&[&[1], &left, &hash]);
+            filled >>= 1;
+        }
+        self.peaks.push(hash);
+        self.size += 1;
+    }
+
+    /// The RFC 6962 tree hash of the leaves so far, hex.
+    pub fn root_hex(&self) -> String {
+        let mut peaks = self.peaks.iter().rev();
+        let root = match peaks.next() {
+            None => rfc6962_hash(&[]),
+            Some(last) => peaks.fold(*last, |right, left| rfc6962_hash(&[&[1], left, &right])),
+        };
+        hex::encode(root)
+    }
+}
+
+fn rfc6962_hash(parts: &[&[u8]]) -> [u8; 32] {
+    use sha2::Digest;
+    let mut hasher = Sha256::new();
+    for part in parts {
+        hasher.update(part);
+    }
+    hasher.finalize().into()
+}
+
 impl Checkpoint {
     /// Signs a checkpoint of `leaves` for `scope`.
     pub fn sign(key: &SigningKey, scope: &str, leaves: &[Vec<u8>], time_ms: u64) -> Checkpoint {
-        let root = root_hex(leaves);
-        let size = leaves.len() as u64;
+        Checkpoint::sign_root(key, scope, leaves.len() as u64, root_hex(leaves), time_ms)
+    }
+
+    /// Signs a checkpoint of a log of `size` leaves whose tree hash is `root` (hex).
+    pub fn sign_root(key: &SigningKey, scope: &str, size: u64, root: String, time_ms: u64) -> Checkpoint {
         let signature = key.sign(&checkpoint_message(scope, size, &root, time_ms));
         Checkpoint {
             scope: scope.to_string(),
@@ -241,4 +296,21 @@ pub fn check_proof(leaf: &[u8], index: u64, size: u64, root: &str, proof: &str) 
     let proof = InclusionProof::<Sha256>::try_from_bytes(hex::decode(proof).map_err(|e| format!("proof: {e}"))?)
         .map_err(|e| format!("proof: {e:?}"))?;
     root.verify_inclusion(&leaf.to_vec(), index, &proof).map_err(|e| format!("the proof does not verify: {e:?}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_frontier_has_the_root_of_the_whole_tree_at_every_size() {
+        let leaves: Vec<Vec<u8>> = (0..70u32).map(|i| format!("record {i}").into_bytes()).collect();
+        let mut frontier = Frontier::default();
+        assert_eq!(frontier.root_hex(), root_hex(&[]), "the empty log");
+        for (n, leaf) in leaves.iter().enumerate() {
+            frontier.push(leaf);
+            assert_eq!(frontier.size(), n as u64 + 1);
+            assert_eq!(frontier.root_hex(), root_hex(&leaves[..=n]), "size {}", n + 1);
+        }
+    }
 }

@@ -1,10 +1,13 @@
 //! Reading a scope's records from its group, and checkpoints and the root log in the meta group.
 
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+
 use ed25519_dalek::SigningKey;
 use etcd_client::proto as pb;
 
-use super::log::{Checkpoint, Export, ExportedRecord, ROOT_LOG};
-use super::records_prefix;
+use super::log::{Checkpoint, Export, ExportedRecord, Frontier, ROOT_LOG};
+use super::{record_key, records_prefix};
 use crate::backend::Group;
 use crate::index::KeyRange;
 use crate::meta::MetaStore;
@@ -15,8 +18,14 @@ const PAGE: i64 = 1000;
 /// A scope's records, in `seq` order, with the revision that last wrote each. Read in pages,
 /// all at the revision of the first page.
 pub async fn records(group: &Group, scope: &str) -> Result<Vec<ExportedRecord>, String> {
+    records_from(group, scope, 0).await
+}
+
+/// A scope's records from `seq` on, as [`records`] reads them.
+async fn records_from(group: &Group, scope: &str, seq: u64) -> Result<Vec<ExportedRecord>, String> {
     let prefix = records_prefix(scope);
-    let (mut key, range_end) = KeyRange::prefix(&prefix).to_request();
+    let (_, range_end) = KeyRange::prefix(&prefix).to_request();
+    let mut key = record_key(scope, seq);
     let mut records = Vec::new();
     let mut revision = 0;
     loop {
@@ -43,35 +52,73 @@ fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or_default()
 }
 
-/// Signs a checkpoint of the scope's log when it grew since its last checkpoint, and appends
-/// it to the root log. Returns the new checkpoint, if any.
-pub async fn checkpoint(group: &Group, meta: &MetaStore, key: &SigningKey, scope: &str) -> Result<Option<Checkpoint>, String> {
-    // Count first: most passes find nothing new, and records are only read when there is.
-    let (prefix_key, range_end) = KeyRange::prefix(&records_prefix(scope)).to_request();
-    let count = group
-        .range(pb::PbRangeRequest { key: prefix_key, range_end, count_only: true, ..Default::default() })
-        .await
-        .map_err(|s| format!("cannot count the lineage of scope {scope} on group {}: {}", group.name(), s.message()))?
-        .count;
-    let last = meta.checkpoints(scope).await.map_err(|e| e.to_string())?.last().map(|c| c.size).unwrap_or(0);
-    if count as u64 <= last {
-        return Ok(None);
-    }
-    let records = records(group, scope).await?;
-    let leaves: Vec<Vec<u8>> = records.iter().map(|r| r.record.as_bytes().to_vec()).collect();
-    let checkpoint = Checkpoint::sign(key, scope, &leaves, now_ms());
-    meta.put_checkpoint(&checkpoint).await.map_err(|e| e.to_string())?;
-    Ok(Some(checkpoint))
+/// Signs this replica's checkpoints of the logs it serves. It keeps, per log, the tree's
+/// [`Frontier`] and the size it last checkpointed, so a pass reads only the records added
+/// since the previous one: the whole log is read once per process, at its first pass.
+pub struct Checkpointer {
+    key: SigningKey,
+    meta: MetaStore,
+    logs: tokio::sync::Mutex<HashMap<String, Progress>>,
 }
 
-/// An export of a scope's lineage: a fresh checkpoint first, then records, the scope's
-/// checkpoints, the root log and a signed checkpoint of the root log.
-pub async fn export(group: &Group, meta: &MetaStore, key: &SigningKey, scope: &str) -> Result<Export, String> {
-    checkpoint(group, meta, key, scope).await?;
-    let records = records(group, scope).await?;
-    let checkpoints = meta.checkpoints(scope).await.map_err(|e| e.to_string())?;
-    let root_log = meta.root_log().await.map_err(|e| e.to_string())?;
-    let leaves: Vec<Vec<u8>> = root_log.iter().map(|c| serde_json::to_vec(c).expect("JSON")).collect();
-    let root_checkpoint = Checkpoint::sign(key, ROOT_LOG, &leaves, now_ms());
-    Ok(Export { v: 1, scope: scope.to_string(), records, checkpoints, root_log, root_checkpoint })
+/// How far this replica has read and checkpointed one log.
+struct Progress {
+    frontier: Frontier,
+    checkpointed: u64,
+}
+
+impl Checkpointer {
+    /// Checkpoints signed with `key` and stored in `meta`.
+    pub fn new(key: SigningKey, meta: MetaStore) -> Self {
+        Checkpointer { key, meta, logs: tokio::sync::Mutex::default() }
+    }
+
+    /// Signs a checkpoint of the log of `scope` (its records on `group`) when it grew since its
+    /// last checkpoint, and appends it to the root log. Returns the checkpoint stored, if any
+    /// (none when nothing is new, or another replica stored one of the same size first).
+    pub async fn checkpoint(&self, group: &Group, scope: &str) -> Result<Option<Checkpoint>, String> {
+        let mut logs = self.logs.lock().await;
+        let progress = match logs.entry(scope.to_string()) {
+            Entry::Occupied(entry) => entry.into_mut(),
+            Entry::Vacant(entry) => {
+                let checkpoints = self.meta.checkpoints(scope).await.map_err(|e| e.to_string())?;
+                let checkpointed = checkpoints.last().map(|c| c.size).unwrap_or(0);
+                entry.insert(Progress { frontier: Frontier::default(), checkpointed })
+            }
+        };
+        for record in records_from(group, scope, progress.frontier.size()).await? {
+            if record.seq != progress.frontier.size() {
+                return Err(format!(
+                    "the lineage of scope {scope} has no record {} but has {}; nothing past the gap is checkpointed: \
+                     `aq lineage export {scope}` and `aq lineage verify` name what changed",
+                    progress.frontier.size(),
+                    record.seq
+                ));
+            }
+            progress.frontier.push(record.record.as_bytes());
+        }
+        let size = progress.frontier.size();
+        if size <= progress.checkpointed {
+            return Ok(None);
+        }
+        let checkpoint = Checkpoint::sign_root(&self.key, scope, size, progress.frontier.root_hex(), now_ms());
+        let stored = self.meta.put_checkpoint(&checkpoint).await.map_err(|e| e.to_string())?;
+        progress.checkpointed = size;
+        Ok(stored.then_some(checkpoint))
+    }
+
+    /// An export of a scope's lineage: a fresh checkpoint first (when the log allows one), then records, the scope's
+    /// checkpoints, the root log and a signed checkpoint of the root log.
+    pub async fn export(&self, group: &Group, scope: &str) -> Result<Export, String> {
+        // A log with a gap is exported all the same: its verification names the gap.
+        if let Err(e) = self.checkpoint(group, scope).await {
+            tracing::warn!(scope, "exporting lineage without a fresh checkpoint: {e}");
+        }
+        let records = records(group, scope).await?;
+        let checkpoints = self.meta.checkpoints(scope).await.map_err(|e| e.to_string())?;
+        let root_log = self.meta.root_log().await.map_err(|e| e.to_string())?;
+        let leaves: Vec<Vec<u8>> = root_log.iter().map(|c| serde_json::to_vec(c).expect("JSON")).collect();
+        let root_checkpoint = Checkpoint::sign(&self.key, ROOT_LOG, &leaves, now_ms());
+        Ok(Export { v: 1, scope: scope.to_string(), records, checkpoints, root_log, root_checkpoint })
+    }
 }
