@@ -8,6 +8,11 @@
 //! fails, each request of it is verified on its own with `verify_strict`, so one forged
 //! request costs its batch a second pass and never refuses another request. A request alone
 //! in its batch is verified with `verify_strict` directly.
+//!
+//! A batch accepts every signature `verify_strict` accepts. It may also accept one whose `R`
+//! has a small-order component, which `verify_strict` refuses; only the key's holder can make
+//! such a signature, over a message it signs anyway. Weak (small-order) public keys never get
+//! this far: principals cannot be added with one.
 
 use std::sync::{Arc, Mutex};
 
