@@ -239,7 +239,7 @@ impl Chain {
         for job in jobs {
             self.metrics.routed(&self.scope, "write");
             let own = answers.next().map(|answer| vec![answer]).unwrap_or_default();
-            let _ = job.done.send(Ok(Some(pb::PbTxnResponse { header: response.header.clone(), succeeded: true, responses: own })));
+            let _ = job.done.send(Ok(Some(pb::PbTxnResponse { header: response.header, succeeded: true, responses: own })));
         }
     }
 

@@ -286,11 +286,14 @@ impl Nonces {
 /// The verified identities of a request, each principal once.
 pub type Credentials = Vec<m::Credential>;
 
+/// Each known public key's principal and decompressed key.
+type KeyIndex = HashMap<[u8; 32], (Arc<Principal>, VerifyingKey)>;
+
 /// Principals by key, and the nonces seen: one per gateway replica.
 pub struct Trust {
     cluster_id: u64,
     /// Each known key, decompressed once, with its principal.
-    keys: ArcSwap<HashMap<[u8; 32], (Arc<Principal>, VerifyingKey)>>,
+    keys: ArcSwap<KeyIndex>,
     nonces: Mutex<Nonces>,
     batcher: Arc<batch::Batcher>,
 }
