@@ -252,3 +252,25 @@ async fn checkpoints_cover_what_was_written_and_stop_at_a_gap() {
     let third = export(&gw, "registry").await;
     assert_eq!(third.checkpoints.last().unwrap().size, 6, "no checkpoint past the gap");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn logs_longer_than_a_page_are_checkpointed_and_exported_whole() {
+    let gw = governed_writes().await;
+    // More records than one range page (1,000) holds.
+    let mut writers = Vec::new();
+    for writer in 0..10 {
+        let mut client = gw.client().await;
+        writers.push(tokio::spawn(async move {
+            for n in 0..110 {
+                client.put(format!("/registry/pods/p{writer}-{n}"), "v", None).await.expect("a governed put");
+            }
+        }));
+    }
+    for writer in writers {
+        writer.await.unwrap();
+    }
+    let exported = export(&gw, "registry").await;
+    assert_eq!(exported.records.len(), 1104);
+    assert_eq!(exported.checkpoints.last().unwrap().size, 1104, "the checkpoint covers every page");
+    assert_eq!(verify(&exported, &[]).expect("a long log verifies").records, 1104);
+}

@@ -18,34 +18,58 @@ const PAGE: i64 = 1000;
 /// A scope's records, in `seq` order, with the revision that last wrote each. Read in pages,
 /// all at the revision of the first page.
 pub async fn records(group: &Group, scope: &str) -> Result<Vec<ExportedRecord>, String> {
-    records_from(group, scope, 0).await
-}
-
-/// A scope's records from `seq` on, as [`records`] reads them.
-async fn records_from(group: &Group, scope: &str, seq: u64) -> Result<Vec<ExportedRecord>, String> {
-    let prefix = records_prefix(scope);
-    let (_, range_end) = KeyRange::prefix(&prefix).to_request();
-    let mut key = record_key(scope, seq);
+    let mut pages = Pages::new(group, scope, 0);
     let mut records = Vec::new();
-    let mut revision = 0;
-    loop {
-        let response = group
-            .range(pb::PbRangeRequest { key, range_end: range_end.clone(), limit: PAGE, revision, ..Default::default() })
-            .await
-            .map_err(|s| format!("cannot read the lineage of scope {scope} from group {}: {}", group.name(), s.message()))?;
-        revision = response.header.as_ref().map(|h| h.revision).unwrap_or_default();
-        let Some(last) = response.kvs.last() else { break };
-        key = crate::index::successor(&last.key);
-        records.extend(response.kvs.into_iter().map(|kv| ExportedRecord {
-            seq: std::str::from_utf8(&kv.key[prefix.len()..]).ok().and_then(|s| s.parse().ok()).unwrap_or(u64::MAX),
-            revision: kv.mod_revision,
-            record: String::from_utf8_lossy(&kv.value).into_owned(),
-        }));
-        if !response.more {
-            break;
-        }
+    while let Some(page) = pages.next().await? {
+        records.extend(page);
     }
     Ok(records)
+}
+
+/// A scope's records from one `seq` on, a page at a time, all at the revision of the first.
+struct Pages<'a> {
+    group: &'a Group,
+    scope: &'a str,
+    prefix: Vec<u8>,
+    key: Vec<u8>,
+    revision: i64,
+    done: bool,
+}
+
+impl<'a> Pages<'a> {
+    fn new(group: &'a Group, scope: &'a str, seq: u64) -> Self {
+        Pages { group, scope, prefix: records_prefix(scope), key: record_key(scope, seq), revision: 0, done: false }
+    }
+
+    async fn next(&mut self) -> Result<Option<Vec<ExportedRecord>>, String> {
+        if self.done {
+            return Ok(None);
+        }
+        let (_, range_end) = KeyRange::prefix(&self.prefix).to_request();
+        let request = pb::PbRangeRequest { key: self.key.clone(), range_end, limit: PAGE, revision: self.revision, ..Default::default() };
+        let response = self.group.range(request).await.map_err(|s| {
+            format!("cannot read the lineage of scope {} from group {}: {}", self.scope, self.group.name(), s.message())
+        })?;
+        self.revision = response.header.as_ref().map(|h| h.revision).unwrap_or_default();
+        self.done = !response.more;
+        let Some(last) = response.kvs.last() else {
+            self.done = true;
+            return Ok(None);
+        };
+        self.key = crate::index::successor(&last.key);
+        let prefix = self.prefix.len();
+        Ok(Some(
+            response
+                .kvs
+                .into_iter()
+                .map(|kv| ExportedRecord {
+                    seq: std::str::from_utf8(&kv.key[prefix..]).ok().and_then(|s| s.parse().ok()).unwrap_or(u64::MAX),
+                    revision: kv.mod_revision,
+                    record: String::from_utf8_lossy(&kv.value).into_owned(),
+                })
+                .collect(),
+        ))
+    }
 }
 
 fn now_ms() -> u64 {
@@ -86,16 +110,20 @@ impl Checkpointer {
                 entry.insert(Progress { frontier: Frontier::default(), checkpointed })
             }
         };
-        for record in records_from(group, scope, progress.frontier.size()).await? {
-            if record.seq != progress.frontier.size() {
-                return Err(format!(
-                    "the lineage of scope {scope} has no record {} but has {}; nothing past the gap is checkpointed: \
-                     `aq lineage export {scope}` and `aq lineage verify` name what changed",
-                    progress.frontier.size(),
-                    record.seq
-                ));
+        // Page by page: the first pass over a long log never holds all of it.
+        let mut pages = Pages::new(group, scope, progress.frontier.size());
+        while let Some(page) = pages.next().await? {
+            for record in page {
+                if record.seq != progress.frontier.size() {
+                    return Err(format!(
+                        "the lineage of scope {scope} has no record {} but has {}; nothing past the gap is checkpointed: \
+                         `aq lineage export {scope}` and `aq lineage verify` name what changed",
+                        progress.frontier.size(),
+                        record.seq
+                    ));
+                }
+                progress.frontier.push(record.record.as_bytes());
             }
-            progress.frontier.push(record.record.as_bytes());
         }
         let size = progress.frontier.size();
         if size <= progress.checkpointed {
