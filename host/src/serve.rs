@@ -129,23 +129,17 @@ pub async fn start(config: Config, options: ServeOptions) -> Result<Running, Str
     let mut managed = BTreeMap::new();
     let mut groups = BTreeMap::new();
     for group in &config.groups {
-        let endpoints = if group.endpoints.is_empty() {
+        let connected = if group.endpoints.is_empty() {
             let dir = options.data_dir.join("etcd").join(&group.name);
-            let process = EtcdProcess::spawn(&options.etcd_binary, &group.name, &dir).map_err(|e| e.to_string())?;
-            let url = process.client_url().to_string();
+            let (process, connected) = EtcdProcess::start(&options.etcd_binary, &group.name, &dir, READY_TIMEOUT).await?;
             managed.insert(group.name.clone(), process);
-            vec![url]
+            connected
         } else {
-            group.endpoints.clone()
+            let connected = Group::connect_lazy(&group.name, &group.endpoints).map_err(|e| e.to_string())?;
+            connected.wait_ready(READY_TIMEOUT).await.map_err(|e| e.to_string())?;
+            connected
         };
-        let connected = Group::connect_lazy(&group.name, &endpoints).map_err(|e| e.to_string())?;
         groups.insert(group.name.clone(), connected);
-    }
-    for (name, group) in &groups {
-        if let Err(e) = group.wait_ready(READY_TIMEOUT).await {
-            let log = managed.get(name).map(|p| format!("\netcd log:\n{}", p.log_tail(10))).unwrap_or_default();
-            return Err(format!("{e}{log}"));
-        }
     }
 
     // Policies: stored in the meta (home) group, bound as the meta group says.

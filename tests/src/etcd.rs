@@ -4,7 +4,6 @@
 use std::process::Command;
 use std::time::Duration;
 
-use aq_host::backend::Group;
 use aq_host::backend::managed::EtcdProcess;
 use aq_host::config::Config;
 use aq_host::gate::decisions::DecisionSink;
@@ -20,33 +19,13 @@ pub struct TestEtcd {
 }
 
 impl TestEtcd {
-    /// Starts etcd and waits until it answers.
-    ///
-    /// A free port can be taken by another process between being picked and etcd binding it
-    /// (tests run in parallel and open many connections): an etcd that exits at start is
-    /// started again on fresh ports, up to three times.
+    /// Starts etcd and waits until it answers (started again on fresh ports when one was taken).
     pub async fn start(name: &str) -> TestEtcd {
-        let mut last_log = String::new();
-        for _ in 0..3 {
-            let dir = tempfile::tempdir().expect("temp dir");
-            let mut process =
-                EtcdProcess::spawn("etcd", name, dir.path()).expect("etcd starts (is etcd-server installed?)");
-            let group = Group::connect_lazy(name, &[process.client_url().to_string()]).unwrap();
-            let deadline = std::time::Instant::now() + Duration::from_secs(30);
-            loop {
-                if group.wait_ready(Duration::from_millis(500)).await.is_ok() {
-                    return TestEtcd { process, _dir: dir };
-                }
-                if process.exited().is_some() {
-                    last_log = process.log_tail(20);
-                    break;
-                }
-                if std::time::Instant::now() > deadline {
-                    panic!("etcd {name} did not answer within 30 s\netcd log:\n{}", process.log_tail(20));
-                }
-            }
-        }
-        panic!("etcd {name} exited at start three times\nlast etcd log:\n{last_log}");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (process, _) = EtcdProcess::start("etcd", name, dir.path(), Duration::from_secs(30))
+            .await
+            .unwrap_or_else(|e| panic!("etcd {name} does not start (is etcd-server installed?): {e}"));
+        TestEtcd { process, _dir: dir }
     }
 
     /// `http://127.0.0.1:<port>`.

@@ -4,6 +4,9 @@
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use super::Group;
 
 /// Why an etcd process could not be started.
 #[derive(Debug, thiserror::Error)]
@@ -76,6 +79,37 @@ impl EtcdProcess {
         let setup = |error| SpawnError::Setup { name: name.to_string(), error };
         let ports = (free_port().map_err(setup)?, free_port().map_err(setup)?);
         Self::spawn_on(binary, name, data_dir, ports)
+    }
+
+    /// Starts etcd as [`EtcdProcess::spawn`] does and waits up to `timeout` until it answers;
+    /// returns it with a connection. A free port can be taken by another process between being
+    /// picked and etcd binding it: an etcd that exits before answering is started again on
+    /// fresh ports, up to three times.
+    pub async fn start(binary: &str, name: &str, data_dir: &Path, timeout: Duration) -> Result<(Self, Group), String> {
+        let mut last_log = String::new();
+        for _ in 0..3 {
+            let mut process = Self::spawn(binary, name, data_dir).map_err(|e| e.to_string())?;
+            let group = Group::connect_lazy(name, &[process.client_url.clone()]).map_err(|e| e.to_string())?;
+            let deadline = Instant::now() + timeout;
+            loop {
+                if group.wait_ready(Duration::from_millis(500)).await.is_ok() {
+                    return Ok((process, group));
+                }
+                if process.exited().is_some() {
+                    last_log = process.log_tail(20);
+                    break;
+                }
+                if Instant::now() > deadline {
+                    return Err(format!(
+                        "etcd {name} did not answer within {} s\netcd log ({}):\n{}",
+                        timeout.as_secs(),
+                        data_dir.join("etcd.log").display(),
+                        process.log_tail(20)
+                    ));
+                }
+            }
+        }
+        Err(format!("etcd {name} exited at start three times\nlast etcd log:\n{last_log}"))
     }
 
     /// Starts a process again after it exited: same name, data and ports, so clients
