@@ -430,8 +430,8 @@ impl Gateway {
             // The marker makes the write land once, whoever sends it.
             guards.push(crate::meta::compare_unchanged(marker.clone(), 0));
             let marked = super::with_reserved(op.clone(), marker.clone(), proposal.id.clone().into_bytes());
-            let fence = runtime.fence.expected();
-            let sent = self.fenced(runtime, marked, guards, Some(draft)).await.map_err(|e| CommitError::Unfinished(e.to_string()))?;
+            let fence = evaluated.fence;
+            let sent = self.fenced(runtime, marked, guards, Some(draft), fence).await.map_err(|e| CommitError::Unfinished(e.to_string()))?;
             match sent {
                 Some(mut response) => {
                     let inner = response

@@ -77,17 +77,19 @@ impl Chain {
         Chain { scope: scope.to_string(), group, fence, metrics, queue: Mutex::default() }
     }
 
-    /// Sends `op` guarded by the fence and `guards`, with `draft`'s record in the same Txn.
+    /// Sends `op` guarded by the fence at version `fence` and by `guards`, with `draft`'s
+    /// record in the same Txn.
     pub(super) async fn commit(
         self: &Arc<Self>,
         op: pb::PbTxnOpRequest,
         guards: Vec<pb::PbCompare>,
         draft: Draft,
         footprint: Vec<KeyRange>,
+        fence: i64,
     ) -> Outcome {
         let (done, outcome) = oneshot::channel();
         let bytes = op.encoded_len() + guards.iter().map(Message::encoded_len).sum::<usize>() + 512;
-        let job = Job { op, guards, draft, footprint, bytes, fence: self.fence.expected(), done };
+        let job = Job { op, guards, draft, footprint, bytes, fence, done };
         let start = {
             let mut queue = self.queue.lock().expect("chain queue");
             queue.pending.push_back(job);

@@ -110,6 +110,8 @@ pub(crate) struct Evaluated {
     lineage: m::LineageLevel,
     /// The policy that decided.
     policy: crate::engine::PolicyDigest,
+    /// The fence version when the policy ran: the write is sent guarded on it.
+    fence: i64,
 }
 
 /// A lineage record waiting for its place in the chain.
@@ -443,6 +445,7 @@ impl Gateway {
     /// compares that guard the write on what the policy read.
     fn evaluate(&self, runtime: &ScopeRuntime, context: &mut m::Context) -> Result<Evaluated, GateError> {
         let scope = &runtime.scope;
+        let fence = runtime.fence.expected();
         let evaluation = self.run_policy(runtime, context);
         let verdict = evaluation.decision.verdict.kind();
         self.metrics.evaluated(&scope.id, verdict, evaluation.elapsed.as_secs_f64());
@@ -497,7 +500,7 @@ impl Gateway {
                 }),
             })
             .collect();
-        Ok(Evaluated { guards, lineage: evaluation.decision.lineage, policy: evaluation.digest })
+        Ok(Evaluated { guards, lineage: evaluation.decision.lineage, policy: evaluation.digest, fence })
     }
 
     /// Runs the scope's active policy on `context`, stamped with the current time.
@@ -561,24 +564,26 @@ impl Gateway {
         Ok(self.run_policy(runtime, &mut context))
     }
 
-    /// Sends `op` as the success branch of a Txn guarded by the scope's fence and `guards`;
-    /// with a `draft`, its lineage record goes into the same Txn through the scope's chain
-    /// (batched with other writes, see [`chain`]). `Ok(None)` when a guard failed (the fence
-    /// has been refreshed); the caller re-evaluates.
+    /// Sends `op` as the success branch of a Txn guarded by the scope's fence at version
+    /// `fence` (where it was when the policy decided) and `guards`; with a `draft`, its lineage
+    /// record goes into the same Txn through the scope's chain (batched with other writes, see
+    /// [`chain`]). `Ok(None)` when a guard failed (the fence has been refreshed); the caller
+    /// re-evaluates.
     async fn fenced(
         &self,
         runtime: &ScopeRuntime,
         op: pb::PbTxnOpRequest,
         guards: Vec<pb::PbCompare>,
         draft: Option<Draft>,
+        fence: i64,
     ) -> Result<Option<pb::PbTxnResponse>, GateError> {
         if let Some(draft) = draft {
             let mut footprint = footprint(&op);
             footprint.extend(guards.iter().map(|g| KeyRange::from_request(&g.key, &g.range_end)));
-            return runtime.chain.commit(op, guards, draft, footprint).await;
+            return runtime.chain.commit(op, guards, draft, footprint, fence).await;
         }
         let mut compare = Vec::with_capacity(guards.len() + 1);
-        compare.push(runtime.fence.compare());
+        compare.push(runtime.fence.compare_at(fence));
         compare.extend(guards);
         let request = pb::PbTxnRequest {
             compare,
@@ -652,7 +657,7 @@ impl Gateway {
                 guards.push(crate::meta::compare_unchanged(key.clone(), 0));
                 op = with_reserved(op, key, Vec::new());
             }
-            if let Some(mut response) = self.fenced(runtime, op, guards, draft).await? {
+            if let Some(mut response) = self.fenced(runtime, op, guards, draft, evaluated.fence).await? {
                 let mut inner = response
                     .responses
                     .pop()
