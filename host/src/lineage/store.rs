@@ -1,7 +1,6 @@
 //! Reading a scope's records from its group, and checkpoints and the root log in the meta group.
 
 use std::collections::HashMap;
-use std::collections::hash_map::Entry;
 
 use ed25519_dalek::SigningKey;
 use etcd_client::proto as pb;
@@ -30,7 +29,9 @@ pub async fn records(group: &Group, scope: &str) -> Result<Vec<ExportedRecord>, 
 struct Pages<'a> {
     group: &'a Group,
     scope: &'a str,
-    prefix: Vec<u8>,
+    /// Where the scope's record keys start (the `seq` follows) and end.
+    prefix: usize,
+    range_end: Vec<u8>,
     key: Vec<u8>,
     revision: i64,
     done: bool,
@@ -38,15 +39,22 @@ struct Pages<'a> {
 
 impl<'a> Pages<'a> {
     fn new(group: &'a Group, scope: &'a str, seq: u64) -> Self {
-        Pages { group, scope, prefix: records_prefix(scope), key: record_key(scope, seq), revision: 0, done: false }
+        let prefix = records_prefix(scope);
+        let (_, range_end) = KeyRange::prefix(&prefix).to_request();
+        Pages { group, scope, prefix: prefix.len(), range_end, key: record_key(scope, seq), revision: 0, done: false }
     }
 
     async fn next(&mut self) -> Result<Option<Vec<ExportedRecord>>, String> {
         if self.done {
             return Ok(None);
         }
-        let (_, range_end) = KeyRange::prefix(&self.prefix).to_request();
-        let request = pb::PbRangeRequest { key: self.key.clone(), range_end, limit: PAGE, revision: self.revision, ..Default::default() };
+        let request = pb::PbRangeRequest {
+            key: self.key.clone(),
+            range_end: self.range_end.clone(),
+            limit: PAGE,
+            revision: self.revision,
+            ..Default::default()
+        };
         let response = self.group.range(request).await.map_err(|s| {
             format!("cannot read the lineage of scope {} from group {}: {}", self.scope, self.group.name(), s.message())
         })?;
@@ -57,7 +65,7 @@ impl<'a> Pages<'a> {
             return Ok(None);
         };
         self.key = crate::index::successor(&last.key);
-        let prefix = self.prefix.len();
+        let prefix = self.prefix;
         Ok(Some(
             response
                 .kvs
@@ -86,6 +94,7 @@ pub struct Checkpointer {
 }
 
 /// How far this replica has read and checkpointed one log.
+#[derive(Default)]
 struct Progress {
     frontier: Frontier,
     checkpointed: u64,
@@ -102,14 +111,9 @@ impl Checkpointer {
     /// (none when nothing is new, or another replica stored one of the same size first).
     pub async fn checkpoint(&self, group: &Group, scope: &str) -> Result<Option<Checkpoint>, String> {
         let mut logs = self.logs.lock().await;
-        let progress = match logs.entry(scope.to_string()) {
-            Entry::Occupied(entry) => entry.into_mut(),
-            Entry::Vacant(entry) => {
-                let checkpoints = self.meta.checkpoints(scope).await.map_err(|e| e.to_string())?;
-                let checkpointed = checkpoints.last().map(|c| c.size).unwrap_or(0);
-                entry.insert(Progress { frontier: Frontier::default(), checkpointed })
-            }
-        };
+        // At a log's first pass this replica has checkpointed nothing; if a checkpoint of the
+        // same size is stored already, storing this one is refused and nothing changes.
+        let progress = logs.entry(scope.to_string()).or_default();
         // Page by page: the first pass over a long log never holds all of it.
         let mut pages = Pages::new(group, scope, progress.frontier.size());
         while let Some(page) = pages.next().await? {
@@ -135,8 +139,8 @@ impl Checkpointer {
         Ok(stored.then_some(checkpoint))
     }
 
-    /// An export of a scope's lineage: a fresh checkpoint first (when the log allows one), then records, the scope's
-    /// checkpoints, the root log and a signed checkpoint of the root log.
+    /// An export of a scope's lineage: a fresh checkpoint first (when the log allows one), then
+    /// records, the scope's checkpoints, the root log and a signed checkpoint of the root log.
     pub async fn export(&self, group: &Group, scope: &str) -> Result<Export, String> {
         // A log with a gap is exported all the same: its verification names the gap.
         if let Err(e) = self.checkpoint(group, scope).await {
