@@ -86,9 +86,33 @@ pub struct TokenConfig {
 pub struct GroupConfig {
     /// Name scopes refer to.
     pub name: String,
-    /// etcd client URLs; none means aq starts and supervises an etcd for this group.
+    /// etcd client URLs; none means aq starts and supervises an etcd for this group (with etcd
+    /// auth on and credentials of its own).
     #[serde(default)]
     pub endpoints: Vec<String>,
+    /// The etcd user aq sends requests as (external groups). Its role must grant read-write on
+    /// the group's ranges only: that is what keeps a stale replica from writing a range the
+    /// group gave away. Without one, ownership is not enforced by the store.
+    pub user: Option<String>,
+    /// `user`'s password.
+    pub password: Option<String>,
+    /// A user with etcd's root role, with which aq grants and revokes the group's ranges on
+    /// `user`'s role `aq-owner`. Without one, the operator keeps that role's ranges.
+    pub admin_user: Option<String>,
+    /// `admin_user`'s password.
+    pub admin_password: Option<String>,
+}
+
+impl GroupConfig {
+    /// The credentials aq's requests use, when configured.
+    pub fn credentials(&self) -> Option<crate::backend::Credentials> {
+        Some(crate::backend::Credentials { user: self.user.clone()?, password: self.password.clone()? })
+    }
+
+    /// The administrator's credentials, when configured.
+    pub fn admin_credentials(&self) -> Option<crate::backend::Credentials> {
+        Some(crate::backend::Credentials { user: self.admin_user.clone()?, password: self.admin_password.clone()? })
+    }
 }
 
 /// One scope.
@@ -126,6 +150,22 @@ impl Config {
     /// Parses a configuration, naming the file and the problem on failure.
     pub fn parse(text: &str, origin: &str) -> Result<Self, String> {
         let config: Config = toml::from_str(text).map_err(|e| format!("{origin}: {e}"))?;
+        for group in &config.groups {
+            for (user, password, what) in [
+                (&group.user, &group.password, "user and password"),
+                (&group.admin_user, &group.admin_password, "admin_user and admin_password"),
+            ] {
+                if user.is_some() != password.is_some() {
+                    return Err(format!("{origin}: group {} must give both {what}, or neither", group.name));
+                }
+            }
+            if group.endpoints.is_empty() && (group.user.is_some() || group.admin_user.is_some()) {
+                return Err(format!(
+                    "{origin}: group {} is managed (no endpoints), so aq makes its credentials; remove user and admin_user, or give endpoints",
+                    group.name
+                ));
+            }
+        }
         for scope in &config.scopes {
             if scope.id.is_empty() || scope.id.starts_with('@') || scope.id.contains('/') {
                 return Err(format!("{origin}: scope id {:?} must be non-empty, without '/', and not start with '@' (aq's own logs use it)", scope.id));

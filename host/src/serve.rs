@@ -10,7 +10,7 @@ use std::time::Duration;
 use etcd_client::proto as pb;
 
 use crate::backend::managed::EtcdProcess;
-use crate::backend::Group;
+use crate::backend::{Group, ownership};
 use crate::config::Config;
 use crate::engine::{Engine, EngineConfig, Registry};
 use crate::front;
@@ -125,21 +125,49 @@ pub async fn start(config: Config, options: ServeOptions) -> Result<Running, Str
     std::fs::create_dir_all(&options.data_dir)
         .map_err(|e| format!("cannot create data directory {}: {e}", options.data_dir.display()))?;
 
-    // Groups: external, or managed.
+    // Groups: external, or managed (with etcd auth on and credentials of aq's own).
     let mut managed = BTreeMap::new();
     let mut groups = BTreeMap::new();
+    let mut admins = BTreeMap::new();
     for group in &config.groups {
         let connected = if group.endpoints.is_empty() {
             let dir = options.data_dir.join("etcd").join(&group.name);
-            let (process, connected) = EtcdProcess::start(&options.etcd_binary, &group.name, &dir, READY_TIMEOUT).await?;
+            let (process, _) = EtcdProcess::start(&options.etcd_binary, &group.name, &dir, READY_TIMEOUT).await?;
+            let secrets = ownership::ManagedSecrets::load_or_create(&dir)?;
+            ownership::secure(&group.name, process.client_url(), &secrets).await?;
+            let connected = Group::connect_lazy(&group.name, &[process.client_url().to_string()])
+                .map_err(|e| e.to_string())?
+                .with_login(secrets.data());
+            admins.insert(group.name.clone(), secrets.admin());
             managed.insert(group.name.clone(), process);
             connected
         } else {
-            let connected = Group::connect_lazy(&group.name, &group.endpoints).map_err(|e| e.to_string())?;
+            let mut connected = Group::connect_lazy(&group.name, &group.endpoints).map_err(|e| e.to_string())?;
             connected.wait_ready(READY_TIMEOUT).await.map_err(|e| e.to_string())?;
+            match group.credentials() {
+                Some(credentials) => connected = connected.with_login(credentials),
+                None => tracing::warn!(
+                    group = %group.name,
+                    "group has no user in the layout: etcd does not enforce which ranges aq may write there, \
+                     and any client of its endpoints can bypass aq; give the group a user and password"
+                ),
+            }
+            if let Some(admin) = group.admin_credentials() {
+                admins.insert(group.name.clone(), admin);
+            }
             connected
         };
         groups.insert(group.name.clone(), connected);
+    }
+    let mut scopes = Vec::new();
+    for scope in &config.scopes {
+        scopes.push(scope.to_scope()?);
+    }
+    let index = ScopeIndex::new(scopes).map_err(|e| e.to_string())?;
+    // Each group's etcd lets aq write exactly the ranges the layout gives it.
+    for (name, admin) in &admins {
+        let mut owners = ownership::Owners::connect(name, groups[name].endpoints(), admin).await?;
+        owners.reconcile(&index.group_ranges(name)).await?;
     }
 
     // Policies: stored in the meta (home) group, bound as the meta group says.
@@ -169,12 +197,9 @@ pub async fn start(config: Config, options: ServeOptions) -> Result<Running, Str
         config.scopes.iter().map(|s| s.id.clone()),
     ));
     syncer.reload_principals().await.map_err(|e| format!("cannot read the principals: {e}"))?;
-    let mut scopes = Vec::new();
     for scope in &config.scopes {
         syncer.reconcile(scope, policy_bytes(&scope.policy)?).await?;
-        scopes.push(scope.to_scope()?);
     }
-    let index = ScopeIndex::new(scopes).map_err(|e| e.to_string())?;
     let decisions = DecisionLog::open(&options.decision_log, options.log_allows, metrics.decision_lines_dropped())
         .map_err(|e| e.to_string())?;
     let identity = crate::trust::load_or_create_key(&options.data_dir.join("identity.key"))?;
@@ -262,7 +287,7 @@ pub async fn start(config: Config, options: ServeOptions) -> Result<Running, Str
         syncer.reload_principals().await.map_err(|e| format!("cannot read the principals: {e}"))?;
     }
     let managed = Arc::new(Mutex::new(managed));
-    supervise(managed.clone(), options.etcd_binary.clone());
+    supervise(managed.clone(), options.etcd_binary.clone(), gateway.groups().clone());
     Ok(Running {
         addr,
         admin_addr,
@@ -350,8 +375,9 @@ fn checkpoint_lineage(gateway: Arc<Gateway>, checkpointer: Arc<crate::lineage::s
     });
 }
 
-/// Restarts managed etcd processes that exit, on their data directories.
-fn supervise(managed: Arc<Mutex<BTreeMap<String, EtcdProcess>>>, binary: String) {
+/// Restarts managed etcd processes that exit, on their data directories. A restarted etcd has
+/// forgotten the tokens it issued, so its group logs in again.
+fn supervise(managed: Arc<Mutex<BTreeMap<String, EtcdProcess>>>, binary: String, groups: BTreeMap<String, Group>) {
     let weak = Arc::downgrade(&managed);
     drop(managed);
     tokio::spawn(async move {
@@ -363,7 +389,12 @@ fn supervise(managed: Arc<Mutex<BTreeMap<String, EtcdProcess>>>, binary: String)
                 if let Some(status) = process.exited() {
                     tracing::error!(group = %name, %status, "managed etcd exited; restarting it\n{}", process.log_tail(5));
                     match EtcdProcess::respawn(&binary, process) {
-                        Ok(fresh) => *process = fresh,
+                        Ok(fresh) => {
+                            *process = fresh;
+                            if let Some(group) = groups.get(name) {
+                                group.forget_token();
+                            }
+                        }
                         Err(e) => tracing::error!(group = %name, "cannot restart managed etcd: {e}"),
                     }
                 }

@@ -380,3 +380,110 @@ async fn lineage_export_and_offline_verify_through_the_cli() {
     assert_eq!(code, 1, "{out}");
     assert!(out.starts_with("FAILED: scope secrets: record 0:"), "{out}");
 }
+
+/// Waits until an etcd API at `endpoint` answers a read, up to 30 s.
+async fn answering(endpoint: &str) -> etcd_client::Client {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        if let Ok(mut client) = etcd_client::Client::connect([endpoint], None).await
+            && client.get("/", None).await.is_ok()
+        {
+            return client;
+        }
+        assert!(std::time::Instant::now() < deadline, "aq at {endpoint} did not answer within 30 s");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_paused_replica_never_lands_a_write_on_the_group_that_gave_its_scope_away() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    let gw = aq_tests::etcd::TestGateway::start().await;
+    // A second replica, as its own process, so that it can be paused.
+    let dir = tempfile::tempdir().unwrap();
+    let layout = dir.path().join("layout.toml");
+    std::fs::write(&layout, gw.layout()).unwrap();
+    let port = aq_host::backend::managed::free_port().unwrap();
+    let admin_port = aq_host::backend::managed::free_port().unwrap();
+    let mut replica = aq()
+        .arg("serve")
+        .arg("--config")
+        .arg(&layout)
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .arg(format!("--listen=127.0.0.1:{port}"))
+        .arg(format!("--admin-listen=127.0.0.1:{admin_port}"))
+        .arg("--decision-log=off")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let endpoint = format!("127.0.0.1:{port}");
+    let mut client = answering(&endpoint).await;
+
+    // A writer through the replica, one key after another, noting what was acknowledged.
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked = Arc::new(Mutex::new(Vec::<i64>::new()));
+    let refused = Arc::new(Mutex::new(Vec::<String>::new()));
+    let writer = {
+        let (stop, acked, refused) = (stop.clone(), acked.clone(), refused.clone());
+        tokio::spawn(async move {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                match client.put(format!("/registry/pods/ns/k{n:06}"), "v", None).await {
+                    Ok(answer) => acked.lock().unwrap().push(answer.header().unwrap().revision()),
+                    Err(e) => refused.lock().unwrap().push(e.to_string()),
+                }
+                n += 1;
+            }
+        })
+    };
+    let wait_for = |what: &str, done: &dyn Fn() -> bool| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !done() {
+            assert!(std::time::Instant::now() < deadline, "{what} did not happen within 30 s");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    };
+    tokio::task::block_in_place(|| wait_for("20 acknowledged writes", &|| acked.lock().unwrap().len() >= 20));
+
+    // Pause the replica mid-stream, move the registry scope off main behind its back, resume it.
+    let pid = replica.id() as i32;
+    // SAFETY: signals to the child process this test started.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let mut moved: Vec<aq_host::index::Scope> = aq_host::config::Config::parse(&gw.layout(), "test layout")
+        .unwrap()
+        .scopes
+        .iter()
+        .map(|s| s.to_scope().unwrap())
+        .collect();
+    moved.iter_mut().find(|s| s.id == "registry").unwrap().group = "elsewhere".into();
+    let wanted = aq_host::index::ScopeIndex::new(moved).unwrap().group_ranges("main");
+    let admin = gw.main.admin_credentials();
+    let mut owners = aq_host::backend::ownership::Owners::connect("main", &[gw.main.url().to_string()], &admin).await.unwrap();
+    owners.reconcile(&wanted).await.unwrap();
+    let mut main = gw.main.client().await;
+    let moved_at = main.get("/", None).await.unwrap().header().unwrap().revision();
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+
+    tokio::task::block_in_place(|| {
+        wait_for("a refusal naming the move", &|| {
+            refused.lock().unwrap().iter().any(|e| e.contains("no longer holds the keys of scope registry"))
+        })
+    });
+    stop.store(true, Ordering::Relaxed);
+    writer.await.unwrap();
+    let _ = replica.kill();
+    let _ = replica.wait();
+
+    // Nothing reached main after the move; everything acknowledged had landed before it.
+    let written = main.get("/registry/pods/ns/", Some(etcd_client::GetOptions::new().with_prefix())).await.unwrap();
+    assert!(written.count() >= 20);
+    for kv in written.kvs() {
+        assert!(kv.mod_revision() <= moved_at, "{} landed at {} after the move at {moved_at}", kv.key_str().unwrap(), kv.mod_revision());
+    }
+    assert!(acked.lock().unwrap().iter().all(|rev| *rev <= moved_at), "an acknowledged write claims a revision after the move");
+    let refused = refused.lock().unwrap();
+    assert!(refused.iter().all(|e| e.contains("no longer holds the keys of scope registry")), "{refused:?}");
+}

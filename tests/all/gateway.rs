@@ -1,9 +1,8 @@
 //! The etcd-compatible gateway against real etcd processes: stock etcdctl, the Rust client
 //! doing what kube-apiserver does, policy denials, scope boundaries, reserved keys and fencing.
 
-use aq_host::gate::fence::fence_key;
 use aq_tests::etcd::TestGateway;
-use etcd_client::{Compare, CompareOp, GetOptions, PutOptions, SortOrder, SortTarget, Txn, TxnOp, TxnOpResponse};
+use etcd_client::{Compare, CompareOp, GetOptions, SortOrder, SortTarget, Txn, TxnOp, TxnOpResponse};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn etcdctl_put_get_del_with_prev_kv_and_listing_options() {
@@ -120,51 +119,94 @@ async fn a_range_across_scopes_and_groups_merges_in_key_order() {
     assert_eq!(main.get("/registry/events/ns/e", None).await.unwrap().count(), 0);
 }
 
+/// A key in aq's reserved keyspace, written straight to etcd.
+fn reserved_key(name: &str) -> Vec<u8> {
+    [aq_host::index::RESERVED_PREFIX, b"test/", name.as_bytes()].concat()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn reserved_keys_are_invisible_and_untouchable() {
     let gw = TestGateway::start().await;
     let mut client = gw.client().await;
     client.put("/a", "1", None).await.unwrap();
-    // The fences exist in the groups...
+    // A reserved key exists in the group...
     let mut main = gw.main.client().await;
-    assert_eq!(main.get(fence_key("registry"), None).await.unwrap().count(), 1);
+    main.put(reserved_key("kept"), "aq's", None).await.unwrap();
     // ...but not through aq: not by key, not in a full scan, not writable or deletable.
-    assert_eq!(client.get(fence_key("registry"), None).await.unwrap().count(), 0);
+    assert_eq!(client.get(reserved_key("kept"), None).await.unwrap().count(), 0);
     let everything = client.get("\0", Some(GetOptions::new().with_from_key())).await.unwrap();
     assert!(everything.kvs().iter().all(|kv| !kv.key().starts_with(aq_host::index::RESERVED_PREFIX)), "{everything:?}");
     assert_eq!(everything.count(), 1);
-    let err = client.put(fence_key("registry"), "x", None).await.unwrap_err();
+    let err = client.put(reserved_key("kept"), "x", None).await.unwrap_err();
     assert!(err.to_string().contains("reserved keyspace"), "{err}");
-    let err = client.delete(fence_key("registry"), None).await.unwrap_err();
+    let err = client.delete(reserved_key("kept"), None).await.unwrap_err();
     assert!(err.to_string().contains("reserved keyspace"), "{err}");
-    assert_eq!(main.get(fence_key("registry"), None).await.unwrap().kvs()[0].version(), 1, "the fence is intact");
+    let kept = main.get(reserved_key("kept"), None).await.unwrap();
+    assert_eq!((kept.kvs()[0].value(), kept.kvs()[0].version()), (&b"aq's"[..], 1), "the key is intact");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_write_with_a_stale_fence_is_refused_by_the_guard_and_retried() {
+async fn a_group_that_gave_a_scope_away_refuses_its_writes() {
     let gw = TestGateway::start().await;
     let mut client = gw.client().await;
-    client.put("/registry/pods/ns/a", "1", None).await.unwrap();
-    let scope = gw.running.gateway.scope("registry").unwrap();
-    let metrics = gw.running.gateway.metrics();
-    assert_eq!(scope.fence.expected(), 1);
-    assert_eq!(metrics.fence_retries("registry"), 0);
+    let first = client.put("/registry/pods/ns/a", "1", None).await.unwrap().header().unwrap().revision();
+    let second = client.put("/registry/pods/ns/a", "2", None).await.unwrap().header().unwrap().revision();
+    // Each write takes one revision of its own.
+    assert_eq!(second, first + 1);
 
-    // Another owner takes the scope: the fence moves behind this gateway's back.
+    // The registry scope moves off main: main's role loses its ranges (the hand-off's revoke).
+    let mut moved: Vec<aq_host::index::Scope> = aq_host::config::Config::parse(&gw.layout(), "test layout")
+        .unwrap()
+        .scopes
+        .iter()
+        .map(|s| s.to_scope().unwrap())
+        .collect();
+    moved.iter_mut().find(|s| s.id == "registry").unwrap().group = "elsewhere".into();
+    let wanted = aq_host::index::ScopeIndex::new(moved).unwrap().group_ranges("main");
+    let admin = gw.main.admin_credentials();
+    let mut owners = aq_host::backend::ownership::Owners::connect("main", &[gw.main.url().to_string()], &admin).await.unwrap();
+    let changes = owners.reconcile(&wanted).await.unwrap();
+    assert!(!changes.revoked.is_empty(), "{changes:?}");
+
+    // This replica still routes registry to main, and main refuses: nothing lands.
+    let err = client.put("/registry/pods/ns/a", "stale", None).await.unwrap_err();
+    let etcd_client::Error::GRpcStatus(status) = &err else { panic!("{err}") };
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("no longer holds the keys of scope registry"), "{}", status.message());
     let mut main = gw.main.client().await;
-    main.put(fence_key("registry"), "2", None).await.unwrap();
-    let before = main.get("/registry/pods/ns/a", None).await.unwrap().kvs()[0].mod_revision();
+    let kept = main.get("/registry/pods/ns/a", None).await.unwrap();
+    assert_eq!((kept.kvs()[0].value(), kept.kvs()[0].mod_revision()), (&b"2"[..], second), "the stale write never landed");
+    // The scopes main still holds are written as before, past the auth change.
+    client.put("/elsewhere", "x", None).await.unwrap();
+    assert_eq!(main.get("/elsewhere", None).await.unwrap().count(), 1);
+}
 
-    let response = client.put("/registry/pods/ns/a", "2", Some(PutOptions::new().with_prev_key())).await.unwrap();
-    assert_eq!(response.prev_key().unwrap().value(), b"1");
-    // The first attempt failed its guard (nothing written), the gateway adopted the new fence
-    // and the retry wrote exactly once.
-    assert_eq!(metrics.fence_retries("registry"), 1);
-    assert_eq!(scope.fence.expected(), 2);
-    let after = main.get("/registry/pods/ns/a", None).await.unwrap();
-    assert_eq!(after.kvs()[0].value(), b"2");
-    assert_eq!(after.kvs()[0].version(), 2, "written once by the retry, never by the stale attempt");
-    assert!(after.kvs()[0].mod_revision() > before);
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn managed_etcd_runs_with_auth_and_aqs_credentials_are_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let layout = "[[groups]]\nname = \"main\"\n\n[[scopes]]\nid = \"all\"\nprefix = \"\"\ngroup = \"main\"\npolicy = \"builtin:open\"\n";
+    let (running, data) = aq_tests::etcd::serve_managed(layout).await;
+    let mut client = etcd_client::Client::connect([running.addr.to_string()], None).await.unwrap();
+    client.put("/through-aq", "1", None).await.unwrap();
+    let url = running.managed.lock().unwrap()["main"].client_url().to_string();
+    let mut anonymous = etcd_client::Client::connect([url], None).await.unwrap();
+    let err = anonymous.put("/bypass", "x", None).await.unwrap_err();
+    assert!(err.to_string().contains("user name is empty"), "{err}");
+    assert_eq!(client.get("/bypass", None).await.unwrap().count(), 0, "nothing written around aq");
+    assert_eq!(client.get("/through-aq", None).await.unwrap().count(), 1);
+    let secrets = aq_host::backend::ownership::ManagedSecrets::path(&data.path().join("etcd").join("main"));
+    let mode = std::fs::metadata(&secrets).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "{}", secrets.display());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_process_without_aqs_credentials_cannot_write_to_a_group() {
+    let gw = TestGateway::start().await;
+    let mut anonymous = gw.main.anonymous_client().await;
+    let err = anonymous.put("/registry/pods/ns/bypass", "x", None).await.unwrap_err();
+    assert!(err.to_string().contains("user name is empty"), "{err}");
+    let mut main = gw.main.client().await;
+    assert_eq!(main.get("/registry/pods/ns/bypass", None).await.unwrap().count(), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -140,7 +140,7 @@ async fn swaps_under_load_reach_every_replica_and_every_request_gets_one_version
     }
     assert!(denied_by_deny > 0 && allowed_by_open > 0, "both versions decided requests");
     for running in [&gw.running, &replica.running] {
-        assert_eq!(running.gateway.metrics().fence_retries("registry"), 0);
+        assert_eq!(running.gateway.metrics().guard_retries("registry"), 0);
     }
     assert_eq!(replica.running.gateway.metrics().swaps("registry"), SWAPS as u64);
 

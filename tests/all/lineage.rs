@@ -197,29 +197,6 @@ async fn concurrent_writes_through_two_replicas_form_one_chain() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_recorded_write_decided_before_the_fence_moved_is_decided_again() {
-    let gw = governed_writes().await;
-    let scope = gw.running.gateway.scope("registry").unwrap();
-    let metrics = gw.running.gateway.metrics();
-    let retries = metrics.fence_retries("registry");
-    // Another owner takes the scope: the fence moves behind this gateway's back.
-    let mut main = gw.main.client().await;
-    let fence = aq_host::gate::fence::fence_key("registry");
-    main.put(fence.clone(), "moved", None).await.unwrap();
-    let moved_to = main.get(fence, None).await.unwrap().kvs()[0].version();
-
-    let mut client = gw.client().await;
-    client.put("/registry/pods/c", "four", None).await.unwrap();
-    // The batch decided at the old fence wrote nothing; the write was decided again at the
-    // new one and recorded once.
-    assert_eq!(metrics.fence_retries("registry"), retries + 1);
-    assert_eq!(scope.fence.expected(), moved_to);
-    assert_eq!(main.get("/registry/pods/c", None).await.unwrap().kvs()[0].version(), 1);
-    let exported = export(&gw, "registry").await;
-    assert_eq!(verify(&exported, &[]).expect("the chain verifies").records, 5, "four earlier writes and this one");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn checkpoints_cover_what_was_written_and_stop_at_a_gap() {
     let gw = governed_writes().await;
     let first = export(&gw, "registry").await;

@@ -1,6 +1,5 @@
 //! Watches through aq against real etcd groups.
 
-use aq_host::gate::fence::fence_key;
 use aq_tests::etcd::TestGateway;
 use etcd_client::{EventType, GetOptions, WatchOptions, WatchResponse, WatchStream};
 
@@ -93,11 +92,11 @@ async fn one_watch_spans_scopes_on_two_groups_and_never_sees_reserved_keys() {
     let mut everything = client.watch("\0", Some(WatchOptions::new().with_from_key())).await.unwrap();
     created(&mut everything).await;
     let mut main = gw.main.client().await;
-    main.put(fence_key("catch-all"), "1", None).await.unwrap();
+    main.put([aq_host::index::RESERVED_PREFIX, b"test/watched"].concat(), "1", None).await.unwrap();
     client.put("/after", "x", None).await.unwrap();
     let message = next_events(&mut everything).await;
     let keys: Vec<&str> = message.events().iter().map(|e| e.kv().unwrap().key_str().unwrap()).collect();
-    assert_eq!(keys, ["/after"], "the fence change was not delivered");
+    assert_eq!(keys, ["/after"], "the reserved key's change was not delivered");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -1,10 +1,13 @@
 //! The one way tests get etcd: real `etcd` processes on free loopback ports with temporary data
-//! directories, killed (and their directories removed) on drop. Never a mock.
+//! directories, killed (and their directories removed) on drop. Never a mock. Each runs with
+//! etcd auth on, as aq's managed groups do: aq logs in as its user, whose role holds the ranges
+//! the layout gives the group, and the tests' direct clients log in as root.
 
 use std::process::Command;
 use std::time::Duration;
 
 use aq_host::backend::managed::EtcdProcess;
+use aq_host::backend::ownership::{ManagedSecrets, secure};
 use aq_host::config::Config;
 use aq_host::gate::decisions::DecisionSink;
 use aq_host::serve::{Running, ServeOptions};
@@ -15,17 +18,35 @@ const ETCDCTL_DEADLINE: Duration = Duration::from_secs(30);
 /// A one-member etcd cluster for a test.
 pub struct TestEtcd {
     process: EtcdProcess,
+    secrets: ManagedSecrets,
     _dir: tempfile::TempDir,
 }
 
 impl TestEtcd {
-    /// Starts etcd and waits until it answers (started again on fresh ports when one was taken).
+    /// Starts etcd with auth on and waits until it answers (started again on fresh ports when
+    /// one was taken).
     pub async fn start(name: &str) -> TestEtcd {
         let dir = tempfile::tempdir().expect("temp dir");
         let (process, _) = EtcdProcess::start("etcd", name, dir.path(), Duration::from_secs(30))
             .await
             .unwrap_or_else(|e| panic!("etcd {name} does not start (is etcd-server installed?): {e}"));
-        TestEtcd { process, _dir: dir }
+        let secrets = ManagedSecrets::load_or_create(dir.path()).expect("etcd credentials");
+        secure(name, process.client_url(), &secrets).await.unwrap_or_else(|e| panic!("etcd {name}: {e}"));
+        TestEtcd { process, secrets, _dir: dir }
+    }
+
+    /// This etcd as a `[[groups]]` table named `name`, with the credentials aq logs in with and
+    /// grants ranges with.
+    pub fn group(&self, name: &str) -> String {
+        let (data, admin) = (self.secrets.data(), self.secrets.admin());
+        format!(
+            "[[groups]]\nname = \"{name}\"\nendpoints = [\"{}\"]\nuser = {:?}\npassword = {:?}\nadmin_user = {:?}\nadmin_password = {:?}\n",
+            self.url(),
+            data.user,
+            data.password,
+            admin.user,
+            admin.password
+        )
     }
 
     /// `http://127.0.0.1:<port>`.
@@ -38,8 +59,20 @@ impl TestEtcd {
         self.process.kill();
     }
 
-    /// A client straight to this etcd, bypassing aq.
+    /// etcd's root user here, which grants and revokes aq's ranges.
+    pub fn admin_credentials(&self) -> aq_host::backend::Credentials {
+        self.secrets.admin()
+    }
+
+    /// A client straight to this etcd, bypassing aq, as etcd's root user.
     pub async fn client(&self) -> etcd_client::Client {
+        let admin = self.secrets.admin();
+        let options = etcd_client::ConnectOptions::new().with_user(admin.user, admin.password);
+        etcd_client::Client::connect([self.url()], Some(options)).await.expect("connect to etcd")
+    }
+
+    /// A client straight to this etcd without credentials, as any local process could open.
+    pub async fn anonymous_client(&self) -> etcd_client::Client {
         etcd_client::Client::connect([self.url()], None).await.expect("connect to etcd")
     }
 }
@@ -72,6 +105,15 @@ fn serve_options(data: &std::path::Path, tls: Option<aq_host::tls::TlsFiles>) ->
     }
 }
 
+/// aq over groups it manages itself (a layout whose groups have no endpoints), in process, with
+/// its data in a temporary directory returned beside it.
+pub async fn serve_managed(layout: &str) -> (Running, tempfile::TempDir) {
+    let config = Config::parse(layout, "test layout").expect("layout parses");
+    let data = tempfile::tempdir().unwrap();
+    let running = aq_host::serve::start(config, serve_options(data.path(), None)).await.expect("aq starts");
+    (running, data)
+}
+
 /// Another aq replica over the same etcd groups, with its own data directory.
 pub struct Replica {
     /// The running replica.
@@ -88,13 +130,10 @@ impl Replica {
 
 /// The default layout's scopes with test groups: catch-all, registry (quota), secrets
 /// (critical), events and leases (ephemeral, on `events`).
-pub fn layout(main: &str, events: &str) -> String {
+pub fn layout(main: &TestEtcd, events: &TestEtcd) -> String {
     let default = aq_host::config::DEFAULT_LAYOUT;
     let groups_end = default.find("[[scopes]]").expect("scopes in the default layout");
-    format!(
-        "[[groups]]\nname = \"main\"\nendpoints = [\"{main}\"]\n\n[[groups]]\nname = \"events\"\nendpoints = [\"{events}\"]\n\n{}",
-        &default[groups_end..]
-    )
+    format!("{}\n{}\n{}", main.group("main"), events.group("events"), &default[groups_end..])
 }
 
 impl TestGateway {
@@ -104,7 +143,7 @@ impl TestGateway {
     }
 
     /// Starts two etcd groups and aq over them with a layout built from their URLs.
-    pub async fn start_with(layout: impl FnOnce(&str, &str) -> String) -> TestGateway {
+    pub async fn start_with(layout: impl FnOnce(&TestEtcd, &TestEtcd) -> String) -> TestGateway {
         Self::start_with_options(layout, None).await
     }
 
@@ -114,11 +153,11 @@ impl TestGateway {
     }
 
     async fn start_with_options(
-        layout: impl FnOnce(&str, &str) -> String,
+        layout: impl FnOnce(&TestEtcd, &TestEtcd) -> String,
         tls: Option<aq_host::tls::TlsFiles>,
     ) -> TestGateway {
         let (main, events) = tokio::join!(TestEtcd::start("main"), TestEtcd::start("events"));
-        let layout = layout(main.url(), events.url());
+        let layout = layout(&main, &events);
         let config = Config::parse(&layout, "test layout").expect("layout parses");
         let data = tempfile::tempdir().unwrap();
         let running = aq_host::serve::start(config, serve_options(data.path(), tls)).await.expect("aq starts");
@@ -131,6 +170,11 @@ impl TestGateway {
         let data = tempfile::tempdir().unwrap();
         let running = aq_host::serve::start(config, serve_options(data.path(), None)).await.expect("replica starts");
         Replica { running, data }
+    }
+
+    /// The layout aq was started with.
+    pub fn layout(&self) -> String {
+        self.layout.clone()
     }
 
     /// aq's data directory.

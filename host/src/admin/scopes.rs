@@ -68,7 +68,7 @@ fn scope_json(admin: &Admin, scope: &Scope, stored: Option<&(BindingRecord, i64)
             "approval_required": metrics.evaluations(&scope.id, "require_approval"),
             "writes": metrics.routed_count(&scope.id, "write"),
             "reads": metrics.routed_count(&scope.id, "read"),
-            "fence_retries": metrics.fence_retries(&scope.id),
+            "guard_retries": metrics.guard_retries(&scope.id),
             "swaps": metrics.swaps(&scope.id),
         },
     })

@@ -3,12 +3,66 @@
 //! would have sent. backend/ knows nothing of policies.
 
 pub mod managed;
+pub mod ownership;
+mod wire;
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwapOption;
 use etcd_client::proto as pb;
+use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::{Channel, Endpoint};
-use tonic::{Status, Streaming};
+use tonic::{Code, Status, Streaming};
+
+/// The user and password aq logs into a group's etcd with (etcd auth).
+#[derive(Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+pub struct Credentials {
+    /// The etcd user.
+    pub user: String,
+    /// Its password.
+    pub password: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials").field("user", &self.user).finish_non_exhaustive()
+    }
+}
+
+/// A login on a group's etcd: one token for the group's connection, taken on first use and
+/// taken again when etcd no longer accepts it (it expired, etcd restarted, or the auth store
+/// changed since the request was authorised).
+#[derive(Debug)]
+struct Login {
+    credentials: Credentials,
+    token: ArcSwapOption<MetadataValue<Ascii>>,
+    /// Held while a new token is asked for, so concurrent refusals log in once.
+    renewing: tokio::sync::Mutex<()>,
+    /// When etcd last accepted the token (ms since the Unix epoch): etcd forgets a simple token
+    /// left unused for its TTL (`--auth-token-ttl`, 300 s by default).
+    used_ms: std::sync::atomic::AtomicU64,
+}
+
+/// A token unused for this long is renewed before a stream opens with it: a stream carries its
+/// token only when it opens, and etcd answers a stale one by cancelling its watches.
+const STREAM_TOKEN_IDLE: Duration = Duration::from_secs(120);
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or_default()
+}
+
+/// Whether etcd refused a request for its token, before applying it: the token is unknown or
+/// expired (`invalid auth token`), or the auth store changed between authorising and applying
+/// the request (`revision of auth store is old`). Either way nothing was written, and the
+/// request can be sent again with a new token; its permissions are then checked anew.
+fn token_refused(status: &Status) -> bool {
+    match status.code() {
+        Code::Unauthenticated => status.message().contains("invalid auth token"),
+        Code::InvalidArgument => status.message().contains("revision of auth store is old"),
+        _ => false,
+    }
+}
 
 /// Errors connecting to a group.
 #[derive(Debug, thiserror::Error)]
@@ -68,6 +122,7 @@ pub struct Group {
     name: String,
     endpoints: Vec<String>,
     channel: Channel,
+    login: Option<Arc<Login>>,
 }
 
 /// The gRPC paths of the etcd methods the gateway forwards.
@@ -85,6 +140,7 @@ mod path {
     pub const LEASE_LEASES: &str = "/etcdserverpb.Lease/LeaseLeases";
     pub const LEASE_KEEP_ALIVE: &str = "/etcdserverpb.Lease/LeaseKeepAlive";
     pub const WATCH: &str = "/etcdserverpb.Watch/Watch";
+    pub const AUTHENTICATE: &str = "/etcdserverpb.Auth/Authenticate";
 }
 
 impl Group {
@@ -112,7 +168,31 @@ impl Group {
         } else {
             Channel::balance_list(parsed.into_iter())
         };
-        Ok(Group { name: name.to_string(), endpoints: endpoints.to_vec(), channel })
+        Ok(Group { name: name.to_string(), endpoints: endpoints.to_vec(), channel, login: None })
+    }
+
+    /// The same group, logging in as `credentials` (etcd auth) before its first request.
+    pub fn with_login(mut self, credentials: Credentials) -> Self {
+        self.login = Some(Arc::new(Login {
+            credentials,
+            token: ArcSwapOption::empty(),
+            renewing: tokio::sync::Mutex::new(()),
+            used_ms: std::sync::atomic::AtomicU64::new(0),
+        }));
+        self
+    }
+
+    /// Drops the token, so the next request logs in again: for an etcd known to have restarted,
+    /// which has forgotten its tokens.
+    pub fn forget_token(&self) {
+        if let Some(login) = &self.login {
+            login.token.store(None);
+        }
+    }
+
+    /// The etcd user this group's requests are sent as, if it logs in.
+    pub fn user(&self) -> Option<&str> {
+        self.login.as_ref().map(|l| l.credentials.user.as_str())
     }
 
     /// The group's name.
@@ -166,20 +246,92 @@ impl Group {
         self.unary_with(path, request, &[]).await
     }
 
-    /// A unary call with extra request metadata (ASCII headers).
+    /// A unary call with extra request metadata (ASCII headers). When the group logs in, the
+    /// call carries its token; a call etcd refused for its token is sent once more with a new
+    /// one (the message is shared, not copied, between the two).
     async fn unary_with<Q, R>(&self, path: &'static str, request: Q, metadata: &[(&'static str, String)]) -> Result<R, Status>
     where
         Q: prost::Message + Send + Sync + 'static,
         R: prost::Message + Default + Send + Sync + 'static,
     {
-        let codec = tonic_prost::ProstCodec::<Q, R>::default();
-        let path = tonic::codegen::http::uri::PathAndQuery::from_static(path);
-        let mut request = tonic::Request::new(request);
+        let mut extra = Vec::with_capacity(metadata.len());
         for (name, value) in metadata {
-            let value = value.parse().map_err(|_| Status::invalid_argument(format!("metadata {name} is not ASCII")))?;
-            request.metadata_mut().append(*name, value);
+            let value: MetadataValue<Ascii> =
+                value.parse().map_err(|_| Status::invalid_argument(format!("metadata {name} is not ASCII")))?;
+            extra.push((*name, value));
         }
-        self.grpc().await?.unary(request, path, codec).await.map(tonic::Response::into_inner)
+        let message = Arc::new(request);
+        let mut retried = false;
+        loop {
+            let token = self.token().await?;
+            let mut request = tonic::Request::new(message.clone());
+            for (name, value) in &extra {
+                request.metadata_mut().append(*name, value.clone());
+            }
+            if let Some(token) = &token {
+                request.metadata_mut().insert(wire::TOKEN, (**token).clone());
+            }
+            let path = tonic::codegen::http::uri::PathAndQuery::from_static(path);
+            let sent = self.grpc().await?.unary(request, path, wire::SharedCodec::<Q, R>::default()).await;
+            match sent {
+                Err(status) if !retried && token.is_some() && token_refused(&status) => {
+                    retried = true;
+                    self.renew(token).await?;
+                }
+                other => {
+                    if let (Some(login), Ok(_)) = (&self.login, &other) {
+                        login.used_ms.store(unix_ms(), std::sync::atomic::Ordering::Relaxed);
+                    }
+                    return other.map(tonic::Response::into_inner);
+                }
+            }
+        }
+    }
+
+    /// The token to send, logging in first when there is none yet. `None` without a login.
+    async fn token(&self) -> Result<Option<Arc<MetadataValue<Ascii>>>, Status> {
+        let Some(login) = &self.login else { return Ok(None) };
+        if let Some(token) = login.token.load_full() {
+            return Ok(Some(token));
+        }
+        self.renew(None).await.map(Some)
+    }
+
+    /// Logs in again, unless another request already replaced the token `refused` since.
+    async fn renew(&self, refused: Option<Arc<MetadataValue<Ascii>>>) -> Result<Arc<MetadataValue<Ascii>>, Status> {
+        let login = self.login.as_ref().expect("renew is called on groups that log in");
+        let _held = login.renewing.lock().await;
+        let current = login.token.load_full();
+        if let Some(current) = current
+            && refused.as_ref().is_none_or(|r| !Arc::ptr_eq(r, &current))
+        {
+            return Ok(current);
+        }
+        let request = pb::PbAuthenticateRequest {
+            name: login.credentials.user.clone(),
+            password: login.credentials.password.clone(),
+        };
+        let path = tonic::codegen::http::uri::PathAndQuery::from_static(path::AUTHENTICATE);
+        let codec = tonic_prost::ProstCodec::<pb::PbAuthenticateRequest, pb::PbAuthenticateResponse>::default();
+        let answer = self.grpc().await?.unary(tonic::Request::new(request), path, codec).await.map_err(|status| {
+            Status::new(
+                status.code(),
+                format!(
+                    "etcd group {} refused aq's login as {}: {}; check the group's user and password",
+                    self.name,
+                    login.credentials.user,
+                    status.message()
+                ),
+            )
+        })?;
+        let token: MetadataValue<Ascii> = answer
+            .into_inner()
+            .token
+            .parse()
+            .map_err(|_| Status::internal(format!("etcd group {} issued a token that is not ASCII", self.name)))?;
+        let token = Arc::new(token);
+        login.token.store(Some(token.clone()));
+        Ok(token)
     }
 
     /// etcd `Put` with extra request metadata (signatures, for a client of aq).
@@ -196,6 +348,8 @@ impl Group {
         self.unary_with(path::DELETE_RANGE, request, metadata).await
     }
 
+    /// Opens a stream. etcd authorises a stream's requests with the token its opening carried,
+    /// so a token left unused long enough to have expired is renewed first.
     async fn streaming<Q, R>(
         &self,
         path: &'static str,
@@ -207,7 +361,19 @@ impl Group {
     {
         let codec = tonic_prost::ProstCodec::<Q, R>::default();
         let path = tonic::codegen::http::uri::PathAndQuery::from_static(path);
-        self.grpc().await?.streaming(tonic::Request::new(requests), path, codec).await.map(tonic::Response::into_inner)
+        let mut request = tonic::Request::new(requests);
+        if let Some(login) = &self.login {
+            let idle = unix_ms().saturating_sub(login.used_ms.load(std::sync::atomic::Ordering::Relaxed));
+            if idle > STREAM_TOKEN_IDLE.as_millis() as u64 {
+                let current = login.token.load_full();
+                self.renew(current).await?;
+                login.used_ms.store(unix_ms(), std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        if let Some(token) = self.token().await? {
+            request.metadata_mut().insert(wire::TOKEN, (*token).clone());
+        }
+        self.grpc().await?.streaming(request, path, codec).await.map(tonic::Response::into_inner)
     }
 
     /// etcd `Range`.

@@ -1,8 +1,11 @@
 //! `aq bench put`: put throughput and latency through aq, directly to etcd, and through etcd's
-//! own grpc-proxy, against one etcd in one run, with the ratio of each to direct.
+//! own grpc-proxy, in one run, with the ratio of each to direct.
 //!
-//! aq runs as a separate `aq serve` process over the same etcd, with the `quota` policy
-//! evaluated on every put, so its CPU time can be read from /proc like etcd's.
+//! Two etcds: a plain one (direct puts, the fence-guarded Txn of an ownership check by compare,
+//! grpc-proxy) and one with etcd auth on as aq runs its groups (direct puts as aq's user, whose
+//! role holds the layout's ranges, and as root, which etcd does not check against ranges; and
+//! aq itself). aq runs as a separate `aq serve` process, with the `quota` policy evaluated on
+//! every put, so its CPU time can be read from /proc like etcd's.
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -12,8 +15,9 @@ use std::time::{Duration, Instant};
 use etcd_client::proto as pb;
 
 use super::CliError;
-use crate::backend::Group;
 use crate::backend::managed::{EtcdProcess, free_port};
+use crate::backend::ownership::{ManagedSecrets, Owners, secure};
+use crate::backend::{Credentials, Group};
 
 /// One measured configuration.
 struct Run {
@@ -94,7 +98,15 @@ pub(super) async fn serve_process(dir: &std::path::Path, name: &str, layout_path
 }
 
 pub(super) async fn ready(name: &str, url: &str) -> Result<Group, CliError> {
-    let group = Group::connect_lazy(name, &[url.to_string()]).map_err(|e| CliError::Input(e.to_string()))?;
+    ready_as(name, url, None).await
+}
+
+/// A connection to `url`, logged in as `login` when given, once it answers.
+async fn ready_as(name: &str, url: &str, login: Option<&Credentials>) -> Result<Group, CliError> {
+    let mut group = Group::connect_lazy(name, &[url.to_string()]).map_err(|e| CliError::Input(e.to_string()))?;
+    if let Some(login) = login {
+        group = group.with_login(login.clone());
+    }
     group.wait_ready(Duration::from_secs(20)).await.map_err(|e| CliError::Input(e.to_string()))?;
     Ok(group)
 }
@@ -104,9 +116,20 @@ pub(super) async fn ready(name: &str, url: &str) -> Result<Group, CliError> {
 enum Shape {
     /// A plain put.
     Put,
-    /// The put inside the fence-guarded Txn aq sends, sent by the client directly to etcd: the
-    /// share of aq's cost that is etcd evaluating the guard.
+    /// The put inside a Txn guarded by `version(fence key) == 0`, sent directly to etcd: what
+    /// an ownership check by compare on every write costs etcd.
     FencedTxn,
+}
+
+/// The compare of an ownership check by fence: a reserved key's version.
+fn fence_compare() -> pb::PbCompare {
+    pb::PbCompare {
+        result: crate::backend::compare::RESULT_EQUAL,
+        target: crate::backend::compare::TARGET_VERSION,
+        key: [crate::index::RESERVED_PREFIX, b"fence/bench"].concat(),
+        range_end: Vec::new(),
+        target_union: Some(pb::PbTargetUnion::Version(0)),
+    }
 }
 
 /// Runs `clients` concurrent writers against `url` for `duration`; each has its own connection.
@@ -117,10 +140,11 @@ async fn load(
     value: Arc<Vec<u8>>,
     prefix: &str,
     shape: Shape,
+    login: Option<&Credentials>,
 ) -> Result<(usize, Duration, Vec<Duration>), CliError> {
     let mut groups = Vec::with_capacity(clients);
     for i in 0..clients {
-        groups.push(ready(&format!("client-{i}"), url).await?);
+        groups.push(ready_as(&format!("client-{i}"), url, login).await?);
     }
     let started = Instant::now();
     let deadline = started + duration;
@@ -141,11 +165,12 @@ async fn load(
                         group.put(put).await.map_err(|s| s.message().to_string())?;
                     }
                     Shape::FencedTxn => {
-                        let fence = crate::gate::fence::Fence::new("bench", 0);
+                        let compare = fence_compare();
+                        let read = pb::PbRangeRequest { key: compare.key.clone(), ..Default::default() };
                         let txn = pb::PbTxnRequest {
-                            compare: vec![fence.compare()],
+                            compare: vec![compare],
                             success: vec![pb::PbTxnRequestOp { request: Some(pb::PbTxnOpRequest::RequestPut(put)) }],
-                            failure: vec![fence.read_op()],
+                            failure: vec![pb::PbTxnRequestOp { request: Some(pb::PbTxnOpRequest::RequestRange(read)) }],
                         };
                         group.txn(txn).await.map_err(|s| s.message().to_string())?;
                     }
@@ -167,11 +192,13 @@ async fn load(
 }
 
 pub(super) fn layout(etcd_url: &str) -> String {
-    format!(
-        r#"[[groups]]
-name = "main"
-endpoints = ["{etcd_url}"]
+    layout_of(&format!("[[groups]]\nname = \"main\"\nendpoints = [\"{etcd_url}\"]\n"))
+}
 
+/// The benchmark's scopes on the group `group` (a `[[groups]]` table) describes.
+fn layout_of(group: &str) -> String {
+    format!(
+        r#"{group}
 [[scopes]]
 id = "catch-all"
 prefix = ""
@@ -202,11 +229,37 @@ pub(super) fn put(seconds: u64, clients: &[usize], etcd_binary: &str) -> Result<
 async fn run(duration: Duration, clients: &[usize], etcd_binary: &str) -> Result<(), CliError> {
     let dir = std::env::temp_dir().join(format!("aq-bench-{}", std::process::id()));
     let _cleanup = RemoveOnDrop(dir.clone());
-    let mut etcd = EtcdProcess::spawn(etcd_binary, "bench", &dir.join("etcd")).map_err(|e| CliError::Input(e.to_string()))?;
-    ready("etcd", etcd.client_url()).await?;
+    let input = |e: String| CliError::Input(e);
+    let (mut etcd, _) = EtcdProcess::start(etcd_binary, "bench", &dir.join("etcd"), Duration::from_secs(20)).await.map_err(input)?;
     let etcd_pid = etcd.pid().ok_or_else(|| CliError::Input(format!("etcd exited at start:\n{}", etcd.log_tail(10))))?;
 
-    // etcd's grpc-proxy, in front of the same etcd.
+    // An etcd with auth on, as aq runs its groups: aq's user holds the layout's ranges.
+    let auth_dir = dir.join("etcd-auth");
+    let (mut secured, _) = EtcdProcess::start(etcd_binary, "bench-auth", &auth_dir, Duration::from_secs(20)).await.map_err(input)?;
+    let secured_pid = secured.pid().ok_or_else(|| CliError::Input(format!("etcd exited at start:\n{}", secured.log_tail(10))))?;
+    let secrets = ManagedSecrets::load_or_create(&auth_dir).map_err(input)?;
+    secure("bench-auth", secured.client_url(), &secrets).await.map_err(input)?;
+    let (data, admin) = (secrets.data(), secrets.admin());
+    let group = format!(
+        "[[groups]]\nname = \"main\"\nendpoints = [\"{}\"]\nuser = {:?}\npassword = {:?}\nadmin_user = {:?}\nadmin_password = {:?}\n",
+        secured.client_url(),
+        data.user,
+        data.password,
+        admin.user,
+        admin.password
+    );
+    let layout = layout_of(&group);
+    let config = crate::config::Config::parse(&layout, "bench layout").map_err(input)?;
+    let scopes = config.scopes.iter().map(|s| s.to_scope()).collect::<Result<Vec<_>, _>>().map_err(input)?;
+    let index = crate::index::ScopeIndex::new(scopes).map_err(|e| CliError::Input(e.to_string()))?;
+    Owners::connect("main", &[secured.client_url().to_string()], &admin)
+        .await
+        .map_err(input)?
+        .reconcile(&index.group_ranges("main"))
+        .await
+        .map_err(input)?;
+
+    // etcd's grpc-proxy, in front of the plain etcd.
     let proxy_port = free_port()?;
     let proxy = Guard(
         Command::new(etcd_binary)
@@ -219,32 +272,34 @@ async fn run(duration: Duration, clients: &[usize], etcd_binary: &str) -> Result
     let proxy_url = format!("http://127.0.0.1:{proxy_port}");
     ready("grpc-proxy", &proxy_url).await?;
 
-    // aq, as its own process over the same etcd.
+    // aq, as its own process over the etcd with auth.
     let layout_path = dir.join("layout.toml");
-    std::fs::write(&layout_path, layout(etcd.client_url()))?;
+    std::fs::write(&layout_path, &layout)?;
     let aq = serve_process(&dir, "aq", &layout_path).await?;
     let aq_url = aq.url.clone();
 
     let value = Arc::new(vec![b'v'; 256]);
     let mut runs = Vec::new();
     for &n in clients {
-        let targets = [
-            ("direct etcd", etcd.client_url(), None, Shape::Put),
-            ("direct txn", etcd.client_url(), None, Shape::FencedTxn),
-            ("aq + policy", aq_url.as_str(), Some(aq.process.0.id()), Shape::Put),
-            ("grpc-proxy", proxy_url.as_str(), Some(proxy.0.id()), Shape::Put),
+        let targets: [(&'static str, &str, Option<u32>, u32, Shape, Option<&Credentials>); 6] = [
+            ("direct etcd", etcd.client_url(), None, etcd_pid, Shape::Put, None),
+            ("direct txn", etcd.client_url(), None, etcd_pid, Shape::FencedTxn, None),
+            ("direct auth", secured.client_url(), None, secured_pid, Shape::Put, Some(&data)),
+            ("direct root", secured.client_url(), None, secured_pid, Shape::Put, Some(&admin)),
+            ("aq + policy", aq_url.as_str(), Some(aq.process.0.id()), secured_pid, Shape::Put, None),
+            ("grpc-proxy", proxy_url.as_str(), Some(proxy.0.id()), etcd_pid, Shape::Put, None),
         ];
-        for (target, url, pid, shape) in targets {
+        for (target, url, pid, store_pid, shape, login) in targets {
             // A short warm-up on the same keys, then the measured run.
-            load(url, n, Duration::from_millis(500), value.clone(), "/registry/configmaps/bench/", shape).await?;
-            let (aq_before, etcd_before) = (pid.map(cpu_seconds), cpu_seconds(etcd_pid));
+            load(url, n, Duration::from_millis(500), value.clone(), "/registry/configmaps/bench/", shape, login).await?;
+            let (aq_before, etcd_before) = (pid.map(cpu_seconds), cpu_seconds(store_pid));
             let (puts, elapsed, latencies) =
-                load(url, n, duration, value.clone(), "/registry/configmaps/bench/", shape).await?;
+                load(url, n, duration, value.clone(), "/registry/configmaps/bench/", shape, login).await?;
             let aq_cpu = match (pid, aq_before) {
                 (Some(pid), Some(before)) => Some(cpu_seconds(pid) - before),
                 _ => None,
             };
-            let etcd_cpu = cpu_seconds(etcd_pid) - etcd_before;
+            let etcd_cpu = cpu_seconds(store_pid) - etcd_before;
             runs.push(Run { target, clients: n, puts, elapsed, latencies, aq_cpu, etcd_cpu });
         }
     }

@@ -29,7 +29,7 @@ impl From<GateError> for Status {
                 Status::failed_precondition(error.to_string())
             }
             GateError::Unsupported(_) => Status::invalid_argument(error.to_string()),
-            GateError::Contended(_) => Status::unavailable(error.to_string()),
+            GateError::Contended(_) | GateError::NotOwner { .. } => Status::unavailable(error.to_string()),
             GateError::Unauthenticated(_) => Status::unauthenticated(error.to_string()),
         }
     }

@@ -125,7 +125,7 @@ impl Gateway {
         // The revision the request was evaluated at: a read of the scope's group now.
         let revision = runtime
             .group
-            .range(pb::PbRangeRequest { key: runtime.fence.key().to_vec(), count_only: true, ..Default::default() })
+            .range(pb::PbRangeRequest { key: crate::lineage::head_key(scope), count_only: true, ..Default::default() })
             .await?
             .header
             .map(|h| h.revision)
@@ -330,7 +330,7 @@ impl Gateway {
     }
 
     /// Writes an approved proposal: re-evaluated with its approvers as credentials, guarded on
-    /// the fence and on no touched key having changed since it was evaluated. When the write's
+    /// no touched key having changed since it was evaluated. When the write's
     /// fate is unknown (etcd did not answer) the proposal stays `committing` for
     /// [`Gateway::recover_proposals`].
     async fn commit(&self, mut proposal: Proposal, revision: i64) -> Result<Proposal, ApprovalError> {
@@ -398,64 +398,51 @@ impl Gateway {
             .filter_map(|a| principals.get(&a.principal))
             .map(|p| m::Credential { principal: p.id.clone(), roles: p.roles.clone() })
             .collect();
-        for _ in 0..super::MAX_ATTEMPTS {
-            let evaluated = match self.evaluate(runtime, &mut context) {
-                Ok(evaluated) => evaluated,
-                Err(GateError::NeedsApproval(shortfall)) => {
-                    return Err(CommitError::Void(format!("the policy now asks for more: {}", shortfall.message)));
-                }
-                Err(e) => return Err(CommitError::Void(format!("the policy no longer allows it: {e}"))),
-            };
-            // Every approved commit is recorded, whatever lineage the policy asks of plain writes.
-            let level = evaluated.lineage.max(m::LineageLevel::Digest);
-            let mut draft =
-                Draft::of(&context, level, evaluated.policy, RecordKind::Approval).expect("digest lineage makes a record");
-            draft.proposal = Some(proposal.id.clone());
-            draft.approvals = proposal
-                .approvals
-                .iter()
-                .map(|a| ApprovalRecord { principal: a.principal.clone(), key: a.key.clone(), signature: a.signature.clone() })
-                .collect();
-            let mut guards = evaluated.guards;
-            for range in &ranges {
-                let (key, range_end) = range.to_request();
-                guards.push(pb::PbCompare {
-                    result: RESULT_LESS,
-                    target: TARGET_MOD,
-                    key,
-                    range_end,
-                    target_union: Some(pb::PbTargetUnion::ModRevision(proposal.evaluated_at_revision + 1)),
-                });
+        let evaluated = match self.evaluate(runtime, &mut context) {
+            Ok(evaluated) => evaluated,
+            Err(GateError::NeedsApproval(shortfall)) => {
+                return Err(CommitError::Void(format!("the policy now asks for more: {}", shortfall.message)));
             }
-            // The marker makes the write land once, whoever sends it.
-            guards.push(crate::meta::compare_unchanged(marker.clone(), 0));
-            let marked = super::with_reserved(op.clone(), marker.clone(), proposal.id.clone().into_bytes());
-            let fence = evaluated.fence;
-            let sent = self.fenced(runtime, marked, guards, Some(draft), fence).await.map_err(|e| CommitError::Unfinished(e.to_string()))?;
-            match sent {
-                Some(mut response) => {
-                    let inner = response
-                        .responses
-                        .pop()
-                        .and_then(|r| r.response)
-                        .ok_or_else(|| CommitError::Unfinished("etcd returned an empty txn response".into()))?;
-                    let inner = super::client_answer(inner).map_err(|e| CommitError::Unfinished(e.to_string()))?;
-                    return Ok((Some(inner), response.header.map(|h| h.revision).unwrap_or_default()));
-                }
-                // The fence moved: try again against the new owner.
-                None if runtime.fence.expected() != fence => continue,
-                None => {
-                    if let Some(done) = self.commit_marker(runtime, &marker).await? {
-                        return Ok((None, done));
-                    }
-                    return Err(CommitError::Void(format!(
-                        "the keys it writes changed after revision {} when it was evaluated; nothing was written",
-                        proposal.evaluated_at_revision
-                    )));
-                }
-            }
+            Err(e) => return Err(CommitError::Void(format!("the policy no longer allows it: {e}"))),
+        };
+        // Every approved commit is recorded, whatever lineage the policy asks of plain writes.
+        let level = evaluated.lineage.max(m::LineageLevel::Digest);
+        let mut draft =
+            Draft::of(&context, level, evaluated.policy, RecordKind::Approval).expect("digest lineage makes a record");
+        draft.proposal = Some(proposal.id.clone());
+        draft.approvals = proposal
+            .approvals
+            .iter()
+            .map(|a| ApprovalRecord { principal: a.principal.clone(), key: a.key.clone(), signature: a.signature.clone() })
+            .collect();
+        let mut guards = evaluated.guards;
+        for range in &ranges {
+            let (key, range_end) = range.to_request();
+            guards.push(pb::PbCompare {
+                result: RESULT_LESS,
+                target: TARGET_MOD,
+                key,
+                range_end,
+                target_union: Some(pb::PbTargetUnion::ModRevision(proposal.evaluated_at_revision + 1)),
+            });
         }
-        Err(CommitError::Unfinished(format!("scope {} kept changing owner", proposal.scope)))
+        // The marker makes the write land once, whoever sends it.
+        guards.push(crate::meta::compare_unchanged(marker.clone(), 0));
+        let marked = super::with_reserved(op.clone(), marker.clone(), proposal.id.clone().into_bytes());
+        let sent = self.send(runtime, marked, guards, Some(draft)).await.map_err(|e| CommitError::Unfinished(e.to_string()))?;
+        match sent {
+            Some((inner, header)) => {
+                let inner = super::client_answer(inner).map_err(|e| CommitError::Unfinished(e.to_string()))?;
+                Ok((Some(inner), header.map(|h| h.revision).unwrap_or_default()))
+            }
+            None => match self.commit_marker(runtime, &marker).await? {
+                Some(done) => Ok((None, done)),
+                None => Err(CommitError::Void(format!(
+                    "the keys it writes changed after revision {} when it was evaluated; nothing was written",
+                    proposal.evaluated_at_revision
+                ))),
+            },
+        }
     }
 
     /// The revision of a proposal's landed commit, if it landed.

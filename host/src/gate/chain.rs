@@ -6,11 +6,10 @@
 //! throughput of a scope is no longer one write per round trip.
 //!
 //! A batch holds only writes whose keys do not overlap (etcd refuses a Txn that puts one key
-//! twice, and a write must not see another's effect mid-batch) and that were decided at the
-//! same fence version, which guards it; it stays within etcd's default limits on ops per Txn
-//! and request size. If the batch's Txn fails a guard other than
-//! the fence or the head, some write's policy read or nonce moved: the writes are sent one by
-//! one so each gets its own answer.
+//! twice, and a write must not see another's effect mid-batch); it stays within etcd's default
+//! limits on ops per Txn and request size. If the batch's Txn fails a guard other than the
+//! head, some write's policy read or nonce moved: the writes are sent one by one so each gets
+//! its own answer.
 //!
 //! The drain task runs apart from the requests, so a client that goes away never abandons the
 //! writes batched with its own.
@@ -23,7 +22,6 @@ use prost::Message;
 use tokio::sync::oneshot;
 use tonic::Status;
 
-use super::fence::Fence;
 use super::metrics::GateMetrics;
 use super::{Draft, GateError, LINEAGE_ATTEMPTS, parse_head, put};
 use crate::backend::Group;
@@ -32,7 +30,7 @@ use crate::lineage::{Head, head_key, record_hash, record_key};
 
 /// The most writes in one Txn: each brings two success ops (its record and its own op).
 const MAX_BATCH: usize = 48;
-/// etcd's default `--max-txn-ops`, with room for the fence, the head and its write.
+/// etcd's default `--max-txn-ops`, with room for the head and its write.
 const MAX_TXN_OPS: usize = 124;
 /// Stay well under etcd's default `--max-request-bytes` (1.5 MiB).
 const MAX_BATCH_BYTES: usize = 1 << 20;
@@ -49,8 +47,6 @@ pub(super) struct Job {
     /// Every key range the write reads or writes, its guards' keys included.
     footprint: Vec<KeyRange>,
     bytes: usize,
-    /// The fence version when the write was decided: it commits only while the fence is there.
-    fence: i64,
     done: oneshot::Sender<Outcome>,
 }
 
@@ -67,29 +63,26 @@ struct Queue {
 pub(super) struct Chain {
     scope: String,
     group: Group,
-    fence: Arc<Fence>,
     metrics: Arc<GateMetrics>,
     queue: Mutex<Queue>,
 }
 
 impl Chain {
-    pub(super) fn new(scope: &str, group: Group, fence: Arc<Fence>, metrics: Arc<GateMetrics>) -> Self {
-        Chain { scope: scope.to_string(), group, fence, metrics, queue: Mutex::default() }
+    pub(super) fn new(scope: &str, group: Group, metrics: Arc<GateMetrics>) -> Self {
+        Chain { scope: scope.to_string(), group, metrics, queue: Mutex::default() }
     }
 
-    /// Sends `op` guarded by the fence at version `fence` and by `guards`, with `draft`'s
-    /// record in the same Txn.
+    /// Sends `op` guarded by `guards`, with `draft`'s record in the same Txn.
     pub(super) async fn commit(
         self: &Arc<Self>,
         op: pb::PbTxnOpRequest,
         guards: Vec<pb::PbCompare>,
         draft: Draft,
         footprint: Vec<KeyRange>,
-        fence: i64,
     ) -> Outcome {
         let (done, outcome) = oneshot::channel();
         let bytes = op.encoded_len() + guards.iter().map(Message::encoded_len).sum::<usize>() + 512;
-        let job = Job { op, guards, draft, footprint, bytes, fence, done };
+        let job = Job { op, guards, draft, footprint, bytes, done };
         let start = {
             let mut queue = self.queue.lock().expect("chain queue");
             queue.pending.push_back(job);
@@ -159,24 +152,7 @@ impl Chain {
                     self.answer_success(jobs, response);
                     break;
                 }
-                let version = match response.responses.first().and_then(|r| r.response.as_ref()) {
-                    Some(pb::PbTxnOpResponse::ResponseRange(range)) => range.kvs.first().map(|kv| kv.version).unwrap_or(0),
-                    _ => 0,
-                };
-                if version != jobs[0].fence {
-                    // The fence moved since these writes were decided: their callers evaluate
-                    // again.
-                    self.metrics.fence_retry(&self.scope);
-                    if version != self.fence.expected() {
-                        tracing::info!(scope = %self.scope, from = self.fence.expected(), to = version, "fence moved; retrying");
-                        self.fence.refresh(version);
-                    }
-                    // A new owner may hold another chain: read its head next time.
-                    *head = None;
-                    answer_all(jobs, || Ok(None));
-                    break;
-                }
-                let seen = match response.responses.get(1).and_then(|r| r.response.as_ref()) {
+                let seen = match response.responses.first().and_then(|r| r.response.as_ref()) {
                     Some(pb::PbTxnOpResponse::ResponseRange(range)) => parse_head(range),
                     _ => Ok((Head::default(), 0)),
                 };
@@ -203,19 +179,18 @@ impl Chain {
                     break;
                 }
                 // A policy read moved: the caller evaluates again.
-                self.metrics.fence_retry(&self.scope);
+                self.metrics.guard_retry(&self.scope);
                 answer_all(jobs, || Ok(None));
                 break;
             }
         }
     }
 
-    /// The batch's Txn: guarded by the fence, the head and every write's guards; each write's
-    /// record then its op, then the new head. On failure it reads the fence and the head.
+    /// The batch's Txn: guarded by the head and every write's guards; each write's record then
+    /// its op, then the new head. On failure it reads the head.
     fn txn(&self, jobs: &[Job], head: &Head, read_at: i64) -> (pb::PbTxnRequest, Head) {
         let key = head_key(&self.scope);
-        let mut compare = Vec::with_capacity(2 + jobs.iter().map(|j| j.guards.len()).sum::<usize>());
-        compare.push(self.fence.compare_at(jobs[0].fence));
+        let mut compare = Vec::with_capacity(1 + jobs.iter().map(|j| j.guards.len()).sum::<usize>());
         compare.push(crate::meta::compare_unchanged(key.clone(), read_at));
         let mut success = Vec::with_capacity(jobs.len() * 2 + 1);
         let mut next = head.clone();
@@ -228,10 +203,9 @@ impl Chain {
             success.push(pb::PbTxnRequestOp { request: Some(job.op.clone()) });
         }
         success.push(put(key.clone(), serde_json::to_vec(&next).expect("JSON")));
-        let failure = vec![
-            self.fence.read_op(),
-            pb::PbTxnRequestOp { request: Some(pb::PbTxnOpRequest::RequestRange(pb::PbRangeRequest { key, ..Default::default() })) },
-        ];
+        let failure = vec![pb::PbTxnRequestOp {
+            request: Some(pb::PbTxnOpRequest::RequestRange(pb::PbRangeRequest { key, ..Default::default() })),
+        }];
         (pb::PbTxnRequest { compare, success, failure }, next)
     }
 
@@ -268,12 +242,11 @@ fn answer_all(jobs: Vec<Job>, outcome: impl Fn() -> Outcome) {
 /// the next batch, in order.
 fn take_batch(pending: &mut VecDeque<Job>) -> Vec<Job> {
     let mut batch: Vec<Job> = Vec::new();
-    let (mut ops, mut compares, mut bytes) = (1, 2, 0);
+    let (mut ops, mut compares, mut bytes) = (1, 1, 0);
     let mut skipped = VecDeque::new();
     while let Some(job) = pending.pop_front() {
         let fits = batch.is_empty()
             || (batch.len() < MAX_BATCH
-                && job.fence == batch[0].fence
                 && ops + 2 <= MAX_TXN_OPS
                 && compares + job.guards.len() <= MAX_TXN_OPS
                 && bytes + job.bytes <= MAX_BATCH_BYTES
@@ -307,7 +280,7 @@ mod tests {
         let footprint = keys.iter().map(|k| KeyRange::from_request(k.as_bytes(), b"")).collect();
         let guard = pb::PbCompare::default();
         let op = pb::PbTxnOpRequest::RequestPut(pb::PbPutRequest::default());
-        (Job { op, guards: vec![guard; guards], draft, footprint, bytes: 600, fence: 1, done }, rx)
+        (Job { op, guards: vec![guard; guards], draft, footprint, bytes: 600, done }, rx)
     }
 
     #[test]
@@ -328,25 +301,12 @@ mod tests {
     }
 
     #[test]
-    fn a_batch_holds_writes_decided_at_one_fence() {
-        let mut pending = VecDeque::new();
-        for (key, fence) in [("a", 1), ("b", 2), ("c", 1)] {
-            let (mut job, _) = job(&[key], 0);
-            job.fence = fence;
-            pending.push_back(job);
-        }
-        let batch = take_batch(&mut pending);
-        assert_eq!(batch.iter().map(|j| j.fence).collect::<Vec<_>>(), [1, 1]);
-        assert_eq!(take_batch(&mut pending).iter().map(|j| j.fence).collect::<Vec<_>>(), [2]);
-    }
-
-    #[test]
     fn batches_stay_within_etcd_limits() {
         let mut pending: VecDeque<Job> = (0..200).map(|i| job(&[&format!("k{i}")], 0).0).collect();
         assert_eq!(take_batch(&mut pending).len(), MAX_BATCH);
         let mut pending: VecDeque<Job> = (0..200).map(|i| job(&[&format!("k{i}")], 10).0).collect();
         let batch = take_batch(&mut pending);
-        assert!(2 + batch.iter().map(|j| j.guards.len()).sum::<usize>() <= MAX_TXN_OPS, "{}", batch.len());
+        assert!(1 + batch.iter().map(|j| j.guards.len()).sum::<usize>() <= MAX_TXN_OPS, "{}", batch.len());
         assert_eq!(batch.len(), 12);
     }
 }

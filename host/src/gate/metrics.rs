@@ -20,7 +20,7 @@ pub struct GateMetrics {
     evaluation_seconds: Family<Labels, Histogram, fn() -> Histogram>,
     policy_failures: Family<Labels, Counter>,
     routed: Family<Labels, Counter>,
-    fence_retries: Family<Labels, Counter>,
+    guard_retries: Family<Labels, Counter>,
     backend_errors: Family<Labels, Counter>,
     swaps: Family<Labels, Counter>,
     decision_lines_dropped: Counter,
@@ -37,7 +37,7 @@ impl Default for GateMetrics {
         let evaluation_seconds = Family::<Labels, Histogram, fn() -> Histogram>::new_with_constructor(evaluation_histogram);
         let policy_failures = Family::<Labels, Counter>::default();
         let routed = Family::<Labels, Counter>::default();
-        let fence_retries = Family::<Labels, Counter>::default();
+        let guard_retries = Family::<Labels, Counter>::default();
         let backend_errors = Family::<Labels, Counter>::default();
         let swaps = Family::<Labels, Counter>::default();
         let decision_lines_dropped = Counter::default();
@@ -49,7 +49,7 @@ impl Default for GateMetrics {
         );
         registry.register("policy_failures", "Policy failures by scope and kind", policy_failures.clone());
         registry.register("routed_ops", "Requests routed to a scope, by kind (read, write)", routed.clone());
-        registry.register("fence_retries", "Writes whose fence guard failed and were retried", fence_retries.clone());
+        registry.register("guard_retries", "Writes evaluated again because a policy read or a nonce guard moved before they landed", guard_retries.clone());
         registry.register("backend_errors", "Errors returned by etcd groups", backend_errors.clone());
         registry.register("policy_swaps", "Changes of a scope's active policy binding on this replica", swaps.clone());
         registry.register(
@@ -63,7 +63,7 @@ impl Default for GateMetrics {
             evaluation_seconds,
             policy_failures,
             routed,
-            fence_retries,
+            guard_retries,
             backend_errors,
             swaps,
             decision_lines_dropped,
@@ -98,8 +98,8 @@ impl GateMetrics {
         self.routed.get_or_create(&labels).inc();
     }
 
-    pub(super) fn fence_retry(&self, scope_id: &str) {
-        self.fence_retries.get_or_create(&scope(scope_id)).inc();
+    pub(super) fn guard_retry(&self, scope_id: &str) {
+        self.guard_retries.get_or_create(&scope(scope_id)).inc();
     }
 
     pub(super) fn backend_error(&self, group: &str) {
@@ -129,8 +129,8 @@ impl GateMetrics {
     }
 
     /// Fence retries of a scope so far.
-    pub fn fence_retries(&self, scope_id: &str) -> u64 {
-        self.fence_retries.get_or_create(&scope(scope_id)).get()
+    pub fn guard_retries(&self, scope_id: &str) -> u64 {
+        self.guard_retries.get_or_create(&scope(scope_id)).get()
     }
 
     /// Requests of `kind` (`read`, `write`) routed to a scope so far.

@@ -1,6 +1,8 @@
 //! The governance pipeline. A mutation is routed to the scope owning its keys, evaluated by the
-//! scope's active policy, and sent to the scope's group as one Txn guarded by the scope's fence,
-//! with the client's own compares nested inside so its else-branch answers as etcd's would.
+//! scope's active policy, and sent to the scope's group as the client sent it: a Put stays a
+//! Put. The group's etcd enforces that it still holds the keys (see
+//! [`crate::backend::ownership`]); aq adds only the compares it needs (policy reads, a signed
+//! request's nonce), in a Txn around the client's op so its else-branch answers as etcd's would.
 //! Reads are routed, split across scopes and merged, and counted.
 
 pub mod anchors;
@@ -9,7 +11,6 @@ mod chain;
 pub use approvals::ApprovalError;
 pub(crate) use approvals::{decode_request, model_of};
 pub mod decisions;
-pub mod fence;
 mod lease;
 pub mod metrics;
 mod reader;
@@ -26,10 +27,10 @@ use crate::backend::Group;
 use crate::engine::{Engine, EvalRequest, Registry, ScopeSlot};
 use crate::index::{KeyRange, Owner, Scope, ScopeIndex};
 use crate::lineage::{ApprovalRecord, Head, OpRecord, Record, RecordKind};
+use crate::backend::compare::{RESULT_EQUAL, TARGET_MOD, TARGET_VERSION};
 use crate::trust::SignedRequest;
-use fence::Fence;
 
-/// How many times a write is retried after its fence or a policy read moved.
+/// How many times a write is retried after a policy read moved.
 const MAX_ATTEMPTS: usize = 5;
 
 /// How many times a write is sent again because other replicas extended its scope's lineage
@@ -71,9 +72,19 @@ pub enum GateError {
     /// The request's signatures were refused.
     #[error("{0}")]
     Unauthenticated(#[from] crate::trust::TrustError),
-    /// The fence kept moving.
-    #[error("scope {0} changed owner or state on every attempt; retry the request")]
+    /// What a policy read kept moving.
+    #[error("scope {0} changed under the policy's reads on every attempt; retry the request")]
     Contended(String),
+    /// The scope's group refused the write: it no longer holds the scope's keys.
+    #[error("etcd group {group} no longer holds the keys of scope {scope} (the scope moved): {detail}; retry the request")]
+    NotOwner {
+        /// The scope.
+        scope: String,
+        /// The group that refused.
+        group: String,
+        /// etcd's words.
+        detail: String,
+    },
     /// etcd answered with an error; passed through unchanged.
     #[error("{0}")]
     Backend(Status),
@@ -110,8 +121,6 @@ pub(crate) struct Evaluated {
     lineage: m::LineageLevel,
     /// The policy that decided.
     policy: crate::engine::PolicyDigest,
-    /// The fence version when the policy ran: the write is sent guarded on it.
-    fence: i64,
 }
 
 /// A lineage record waiting for its place in the chain.
@@ -283,8 +292,6 @@ pub struct ScopeRuntime {
     pub scope: Arc<Scope>,
     /// Its group.
     pub group: Group,
-    /// Its fence.
-    pub fence: Arc<Fence>,
     /// Its policy binding.
     pub slot: Arc<ScopeSlot>,
     /// Its lineage chain: writes with records queue here and commit in batches.
@@ -309,8 +316,7 @@ pub struct Gateway {
 
 impl Gateway {
     /// Assembles a gateway. Every scope of `index` must have a binding in the registry and a
-    /// group in `groups`; fences are read (and created when missing) from each scope's group.
-    /// `home` names the group that grants leases and holds the meta records.
+    /// group in `groups`. `home` names the group that grants leases and holds the meta records.
     pub async fn new(
         index: ScopeIndex,
         groups: BTreeMap<String, Group>,
@@ -325,12 +331,8 @@ impl Gateway {
                 .ok_or_else(|| format!("scope {} names backend group {}, which is not configured", scope.id, scope.group))?
                 .clone();
             let slot = registry.slot(&scope.id).ok_or_else(|| format!("scope {} has no policy bound", scope.id))?;
-            let version = init_fence(&group, &scope.id).await.map_err(|e| {
-                format!("cannot read the fence of scope {} on group {}: {}", scope.id, group.name(), e.message())
-            })?;
-            let fence = Arc::new(Fence::new(&scope.id, version));
-            let chain = Arc::new(chain::Chain::new(&scope.id, group.clone(), fence.clone(), metrics.clone()));
-            scopes.insert(scope.id.clone(), ScopeRuntime { scope: scope.clone(), group, fence, slot, chain });
+            let chain = Arc::new(chain::Chain::new(&scope.id, group.clone(), metrics.clone()));
+            scopes.insert(scope.id.clone(), ScopeRuntime { scope: scope.clone(), group, slot, chain });
         }
         let home = groups.get(home).ok_or_else(|| format!("the home group {home} is not configured"))?.clone();
         Ok(Gateway {
@@ -445,7 +447,6 @@ impl Gateway {
     /// compares that guard the write on what the policy read.
     fn evaluate(&self, runtime: &ScopeRuntime, context: &mut m::Context) -> Result<Evaluated, GateError> {
         let scope = &runtime.scope;
-        let fence = runtime.fence.expected();
         let evaluation = self.run_policy(runtime, context);
         let verdict = evaluation.decision.verdict.kind();
         self.metrics.evaluated(&scope.id, verdict, evaluation.elapsed.as_secs_f64());
@@ -489,9 +490,9 @@ impl Gateway {
             .observed_reads
             .into_iter()
             .map(|read| pb::PbCompare {
-                result: fence::RESULT_EQUAL,
+                result: RESULT_EQUAL,
                 // An absent key has version 0; a present one is pinned by its mod revision.
-                target: if read.mod_revision.is_some() { fence::TARGET_MOD } else { fence::TARGET_VERSION },
+                target: if read.mod_revision.is_some() { TARGET_MOD } else { TARGET_VERSION },
                 key: read.key.0,
                 range_end: Vec::new(),
                 target_union: Some(match read.mod_revision {
@@ -500,7 +501,7 @@ impl Gateway {
                 }),
             })
             .collect();
-        Ok(Evaluated { guards, lineage: evaluation.decision.lineage, policy: evaluation.digest, fence })
+        Ok(Evaluated { guards, lineage: evaluation.decision.lineage, policy: evaluation.digest })
     }
 
     /// Runs the scope's active policy on `context`, stamped with the current time.
@@ -564,51 +565,95 @@ impl Gateway {
         Ok(self.run_policy(runtime, &mut context))
     }
 
-    /// Sends `op` as the success branch of a Txn guarded by the scope's fence at version
-    /// `fence` (where it was when the policy decided) and `guards`; with a `draft`, its lineage
-    /// record goes into the same Txn through the scope's chain (batched with other writes, see
-    /// [`chain`]). `Ok(None)` when a guard failed (the fence has been refreshed); the caller
-    /// re-evaluates.
-    async fn fenced(
+    /// Sends `op` to the scope's group. Without `guards` or a `draft` it goes as the client
+    /// sent it; with `guards`, as the success branch of a Txn guarded by them; with a `draft`,
+    /// its lineage record goes into the same Txn through the scope's chain (see [`chain`]).
+    /// Answers the client op's answer and the header; `Ok(None)` when a guard failed (a policy
+    /// read or a nonce moved) and the caller evaluates again.
+    async fn send(
         &self,
         runtime: &ScopeRuntime,
         op: pb::PbTxnOpRequest,
         guards: Vec<pb::PbCompare>,
         draft: Option<Draft>,
-        fence: i64,
-    ) -> Result<Option<pb::PbTxnResponse>, GateError> {
-        if let Some(draft) = draft {
+    ) -> Result<Option<(pb::PbTxnOpResponse, Option<pb::PbResponseHeader>)>, GateError> {
+        let sent = if let Some(draft) = draft {
             let mut footprint = footprint(&op);
             footprint.extend(guards.iter().map(|g| KeyRange::from_request(&g.key, &g.range_end)));
-            return runtime.chain.commit(op, guards, draft, footprint, fence).await;
-        }
-        let mut compare = Vec::with_capacity(guards.len() + 1);
-        compare.push(runtime.fence.compare_at(fence));
-        compare.extend(guards);
-        let request = pb::PbTxnRequest {
-            compare,
-            success: vec![pb::PbTxnRequestOp { request: Some(op) }],
-            failure: vec![runtime.fence.read_op()],
+            runtime.chain.commit(op, guards, draft, footprint).await
+        } else if guards.is_empty() {
+            self.send_plain(runtime, op).await.map(Some)
+        } else {
+            let request = pb::PbTxnRequest {
+                compare: guards,
+                success: vec![pb::PbTxnRequestOp { request: Some(op) }],
+                failure: Vec::new(),
+            };
+            runtime.group.txn(request).await.map(|r| r.succeeded.then_some(r)).map_err(GateError::Backend)
         };
-        let response = runtime.group.txn(request).await.inspect_err(|_| self.metrics.backend_error(runtime.group.name()))?;
-        if response.succeeded {
-            self.metrics.routed(&runtime.scope.id, "write");
-            return Ok(Some(response));
-        }
-        let version = match response.responses.first().and_then(|r| r.response.as_ref()) {
-            Some(pb::PbTxnOpResponse::ResponseRange(range)) => range.kvs.first().map(|kv| kv.version).unwrap_or(0),
-            _ => 0,
+        let sent = sent.map_err(|e| self.backend_failure(runtime, e))?;
+        let Some(mut response) = sent else {
+            self.metrics.guard_retry(&runtime.scope.id);
+            return Ok(None);
         };
-        self.metrics.fence_retry(&runtime.scope.id);
-        if version != runtime.fence.expected() {
-            tracing::info!(scope = %runtime.scope.id, from = runtime.fence.expected(), to = version, "fence moved; retrying");
-            runtime.fence.refresh(version);
-        }
-        // The fence or a policy read moved: the caller evaluates again.
-        Ok(None)
+        self.metrics.routed(&runtime.scope.id, "write");
+        let inner = response
+            .responses
+            .pop()
+            .and_then(|r| r.response)
+            .ok_or_else(|| GateError::Backend(Status::internal("etcd returned an empty txn response")))?;
+        Ok(Some((inner, response.header)))
     }
 
-    /// Runs one governed mutation: evaluate, send fenced, retry when the fence or a policy read
+    /// The client's op alone, as a Txn response of one answer.
+    async fn send_plain(&self, runtime: &ScopeRuntime, op: pb::PbTxnOpRequest) -> Result<pb::PbTxnResponse, GateError> {
+        let group = &runtime.group;
+        let (header, answer) = match op {
+            pb::PbTxnOpRequest::RequestPut(put) => {
+                let mut r = group.put(put).await?;
+                (r.header.take(), pb::PbTxnOpResponse::ResponsePut(r))
+            }
+            pb::PbTxnOpRequest::RequestDeleteRange(delete) => {
+                let mut r = group.delete_range(delete).await?;
+                (r.header.take(), pb::PbTxnOpResponse::ResponseDeleteRange(r))
+            }
+            pb::PbTxnOpRequest::RequestTxn(txn) => {
+                let mut r = group.txn(txn).await?;
+                (r.header.take(), pb::PbTxnOpResponse::ResponseTxn(r))
+            }
+            pb::PbTxnOpRequest::RequestRange(range) => {
+                let mut r = group.range(range).await?;
+                (r.header.take(), pb::PbTxnOpResponse::ResponseRange(r))
+            }
+        };
+        Ok(pb::PbTxnResponse {
+            header,
+            succeeded: true,
+            responses: vec![pb::PbResponseOp { response: Some(answer) }],
+        })
+    }
+
+    /// Counts a failed send; a refusal by the group's ownership check becomes
+    /// [`GateError::NotOwner`].
+    fn backend_failure(&self, runtime: &ScopeRuntime, error: GateError) -> GateError {
+        match error {
+            GateError::Backend(status) => {
+                self.metrics.backend_error(runtime.group.name());
+                if status.code() == tonic::Code::PermissionDenied && runtime.group.user().is_some() {
+                    tracing::warn!(scope = %runtime.scope.id, group = runtime.group.name(), "the group refused a write: it no longer holds the scope");
+                    return GateError::NotOwner {
+                        scope: runtime.scope.id.clone(),
+                        group: runtime.group.name().to_string(),
+                        detail: status.message().to_string(),
+                    };
+                }
+                GateError::Backend(status)
+            }
+            other => other,
+        }
+    }
+
+    /// Runs one governed mutation: evaluate, send, and evaluate again when a policy read
     /// moved. Returns the response of the client's op and the outer header.
     async fn govern(
         &self,
@@ -657,16 +702,11 @@ impl Gateway {
                 guards.push(crate::meta::compare_unchanged(key.clone(), 0));
                 op = with_reserved(op, key, Vec::new());
             }
-            if let Some(mut response) = self.fenced(runtime, op, guards, draft, evaluated.fence).await? {
-                let mut inner = response
-                    .responses
-                    .pop()
-                    .and_then(|r| r.response)
-                    .ok_or_else(|| GateError::Backend(Status::internal("etcd returned an empty txn response")))?;
+            if let Some((mut inner, header)) = self.send(runtime, op, guards, draft).await? {
                 if caller.signed.is_some() {
                     inner = client_answer(inner)?;
                 }
-                return Ok((inner, response.header));
+                return Ok((inner, header));
             }
             if let Some(signed) = &caller.signed {
                 let seen = runtime.group.range(pb::PbRangeRequest { key: nonce_key(&signed.nonce, signed.not_after), count_only: true, ..Default::default() }).await?;
@@ -892,36 +932,6 @@ impl Gateway {
     async fn any_header(&self) -> Result<Option<pb::PbResponseHeader>, GateError> {
         Ok(self.home.status().await?.header)
     }
-}
-
-/// Reads the fence version of a scope, creating the fence when it does not exist.
-async fn init_fence(group: &Group, scope: &str) -> Result<i64, Status> {
-    let key = fence::fence_key(scope);
-    let found = group.range(pb::PbRangeRequest { key: key.clone(), ..Default::default() }).await?;
-    if let Some(kv) = found.kvs.first() {
-        return Ok(kv.version);
-    }
-    // Create it only if still absent, so concurrent gateways agree on version 1.
-    let create = pb::PbTxnRequest {
-        compare: vec![pb::PbCompare {
-            result: fence::RESULT_EQUAL,
-            target: fence::TARGET_VERSION,
-            key: key.clone(),
-            range_end: Vec::new(),
-            target_union: Some(pb::PbTargetUnion::Version(0)),
-        }],
-        success: vec![pb::PbTxnRequestOp {
-            request: Some(pb::PbTxnOpRequest::RequestPut(pb::PbPutRequest {
-                key: key.clone(),
-                value: b"1".to_vec(),
-                ..Default::default()
-            })),
-        }],
-        failure: Vec::new(),
-    };
-    group.txn(create).await?;
-    let found = group.range(pb::PbRangeRequest { key, ..Default::default() }).await?;
-    Ok(found.kvs.first().map(|kv| kv.version).unwrap_or(0))
 }
 
 /// The seed of a policy's randomness: a digest of the scope, the request time and the ops (keys,

@@ -263,6 +263,26 @@ impl ScopeIndex {
             .collect()
     }
 
+    /// The ranges `group` must let aq write: every key of the scopes it holds, and aq's reserved
+    /// keys (which every group keeps), as few ranges as cover them, in key order.
+    pub fn group_ranges(&self, group: &str) -> Vec<KeyRange> {
+        let mut ranges: Vec<KeyRange> = Vec::new();
+        for entry in &self.entries {
+            let held = match &entry.scope {
+                Some(scope) => scope.group == group,
+                None => true,
+            };
+            if !held {
+                continue;
+            }
+            match ranges.last_mut() {
+                Some(last) if last.end == entry.range.start => last.end = entry.range.end.clone(),
+                _ => ranges.push(entry.range.clone()),
+            }
+        }
+        ranges
+    }
+
     /// Every scope, in key order.
     pub fn scopes(&self) -> &[Arc<Scope>] {
         &self.scopes
@@ -285,6 +305,24 @@ mod tests {
             group: "g".into(),
             labels: BTreeMap::new(),
         }
+    }
+
+    #[test]
+    fn a_group_holds_its_scopes_ranges_and_the_reserved_keys_merged() {
+        let mut index = vec![scope("all", "", ""), scope("events", "/registry/events/", "/registry/events0")];
+        index[1].group = "events".into();
+        let index = ScopeIndex::new(index).unwrap();
+        let range = |start: &str, end: &[u8]| KeyRange { start: start.into(), end: end.to_vec() };
+        assert_eq!(
+            index.group_ranges("g"),
+            vec![range("", b"/registry/events/"), range("/registry/events0", b"")],
+            "the reserved range merges with the catch-all around it"
+        );
+        assert_eq!(
+            index.group_ranges("events"),
+            vec![range("/registry/events/", b"/registry/events0"), KeyRange::prefix(RESERVED_PREFIX)]
+        );
+        assert_eq!(index.group_ranges("none"), vec![KeyRange::prefix(RESERVED_PREFIX)]);
     }
 
     fn kubernetes() -> ScopeIndex {
