@@ -16,6 +16,7 @@ pub mod gate;
 pub mod index;
 pub mod lineage;
 pub mod meta;
+pub mod private_file;
 pub mod serve;
 pub mod tls;
 pub mod trust;

@@ -452,17 +452,7 @@ async fn a_paused_replica_never_lands_a_write_on_the_group_that_gave_its_scope_a
     let pid = replica.id() as i32;
     // SAFETY: signals to the child process this test started.
     unsafe { libc::kill(pid, libc::SIGSTOP) };
-    let mut moved: Vec<aq_host::index::Scope> = aq_host::config::Config::parse(&gw.layout(), "test layout")
-        .unwrap()
-        .scopes
-        .iter()
-        .map(|s| s.to_scope().unwrap())
-        .collect();
-    moved.iter_mut().find(|s| s.id == "registry").unwrap().group = "elsewhere".into();
-    let wanted = aq_host::index::ScopeIndex::new(moved).unwrap().group_ranges("main");
-    let admin = gw.main.admin_credentials();
-    let mut owners = aq_host::backend::ownership::Owners::connect("main", &[gw.main.url().to_string()], &admin).await.unwrap();
-    owners.reconcile(&wanted).await.unwrap();
+    gw.revoke_from_main("registry").await;
     let mut main = gw.main.client().await;
     let moved_at = main.get("/", None).await.unwrap().header().unwrap().revision();
     unsafe { libc::kill(pid, libc::SIGCONT) };

@@ -155,17 +155,7 @@ async fn a_group_that_gave_a_scope_away_refuses_its_writes() {
     assert_eq!(second, first + 1);
 
     // The registry scope moves off main: main's role loses its ranges (the hand-off's revoke).
-    let mut moved: Vec<aq_host::index::Scope> = aq_host::config::Config::parse(&gw.layout(), "test layout")
-        .unwrap()
-        .scopes
-        .iter()
-        .map(|s| s.to_scope().unwrap())
-        .collect();
-    moved.iter_mut().find(|s| s.id == "registry").unwrap().group = "elsewhere".into();
-    let wanted = aq_host::index::ScopeIndex::new(moved).unwrap().group_ranges("main");
-    let admin = gw.main.admin_credentials();
-    let mut owners = aq_host::backend::ownership::Owners::connect("main", &[gw.main.url().to_string()], &admin).await.unwrap();
-    let changes = owners.reconcile(&wanted).await.unwrap();
+    let changes = gw.revoke_from_main("registry").await;
     assert!(!changes.revoked.is_empty(), "{changes:?}");
 
     // This replica still routes registry to main, and main refuses: nothing lands.

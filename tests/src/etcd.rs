@@ -172,6 +172,24 @@ impl TestGateway {
         Replica { running, data }
     }
 
+    /// Takes `scope`'s keys away from the `main` group, as a hand-off's revoke does: main's role
+    /// then holds the layout's ranges as if `scope` lived on another group.
+    pub async fn revoke_from_main(&self, scope: &str) -> aq_host::backend::ownership::Changes {
+        let mut scopes: Vec<aq_host::index::Scope> = Config::parse(&self.layout, "test layout")
+            .expect("layout parses")
+            .scopes
+            .iter()
+            .map(|s| s.to_scope().expect("a scope"))
+            .collect();
+        scopes.iter_mut().find(|s| s.id == scope).expect("the scope is in the layout").group = "elsewhere".into();
+        let wanted = aq_host::index::ScopeIndex::new(scopes).expect("an index").group_ranges("main");
+        let admin = self.main.admin_credentials();
+        let mut owners = aq_host::backend::ownership::Owners::connect("main", &[self.main.url().to_string()], &admin)
+            .await
+            .expect("root logs into main");
+        owners.reconcile(&wanted).await.expect("main's role changes")
+    }
+
     /// The layout aq was started with.
     pub fn layout(&self) -> String {
         self.layout.clone()

@@ -2,7 +2,6 @@
 //! blake3 hashes. Each token has a role, and roles are ordered: an admin may do what an operator
 //! may, an operator what a reader may.
 
-use std::io::Write;
 use std::path::Path;
 
 use axum::http::{HeaderMap, StatusCode, header};
@@ -64,17 +63,7 @@ pub fn load_or_create_token(path: &Path) -> Result<String, String> {
         Err(e) => return Err(format!("cannot read the admin token {}: {e}", path.display())),
     }
     let token = new_token()?;
-    let mut file = {
-        use std::os::unix::fs::OpenOptionsExt;
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(path)
-            .map_err(|e| format!("cannot create the admin token {}: {e}", path.display()))?
-    };
-    file.write_all(format!("{token}\n").as_bytes())
-        .map_err(|e| format!("cannot write the admin token {}: {e}", path.display()))?;
+    crate::private_file::create(path, format!("{token}\n").as_bytes()).map_err(|e| format!("the admin token: {e}"))?;
     Ok(token)
 }
 

@@ -56,7 +56,7 @@ impl ManagedSecrets {
         let secrets = ManagedSecrets { root: random_password()?, aq: random_password()? };
         std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
         let json = serde_json::to_vec_pretty(&secrets).expect("secrets serialise");
-        write_private(&path, &json)?;
+        crate::private_file::create(&path, &json)?;
         Ok(secrets)
     }
 
@@ -75,19 +75,6 @@ fn random_password() -> Result<String, String> {
     let mut bytes = [0u8; 24];
     getrandom::fill(&mut bytes).map_err(|e| format!("no randomness for etcd passwords: {e}"))?;
     Ok(hex::encode(bytes))
-}
-
-/// Writes `bytes` to a new file only its owner can read.
-fn write_private(path: &Path, bytes: &[u8]) -> Result<(), String> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
-    file.write_all(bytes).and_then(|()| file.sync_all()).map_err(|e| format!("cannot write {}: {e}", path.display()))
 }
 
 /// Turns etcd auth on in a managed etcd: the root user, aq's user and its role (holding no

@@ -121,6 +121,19 @@ enum Shape {
     FencedTxn,
 }
 
+/// One row of the table: where the puts go and whose CPU is counted.
+struct Target<'a> {
+    name: &'static str,
+    url: &'a str,
+    /// The process in between (aq, grpc-proxy), if any.
+    pid: Option<u32>,
+    /// The etcd the puts land in.
+    store_pid: u32,
+    shape: Shape,
+    /// Who the client logs in as.
+    login: Option<&'a Credentials>,
+}
+
 /// The compare of an ownership check by fence: a reserved key's version.
 fn fence_compare() -> pb::PbCompare {
     pb::PbCompare {
@@ -281,15 +294,16 @@ async fn run(duration: Duration, clients: &[usize], etcd_binary: &str) -> Result
     let value = Arc::new(vec![b'v'; 256]);
     let mut runs = Vec::new();
     for &n in clients {
-        let targets: [(&'static str, &str, Option<u32>, u32, Shape, Option<&Credentials>); 6] = [
-            ("direct etcd", etcd.client_url(), None, etcd_pid, Shape::Put, None),
-            ("direct txn", etcd.client_url(), None, etcd_pid, Shape::FencedTxn, None),
-            ("direct auth", secured.client_url(), None, secured_pid, Shape::Put, Some(&data)),
-            ("direct root", secured.client_url(), None, secured_pid, Shape::Put, Some(&admin)),
-            ("aq + policy", aq_url.as_str(), Some(aq.process.0.id()), secured_pid, Shape::Put, None),
-            ("grpc-proxy", proxy_url.as_str(), Some(proxy.0.id()), etcd_pid, Shape::Put, None),
+        let target = |name, url, pid, store_pid, shape, login| Target { name, url, pid, store_pid, shape, login };
+        let targets = [
+            target("direct etcd", etcd.client_url(), None, etcd_pid, Shape::Put, None),
+            target("direct txn", etcd.client_url(), None, etcd_pid, Shape::FencedTxn, None),
+            target("direct auth", secured.client_url(), None, secured_pid, Shape::Put, Some(&data)),
+            target("direct root", secured.client_url(), None, secured_pid, Shape::Put, Some(&admin)),
+            target("aq + policy", aq_url.as_str(), Some(aq.process.0.id()), secured_pid, Shape::Put, None),
+            target("grpc-proxy", proxy_url.as_str(), Some(proxy.0.id()), etcd_pid, Shape::Put, None),
         ];
-        for (target, url, pid, store_pid, shape, login) in targets {
+        for Target { name: target, url, pid, store_pid, shape, login } in targets {
             // A short warm-up on the same keys, then the measured run.
             load(url, n, Duration::from_millis(500), value.clone(), "/registry/configmaps/bench/", shape, login).await?;
             let (aq_before, etcd_before) = (pid.map(cpu_seconds), cpu_seconds(store_pid));

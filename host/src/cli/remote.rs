@@ -314,19 +314,11 @@ pub(super) fn token(name: &str, role: &str) -> Result<(), CliError> {
 
 /// `aq keys gen`: an ed25519 key pair; the private part mode 0600.
 pub(super) fn keygen(out: &std::path::Path) -> Result<(), CliError> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
     let mut secret = [0u8; 32];
     getrandom::fill(&mut secret).map_err(|e| CliError::Input(format!("the system random source failed: {e}")))?;
     let key = ed25519_dalek::SigningKey::from_bytes(&secret);
     let public = hex::encode(key.verifying_key().as_bytes());
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(out)
-        .map_err(|e| CliError::Input(format!("cannot create {}: {e} (aq never overwrites a key)", out.display())))?;
-    file.write_all(format!("{}\n", hex::encode(secret)).as_bytes())?;
+    crate::private_file::create(out, format!("{}\n", hex::encode(secret)).as_bytes()).map_err(CliError::Input)?;
     let public_path = PathBuf::from(format!("{}.pub", out.display()));
     std::fs::write(&public_path, format!("{public}\n"))?;
     println!("private key: {} (mode 0600)\npublic key:  {} = {public}", out.display(), public_path.display());

@@ -92,15 +92,7 @@ fn read_or_create_key(path: &std::path::Path) -> Result<SigningKey, String> {
     }
     let mut secret = [0u8; 32];
     getrandom::fill(&mut secret).map_err(|e| format!("the system random source failed: {e}"))?;
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
-    file.write_all(format!("{}\n", hex::encode(secret)).as_bytes()).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    crate::private_file::create(path, format!("{}\n", hex::encode(secret)).as_bytes())?;
     Ok(SigningKey::from_bytes(&secret))
 }
 
