@@ -6,6 +6,7 @@ mod gateway;
 mod hostile;
 mod hotswap;
 mod lineage;
+mod revisions;
 mod swap;
 mod trust;
 mod validation;

@@ -578,9 +578,7 @@ impl Gateway {
         draft: Option<Draft>,
     ) -> Result<Option<(pb::PbTxnOpResponse, Option<pb::PbResponseHeader>)>, GateError> {
         let sent = if let Some(draft) = draft {
-            let mut footprint = footprint(&op);
-            footprint.extend(guards.iter().map(|g| KeyRange::from_request(&g.key, &g.range_end)));
-            runtime.chain.commit(op, guards, draft, footprint).await
+            runtime.chain.commit(op, guards, draft).await
         } else if guards.is_empty() {
             self.send_plain(runtime, op).await.map(Some)
         } else {

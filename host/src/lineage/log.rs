@@ -223,13 +223,13 @@ pub fn verify(export: &Export, trusted: &[VerifyingKey]) -> Result<Verified, Ver
                 ));
             }
             let before = &export.records[i as usize - 1];
-            // Records written in one Txn (a batch) share its revision; a record written again
-            // later carries a revision beyond its successor's.
-            if exported.revision < before.revision {
+            // Each record is written in its own write's Txn, so revisions strictly increase; a
+            // record written again later carries a revision beyond its successor's.
+            if exported.revision <= before.revision {
                 return Err(fail(
                     Some(i - 1),
                     format!(
-                        "rewritten: it was last written at revision {}, after record {i} (revision {})",
+                        "rewritten: it was last written at revision {}, not before record {i} (revision {})",
                         before.revision, exported.revision
                     ),
                 ));

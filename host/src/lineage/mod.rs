@@ -11,9 +11,9 @@
 //! Policy swaps are recorded the same way in the meta group's log [`META_LOG`], in the Txn that
 //! changes the binding.
 //!
-//! Every record names the blake3 hash of its predecessor's bytes, and the Txn that writes it is
-//! guarded on the head it read, so a scope's records form one chain in revision order (records
-//! batched into one Txn share its revision). Records
+//! Every record names the blake3 hash of its predecessor's bytes, and the Txn that writes it
+//! (with its one write) is guarded on the head it read, so a scope's records form one chain in
+//! strictly increasing revision order. Records
 //! hold blake3 hashes of values, never values. Each scope's records are the leaves of an
 //! RFC 6962 Merkle log ([`log`]); signed checkpoints of those logs, and a root log over the
 //! checkpoints, make an export verifiable offline.
