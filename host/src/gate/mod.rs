@@ -171,19 +171,6 @@ impl Draft {
         })
     }
 
-    #[cfg(test)]
-    fn for_tests() -> Draft {
-        Draft {
-            kind: RecordKind::Mutation,
-            policy: String::new(),
-            level: "digest",
-            principals: Vec::new(),
-            ops: Vec::new(),
-            proposal: None,
-            approvals: Vec::new(),
-        }
-    }
-
     fn record(&self, scope: &str, head: &Head) -> Record {
         Record {
             v: 1,
