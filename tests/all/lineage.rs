@@ -31,8 +31,9 @@ async fn export(gw: &TestGateway, scope: &str) -> Export {
     serde_json::from_value(body).unwrap()
 }
 
-fn record_key(scope: &str, seq: u64) -> Vec<u8> {
-    aq_host::lineage::record_key(scope, seq)
+/// The etcd key of an exported record.
+fn key_of(scope: &str, record: &aq_host::lineage::log::ExportedRecord) -> Vec<u8> {
+    aq_host::lineage::record_key(scope, &record.id)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -45,7 +46,10 @@ async fn governed_writes_leave_records_that_verify_and_open_scopes_leave_none() 
     assert_eq!(records[0]["ops"][0]["key"], hex("/registry/pods/a"));
     assert_eq!(records[0]["ops"][0]["value_blake3"], blake3::hash(b"one").to_hex().as_str());
     assert_eq!(records[3]["ops"][0]["op"], "delete");
-    assert_eq!(records[1]["prev"], blake3::hash(exported.records[0].record.as_bytes()).to_hex().as_str());
+    // In revision order, each with a revision of its own, written once, under its own id.
+    assert!(exported.records.windows(2).all(|w| w[0].revision < w[1].revision), "{:?}", exported.records);
+    assert!(exported.records.iter().all(|r| r.version == 1));
+    assert!(records.iter().zip(&exported.records).all(|(parsed, r)| parsed["id"] == r.id.as_str()));
     assert!(!exported.records.iter().any(|r| r.record.contains("one\"") || r.record.contains("three")), "values never appear");
     let verified = verify(&exported, &[]).expect("a clean export verifies");
     assert_eq!(verified.records, 4);
@@ -88,39 +92,42 @@ async fn edits_deletions_and_rewrites_in_etcd_are_caught_and_named() {
     verify(&clean, &[]).unwrap();
     let mut direct = gw.main.client().await;
 
-    // An edited record: its successor no longer names its hash.
+    // An edited record: written a second time, which aq never does.
     let original = clean.records[1].record.clone();
     let edited = original.replace(blake3::hash(b"two").to_hex().as_str(), blake3::hash(b"forged").to_hex().as_str());
     assert_ne!(edited, original);
-    direct.put(record_key("registry", 1), edited, None).await.unwrap();
+    direct.put(key_of("registry", &clean.records[1]), edited, None).await.unwrap();
     let error = verify(&export(&gw, "registry").await, &[]).unwrap_err();
-    assert_eq!(error.record, Some(1), "{error}");
-    assert!(error.message.contains("altered"), "{error}");
-    direct.put(record_key("registry", 1), original.clone(), None).await.unwrap();
-
-    // Restored, but rewritten after its successors: the order betrays it.
+    assert!(error.message.contains(&clean.records[1].id) && error.message.contains("altered"), "{error}");
+    // Restored to its old bytes, it is still a record written again.
+    direct.put(key_of("registry", &clean.records[1]), original.clone(), None).await.unwrap();
     let error = verify(&export(&gw, "registry").await, &[]).unwrap_err();
-    assert_eq!(error.record, Some(1), "{error}");
-    assert!(error.message.contains("rewritten"), "{error}");
+    assert!(error.message.contains("written 3 times"), "{error}");
 
-    // A deleted record.
+    // A deleted record: the checkpoint signed more records up to its revision than remain.
     let gw = governed_writes().await;
     let clean = export(&gw, "registry").await;
     verify(&clean, &[]).unwrap();
     let mut direct = gw.main.client().await;
-    direct.delete(record_key("registry", 2), None).await.unwrap();
+    direct.delete(key_of("registry", &clean.records[2]), None).await.unwrap();
     let error = verify(&export(&gw, "registry").await, &[]).unwrap_err();
-    assert_eq!(error.record, Some(2), "{error}");
+    assert!(error.message.contains("missing") && error.message.contains("3 remain"), "{error}");
+
+    // Deleted and written again (once, as new): it moved past the checkpoint.
+    direct.put(key_of("registry", &clean.records[2]), clean.records[2].record.clone(), None).await.unwrap();
+    let moved = export(&gw, "registry").await;
+    assert_eq!(moved.records.last().unwrap().id, clean.records[2].id, "now the latest record");
+    let error = verify(&moved, &[]).unwrap_err();
     assert!(error.message.contains("missing"), "{error}");
 
-    // The last record edited: no successor names it, but the signed checkpoint does.
-    let last = clean.records[3].record.replace("\"delete\"", "\"put\"");
-    direct.put(record_key("registry", 2), clean.records[2].record.clone(), None).await.unwrap();
-    let mut tampered = export(&gw, "registry").await;
-    tampered.records[2].revision = clean.records[2].revision; // as if record 2 had never moved
-    tampered.records[3].record = last;
+    // An export edited after the fact: the signed root betrays it.
+    let mut tampered = clean.clone();
+    let forged = tampered.records[3].record.replace("\"level\":\"digest\"", "\"level\":\"full\"");
+    assert_ne!(forged, tampered.records[3].record);
+    tampered.records[3].record = forged;
     let error = verify(&tampered, &[]).unwrap_err();
-    assert_eq!(error.record, Some(3), "{error}");
+    assert!(error.message.contains("altered"), "{error}");
+    assert_eq!(error.record, Some(0), "the first checkpoint covers records 0 to 3");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -149,7 +156,7 @@ async fn policy_swaps_are_recorded_in_the_meta_log_in_the_same_txn() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn concurrent_writes_through_two_replicas_form_one_chain() {
+async fn concurrent_writes_through_two_replicas_form_one_log() {
     let gw = governed_writes().await;
     let replica = gw.replica().await;
     let deny = blake3::hash(&guests::bytes(guests::EXAMPLE_DENY_PREFIX)).to_hex().to_string();
@@ -158,8 +165,7 @@ async fn concurrent_writes_through_two_replicas_form_one_chain() {
         assert!(std::time::Instant::now() < deadline, "the replica never applied the binding");
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
-    // 12 writers on each replica; every third writer shares its keys with another, so writes
-    // to one key queue behind each other instead of joining one Txn.
+    // 12 writers on each replica; every third writer shares its keys with another.
     let endpoints = [gw.endpoint(), replica.running.addr.to_string()];
     let mut writers = Vec::new();
     for writer in 0..24 {
@@ -181,7 +187,7 @@ async fn concurrent_writes_through_two_replicas_form_one_chain() {
         written.extend(writer.await.unwrap());
     }
     let exported = export(&gw, "registry").await;
-    let verified = verify(&exported, &[]).expect("the chain written concurrently verifies");
+    let verified = verify(&exported, &[]).expect("the log written concurrently verifies");
     assert_eq!(verified.records as usize, 4 + written.len(), "one record per write, none lost or doubled");
     let mut recorded: Vec<(String, String)> = exported.records[4..]
         .iter()
@@ -197,37 +203,46 @@ async fn concurrent_writes_through_two_replicas_form_one_chain() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn checkpoints_cover_what_was_written_and_stop_at_a_gap() {
+async fn checkpoints_cover_what_was_written_and_stop_at_a_rewritten_record() {
     let gw = governed_writes().await;
     let first = export(&gw, "registry").await;
-    assert_eq!(first.checkpoints.last().unwrap().size, 4);
+    let signed = first.checkpoints.last().unwrap();
+    assert_eq!((signed.size, signed.revision), (4, first.records[3].revision));
     let mut client = gw.client().await;
     client.put("/registry/pods/d", "five", None).await.unwrap();
     client.put("/registry/pods/e", "six", None).await.unwrap();
     let mut direct = gw.main.client().await;
-    let mut leaves: Vec<Vec<u8>> = first.records.iter().map(|r| r.record.clone().into_bytes()).collect();
-    for seq in [4, 5] {
-        leaves.push(direct.get(record_key("registry", seq), None).await.unwrap().kvs()[0].value().to_vec());
-    }
+    let prefix = aq_host::lineage::records_prefix("registry");
+    let all = direct
+        .get(prefix, Some(etcd_client::GetOptions::new().with_prefix().with_sort(etcd_client::SortTarget::Mod, etcd_client::SortOrder::Ascend)))
+        .await
+        .unwrap();
+    let leaves: Vec<Vec<u8>> = all.kvs().iter().map(|kv| kv.value().to_vec()).collect();
+    assert_eq!(leaves.len(), 6);
 
-    // An old record deleted: the next checkpoint reads only what was added since the last one,
-    // so it signs the log as written, and verification names the deletion.
-    direct.delete(record_key("registry", 1), None).await.unwrap();
+    // An old record deleted: the next checkpoint reads only what was written since the last
+    // one, so it signs the log as written, and verification names the deletion.
+    direct.delete(key_of("registry", &first.records[1]), None).await.unwrap();
     let second = export(&gw, "registry").await;
     let signed = second.checkpoints.last().unwrap();
     assert_eq!((signed.size, signed.root.as_str()), (6, aq_host::lineage::log::root_hex(&leaves).as_str()));
     let error = verify(&second, &[]).unwrap_err();
-    assert_eq!(error.record, Some(1), "{error}");
+    assert!(error.message.contains("missing"), "{error}");
 
-    // A record missing past the last checkpoint: nothing beyond it is signed.
+    // A record written again before it was checkpointed: nothing from it on is signed.
     client.put("/registry/pods/f", "seven", None).await.unwrap();
     client.put("/registry/pods/g", "eight", None).await.unwrap();
-    direct.delete(record_key("registry", 6), None).await.unwrap();
+    let newest = direct
+        .get(aq_host::lineage::records_prefix("registry"), Some(etcd_client::GetOptions::new().with_prefix().with_sort(etcd_client::SortTarget::Mod, etcd_client::SortOrder::Descend).with_limit(1)))
+        .await
+        .unwrap();
+    let kv = &newest.kvs()[0];
+    direct.put(kv.key().to_vec(), kv.value().to_vec(), None).await.unwrap();
     let (status, body) = gw.admin(Method::POST, "/v1/lineage/registry/checkpoint", Value::Null).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
-    assert!(body["detail"].as_str().unwrap().contains("has no record 6 but has 7"), "{body}");
+    assert!(body["detail"].as_str().unwrap().contains("was written 2 times"), "{body}");
     let third = export(&gw, "registry").await;
-    assert_eq!(third.checkpoints.last().unwrap().size, 6, "no checkpoint past the gap");
+    assert!(third.checkpoints.last().unwrap().size <= 7, "no checkpoint past the rewritten record");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

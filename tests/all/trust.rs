@@ -449,7 +449,7 @@ async fn until_following(gateway: &aq_host::gate::Gateway, id: &str, needle: &st
 async fn last_secret_record(gw: &TestGateway) -> Value {
     let mut direct = gw.main.client().await;
     let prefix = b"\xffaq/lineage/secrets/".to_vec();
-    let options = etcd_client::GetOptions::new().with_prefix().with_sort(etcd_client::SortTarget::Key, etcd_client::SortOrder::Descend).with_limit(1);
+    let options = etcd_client::GetOptions::new().with_prefix().with_sort(etcd_client::SortTarget::Mod, etcd_client::SortOrder::Descend).with_limit(1);
     let found = direct.get(prefix, Some(options)).await.unwrap();
     serde_json::from_slice(found.kvs()[0].value()).expect("a lineage record")
 }

@@ -125,7 +125,7 @@ impl Gateway {
         // The revision the request was evaluated at: a read of the scope's group now.
         let revision = runtime
             .group
-            .range(pb::PbRangeRequest { key: crate::lineage::head_key(scope), count_only: true, ..Default::default() })
+            .range(pb::PbRangeRequest { key: crate::lineage::records_prefix(scope), count_only: true, ..Default::default() })
             .await?
             .header
             .map(|h| h.revision)

@@ -7,7 +7,6 @@
 
 pub mod anchors;
 mod approvals;
-mod chain;
 pub use approvals::ApprovalError;
 pub(crate) use approvals::{decode_request, model_of};
 pub mod decisions;
@@ -26,16 +25,13 @@ use tonic::Status;
 use crate::backend::Group;
 use crate::engine::{Engine, EvalRequest, Registry, ScopeSlot};
 use crate::index::{KeyRange, Owner, Scope, ScopeIndex};
-use crate::lineage::{ApprovalRecord, Head, OpRecord, Record, RecordKind};
+use crate::lineage::{ApprovalRecord, OpRecord, Record, RecordKind};
 use crate::backend::compare::{RESULT_EQUAL, TARGET_MOD, TARGET_VERSION};
 use crate::trust::SignedRequest;
 
 /// How many times a write is retried after a policy read moved.
 const MAX_ATTEMPTS: usize = 5;
 
-/// How many times a write is sent again because other replicas extended its scope's lineage
-/// chain first (no new evaluation: the decision still holds).
-const LINEAGE_ATTEMPTS: usize = 100;
 
 /// Why the gate refused or could not complete a request.
 #[derive(Debug, thiserror::Error)]
@@ -123,7 +119,7 @@ pub(crate) struct Evaluated {
     policy: crate::engine::PolicyDigest,
 }
 
-/// A lineage record waiting for its place in the chain.
+/// A lineage record, to be written with its write.
 #[derive(Clone)]
 pub(crate) struct Draft {
     kind: RecordKind,
@@ -171,12 +167,11 @@ impl Draft {
         })
     }
 
-    fn record(&self, scope: &str, head: &Head) -> Record {
+    fn record(&self, scope: &str) -> Record {
         Record {
-            v: 1,
+            v: crate::lineage::RECORD_VERSION,
             scope: scope.to_string(),
-            seq: head.next,
-            prev: head.prev.clone(),
+            id: crate::lineage::new_record_id(),
             kind: self.kind,
             time_ms: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or_default(),
             policy: self.policy.clone(),
@@ -240,16 +235,6 @@ fn put(key: Vec<u8>, value: Vec<u8>) -> pb::PbTxnRequestOp {
     pb::PbTxnRequestOp { request: Some(pb::PbTxnOpRequest::RequestPut(pb::PbPutRequest { key, value, ..Default::default() })) }
 }
 
-/// A chain head as read (absent: the empty chain, revision 0).
-fn parse_head(range: &pb::PbRangeResponse) -> Result<(Head, i64), GateError> {
-    match range.kvs.first() {
-        Some(kv) => serde_json::from_slice(&kv.value)
-            .map(|head| (head, kv.mod_revision))
-            .map_err(|e| GateError::Backend(Status::data_loss(format!("the lineage head is damaged: {e}")))),
-        None => Ok((Head::default(), 0)),
-    }
-}
-
 /// What a request carries besides its message: signatures, and how long to wait for
 /// approvals.
 #[derive(Clone, Debug, Default)]
@@ -281,8 +266,6 @@ pub struct ScopeRuntime {
     pub group: Group,
     /// Its policy binding.
     pub slot: Arc<ScopeSlot>,
-    /// Its lineage chain: writes with records queue here and commit in batches.
-    chain: Arc<chain::Chain>,
 }
 
 /// The gateway core shared by every front-end service.
@@ -318,8 +301,7 @@ impl Gateway {
                 .ok_or_else(|| format!("scope {} names backend group {}, which is not configured", scope.id, scope.group))?
                 .clone();
             let slot = registry.slot(&scope.id).ok_or_else(|| format!("scope {} has no policy bound", scope.id))?;
-            let chain = Arc::new(chain::Chain::new(&scope.id, group.clone(), metrics.clone()));
-            scopes.insert(scope.id.clone(), ScopeRuntime { scope: scope.clone(), group, slot, chain });
+            scopes.insert(scope.id.clone(), ScopeRuntime { scope: scope.clone(), group, slot });
         }
         let home = groups.get(home).ok_or_else(|| format!("the home group {home} is not configured"))?.clone();
         Ok(Gateway {
@@ -553,8 +535,8 @@ impl Gateway {
     }
 
     /// Sends `op` to the scope's group. Without `guards` or a `draft` it goes as the client
-    /// sent it; with `guards`, as the success branch of a Txn guarded by them; with a `draft`,
-    /// its lineage record goes into the same Txn through the scope's chain (see [`chain`]).
+    /// sent it; otherwise as the success branch of a Txn guarded by `guards`, after the
+    /// `draft`'s lineage record. The Txn holds this one write: it takes a revision of its own.
     /// Answers the client op's answer and the header; `Ok(None)` when a guard failed (a policy
     /// read or a nonce moved) and the caller evaluates again.
     async fn send(
@@ -564,16 +546,16 @@ impl Gateway {
         guards: Vec<pb::PbCompare>,
         draft: Option<Draft>,
     ) -> Result<Option<(pb::PbTxnOpResponse, Option<pb::PbResponseHeader>)>, GateError> {
-        let sent = if let Some(draft) = draft {
-            runtime.chain.commit(op, guards, draft).await
-        } else if guards.is_empty() {
+        let sent = if guards.is_empty() && draft.is_none() {
             self.send_plain(runtime, op).await.map(Some)
         } else {
-            let request = pb::PbTxnRequest {
-                compare: guards,
-                success: vec![pb::PbTxnRequestOp { request: Some(op) }],
-                failure: Vec::new(),
-            };
+            let mut success = Vec::with_capacity(2);
+            if let Some(draft) = draft {
+                let record = draft.record(&runtime.scope.id);
+                success.push(put(record.key(), record.encode()));
+            }
+            success.push(pb::PbTxnRequestOp { request: Some(op) });
+            let request = pb::PbTxnRequest { compare: guards, success, failure: Vec::new() };
             runtime.group.txn(request).await.map(|r| r.succeeded.then_some(r)).map_err(GateError::Backend)
         };
         let sent = sent.map_err(|e| self.backend_failure(runtime, e))?;

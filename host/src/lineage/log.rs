@@ -1,9 +1,10 @@
 //! Merkle logs over lineage records, signed checkpoints, exports and their offline check.
 //!
-//! Each scope's records, in `seq` order, are the leaves of an RFC 6962 Merkle tree (SHA-256, as
-//! in Certificate Transparency; `ct-merkle`). A checkpoint is a replica's ed25519 signature over
-//! (scope, size, root). Every checkpoint is also appended to the root log, whose own signed
-//! checkpoint therefore commits to every scope's checkpoints.
+//! Each scope's records, in revision order, are the leaves of an RFC 6962 Merkle tree (SHA-256,
+//! as in Certificate Transparency; `ct-merkle`). A checkpoint is a replica's ed25519 signature
+//! over (scope, size, the revision of the last record covered, root). Every checkpoint is also
+//! appended to the root log, whose own signed checkpoint therefore commits to every scope's
+//! checkpoints.
 
 use ct_merkle::mem_backed_tree::MemoryBackedTree;
 use ct_merkle::{InclusionProof, RootHash};
@@ -11,7 +12,7 @@ use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
-use super::{Record, record_hash};
+use super::Record;
 
 /// The scope name of the root log's checkpoints.
 pub const ROOT_LOG: &str = "@root";
@@ -23,6 +24,10 @@ pub struct Checkpoint {
     pub scope: String,
     /// Leaves covered.
     pub size: u64,
+    /// The revision of the last record covered: the log's records at or before it are exactly
+    /// the `size` leaves (0 for the root log and for an empty log).
+    #[serde(default)]
+    pub revision: i64,
     /// The RFC 6962 tree hash of those leaves (hex).
     pub root: String,
     /// When it was signed (Unix milliseconds).
@@ -34,11 +39,12 @@ pub struct Checkpoint {
 }
 
 /// What a checkpoint signature covers.
-pub fn checkpoint_message(scope: &str, size: u64, root: &str, time_ms: u64) -> Vec<u8> {
-    let mut message = b"aq lineage checkpoint v1\0".to_vec();
+pub fn checkpoint_message(scope: &str, size: u64, revision: i64, root: &str, time_ms: u64) -> Vec<u8> {
+    let mut message = b"aq lineage checkpoint v2\0".to_vec();
     message.extend_from_slice(&(scope.len() as u32).to_le_bytes());
     message.extend_from_slice(scope.as_bytes());
     message.extend_from_slice(&size.to_le_bytes());
+    message.extend_from_slice(&revision.to_le_bytes());
     message.extend_from_slice(root.as_bytes());
     message.extend_from_slice(&time_ms.to_le_bytes());
     message
@@ -111,17 +117,19 @@ fn rfc6962_hash(parts: &[&[u8]]) -> [u8; 32] {
 }
 
 impl Checkpoint {
-    /// Signs a checkpoint of `leaves` for `scope`.
+    /// Signs a checkpoint of `leaves` for `scope` (the root log: no revisions).
     pub fn sign(key: &SigningKey, scope: &str, leaves: &[Vec<u8>], time_ms: u64) -> Checkpoint {
-        Checkpoint::sign_root(key, scope, leaves.len() as u64, root_hex(leaves), time_ms)
+        Checkpoint::sign_root(key, scope, leaves.len() as u64, 0, root_hex(leaves), time_ms)
     }
 
-    /// Signs a checkpoint of a log of `size` leaves whose tree hash is `root` (hex).
-    pub fn sign_root(key: &SigningKey, scope: &str, size: u64, root: String, time_ms: u64) -> Checkpoint {
-        let signature = key.sign(&checkpoint_message(scope, size, &root, time_ms));
+    /// Signs a checkpoint of a log of `size` leaves, the last written at `revision`, whose tree
+    /// hash is `root` (hex).
+    pub fn sign_root(key: &SigningKey, scope: &str, size: u64, revision: i64, root: String, time_ms: u64) -> Checkpoint {
+        let signature = key.sign(&checkpoint_message(scope, size, revision, &root, time_ms));
         Checkpoint {
             scope: scope.to_string(),
             size,
+            revision,
             root,
             time_ms,
             signer: hex::encode(key.verifying_key().as_bytes()),
@@ -139,7 +147,10 @@ impl Checkpoint {
             .ok()
             .and_then(|s| s.try_into().ok())
             .ok_or_else(|| format!("checkpoint of {} (size {}): the signature is not 64 bytes of hex", self.scope, self.size))?;
-        key.verify_strict(&checkpoint_message(&self.scope, self.size, &self.root, self.time_ms), &Signature::from_bytes(&signature))
+        key.verify_strict(
+            &checkpoint_message(&self.scope, self.size, self.revision, &self.root, self.time_ms),
+            &Signature::from_bytes(&signature),
+        )
             .map_err(|_| format!("checkpoint of {} (size {}): the signature does not verify", self.scope, self.size))
     }
 }
@@ -147,10 +158,12 @@ impl Checkpoint {
 /// A record as exported: where it was and what it held.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ExportedRecord {
-    /// Its etcd key's `seq` part.
-    pub seq: u64,
+    /// Its etcd key's id part.
+    pub id: String,
     /// The revision that last wrote it.
     pub revision: i64,
+    /// How many times it was written (etcd's `version`): 1 for a record as aq wrote it.
+    pub version: i64,
     /// The stored bytes (the record's JSON).
     pub record: String,
 }
@@ -162,7 +175,7 @@ pub struct Export {
     pub v: u8,
     /// The scope.
     pub scope: String,
-    /// Its records, in key order.
+    /// Its records, in revision order.
     pub records: Vec<ExportedRecord>,
     /// Its checkpoints, oldest first.
     pub checkpoints: Vec<Checkpoint>,
@@ -187,7 +200,7 @@ pub struct Verified {
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 #[error("{}{message}", .record.map(|s| format!("record {s}: ")).unwrap_or_default())]
 pub struct VerifyError {
-    /// The record's `seq`.
+    /// The record's position in the log (revision order).
     pub record: Option<u64>,
     /// What is wrong.
     pub message: String,
@@ -197,48 +210,43 @@ fn fail(record: Option<u64>, message: impl Into<String>) -> VerifyError {
     VerifyError { record, message: message.into() }
 }
 
-/// Checks an export: the chain of records, their order, every checkpoint's signature and root,
-/// and the root log. `trusted`, when not empty, are the only keys checkpoints may be signed by.
+/// Checks an export: each record written once, with its own revision, in revision order;
+/// every checkpoint's signature, and that the records at or before its revision are exactly the
+/// leaves it signed; and the root log. `trusted`, when not empty, are the only keys checkpoints
+/// may be signed by.
 pub fn verify(export: &Export, trusted: &[VerifyingKey]) -> Result<Verified, VerifyError> {
     let mut leaves: Vec<Vec<u8>> = Vec::with_capacity(export.records.len());
     for (i, exported) in export.records.iter().enumerate() {
         let i = i as u64;
-        if exported.seq != i {
+        let record: Record = serde_json::from_str(&exported.record)
+            .map_err(|e| fail(Some(i), format!("{}: does not parse as a lineage record: {e}", exported.id)))?;
+        if record.id != exported.id || record.scope != export.scope {
             return Err(fail(
                 Some(i),
-                format!("missing: the records jump from seq {} to seq {}", i.wrapping_sub(1) as i64, exported.seq),
+                format!("{}: altered: it claims to be record {} of scope {}", exported.id, record.id, record.scope),
             ));
         }
-        let record: Record = serde_json::from_str(&exported.record)
-            .map_err(|e| fail(Some(i), format!("does not parse as a lineage record: {e}")))?;
-        if record.seq != i || record.scope != export.scope {
-            return Err(fail(Some(i), format!("claims to be seq {} of scope {}", record.seq, record.scope)));
+        if exported.version != 1 {
+            return Err(fail(
+                Some(i),
+                format!(
+                    "{}: altered: written {} times (last at revision {}); aq writes a record once, with its write",
+                    exported.id, exported.version, exported.revision
+                ),
+            ));
         }
-        if let Some(previous) = leaves.last() {
-            let expected = record_hash(previous);
-            if record.prev != expected {
-                return Err(fail(
-                    Some(i - 1),
-                    format!("altered: record {i} names its predecessor's hash {}, but record {} hashes to {expected}", record.prev, i - 1),
-                ));
-            }
-            let before = &export.records[i as usize - 1];
-            // Each record is written in its own write's Txn, so revisions strictly increase; a
-            // record written again later carries a revision beyond its successor's.
-            if exported.revision <= before.revision {
-                return Err(fail(
-                    Some(i - 1),
-                    format!(
-                        "rewritten: it was last written at revision {}, not before record {i} (revision {})",
-                        before.revision, exported.revision
-                    ),
-                ));
-            }
-        } else if !record.prev.is_empty() {
-            return Err(fail(Some(0), "the first record names a predecessor"));
+        if let Some(before) = i.checked_sub(1).map(|b| &export.records[b as usize])
+            && exported.revision <= before.revision
+        {
+            return Err(fail(
+                Some(i),
+                format!("{}: out of order: revision {} is not after record {}'s {}", exported.id, exported.revision, i - 1, before.revision),
+            ));
         }
         leaves.push(exported.record.as_bytes().to_vec());
     }
+    // The records as far as the last checkpoint that matched: a mismatch lies after it.
+    let mut matched = 0u64;
     let mut signers: Vec<String> = Vec::new();
     for checkpoint in &export.checkpoints {
         checkpoint.check_signature(trusted).map_err(|e| fail(None, e))?;
@@ -246,19 +254,25 @@ pub fn verify(export: &Export, trusted: &[VerifyingKey]) -> Result<Verified, Ver
             return Err(fail(None, format!("a checkpoint of scope {} is in the export of {}", checkpoint.scope, export.scope)));
         }
         let size = checkpoint.size as usize;
-        if size > leaves.len() {
+        let covered = export.records.partition_point(|r| r.revision <= checkpoint.revision);
+        let window = if checkpoint.size > matched {
+            format!("records {matched} to {} (through revision {})", checkpoint.size - 1, checkpoint.revision)
+        } else {
+            format!("the first {size} records (through revision {})", checkpoint.revision)
+        };
+        if covered < size {
             return Err(fail(
-                Some(leaves.len() as u64),
-                format!("missing: a checkpoint covers {size} records but only {} remain", leaves.len()),
+                Some(matched.min(covered as u64)),
+                format!("missing: a checkpoint signed {size} records through revision {}, but {covered} remain; the gap is among {window}", checkpoint.revision),
             ));
         }
-        if root_hex(&leaves[..size]) != checkpoint.root {
-            // The chain holds up to here, so the last record under the checkpoint was changed.
+        if covered > size || root_hex(&leaves[..size]) != checkpoint.root {
             return Err(fail(
-                Some(checkpoint.size.saturating_sub(1)),
-                format!("altered: the records do not match the checkpoint of size {size} (root {})", checkpoint.root),
+                Some(matched),
+                format!("altered: {window} do not match the checkpoint of size {size} (root {})", checkpoint.root),
             ));
         }
+        matched = matched.max(checkpoint.size);
         if !export.root_log.contains(checkpoint) {
             return Err(fail(None, format!("the checkpoint of size {size} is not in the root log")));
         }

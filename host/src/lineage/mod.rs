@@ -1,22 +1,21 @@
 //! Lineage: a tamper-evident record of governed mutations.
 //!
-//! A record is written in the same etcd Txn as the mutation it describes, in the scope's group,
-//! under the reserved prefix:
+//! A record is written in the same etcd Txn as the mutation it describes, and in no other
+//! write's, in the scope's group under the reserved prefix:
 //!
 //! | key                                  | value                                         |
 //! |--------------------------------------|-----------------------------------------------|
-//! | `\xffaq/lineage/<scope>/<seq:020>`   | the record (JSON, [`Record`]), `seq` from 0   |
-//! | `\xffaq/lineage-head/<scope>`        | [`Head`]: the next `seq` and the last record's hash |
+//! | `\xffaq/lineage/<scope>/<id>`        | the record (JSON, [`Record`]); `id` is random  |
 //!
 //! Policy swaps are recorded the same way in the meta group's log [`META_LOG`], in the Txn that
 //! changes the binding.
 //!
-//! Every record names the blake3 hash of its predecessor's bytes, and the Txn that writes it
-//! (with its one write) is guarded on the head it read, so a scope's records form one chain in
-//! strictly increasing revision order. Records
-//! hold blake3 hashes of values, never values. Each scope's records are the leaves of an
-//! RFC 6962 Merkle log ([`log`]); signed checkpoints of those logs, and a root log over the
-//! checkpoints, make an export verifiable offline.
+//! A record takes the revision of its write, which no other write shares, so a scope's log is
+//! its records in revision order, and no write waits for another's: nothing serialises a
+//! scope's writes. Records are written once (etcd `version` 1) and hold blake3 hashes of values,
+//! never values. Each scope's records, in revision order, are the leaves of an RFC 6962 Merkle
+//! log ([`log`]); signed checkpoints of those logs (size, root, and the revision of the last
+//! record covered), and a root log over the checkpoints, make an export verifiable offline.
 
 pub mod log;
 pub mod store;
@@ -76,14 +75,12 @@ pub struct ApprovalRecord {
 /// A lineage record.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Record {
-    /// Format version (1).
+    /// Format version (2).
     pub v: u8,
     /// The scope.
     pub scope: String,
-    /// Position in the scope's log, from 0.
-    pub seq: u64,
-    /// blake3 (hex) of the previous record's bytes; empty for the first.
-    pub prev: String,
+    /// The record's own id (32 hex digits, random): the last part of its key.
+    pub id: String,
     /// What happened.
     pub kind: RecordKind,
     /// When aq decided (Unix milliseconds).
@@ -110,25 +107,35 @@ pub struct Record {
     pub binding: Option<String>,
 }
 
+/// The record format written now.
+pub const RECORD_VERSION: u8 = 2;
+
 impl Record {
-    /// The stored bytes: the leaf of the Merkle log and what the next record's `prev` hashes.
+    /// The stored bytes: the leaf of the Merkle log.
     pub fn encode(&self) -> Vec<u8> {
         serde_json::to_vec(self).expect("records serialise")
     }
+
+    /// Where the record is stored.
+    pub fn key(&self) -> Vec<u8> {
+        record_key(&self.scope, &self.id)
+    }
 }
 
-/// The state of a scope's chain.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Head {
-    /// The next record's `seq`.
-    pub next: u64,
-    /// blake3 (hex) of the last record's bytes; empty before the first.
-    pub prev: String,
-}
-
-/// blake3 (hex) of a record's bytes.
-pub fn record_hash(bytes: &[u8]) -> String {
-    blake3::hash(bytes).to_hex().to_string()
+/// A fresh record id, 32 hex digits: 16 random bytes mixed with the process, the time and a
+/// counter, so that ids stay unique even if the system random source failed.
+pub fn new_record_id() -> String {
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let mut random = [0u8; 16];
+    let _ = getrandom::fill(&mut random);
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let mut hasher = blake3::Hasher::new_derive_key("aq lineage record id 2026-12");
+    hasher
+        .update(&random)
+        .update(&std::process::id().to_le_bytes())
+        .update(&now.as_nanos().to_le_bytes())
+        .update(&COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed).to_le_bytes());
+    hex::encode(&hasher.finalize().as_bytes()[..16])
 }
 
 /// The prefix of a scope's records.
@@ -140,17 +147,9 @@ pub fn records_prefix(scope: &str) -> Vec<u8> {
     key
 }
 
-/// The key of record `seq` of a scope.
-pub fn record_key(scope: &str, seq: u64) -> Vec<u8> {
+/// The key of record `id` of a scope.
+pub fn record_key(scope: &str, id: &str) -> Vec<u8> {
     let mut key = records_prefix(scope);
-    key.extend_from_slice(format!("{seq:020}").as_bytes());
-    key
-}
-
-/// The key of a scope's chain head.
-pub fn head_key(scope: &str) -> Vec<u8> {
-    let mut key = RESERVED_PREFIX.to_vec();
-    key.extend_from_slice(b"lineage-head/");
-    key.extend_from_slice(scope.as_bytes());
+    key.extend_from_slice(id.as_bytes());
     key
 }

@@ -6,7 +6,7 @@ use ed25519_dalek::SigningKey;
 use etcd_client::proto as pb;
 
 use super::log::{Checkpoint, Export, ExportedRecord, Frontier, ROOT_LOG};
-use super::{record_key, records_prefix};
+use super::records_prefix;
 use crate::backend::Group;
 use crate::index::KeyRange;
 use crate::meta::MetaStore;
@@ -14,70 +14,55 @@ use crate::meta::MetaStore;
 /// Records read per range request.
 const PAGE: i64 = 1000;
 
-/// A scope's records, in `seq` order, with the revision that last wrote each. Read in pages,
-/// all at the revision of the first page.
-pub async fn records(group: &Group, scope: &str) -> Result<Vec<ExportedRecord>, String> {
-    let mut pages = Pages::new(group, scope, 0);
+/// etcd's `RangeRequest.sort_target` `MOD` and `sort_order` `ASCEND`.
+const SORT_MOD: i32 = 3;
+const ASCEND: i32 = 1;
+
+/// A scope's records in revision order, with the revision and version of each: every record
+/// written at or before `revision` (0: now) and after `after`, read in pages, all at one
+/// revision. Returns them and that revision.
+async fn records_between(group: &Group, scope: &str, after: i64, revision: i64) -> Result<(Vec<ExportedRecord>, i64), String> {
+    let prefix = records_prefix(scope);
+    let (key, range_end) = KeyRange::prefix(&prefix).to_request();
+    let mut at = revision;
+    let mut after = after;
     let mut records = Vec::new();
-    while let Some(page) = pages.next().await? {
-        records.extend(page);
-    }
-    Ok(records)
-}
-
-/// A scope's records from one `seq` on, a page at a time, all at the revision of the first.
-struct Pages<'a> {
-    group: &'a Group,
-    scope: &'a str,
-    /// Where the scope's record keys start (the `seq` follows) and end.
-    prefix: usize,
-    range_end: Vec<u8>,
-    key: Vec<u8>,
-    revision: i64,
-    done: bool,
-}
-
-impl<'a> Pages<'a> {
-    fn new(group: &'a Group, scope: &'a str, seq: u64) -> Self {
-        let prefix = records_prefix(scope);
-        let (_, range_end) = KeyRange::prefix(&prefix).to_request();
-        Pages { group, scope, prefix: prefix.len(), range_end, key: record_key(scope, seq), revision: 0, done: false }
-    }
-
-    async fn next(&mut self) -> Result<Option<Vec<ExportedRecord>>, String> {
-        if self.done {
-            return Ok(None);
-        }
+    loop {
         let request = pb::PbRangeRequest {
-            key: self.key.clone(),
-            range_end: self.range_end.clone(),
+            key: key.clone(),
+            range_end: range_end.clone(),
             limit: PAGE,
-            revision: self.revision,
+            revision: at,
+            sort_order: ASCEND,
+            sort_target: SORT_MOD,
+            min_mod_revision: after + 1,
             ..Default::default()
         };
-        let response = self.group.range(request).await.map_err(|s| {
-            format!("cannot read the lineage of scope {} from group {}: {}", self.scope, self.group.name(), s.message())
+        let response = group.range(request).await.map_err(|s| {
+            format!("cannot read the lineage of scope {scope} from group {}: {}", group.name(), s.message())
         })?;
-        self.revision = response.header.as_ref().map(|h| h.revision).unwrap_or_default();
-        self.done = !response.more;
-        let Some(last) = response.kvs.last() else {
-            self.done = true;
-            return Ok(None);
-        };
-        self.key = crate::index::successor(&last.key);
-        let prefix = self.prefix;
-        Ok(Some(
-            response
-                .kvs
-                .into_iter()
-                .map(|kv| ExportedRecord {
-                    seq: std::str::from_utf8(&kv.key[prefix..]).ok().and_then(|s| s.parse().ok()).unwrap_or(u64::MAX),
-                    revision: kv.mod_revision,
-                    record: String::from_utf8_lossy(&kv.value).into_owned(),
-                })
-                .collect(),
-        ))
+        if at == 0 {
+            at = response.header.as_ref().map(|h| h.revision).unwrap_or_default();
+        }
+        let more = response.more;
+        for kv in response.kvs {
+            after = kv.mod_revision;
+            records.push(ExportedRecord {
+                id: String::from_utf8_lossy(&kv.key[prefix.len()..]).into_owned(),
+                revision: kv.mod_revision,
+                version: kv.version,
+                record: String::from_utf8_lossy(&kv.value).into_owned(),
+            });
+        }
+        if !more {
+            return Ok((records, at));
+        }
     }
+}
+
+/// A scope's records, in revision order.
+pub async fn records(group: &Group, scope: &str) -> Result<Vec<ExportedRecord>, String> {
+    records_between(group, scope, 0, 0).await.map(|(records, _)| records)
 }
 
 fn now_ms() -> u64 {
@@ -85,8 +70,8 @@ fn now_ms() -> u64 {
 }
 
 /// Signs this replica's checkpoints of the logs it serves. It keeps, per log, the tree's
-/// [`Frontier`] and the size it last checkpointed, so a pass reads only the records added
-/// since the previous one: the whole log is read once per process, at its first pass.
+/// [`Frontier`], the revision read through and the size it last checkpointed, so a pass gets
+/// only the records written since the previous one, in revision order.
 pub struct Checkpointer {
     key: SigningKey,
     meta: MetaStore,
@@ -97,6 +82,10 @@ pub struct Checkpointer {
 #[derive(Default)]
 struct Progress {
     frontier: Frontier,
+    /// Every record written at or before this revision is in the frontier.
+    read_through: i64,
+    /// The revision of the frontier's last leaf.
+    last: i64,
     checkpointed: u64,
 }
 
@@ -114,26 +103,27 @@ impl Checkpointer {
         // At a log's first pass this replica has checkpointed nothing; if a checkpoint of the
         // same size is stored already, storing this one is refused and nothing changes.
         let progress = logs.entry(scope.to_string()).or_default();
-        // Page by page: the first pass over a long log never holds all of it.
-        let mut pages = Pages::new(group, scope, progress.frontier.size());
-        while let Some(page) = pages.next().await? {
-            for record in page {
-                if record.seq != progress.frontier.size() {
-                    return Err(format!(
-                        "the lineage of scope {scope} has no record {} but has {}; nothing past the gap is checkpointed: \
-                         `aq lineage export {scope}` and `aq lineage verify` name what changed",
-                        progress.frontier.size(),
-                        record.seq
-                    ));
-                }
-                progress.frontier.push(record.record.as_bytes());
+        // Only what was written since the last pass is returned (etcd still walks the whole
+        // prefix to filter by revision).
+        let (added, read_at) = records_between(group, scope, progress.read_through, 0).await?;
+        for record in added {
+            if record.version != 1 {
+                return Err(format!(
+                    "the lineage record {} of scope {scope} was written {} times (last at revision {}); nothing past it is \
+                     checkpointed: `aq lineage export {scope}` and `aq lineage verify` name what changed",
+                    record.id, record.version, record.revision
+                ));
             }
+            progress.frontier.push(record.record.as_bytes());
+            progress.last = record.revision;
+            progress.read_through = record.revision;
         }
+        progress.read_through = read_at;
         let size = progress.frontier.size();
         if size <= progress.checkpointed {
             return Ok(None);
         }
-        let checkpoint = Checkpoint::sign_root(&self.key, scope, size, progress.frontier.root_hex(), now_ms());
+        let checkpoint = Checkpoint::sign_root(&self.key, scope, size, progress.last, progress.frontier.root_hex(), now_ms());
         let stored = self.meta.put_checkpoint(&checkpoint).await.map_err(|e| e.to_string())?;
         progress.checkpointed = size;
         Ok(stored.then_some(checkpoint))

@@ -29,9 +29,6 @@ use crate::backend::compare::{RESULT_EQUAL, RESULT_GREATER, TARGET_MOD, TARGET_V
 use crate::index::{KeyRange, RESERVED_PREFIX};
 use crate::trust::proposal::Proposal;
 
-/// How often a binding write is sent again because the meta lineage log moved meanwhile.
-const LINEAGE_ATTEMPTS: usize = 20;
-
 /// Bytes per stored chunk; well under etcd's default request limit of 1.5 MiB.
 pub const CHUNK_BYTES: usize = 1 << 20;
 
@@ -569,62 +566,42 @@ impl MetaStore {
     /// Writes a scope's binding if it is still at `expected` (its mod revision; 0: absent) and
     /// its policy is stored. Returns the revision of the write.
     pub async fn write_binding(&self, scope: &str, record: &BindingRecord, expected: i64) -> Result<i64, MetaError> {
-        use crate::lineage::{Head, META_LOG, Record, RecordKind, head_key, record_hash, record_key};
+        use crate::lineage::{META_LOG, RECORD_VERSION, Record, RecordKind, new_record_id};
         let digest = &record.active.digest;
         let value = serde_json::to_vec(record).expect("JSON");
-        // The swap's lineage record goes into the meta log in the same Txn, chained on its head.
-        for _ in 0..LINEAGE_ATTEMPTS {
-            let head_kv = self.get(head_key(META_LOG)).await?;
-            let (head, head_revision) = match head_kv {
-                Some(kv) => (parse::<Head>(&kv.key, &kv.value)?, kv.mod_revision),
-                None => (Head::default(), 0),
-            };
-            let lineage = Record {
-                v: 1,
-                scope: META_LOG.to_string(),
-                seq: head.next,
-                prev: head.prev.clone(),
-                kind: RecordKind::PolicySwap,
-                time_ms: unix_now() * 1000,
-                policy: digest.clone(),
-                level: "full".into(),
-                principals: Vec::new(),
-                ops: Vec::new(),
-                proposal: None,
-                approvals: Vec::new(),
-                subject: Some(scope.to_string()),
-                binding: Some(serde_json::to_string(&record.active).expect("JSON")),
-            };
-            let bytes = lineage.encode();
-            let next = Head { next: head.next + 1, prev: record_hash(&bytes) };
-            let response = self
-                .group
-                .txn(pb::PbTxnRequest {
-                    compare: vec![
-                        compare_unchanged(binding_key(scope), expected),
-                        compare_version(policy_key(digest), 0, RESULT_GREATER),
-                        compare_unchanged(head_key(META_LOG), head_revision),
-                    ],
-                    success: vec![
-                        put_op(binding_key(scope), value.clone()),
-                        put_op(record_key(META_LOG, lineage.seq), bytes),
-                        put_op(head_key(META_LOG), serde_json::to_vec(&next).expect("JSON")),
-                    ],
-                    failure: Vec::new(),
-                })
-                .await?;
-            if response.succeeded {
-                return Ok(response.header.map(|h| h.revision).unwrap_or_default());
-            }
-            if self.policy(digest).await?.is_none() {
-                return Err(MetaError::UnknownPolicy(digest.clone()));
-            }
-            let current = self.get(binding_key(scope)).await?.map(|kv| kv.mod_revision).unwrap_or(0);
-            if current != expected {
-                return Err(MetaError::Conflict(scope.to_string()));
-            }
-            // Only the meta log's head moved: chain onto the new one.
+        // The swap's lineage record goes into the meta log in the same Txn.
+        let lineage = Record {
+            v: RECORD_VERSION,
+            scope: META_LOG.to_string(),
+            id: new_record_id(),
+            kind: RecordKind::PolicySwap,
+            time_ms: unix_now() * 1000,
+            policy: digest.clone(),
+            level: "full".into(),
+            principals: Vec::new(),
+            ops: Vec::new(),
+            proposal: None,
+            approvals: Vec::new(),
+            subject: Some(scope.to_string()),
+            binding: Some(serde_json::to_string(&record.active).expect("JSON")),
+        };
+        let response = self
+            .group
+            .txn(pb::PbTxnRequest {
+                compare: vec![
+                    compare_unchanged(binding_key(scope), expected),
+                    compare_version(policy_key(digest), 0, RESULT_GREATER),
+                ],
+                success: vec![put_op(binding_key(scope), value), put_op(lineage.key(), lineage.encode())],
+                failure: Vec::new(),
+            })
+            .await?;
+        if response.succeeded {
+            return Ok(response.header.map(|h| h.revision).unwrap_or_default());
         }
-        Err(MetaError::Conflict(format!("{scope} (the meta lineage log kept moving)")))
+        if self.policy(digest).await?.is_none() {
+            return Err(MetaError::UnknownPolicy(digest.clone()));
+        }
+        Err(MetaError::Conflict(scope.to_string()))
     }
 }
