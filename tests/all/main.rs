@@ -6,6 +6,7 @@ mod gateway;
 mod hostile;
 mod hotswap;
 mod lineage;
+mod linearizable;
 mod revisions;
 mod swap;
 mod trust;

@@ -32,3 +32,4 @@ pub fn put_context(key: &str, value: &str) -> aq_sdk::Context {
 }
 
 pub mod etcd;
+pub mod lincheck;
