@@ -50,6 +50,8 @@ pub struct ServeOptions {
     /// The admin API URL peers use to reach this replica; `None` derives it from the bound
     /// admin address.
     pub advertise_admin_url: Option<String>,
+    /// How often grown lineage logs are checkpointed.
+    pub checkpoint_interval: Duration,
 }
 
 /// A running gateway. Dropping it stops the server and the managed etcd processes.
@@ -226,7 +228,7 @@ pub async fn start(config: Config, options: ServeOptions) -> Result<Running, Str
     };
     let checkpointer = Arc::new(crate::lineage::store::Checkpointer::new(identity.clone(), syncer.store().clone()));
     let admin = Arc::new(Admin::new(gateway.clone(), syncer.clone(), &config.admin, auth, checkpointer.clone())?);
-    checkpoint_lineage(gateway.clone(), checkpointer);
+    checkpoint_lineage(gateway.clone(), checkpointer, options.checkpoint_interval.max(Duration::from_millis(10)));
 
     // The etcd API.
     let listener = tokio::net::TcpListener::bind(options.listen)
@@ -345,18 +347,20 @@ async fn persist_layout(gateway: &Gateway) -> Result<(), String> {
     Ok(())
 }
 
-/// How often each replica signs checkpoints of scopes whose lineage grew.
-const CHECKPOINT_EVERY: Duration = Duration::from_secs(10);
+/// How often each replica sweeps expired nonces and finishes abandoned proposal commits.
+const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(10);
 
-/// Signs lineage checkpoints in the background, so that records written now are covered by a
-/// signature before anyone could alter them; drops recorded nonces once they expire; and
-/// finishes proposal commits another replica claimed and did not finish.
-fn checkpoint_lineage(gateway: Arc<Gateway>, checkpointer: Arc<crate::lineage::store::Checkpointer>) {
+/// Signs lineage checkpoints in the background every `interval`, so that records written now
+/// are covered by a signature before anyone could alter them; and, every
+/// [`HOUSEKEEPING_EVERY`], drops recorded nonces once they expire and finishes proposal commits
+/// another replica claimed and did not finish.
+fn checkpoint_lineage(gateway: Arc<Gateway>, checkpointer: Arc<crate::lineage::store::Checkpointer>, interval: Duration) {
     let weak = Arc::downgrade(&gateway);
     drop(gateway);
     tokio::spawn(async move {
+        let mut housekept = std::time::Instant::now();
         loop {
-            tokio::time::sleep(CHECKPOINT_EVERY).await;
+            tokio::time::sleep(interval).await;
             let Some(gateway) = weak.upgrade() else { return };
             let logs = gateway
                 .index()
@@ -369,8 +373,11 @@ fn checkpoint_lineage(gateway: Arc<Gateway>, checkpointer: Arc<crate::lineage::s
                     tracing::warn!(log, "cannot checkpoint lineage: {e}");
                 }
             }
-            gateway.sweep_nonces().await;
-            gateway.recover_proposals().await;
+            if housekept.elapsed() >= HOUSEKEEPING_EVERY {
+                housekept = std::time::Instant::now();
+                gateway.sweep_nonces().await;
+                gateway.recover_proposals().await;
+            }
         }
     });
 }

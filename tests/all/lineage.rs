@@ -266,3 +266,33 @@ async fn logs_longer_than_a_page_are_checkpointed_and_exported_whole() {
     assert_eq!(exported.checkpoints.last().unwrap().size, 1104, "the checkpoint covers every page");
     assert_eq!(verify(&exported, &[]).expect("a long log verifies").records, 1104);
 }
+
+/// Waits, up to 20 s, until a checkpoint of `scope` covering `size` records is stored.
+async fn checkpointed(gw: &TestGateway, scope: &str, size: u64) -> aq_host::lineage::log::Checkpoint {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let stored = gw.running.syncer.store().checkpoints(scope).await.unwrap();
+        if let Some(found) = stored.into_iter().find(|c| c.size == size) {
+            return found;
+        }
+        assert!(std::time::Instant::now() < deadline, "no checkpoint of {size} records of {scope} within 20 s");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replicas_checkpoint_grown_logs_by_themselves_from_their_watch() {
+    let gw = governed_writes().await;
+    // The background pass (every second here) signs the four records without being asked...
+    let first = checkpointed(&gw, "registry", 4).await;
+    // ...and later writes from what its watch of the log delivers.
+    let mut client = gw.client().await;
+    for key in ["/registry/pods/w1", "/registry/pods/w2", "/registry/pods/w3"] {
+        client.put(key, "v", None).await.unwrap();
+    }
+    let later = checkpointed(&gw, "registry", 7).await;
+    assert!(later.revision > first.revision);
+    let exported = export(&gw, "registry").await;
+    assert_eq!(exported.records[6].revision, later.revision, "it covers through the last record");
+    verify(&exported, &[]).expect("the background checkpoints verify with the export");
+}

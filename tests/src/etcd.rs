@@ -102,6 +102,7 @@ fn serve_options(data: &std::path::Path, tls: Option<aq_host::tls::TlsFiles>) ->
         tls,
         name: None,
         advertise_admin_url: None,
+        checkpoint_interval: Duration::from_secs(1),
     }
 }
 

@@ -51,7 +51,7 @@ pub(super) async fn export(State(admin): State<Arc<Admin>>, headers: HeaderMap, 
 pub(super) async fn checkpoint(State(admin): State<Arc<Admin>>, headers: HeaderMap, Path(scope): Path<String>) -> Result<Response, ApiError> {
     admin.auth.check(&headers, Role::Operator)?;
     let group = group(&admin, &scope)?;
-    let checkpoint = admin.checkpointer.checkpoint(group, &scope).await.map_err(unavailable)?;
+    let checkpoint = admin.checkpointer.checkpoint_now(group, &scope).await.map_err(unavailable)?;
     Ok(axum::Json(json!({ "checkpoint": checkpoint })).into_response())
 }
 

@@ -54,6 +54,10 @@ pub(super) struct ServeArgs {
     /// (behind NAT, or listening on 0.0.0.0).
     #[arg(long)]
     advertise_admin_url: Option<String>,
+    /// How often this replica signs checkpoints of the lineage logs that grew (e.g. `1s`,
+    /// `500ms`); exports and `POST /v1/lineage/{scope}/checkpoint` also sign one on demand.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    checkpoint_interval: std::time::Duration,
 }
 
 pub(super) fn run(args: ServeArgs) -> Result<(), CliError> {
@@ -69,6 +73,7 @@ pub(super) fn run(args: ServeArgs) -> Result<(), CliError> {
         tls_key,
         name,
         advertise_admin_url,
+        checkpoint_interval,
     } = args;
     let tls = tls_cert.zip(tls_key).map(|(cert, key)| crate::tls::TlsFiles { cert, key });
     let config = match config {
@@ -94,6 +99,7 @@ pub(super) fn run(args: ServeArgs) -> Result<(), CliError> {
             tls,
             name,
             advertise_admin_url,
+            checkpoint_interval,
         };
         let mut running = start(config, options).await.map_err(CliError::Input)?;
         // Watch for signals before saying ready: a supervisor may stop aq as soon as it reads it.

@@ -4,6 +4,7 @@ use std::collections::HashMap;
 
 use ed25519_dalek::SigningKey;
 use etcd_client::proto as pb;
+use tokio::sync::mpsc;
 
 use super::log::{Checkpoint, Export, ExportedRecord, Frontier, ROOT_LOG};
 use super::records_prefix;
@@ -47,17 +48,65 @@ async fn records_between(group: &Group, scope: &str, after: i64, revision: i64) 
         let more = response.more;
         for kv in response.kvs {
             after = kv.mod_revision;
-            records.push(ExportedRecord {
-                id: String::from_utf8_lossy(&kv.key[prefix.len()..]).into_owned(),
-                revision: kv.mod_revision,
-                version: kv.version,
-                record: String::from_utf8_lossy(&kv.value).into_owned(),
-            });
+            records.push(exported(&kv, prefix.len()));
         }
         if !more {
             return Ok((records, at));
         }
     }
+}
+
+fn exported(kv: &pb::PbKeyValue, prefix: usize) -> ExportedRecord {
+    ExportedRecord {
+        id: String::from_utf8_lossy(&kv.key[prefix..]).into_owned(),
+        revision: kv.mod_revision,
+        version: kv.version,
+        record: String::from_utf8_lossy(&kv.value).into_owned(),
+    }
+}
+
+/// Records a watch of one log delivered, waiting for the next pass; `None` once the watch
+/// ended. Dropping it stops the watch.
+struct Feed {
+    records: mpsc::UnboundedReceiver<Option<ExportedRecord>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Feed {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Watches the records of `scope` written from revision `from` on.
+fn follow(group: &Group, scope: &str, from: i64) -> Feed {
+    let (to_pass, records) = mpsc::unbounded_channel();
+    let (group, prefix) = (group.clone(), records_prefix(scope));
+    let task = tokio::spawn(async move {
+        let (requests, inbound) = mpsc::channel(1);
+        let (key, range_end) = KeyRange::prefix(&prefix).to_request();
+        let create = crate::backend::watch_request(pb::PbWatchRequestUnion::CreateRequest, |c| {
+            c.key = key;
+            c.range_end = range_end;
+            c.start_revision = from;
+        });
+        let _ = requests.send(create).await;
+        if let Ok(mut stream) = group.watch(tokio_stream::wrappers::ReceiverStream::new(inbound)).await {
+            while let Ok(Some(response)) = stream.message().await {
+                if response.canceled || response.compact_revision > 0 {
+                    break;
+                }
+                // Puts only: a deleted record stays in the log as it was written.
+                for kv in response.events.into_iter().filter(|e| e.r#type == 0).filter_map(|e| e.kv) {
+                    if to_pass.send(Some(exported(&kv, prefix.len()))).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+        let _ = to_pass.send(None);
+    });
+    Feed { records, task }
 }
 
 /// A scope's records, in revision order.
@@ -87,6 +136,32 @@ struct Progress {
     /// The revision of the frontier's last leaf.
     last: i64,
     checkpointed: u64,
+    /// The records written since `read_through`, as a watch delivers them.
+    feed: Option<Feed>,
+}
+
+impl Progress {
+    /// Appends records written after `read_through`, in revision order; refuses a record
+    /// written more than once (aq writes each once), leaving it for the next pass to find again.
+    fn append(&mut self, scope: &str, records: impl IntoIterator<Item = ExportedRecord>) -> Result<(), String> {
+        for record in records {
+            if record.revision <= self.read_through {
+                continue;
+            }
+            if record.version != 1 {
+                self.feed = None;
+                return Err(format!(
+                    "the lineage record {} of scope {scope} was written {} times (last at revision {}); nothing past it is \
+                     checkpointed: `aq lineage export {scope}` and `aq lineage verify` name what changed",
+                    record.id, record.version, record.revision
+                ));
+            }
+            self.frontier.push(record.record.as_bytes());
+            self.last = record.revision;
+            self.read_through = record.revision;
+        }
+        Ok(())
+    }
 }
 
 impl Checkpointer {
@@ -96,29 +171,50 @@ impl Checkpointer {
     }
 
     /// Signs a checkpoint of the log of `scope` (its records on `group`) when it grew since its
-    /// last checkpoint, and appends it to the root log. Returns the checkpoint stored, if any
-    /// (none when nothing is new, or another replica stored one of the same size first).
+    /// last checkpoint, and appends it to the root log: the background pass. It takes what the
+    /// log's watch delivered since the previous pass (the first pass, and one after the watch
+    /// ended, reads the records written since the last one instead). Returns the checkpoint
+    /// stored, if any (none when nothing is new, or another replica stored one of the same
+    /// size first).
     pub async fn checkpoint(&self, group: &Group, scope: &str) -> Result<Option<Checkpoint>, String> {
+        self.pass(group, scope, false).await
+    }
+
+    /// [`Checkpointer::checkpoint`], covering every record written before the call: it reads
+    /// them from etcd (which walks the log's keys to filter them by revision).
+    pub async fn checkpoint_now(&self, group: &Group, scope: &str) -> Result<Option<Checkpoint>, String> {
+        self.pass(group, scope, true).await
+    }
+
+    async fn pass(&self, group: &Group, scope: &str, exact: bool) -> Result<Option<Checkpoint>, String> {
         let mut logs = self.logs.lock().await;
         // At a log's first pass this replica has checkpointed nothing; if a checkpoint of the
         // same size is stored already, storing this one is refused and nothing changes.
         let progress = logs.entry(scope.to_string()).or_default();
-        // Only what was written since the last pass is returned (etcd still walks the whole
-        // prefix to filter by revision).
-        let (added, read_at) = records_between(group, scope, progress.read_through, 0).await?;
-        for record in added {
-            if record.version != 1 {
-                return Err(format!(
-                    "the lineage record {} of scope {scope} was written {} times (last at revision {}); nothing past it is \
-                     checkpointed: `aq lineage export {scope}` and `aq lineage verify` name what changed",
-                    record.id, record.version, record.revision
-                ));
+        let mut delivered = Vec::new();
+        let mut ended = progress.feed.is_none();
+        if let Some(feed) = &mut progress.feed {
+            loop {
+                match feed.records.try_recv() {
+                    Ok(Some(record)) => delivered.push(record),
+                    Ok(None) | Err(mpsc::error::TryRecvError::Disconnected) => {
+                        ended = true;
+                        break;
+                    }
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                }
             }
-            progress.frontier.push(record.record.as_bytes());
-            progress.last = record.revision;
-            progress.read_through = record.revision;
         }
-        progress.read_through = read_at;
+        if exact || ended {
+            let (added, read_at) = records_between(group, scope, progress.read_through, 0).await?;
+            progress.append(scope, added)?;
+            progress.read_through = progress.read_through.max(read_at);
+            if ended {
+                progress.feed = Some(follow(group, scope, progress.read_through + 1));
+            }
+        }
+        // What the watch delivered beyond what was read is next in revision order.
+        progress.append(scope, delivered)?;
         let size = progress.frontier.size();
         if size <= progress.checkpointed {
             return Ok(None);
@@ -133,7 +229,7 @@ impl Checkpointer {
     /// records, the scope's checkpoints, the root log and a signed checkpoint of the root log.
     pub async fn export(&self, group: &Group, scope: &str) -> Result<Export, String> {
         // A log with a gap is exported all the same: its verification names the gap.
-        if let Err(e) = self.checkpoint(group, scope).await {
+        if let Err(e) = self.checkpoint_now(group, scope).await {
             tracing::warn!(scope, "exporting lineage without a fresh checkpoint: {e}");
         }
         let records = records(group, scope).await?;
