@@ -246,7 +246,9 @@ pub async fn start(config: Config, options: ServeOptions) -> Result<Running, Str
         .add_service(pb::PbLeaseServer::new(front::Lease::new(gateway.clone())))
         .add_service(pb::PbMaintenanceServer::new(front::Maintenance::new(gateway.clone(), addr)))
         .add_service(pb::PbClusterServer::new(front::Cluster::new(gateway.clone(), addr)));
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    // The builder's tcp_nodelay applies only to listeners tonic binds itself: without it here,
+    // an answer written in two segments waits for the client's delayed ACK (about 40 ms).
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
         let _ = stop.await;
     }));

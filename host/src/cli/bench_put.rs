@@ -119,6 +119,30 @@ enum Shape {
     /// The put inside a Txn guarded by `version(fence key) == 0`, sent directly to etcd: what
     /// an ownership check by compare on every write costs etcd.
     FencedTxn,
+    /// kube-apiserver's writes: create (compare create_revision 0), then updates (compare
+    /// mod_revision with the revision last written), each reading the key when its compare
+    /// fails.
+    Kube,
+}
+
+/// kube-apiserver's Txn for `key`: create it when `known` is 0 (`create_revision == 0`),
+/// otherwise update it if it is still at `known` (`mod_revision == known`); read it otherwise.
+fn kube_txn(key: Vec<u8>, value: Vec<u8>, known: i64) -> pb::PbTxnRequest {
+    use crate::backend::compare::{RESULT_EQUAL, TARGET_MOD};
+    /// `Compare.target` `CREATE`.
+    const TARGET_CREATE: i32 = 1;
+    let (target, union) = if known == 0 {
+        (TARGET_CREATE, pb::PbTargetUnion::CreateRevision(0))
+    } else {
+        (TARGET_MOD, pb::PbTargetUnion::ModRevision(known))
+    };
+    let compare = pb::PbCompare { result: RESULT_EQUAL, target, key: key.clone(), range_end: Vec::new(), target_union: Some(union) };
+    let read = pb::PbRangeRequest { key: key.clone(), ..Default::default() };
+    pb::PbTxnRequest {
+        compare: vec![compare],
+        success: vec![pb::PbTxnRequestOp { request: Some(pb::PbTxnOpRequest::RequestPut(pb::PbPutRequest { key, value, ..Default::default() })) }],
+        failure: vec![pb::PbTxnRequestOp { request: Some(pb::PbTxnOpRequest::RequestRange(read)) }],
+    }
 }
 
 /// One row of the table: where the puts go and whose CPU is counted.
@@ -168,6 +192,8 @@ async fn load(
         tasks.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
             let mut n = 0u64;
+            // The revision each key was last seen at, for the kube workload.
+            let mut known = vec![0i64; 1000];
             while Instant::now() < deadline {
                 // 1,000 keys per client, rewritten: the keyspace stays small, as in steady state.
                 let key = format!("{prefix}{i:03}-{:04}", n % 1000).into_bytes();
@@ -186,6 +212,22 @@ async fn load(
                             failure: vec![pb::PbTxnRequestOp { request: Some(pb::PbTxnOpRequest::RequestRange(read)) }],
                         };
                         group.txn(txn).await.map_err(|s| s.message().to_string())?;
+                    }
+                    Shape::Kube => {
+                        let slot = (n % 1000) as usize;
+                        let answer = group
+                            .txn(kube_txn(put.key, put.value, known[slot]))
+                            .await
+                            .map_err(|s| s.message().to_string())?;
+                        known[slot] = if answer.succeeded {
+                            answer.header.map(|h| h.revision).unwrap_or_default()
+                        } else {
+                            // The read in the else branch: what the key holds now.
+                            match answer.responses.first().and_then(|r| r.response.as_ref()) {
+                                Some(pb::PbTxnOpResponse::ResponseRange(range)) => range.kvs.first().map(|kv| kv.mod_revision).unwrap_or(0),
+                                _ => 0,
+                            }
+                        };
                     }
                 }
                 latencies.push(t.elapsed());
@@ -228,18 +270,48 @@ config = {{ tenant_segment = 2, default = {{ max_value_bytes = 1572864 }} }}
     )
 }
 
-pub(super) fn put(seconds: u64, clients: &[usize], etcd_binary: &str) -> Result<(), CliError> {
+pub(super) fn put(seconds: u64, clients: &[usize], etcd_binary: &str, kube: bool, pin: bool) -> Result<(), CliError> {
     if clients.is_empty() || clients.contains(&0) {
         return Err(CliError::Input("--clients must list positive client counts, e.g. 1,64".into()));
+    }
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    if pin && cores < 3 {
+        return Err(CliError::Input(format!(
+            "--pin gives etcd, the proxy and the clients a core each and needs at least 3 cores; this machine has {cores}"
+        )));
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .map_err(|e| CliError::Input(e.to_string()))?;
-    runtime.block_on(run(Duration::from_secs(seconds.max(1)), clients, etcd_binary))
+    runtime.block_on(run(Duration::from_secs(seconds.max(1)), clients, etcd_binary, kube, pin.then_some(cores)))
 }
 
-async fn run(duration: Duration, clients: &[usize], etcd_binary: &str) -> Result<(), CliError> {
+/// Pins every thread of process `pid` (0: this one) to `cpus`; threads it starts later
+/// inherit the set from theirs.
+fn pin_to(pid: u32, cpus: std::ops::Range<usize>) -> Result<(), CliError> {
+    let tasks = if pid == 0 { "/proc/self/task".to_string() } else { format!("/proc/{pid}/task") };
+    let threads = std::fs::read_dir(&tasks).map_err(|e| CliError::Input(format!("cannot list {tasks}: {e}")))?;
+    for thread in threads {
+        let Some(tid) = thread.ok().and_then(|t| t.file_name().to_str().and_then(|n| n.parse::<libc::pid_t>().ok())) else {
+            continue;
+        };
+        // SAFETY: a zeroed cpu_set_t is the empty set; CPU_SET and sched_setaffinity only read
+        // and write that set and the thread's affinity.
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            for cpu in cpus.clone() {
+                libc::CPU_SET(cpu, &mut set);
+            }
+            if libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+                return Err(CliError::Input(format!("cannot pin thread {tid} of {pid}: {}", std::io::Error::last_os_error())));
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn run(duration: Duration, clients: &[usize], etcd_binary: &str, kube: bool, pin: Option<usize>) -> Result<(), CliError> {
     let dir = std::env::temp_dir().join(format!("aq-bench-{}", std::process::id()));
     let _cleanup = RemoveOnDrop(dir.clone());
     let input = |e: String| CliError::Input(e);
@@ -290,6 +362,14 @@ async fn run(duration: Duration, clients: &[usize], etcd_binary: &str) -> Result
     std::fs::write(&layout_path, &layout)?;
     let aq = serve_process(&dir, "aq", &layout_path).await?;
     let aq_url = aq.url.clone();
+    if let Some(cores) = pin {
+        // etcd on core 0, what sits in between on core 1, the clients on the rest.
+        pin_to(etcd_pid, 0..1)?;
+        pin_to(secured_pid, 0..1)?;
+        pin_to(aq.process.0.id(), 1..2)?;
+        pin_to(proxy.0.id(), 1..2)?;
+        pin_to(0, 2..cores)?;
+    }
 
     let value = Arc::new(vec![b'v'; 256]);
     let mut runs = Vec::new();
@@ -304,6 +384,12 @@ async fn run(duration: Duration, clients: &[usize], etcd_binary: &str) -> Result
             target("grpc-proxy", proxy_url.as_str(), Some(proxy.0.id()), etcd_pid, Shape::Put, None),
         ];
         for Target { name: target, url, pid, store_pid, shape, login } in targets {
+            // The kube workload runs the rows where it means something: direct, aq, grpc-proxy.
+            let shape = match (kube, shape) {
+                (true, Shape::Put) if target != "direct auth" && target != "direct root" => Shape::Kube,
+                (true, _) => continue,
+                (false, shape) => shape,
+            };
             // A short warm-up on the same keys, then the measured run.
             load(url, n, Duration::from_millis(500), value.clone(), "/registry/configmaps/bench/", shape, login).await?;
             let (aq_before, etcd_before) = (pid.map(cpu_seconds), cpu_seconds(store_pid));

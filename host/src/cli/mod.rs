@@ -302,6 +302,15 @@ enum BenchCommand {
         /// The etcd binary.
         #[arg(long, default_value = "etcd")]
         etcd: String,
+        /// `put`: plain puts; `kube`: what kube-apiserver sends, a create Txn (compare
+        /// create_revision = 0) then update Txns (compare mod_revision), reading the key on a
+        /// failed compare.
+        #[arg(long, default_value = "put", value_parser = ["put", "kube"])]
+        workload: String,
+        /// Pin etcd, the proxy in between (aq or grpc-proxy) and the clients to cores of their
+        /// own (needs at least 3 cores).
+        #[arg(long)]
+        pin: bool,
     },
     /// Critical-scope puts (two signatures, approval rule, full lineage) against direct etcd.
     Critical {
@@ -393,7 +402,9 @@ pub fn main() -> ExitCode {
         Command::Put { key, value, signing, remote } => remote::signed_write(&remote, &signing, &key, Some(&value)),
         Command::Del { key, signing, remote } => remote::signed_write(&remote, &signing, &key, None),
         Command::Bench(BenchCommand::Policy { iterations }) => bench::policy(iterations),
-        Command::Bench(BenchCommand::Put { seconds, clients, etcd }) => bench_put::put(seconds, &clients, &etcd),
+        Command::Bench(BenchCommand::Put { seconds, clients, etcd, workload, pin }) => {
+            bench_put::put(seconds, &clients, &etcd, workload == "kube", pin)
+        }
         Command::Bench(BenchCommand::Swap { swaps, clients, etcd }) => bench_swap::swap(swaps, clients, &etcd),
         Command::Bench(BenchCommand::Critical { seconds, clients, etcd }) => bench_critical::critical(seconds, clients, &etcd),
     };
