@@ -323,6 +323,7 @@ pub fn layout_key() -> Vec<u8> {
 /// which scope owns which keys, on which group, under which policy version.
 async fn persist_layout(gateway: &Gateway) -> Result<(), String> {
     let scopes: Vec<serde_json::Value> = gateway
+        .routing()
         .index()
         .scopes()
         .iter()
@@ -364,11 +365,12 @@ fn checkpoint_lineage(gateway: Arc<Gateway>, checkpointer: Arc<crate::lineage::s
         loop {
             tokio::time::sleep(interval).await;
             let Some(gateway) = weak.upgrade() else { return };
-            let logs = gateway
+            let routing = gateway.routing();
+            let logs = routing
                 .index()
                 .scopes()
                 .iter()
-                .filter_map(|scope| gateway.scope(&scope.id).map(|runtime| (scope.id.as_str(), &runtime.group)))
+                .filter_map(|scope| routing.scope(&scope.id).map(|runtime| (scope.id.as_str(), &runtime.group)))
                 .chain(std::iter::once((crate::lineage::META_LOG, gateway.home())));
             for (log, group) in logs {
                 if let Err(e) = checkpointer.checkpoint(group, log).await {
@@ -429,7 +431,8 @@ pub fn describe(running: &Running, data_dir: &Path) -> String {
         let how = if managed { format!("managed, data in {}", data_dir.join("etcd").join(name).display()) } else { "external".to_string() };
         out.push_str(&format!("aq: group {name}: etcd at {} ({how})\n", group.endpoints().join(",")));
     }
-    for scope in running.gateway.index().scopes() {
+    let routing = running.gateway.routing();
+    for scope in routing.index().scopes() {
         let binding = running.gateway.registry().active(&scope.id).expect("bound");
         let fail_mode = match binding.fail_mode {
             crate::engine::FailMode::Closed => "fail-closed",

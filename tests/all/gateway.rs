@@ -411,3 +411,44 @@ async fn a_write_needing_approval_is_refused_with_what_it_needs() {
     let mut main = gw.main.client().await;
     assert_eq!(main.get("/registry/pods/ns/p", None).await.unwrap().count(), 0, "nothing was written");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_scope_moved_to_another_group_is_written_there_and_refused_by_the_old_one() {
+    let gw = TestGateway::start().await;
+    let replica = gw.replica().await;
+    let mut client = gw.client().await;
+    client.put("/registry/pods/ns/a", "on main", None).await.unwrap();
+
+    // The hand-off: main gives registry's keys up, events takes them, this replica routes there.
+    gw.revoke_from_main("registry").await;
+    let moved = || {
+        let mut scopes: Vec<aq_host::index::Scope> = aq_host::config::Config::parse(&gw.layout(), "test layout")
+            .unwrap()
+            .scopes
+            .iter()
+            .map(|s| s.to_scope().unwrap())
+            .collect();
+        scopes.iter_mut().find(|s| s.id == "registry").unwrap().group = "events".into();
+        aq_host::index::ScopeIndex::new(scopes).unwrap()
+    };
+    let admin = gw.events.admin_credentials();
+    let mut events_owners = aq_host::backend::ownership::Owners::connect("events", &[gw.events.url().to_string()], &admin).await.unwrap();
+    assert!(!events_owners.reconcile(&moved().group_ranges("events")).await.unwrap().granted.is_empty());
+    gw.running.gateway.reroute(moved()).unwrap();
+    assert_eq!(gw.running.gateway.routing().scope("registry").unwrap().group.name(), "events");
+
+    client.put("/registry/pods/ns/b", "on events", None).await.unwrap();
+    let mut events = gw.events.client().await;
+    let mut main = gw.main.client().await;
+    assert_eq!(events.get("/registry/pods/ns/b", None).await.unwrap().count(), 1, "written to the new owner");
+    assert_eq!(main.get("/registry/pods/ns/b", None).await.unwrap().count(), 0);
+
+    // The other replica still routes to main, which refuses; once it follows, it writes there.
+    let mut stale = etcd_client::Client::connect([replica.running.addr.to_string()], None).await.unwrap();
+    let err = stale.put("/registry/pods/ns/c", "stale", None).await.unwrap_err();
+    assert!(err.to_string().contains("no longer holds the keys of scope registry"), "{err}");
+    assert_eq!(main.get("/registry/pods/ns/c", None).await.unwrap().count(), 0);
+    replica.running.gateway.reroute(moved()).unwrap();
+    stale.put("/registry/pods/ns/c", "followed", None).await.unwrap();
+    assert_eq!(events.get("/registry/pods/ns/c", None).await.unwrap().kvs()[0].value(), b"followed");
+}

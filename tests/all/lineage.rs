@@ -139,7 +139,7 @@ async fn policy_swaps_are_recorded_in_the_meta_log_in_the_same_txn() {
     verify(&exported, &[]).expect("the meta log verifies");
     let records: Vec<Value> = exported.records.iter().map(|r| serde_json::from_str(&r.record).unwrap()).collect();
     // One record per configured scope at first start, then the bind and the rollback.
-    let layout_scopes = gw.running.gateway.index().scopes().len();
+    let layout_scopes = gw.running.gateway.routing().index().scopes().len();
     assert_eq!(records.len(), layout_scopes + 2, "{records:?}");
     let deny = blake3::hash(&guests::bytes(guests::EXAMPLE_DENY_PREFIX)).to_hex().to_string();
     let quota = blake3::hash(aq_host::builtin::find("quota").unwrap().component).to_hex().to_string();

@@ -11,14 +11,15 @@ use super::{Admin, ApiError, Role};
 use crate::lineage::log::{self, Export};
 use crate::lineage::store;
 
-fn group<'a>(admin: &'a Admin, scope: &str) -> Result<&'a crate::backend::Group, ApiError> {
+fn group(admin: &Admin, scope: &str) -> Result<crate::backend::Group, ApiError> {
     if scope == crate::lineage::META_LOG {
-        return Ok(admin.gateway.home());
+        return Ok(admin.gateway.home().clone());
     }
     admin
         .gateway
+        .routing()
         .scope(scope)
-        .map(|runtime| &runtime.group)
+        .map(|runtime| runtime.group.clone())
         .ok_or_else(|| ApiError::not_found(format!("no scope {scope:?}; GET /v1/scopes lists them")))
 }
 
@@ -37,7 +38,7 @@ fn unavailable(message: String) -> ApiError {
 pub(super) async fn export(State(admin): State<Arc<Admin>>, headers: HeaderMap, Path(scope): Path<String>) -> Result<Response, ApiError> {
     admin.auth.check(&headers, Role::Reader)?;
     let group = group(&admin, &scope)?;
-    let export = admin.checkpointer.export(group, &scope).await.map_err(unavailable)?;
+    let export = admin.checkpointer.export(&group, &scope).await.map_err(unavailable)?;
     Ok(axum::Json(export).into_response())
 }
 
@@ -51,7 +52,7 @@ pub(super) async fn export(State(admin): State<Arc<Admin>>, headers: HeaderMap, 
 pub(super) async fn checkpoint(State(admin): State<Arc<Admin>>, headers: HeaderMap, Path(scope): Path<String>) -> Result<Response, ApiError> {
     admin.auth.check(&headers, Role::Operator)?;
     let group = group(&admin, &scope)?;
-    let checkpoint = admin.checkpointer.checkpoint_now(group, &scope).await.map_err(unavailable)?;
+    let checkpoint = admin.checkpointer.checkpoint_now(&group, &scope).await.map_err(unavailable)?;
     Ok(axum::Json(json!({ "checkpoint": checkpoint })).into_response())
 }
 
@@ -72,7 +73,7 @@ pub(super) async fn proof(
 ) -> Result<Response, ApiError> {
     admin.auth.check(&headers, Role::Reader)?;
     let group = group(&admin, &scope)?;
-    let records = store::records(group, &scope).await.map_err(unavailable)?;
+    let records = store::records(&group, &scope).await.map_err(unavailable)?;
     let leaves: Vec<Vec<u8>> = records.iter().map(|r| r.record.as_bytes().to_vec()).collect();
     let (root, proof) = log::prove(&leaves, index as usize).ok_or_else(|| {
         ApiError::not_found(format!("scope {scope} has {} lineage records; there is no record {index}", leaves.len()))

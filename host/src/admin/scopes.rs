@@ -18,9 +18,10 @@ use crate::meta::{BindingRecord, BindingSource, BindingSpec, LimitsSpec, MetaErr
 /// How often a change is retried when another one lands first.
 const CHANGE_ATTEMPTS: usize = 5;
 
-fn known_scope<'a>(admin: &'a Admin, scope: &str) -> Result<&'a Arc<Scope>, ApiError> {
-    admin.gateway.index().get(scope).ok_or_else(|| {
-        let known: Vec<&str> = admin.gateway.index().scopes().iter().map(|s| s.id.as_str()).collect();
+fn known_scope(admin: &Admin, scope: &str) -> Result<Arc<Scope>, ApiError> {
+    let routing = admin.gateway.routing();
+    routing.index().get(scope).cloned().ok_or_else(|| {
+        let known: Vec<&str> = routing.index().scopes().iter().map(|s| s.id.as_str()).collect();
         ApiError::not_found(format!("no scope {scope:?}; the scopes are {}", known.join(", ")))
     })
 }
@@ -102,7 +103,8 @@ async fn stored_bindings(admin: &Admin) -> Result<std::collections::HashMap<Stri
 pub(super) async fn list(State(admin): State<Arc<Admin>>, headers: HeaderMap) -> Result<Response, ApiError> {
     admin.auth.check(&headers, Role::Reader)?;
     let stored = stored_bindings(&admin).await?;
-    let scopes = admin.gateway.index().scopes();
+    let routing = admin.gateway.routing();
+    let scopes = routing.index().scopes();
     fn subtree(admin: &Admin, scopes: &[Arc<Scope>], stored: &std::collections::HashMap<String, (BindingRecord, i64)>, of: Option<&str>) -> Vec<Value> {
         scopes
             .iter()
@@ -132,9 +134,10 @@ pub(super) async fn get(
     admin.auth.check(&headers, Role::Reader)?;
     let scope = known_scope(&admin, &scope)?;
     let stored = admin.syncer.store().binding(&scope.id).await?;
-    let mut node = scope_json(&admin, scope, stored.as_ref());
-    let scopes = admin.gateway.index().scopes();
-    node["parent"] = json!(parent(scopes, scope).map(|p| p.id.clone()));
+    let mut node = scope_json(&admin, &scope, stored.as_ref());
+    let routing = admin.gateway.routing();
+    let scopes = routing.index().scopes();
+    node["parent"] = json!(parent(scopes, &scope).map(|p| p.id.clone()));
     Ok(axum::Json(node).into_response())
 }
 

@@ -202,6 +202,7 @@ impl Session {
         let range = KeyRange::from_request(&key, &range_end);
         let parts: Vec<(Group, KeyRange)> = self
             .gate
+            .routing()
             .index()
             .overlapping(&range)
             .into_iter()

@@ -201,17 +201,15 @@ impl Gateway {
         let caller = self.anchor_caller(body, header)?;
         let request: CosignRequest =
             serde_json::from_slice(body).map_err(|e| CosignError::Invalid(format!("the co-sign request does not parse: {e}")))?;
-        let runtime = self
-            .scopes
-            .get(&request.scope)
-            .ok_or_else(|| CosignError::Invalid(format!("no scope {}", request.scope)))?;
+        let routing = self.routing();
+        let runtime = routing.scope(&request.scope).ok_or_else(|| CosignError::Invalid(format!("no scope {}", request.scope)))?;
         let op = hex::decode(&request.request)
             .ok()
             .and_then(|bytes| pb::PbTxnRequestOp::decode(bytes.as_slice()).ok())
             .and_then(|op| op.request)
             .ok_or_else(|| CosignError::Invalid("request is not a hex etcd RequestOp".into()))?;
         let (ops, compares, ranges) = model_of(&op);
-        let owner = self.route_write(&ranges).map_err(|e| CosignError::Invalid(e.to_string()))?;
+        let owner = routing.route_write(&ranges).map_err(|e| CosignError::Invalid(e.to_string()))?;
         if owner.scope.id != request.scope {
             return Err(CosignError::Invalid(format!("the request belongs to scope {}, not {}", owner.scope.id, request.scope)));
         }

@@ -380,9 +380,9 @@ impl Gateway {
     /// The write of an approved proposal, with its commit marker in the same Txn: the answer
     /// (none when another replica's write landed first) and the revision.
     async fn commit_write(&self, proposal: &Proposal) -> Result<(Option<pb::PbTxnOpResponse>, i64), CommitError> {
-        let runtime = self
-            .scopes
-            .get(&proposal.scope)
+        let routing = self.routing();
+        let runtime = routing
+            .scope(&proposal.scope)
             .ok_or_else(|| CommitError::Void(format!("scope {} no longer exists", proposal.scope)))?;
         let op = decode_request(proposal).map_err(CommitError::Void)?;
         let marker = commit_marker_key(&proposal.id);

@@ -268,32 +268,16 @@ pub struct ScopeRuntime {
     pub slot: Arc<ScopeSlot>,
 }
 
-/// The gateway core shared by every front-end service.
-pub struct Gateway {
+/// What routes requests: the scope index and each scope's run-time state, replaced as one
+/// ([`Gateway::reroute`]). A request loads it once and finishes on it.
+pub struct Routing {
     index: ScopeIndex,
     scopes: HashMap<String, ScopeRuntime>,
-    groups: BTreeMap<String, Group>,
-    /// The group where leases are granted and which answers for aq itself (status).
-    home: Group,
-    engine: Arc<Engine>,
-    registry: Arc<Registry>,
-    leases: lease::LeaseCopies,
-    metrics: Arc<metrics::GateMetrics>,
-    decisions: decisions::DecisionLog,
-    trust: Arc<crate::trust::Trust>,
-    anchor: Option<Arc<anchors::Anchor>>,
 }
 
-impl Gateway {
-    /// Assembles a gateway. Every scope of `index` must have a binding in the registry and a
-    /// group in `groups`. `home` names the group that grants leases and holds the meta records.
-    pub async fn new(
-        index: ScopeIndex,
-        groups: BTreeMap<String, Group>,
-        home: &str,
-        services: GateServices,
-    ) -> Result<Self, String> {
-        let GateServices { engine, registry, metrics, decisions, trust, anchor } = services;
+impl Routing {
+    /// Each scope of `index` with its group and policy binding.
+    fn build(index: ScopeIndex, groups: &BTreeMap<String, Group>, registry: &Registry) -> Result<Self, String> {
         let mut scopes = HashMap::new();
         for scope in index.scopes() {
             let group = groups
@@ -303,20 +287,7 @@ impl Gateway {
             let slot = registry.slot(&scope.id).ok_or_else(|| format!("scope {} has no policy bound", scope.id))?;
             scopes.insert(scope.id.clone(), ScopeRuntime { scope: scope.clone(), group, slot });
         }
-        let home = groups.get(home).ok_or_else(|| format!("the home group {home} is not configured"))?.clone();
-        Ok(Gateway {
-            index,
-            scopes,
-            groups,
-            home,
-            engine,
-            registry,
-            leases: lease::LeaseCopies::default(),
-            metrics,
-            decisions,
-            trust,
-            anchor,
-        })
+        Ok(Routing { index, scopes })
     }
 
     /// The scope index.
@@ -327,31 +298,6 @@ impl Gateway {
     /// A scope's run-time state.
     pub fn scope(&self, id: &str) -> Option<&ScopeRuntime> {
         self.scopes.get(id)
-    }
-
-    /// The backend groups.
-    pub fn groups(&self) -> &BTreeMap<String, Group> {
-        &self.groups
-    }
-
-    /// The request path's metrics.
-    pub fn metrics(&self) -> &Arc<metrics::GateMetrics> {
-        &self.metrics
-    }
-
-    /// The group that grants leases and answers status.
-    pub fn home(&self) -> &Group {
-        &self.home
-    }
-
-    /// The policy registry.
-    pub fn registry(&self) -> &Arc<Registry> {
-        &self.registry
-    }
-
-    /// The principals this replica knows, and its signature checks.
-    pub fn trust(&self) -> &Arc<crate::trust::Trust> {
-        &self.trust
     }
 
     fn runtime(&self, scope: &Scope) -> &ScopeRuntime {
@@ -392,6 +338,87 @@ impl Gateway {
         }
         let scope = owner.ok_or_else(|| GateError::Unowned(String::new()))?;
         Ok(self.runtime(scope))
+    }
+}
+
+/// The gateway core shared by every front-end service.
+pub struct Gateway {
+    routing: arc_swap::ArcSwap<Routing>,
+    groups: BTreeMap<String, Group>,
+    /// The group where leases are granted and which answers for aq itself (status).
+    home: Group,
+    engine: Arc<Engine>,
+    registry: Arc<Registry>,
+    leases: lease::LeaseCopies,
+    metrics: Arc<metrics::GateMetrics>,
+    decisions: decisions::DecisionLog,
+    trust: Arc<crate::trust::Trust>,
+    anchor: Option<Arc<anchors::Anchor>>,
+}
+
+impl Gateway {
+    /// Assembles a gateway. Every scope of `index` must have a binding in the registry and a
+    /// group in `groups`. `home` names the group that grants leases and holds the meta records.
+    pub async fn new(
+        index: ScopeIndex,
+        groups: BTreeMap<String, Group>,
+        home: &str,
+        services: GateServices,
+    ) -> Result<Self, String> {
+        let GateServices { engine, registry, metrics, decisions, trust, anchor } = services;
+        let routing = Routing::build(index, &groups, &registry)?;
+        let home = groups.get(home).ok_or_else(|| format!("the home group {home} is not configured"))?.clone();
+        Ok(Gateway {
+            routing: arc_swap::ArcSwap::from_pointee(routing),
+            groups,
+            home,
+            engine,
+            registry,
+            leases: lease::LeaseCopies::default(),
+            metrics,
+            decisions,
+            trust,
+            anchor,
+        })
+    }
+
+    /// The routing requests take now: scope index and scope runtimes.
+    pub fn routing(&self) -> Arc<Routing> {
+        self.routing.load_full()
+    }
+
+    /// Routes requests by `index` from now on; requests under way finish on the routing they
+    /// started with. Every scope of `index` needs a binding and a configured group. The
+    /// ownership of ranges on the groups is not changed here: see [`crate::backend::ownership`].
+    pub fn reroute(&self, index: ScopeIndex) -> Result<(), String> {
+        let routing = Routing::build(index, &self.groups, &self.registry)?;
+        self.routing.store(Arc::new(routing));
+        Ok(())
+    }
+
+    /// The backend groups.
+    pub fn groups(&self) -> &BTreeMap<String, Group> {
+        &self.groups
+    }
+
+    /// The request path's metrics.
+    pub fn metrics(&self) -> &Arc<metrics::GateMetrics> {
+        &self.metrics
+    }
+
+    /// The group that grants leases and answers status.
+    pub fn home(&self) -> &Group {
+        &self.home
+    }
+
+    /// The policy registry.
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+
+    /// The principals this replica knows, and its signature checks.
+    pub fn trust(&self) -> &Arc<crate::trust::Trust> {
+        &self.trust
     }
 
     /// What the scope's policy sees of a mutation; `evaluate` stamps the request time.
@@ -518,7 +545,8 @@ impl Gateway {
     /// Evaluates `ops` against a scope's active policy without writing anything: the admin
     /// API's dry run. Every key must belong to the scope. Not counted in metrics or logged.
     pub fn dry_run(&self, scope_id: &str, ops: Vec<m::Op>) -> Result<crate::engine::Evaluation, GateError> {
-        let runtime = self.scopes.get(scope_id).ok_or_else(|| GateError::Unowned(format!("(scope {scope_id})")))?;
+        let routing = self.routing();
+        let runtime = routing.scope(scope_id).ok_or_else(|| GateError::Unowned(format!("(scope {scope_id})")))?;
         let ranges: Vec<KeyRange> = ops
             .iter()
             .map(|op| match op {
@@ -526,7 +554,7 @@ impl Gateway {
                 m::Op::DeleteRange(d) => KeyRange::from_request(&d.key, &d.range_end),
             })
             .collect();
-        let owner = self.route_write(&ranges)?;
+        let owner = routing.route_write(&ranges)?;
         if owner.scope.id != scope_id {
             return Err(GateError::CrossScope(vec![scope_id.to_string(), owner.scope.id.clone()]));
         }
@@ -630,6 +658,33 @@ impl Gateway {
         op: pb::PbTxnOpRequest,
         caller: &Caller,
     ) -> Result<(pb::PbTxnOpResponse, Option<pb::PbResponseHeader>), GateError> {
+        match self.govern_on(runtime, ops, compares, &op, caller).await {
+            Err(GateError::NotOwner { scope, group, detail }) => {
+                // The group gave the keys away. If routing already names their new owner, the
+                // write is decided there afresh and sent to it; otherwise the refusal stands.
+                let routing = self.routing();
+                let moved = match routing.route_write(&footprint(&op)) {
+                    Ok(moved) if moved.group.name() != group || moved.scope.id != scope => moved,
+                    _ => return Err(GateError::NotOwner { scope, group, detail }),
+                };
+                tracing::info!(scope = %scope, from = %group, to = moved.group.name(), "the scope moved; sending the write to its new owner");
+                let (ops, compares, _) = model_of(&op);
+                let leases: Vec<i64> = ops.iter().filter_map(|o| match o { m::Op::Put(p) => Some(p.lease), _ => None }).collect();
+                self.ensure_leases(&moved.group, leases).await?;
+                self.govern_on(moved, ops, compares, &op, caller).await
+            }
+            other => other,
+        }
+    }
+
+    async fn govern_on(
+        &self,
+        runtime: &ScopeRuntime,
+        ops: Vec<m::Op>,
+        compares: Vec<m::Compare>,
+        op: &pb::PbTxnOpRequest,
+        caller: &Caller,
+    ) -> Result<(pb::PbTxnOpResponse, Option<pb::PbResponseHeader>), GateError> {
         let mut context = self.context(runtime, ops, compares);
         if let Some(signed) = &caller.signed {
             let now = crate::meta::unix_now();
@@ -644,7 +699,7 @@ impl Gateway {
                 Err(GateError::NeedsApproval(mut shortfall)) => {
                     let wanted = self.unsigned_anchors(&shortfall.rule, &context);
                     if unanchored.is_none() && !wanted.is_empty() {
-                        let votes = self.gather_anchors(runtime, &context, &op, caller, &wanted).await;
+                        let votes = self.gather_anchors(runtime, &context, op, caller, &wanted).await;
                         context.credentials.extend(votes.credentials);
                         unanchored = Some(votes.missing);
                         continue;
@@ -655,7 +710,7 @@ impl Gateway {
                             return Err(GateError::NeedsApproval(shortfall));
                         }
                     }
-                    return self.propose(runtime, &context, &op, *shortfall, caller.wait).await;
+                    return self.propose(runtime, &context, op, *shortfall, caller.wait).await;
                 }
                 Err(e) => return Err(e),
             };
@@ -699,7 +754,8 @@ impl Gateway {
 
     /// etcd `Put`, governed.
     pub async fn put(&self, request: pb::PbPutRequest, caller: &Caller) -> Result<pb::PbPutResponse, GateError> {
-        let runtime = self.route_key(&request.key)?;
+        let routing = self.routing();
+        let runtime = routing.route_key(&request.key)?;
         self.ensure_leases(&runtime.group, [request.lease]).await?;
         let ops = vec![m::Op::Put(put_op(&request))];
         let (response, header) =
@@ -721,15 +777,16 @@ impl Gateway {
         caller: &Caller,
     ) -> Result<pb::PbDeleteResponse, GateError> {
         let range = KeyRange::from_request(&request.key, &request.range_end);
-        if let Owner::Reserved = self.index.lookup(&request.key) {
+        let routing = self.routing();
+        if let Owner::Reserved = routing.index.lookup(&request.key) {
             return Err(GateError::Reserved(String::from_utf8_lossy(&request.key).into_owned()));
         }
-        let parts = self.index.overlapping(&range);
+        let parts = routing.index.overlapping(&range);
         if parts.is_empty() {
             return Ok(pb::PbDeleteResponse { header: self.any_header().await?, deleted: 0, prev_kvs: Vec::new() });
         }
         if parts.len() == 1 && parts[0].1 == range {
-            let runtime = self.runtime(parts[0].0);
+            let runtime = routing.runtime(parts[0].0);
             return self.delete_part(runtime, request, caller).await;
         }
         if caller.signed.is_some() {
@@ -739,7 +796,7 @@ impl Gateway {
         // Evaluate every part first, so a deny anywhere deletes nothing.
         let mut planned = Vec::new();
         for (scope, part) in &parts {
-            let runtime = self.runtime(scope);
+            let runtime = routing.runtime(scope);
             let (key, range_end) = part.to_request();
             let op = m::Op::DeleteRange(m::DeleteRangeOp { key: m::Bytes(key.clone()), range_end: m::Bytes(range_end.clone()) });
             // Proposals cover one scope: a delete over several that needs approval is refused.
@@ -786,7 +843,8 @@ impl Gateway {
         if ranges.is_empty() {
             return Ok(pb::PbTxnResponse { header: self.any_header().await?, succeeded: true, responses: Vec::new() });
         }
-        let runtime = self.route_write(&ranges)?;
+        let routing = self.routing();
+        let runtime = routing.route_write(&ranges)?;
         if ops.is_empty() {
             self.metrics.routed(&runtime.scope.id, "read");
             return Ok(runtime.group.txn(request).await?);
@@ -809,11 +867,12 @@ impl Gateway {
     /// etcd `Range`: routed, split across scopes and merged in the requested order.
     pub async fn range(&self, request: pb::PbRangeRequest) -> Result<pb::PbRangeResponse, GateError> {
         let range = KeyRange::from_request(&request.key, &request.range_end);
-        let parts = self.index.overlapping(&range);
+        let routing = self.routing();
+        let parts = routing.index.overlapping(&range);
         match parts.as_slice() {
             [] => Ok(pb::PbRangeResponse { header: self.any_header().await?, ..Default::default() }),
             [(scope, part)] => {
-                let runtime = self.runtime(scope);
+                let runtime = routing.runtime(scope);
                 self.metrics.routed(&scope.id, "read");
                 let mut request = request;
                 if *part != range {
@@ -821,12 +880,13 @@ impl Gateway {
                 }
                 Ok(runtime.group.range(request).await?)
             }
-            parts => self.range_merged(request, parts).await,
+            parts => self.range_merged(&routing, request, parts).await,
         }
     }
 
     async fn range_merged(
         &self,
+        routing: &Routing,
         request: pb::PbRangeRequest,
         parts: &[(&Arc<Scope>, KeyRange)],
     ) -> Result<pb::PbRangeResponse, GateError> {
@@ -843,7 +903,7 @@ impl Gateway {
         // Parts on one group are read at the revision of the first answer: one snapshot.
         let mut revisions: BTreeMap<&str, i64> = BTreeMap::new();
         for (scope, part) in parts {
-            let runtime = self.runtime(scope);
+            let runtime = routing.runtime(scope);
             self.metrics.routed(&scope.id, "read");
             let mut sub = request.clone();
             (sub.key, sub.range_end) = part.to_request();
