@@ -8,6 +8,7 @@ pub mod backend;
 pub mod builtin;
 pub mod cli;
 pub mod client;
+pub mod clock;
 pub mod config;
 pub mod engine;
 pub mod fixtures;

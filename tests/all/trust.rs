@@ -105,7 +105,7 @@ async fn bad_signatures_are_unauthenticated_and_say_why() {
     let keys = principals(&gw).await;
     let alice = client(&gw, &[&keys.alice]).await;
     let cluster = alice.cluster_id();
-    let now = aq_host::meta::unix_now();
+    let now = aq_host::clock::unix_now();
     let expect = |result: Result<_, tonic::Status>, says: &str| {
         let status = status_of(result);
         assert_eq!(status.code(), tonic::Code::Unauthenticated, "{says}: {}", status.message());
@@ -400,7 +400,7 @@ async fn a_replay_through_another_replica_is_refused_and_expired_nonces_are_swep
         assert!(std::time::Instant::now() < deadline, "the replica never accepted alice");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let now = aq_host::meta::unix_now();
+    let now = aq_host::clock::unix_now();
     let signed = signed_at(on_a.cluster_id(), "secrets", SECRET, b"once", &keys.alice, 42, now + 60);
     on_a.put_presigned(SECRET, b"once", &signed).await.expect("first use");
     let replayed = status_of(on_b.put_presigned(SECRET, b"once", &signed).await);
@@ -502,7 +502,7 @@ async fn a_write_needing_two_anchors_commits_with_two_replicas_and_is_refused_wi
         "scope": "secrets",
         "request": hex(&prost::Message::encode_to_vec(&op)),
         "nonce": hex(&[9; 16]),
-        "not_after": aq_host::meta::unix_now() + 20,
+        "not_after": aq_host::clock::unix_now() + 20,
         "client": null
     });
     let body = serde_json::to_vec(&call).unwrap();
@@ -550,13 +550,13 @@ async fn an_interrupted_commit_is_finished_once_by_any_replica() {
             if !proposal.approvals.iter().any(|a| a.principal == "bob") {
                 let signed = approval(&shown, &bob, b"interrupted");
                 let (key, signature) = (signed["key"].as_str().unwrap(), signed["signature"].as_str().unwrap());
-                let at = aq_host::meta::unix_now();
+                let at = aq_host::clock::unix_now();
                 proposal.approvals.push(Approval { principal: "bob".into(), key: key.into(), signature: signature.into(), at });
             }
             proposal.state = ProposalState::Committing;
             proposal.committed_revision = None;
             proposal.response = None;
-            proposal.claimed_at = Some(aq_host::meta::unix_now() - age);
+            proposal.claimed_at = Some(aq_host::clock::unix_now() - age);
             store.write_proposal(&proposal, revision).await.unwrap();
         }
     };

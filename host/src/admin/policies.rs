@@ -12,7 +12,8 @@ use serde_json::json;
 
 use super::{Admin, ApiError, Role, parse_digest};
 use crate::engine::PolicyDigest;
-use crate::meta::{CHUNK_BYTES, PolicyRecord, unix_now};
+use crate::clock::unix_now;
+use crate::meta::{CHUNK_BYTES, PolicyRecord};
 
 /// The request header carrying a publisher's ed25519 signature (hex) over
 /// [`signed_message`] of the pushed component.

@@ -13,7 +13,8 @@ use super::{Admin, ApiError, Json, Role, parse_digest};
 use crate::engine::FailMode;
 use crate::gate::GateError;
 use crate::index::{KeyRange, Scope};
-use crate::meta::{BindingRecord, BindingSource, BindingSpec, LimitsSpec, MetaError, unix_now};
+use crate::clock::unix_now;
+use crate::meta::{BindingRecord, BindingSource, BindingSpec, LimitsSpec, MetaError};
 
 /// How often a change is retried when another one lands first.
 const CHANGE_ATTEMPTS: usize = 5;

@@ -13,7 +13,7 @@ use etcd_client::proto as pb;
 use prost::Message;
 
 use super::{Caller, Gateway, ScopeRuntime, model_of};
-use crate::meta::unix_now;
+use crate::clock::unix_now;
 use crate::trust::anchor::{
     ANCHOR_HEADER, ANCHOR_PREFIX, COSIGN_TIMEOUT, COSIGN_VALIDITY, ClientSignatures, CosignAnswer, CosignRequest,
     Identity, cosign_message,

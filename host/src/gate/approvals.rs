@@ -15,7 +15,8 @@ use super::{Draft, GateError, Gateway, ScopeRuntime, Shortfall, collect_txn, com
 use crate::lineage::{ApprovalRecord, RecordKind};
 use crate::backend::compare::{RESULT_LESS, TARGET_MOD};
 use crate::index::KeyRange;
-use crate::meta::{MetaError, MetaStore, unix_now};
+use crate::clock::unix_now;
+use crate::meta::{MetaError, MetaStore};
 use crate::trust::proposal::{Approval, CLAIM_TIMEOUT, Proposal, ProposalState, VoterWeight};
 
 /// How often a waiting request looks at its proposal.

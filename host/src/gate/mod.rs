@@ -687,7 +687,7 @@ impl Gateway {
     ) -> Result<(pb::PbTxnOpResponse, Option<pb::PbResponseHeader>), GateError> {
         let mut context = self.context(runtime, ops, compares);
         if let Some(signed) = &caller.signed {
-            let now = crate::meta::unix_now();
+            let now = crate::clock::unix_now();
             context.credentials =
                 self.trust.verify(&runtime.scope.id, &context.ops, &context.compares, signed, now).await?;
         }
@@ -743,7 +743,7 @@ impl Gateway {
     /// Deletes recorded nonces whose signatures have expired, on every group: one DeleteRange
     /// per group, from the first nonce key up to those expiring now.
     pub async fn sweep_nonces(&self) {
-        let expired_before = nonce_expiry_bound(crate::meta::unix_now());
+        let expired_before = nonce_expiry_bound(crate::clock::unix_now());
         for group in self.groups.values() {
             let request = pb::PbDeleteRequest { key: nonce_prefix(), range_end: expired_before.clone(), prev_kv: false };
             if let Err(e) = group.delete_range(request).await {

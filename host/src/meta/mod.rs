@@ -17,13 +17,13 @@
 
 pub mod sync;
 
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use etcd_client::proto as pb;
 use serde::{Deserialize, Serialize};
 use tonic::Status;
 
 use crate::backend::Group;
+use crate::clock::unix_now;
 use crate::engine::{FailMode, Limits, PolicyDigest};
 use crate::backend::compare::{RESULT_EQUAL, RESULT_GREATER, TARGET_MOD, TARGET_VERSION};
 use crate::index::{KeyRange, RESERVED_PREFIX};
@@ -87,11 +87,6 @@ pub fn binding_key(scope: &str) -> Vec<u8> {
 /// The prefix of every binding.
 pub fn binding_prefix() -> Vec<u8> {
     key(&[b"binding/"])
-}
-
-/// Seconds since the Unix epoch.
-pub fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or_default()
 }
 
 /// A stored policy component.

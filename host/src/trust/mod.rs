@@ -199,7 +199,7 @@ impl SignedRequest {
     ) -> Result<Self, String> {
         let mut nonce = vec![0u8; 16];
         getrandom::fill(&mut nonce).map_err(|e| format!("the system random source failed: {e}"))?;
-        let not_after = crate::meta::unix_now() + validity.as_secs();
+        let not_after = crate::clock::unix_now() + validity.as_secs();
         let envelope = Envelope { cluster_id, scope: scope.to_string(), nonce, not_after };
         let digest = request_digest(&envelope, ops, compares);
         let signatures = keys
@@ -481,7 +481,7 @@ mod tests {
         let (a1, a2, b) = (key(1), key(2), key(3));
         let trust = Trust::new(9);
         trust.set_principals(&[principal("alice", &[&a1, &a2], &["secret-writer"]), principal("bob", &[&b], &[])]);
-        let now = crate::meta::unix_now();
+        let now = crate::clock::unix_now();
         let signed = SignedRequest::sign(&[a1.clone(), a2.clone()], 9, "secrets", &ops(), &[], Duration::from_secs(60)).unwrap();
         let credentials = trust.verify("secrets", &ops(), &[], &signed, now).await.unwrap();
         assert_eq!(credentials.len(), 1, "two keys of alice are one principal");
