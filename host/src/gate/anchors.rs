@@ -10,7 +10,6 @@ use std::sync::Arc;
 use aq_sdk as m;
 use ed25519_dalek::Signer;
 use etcd_client::proto as pb;
-use prost::Message;
 
 use super::{Caller, Gateway, ScopeRuntime, model_of};
 use crate::clock::unix_now;
@@ -124,7 +123,7 @@ impl Gateway {
         let not_after = unix_now() + COSIGN_VALIDITY.as_secs();
         let body = CosignRequest {
             scope: runtime.scope.id.clone(),
-            request: hex::encode(pb::PbTxnRequestOp { request: Some(op.clone()) }.encode_to_vec()),
+            request: super::stored::encode_op(op),
             nonce: hex::encode(&nonce),
             not_after,
             client: caller.signed.as_ref().map(ClientSignatures::of),
@@ -203,10 +202,7 @@ impl Gateway {
             serde_json::from_slice(body).map_err(|e| CosignError::Invalid(format!("the co-sign request does not parse: {e}")))?;
         let routing = self.routing();
         let runtime = routing.scope(&request.scope).ok_or_else(|| CosignError::Invalid(format!("no scope {}", request.scope)))?;
-        let op = hex::decode(&request.request)
-            .ok()
-            .and_then(|bytes| pb::PbTxnRequestOp::decode(bytes.as_slice()).ok())
-            .and_then(|op| op.request)
+        let op = super::stored::decode_op(&request.request)
             .ok_or_else(|| CosignError::Invalid("request is not a hex etcd RequestOp".into()))?;
         let (ops, compares, ranges) = model_of(&op);
         let owner = routing.route_write(&ranges).map_err(|e| CosignError::Invalid(e.to_string()))?;

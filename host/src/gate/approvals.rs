@@ -8,7 +8,6 @@ use std::time::Duration;
 use aq_sdk as m;
 use ed25519_dalek::{Signature, VerifyingKey};
 use etcd_client::proto as pb;
-use prost::Message;
 use tonic::Status;
 
 use super::{Draft, GateError, Gateway, ScopeRuntime, Shortfall, collect_txn, compare_to_model, footprint, put_op};
@@ -96,11 +95,8 @@ fn commit_marker_key(id: &str) -> Vec<u8> {
 
 /// Decodes a proposal's stored request.
 pub(crate) fn decode_request(proposal: &Proposal) -> Result<pb::PbTxnOpRequest, String> {
-    let bytes = hex::decode(&proposal.request).map_err(|e| format!("proposal {}: request is not hex: {e}", proposal.id))?;
-    pb::PbTxnRequestOp::decode(bytes.as_slice())
-        .ok()
-        .and_then(|op| op.request)
-        .ok_or_else(|| format!("proposal {}: the stored request does not decode", proposal.id))
+    super::stored::decode_op(&proposal.request)
+        .ok_or_else(|| format!("proposal {}: the stored request is not a hex etcd RequestOp", proposal.id))
 }
 
 fn text(bytes: &[u8]) -> String {
@@ -167,7 +163,7 @@ impl Gateway {
             threshold: shortfall.rule.threshold,
             approvals,
             keys,
-            request: hex::encode(pb::PbTxnRequestOp { request: Some(op.clone()) }.encode_to_vec()),
+            request: super::stored::encode_op(op),
             evaluated_at_revision: revision,
             committed_revision: None,
             response: None,
@@ -213,9 +209,7 @@ impl Gateway {
                     let response = proposal
                         .response
                         .as_deref()
-                        .and_then(|r| hex::decode(r).ok())
-                        .and_then(|b| pb::PbResponseOp::decode(b.as_slice()).ok())
-                        .and_then(|r| r.response)
+                        .and_then(super::stored::decode_answer)
                         .ok_or_else(|| GateError::Backend(Status::internal(format!("proposal {id} committed without an answer"))))?;
                     let header = pb::PbResponseHeader {
                         cluster_id: self.trust.cluster_id(),
@@ -339,7 +333,7 @@ impl Gateway {
             Ok((response, committed)) => {
                 proposal.state = ProposalState::Committed;
                 proposal.committed_revision = Some(committed);
-                proposal.response = response.map(|r| hex::encode(pb::PbResponseOp { response: Some(r) }.encode_to_vec()));
+                proposal.response = response.map(super::stored::encode_answer);
                 tracing::info!(proposal = %proposal.id, scope = %proposal.scope, revision = committed, "proposal committed");
             }
             Err(CommitError::Void(reason)) => {

@@ -13,6 +13,7 @@ pub mod decisions;
 mod lease;
 pub mod metrics;
 mod reader;
+mod stored;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
