@@ -48,10 +48,6 @@ struct Login {
 /// token only when it opens, and etcd answers a stale one by cancelling its watches.
 const STREAM_TOKEN_IDLE: Duration = Duration::from_secs(120);
 
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or_default()
-}
-
 /// Whether etcd refused a request for its token, before applying it: the token is unknown or
 /// expired (`invalid auth token`), or the auth store changed between authorising and applying
 /// the request (`revision of auth store is old`). Either way nothing was written, and the
@@ -106,6 +102,8 @@ pub fn watch_request<T: Default>(variant: fn(T) -> pb::PbWatchRequestUnion, fill
 pub mod compare {
     /// `Compare.target` `VERSION`.
     pub const TARGET_VERSION: i32 = 0;
+    /// `Compare.target` `CREATE`.
+    pub const TARGET_CREATE: i32 = 1;
     /// `Compare.target` `MOD`.
     pub const TARGET_MOD: i32 = 2;
     /// `Compare.result` `EQUAL`.
@@ -280,7 +278,7 @@ impl Group {
                 }
                 other => {
                     if let (Some(login), Ok(_)) = (&self.login, &other) {
-                        login.used_ms.store(unix_ms(), std::sync::atomic::Ordering::Relaxed);
+                        login.used_ms.store(crate::clock::unix_ms(), std::sync::atomic::Ordering::Relaxed);
                     }
                     return other.map(tonic::Response::into_inner);
                 }
@@ -363,11 +361,11 @@ impl Group {
         let path = tonic::codegen::http::uri::PathAndQuery::from_static(path);
         let mut request = tonic::Request::new(requests);
         if let Some(login) = &self.login {
-            let idle = unix_ms().saturating_sub(login.used_ms.load(std::sync::atomic::Ordering::Relaxed));
+            let idle = crate::clock::unix_ms().saturating_sub(login.used_ms.load(std::sync::atomic::Ordering::Relaxed));
             if idle > STREAM_TOKEN_IDLE.as_millis() as u64 {
                 let current = login.token.load_full();
                 self.renew(current).await?;
-                login.used_ms.store(unix_ms(), std::sync::atomic::Ordering::Relaxed);
+                login.used_ms.store(crate::clock::unix_ms(), std::sync::atomic::Ordering::Relaxed);
             }
         }
         if let Some(token) = self.token().await? {

@@ -174,7 +174,7 @@ impl Draft {
             scope: scope.to_string(),
             id: crate::lineage::new_record_id(),
             kind: self.kind,
-            time_ms: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or_default(),
+            time_ms: crate::clock::unix_ms(),
             policy: self.policy.clone(),
             level: self.level.to_string(),
             principals: self.principals.clone(),
@@ -575,23 +575,23 @@ impl Gateway {
         guards: Vec<pb::PbCompare>,
         draft: Option<Draft>,
     ) -> Result<Option<(pb::PbTxnOpResponse, Option<pb::PbResponseHeader>)>, GateError> {
-        let sent = if guards.is_empty() && draft.is_none() {
-            self.send_plain(runtime, op).await.map(Some)
-        } else {
-            let mut success = Vec::with_capacity(2);
-            if let Some(draft) = draft {
-                let record = draft.record(&runtime.scope.id);
-                success.push(put(record.key(), record.encode()));
-            }
-            success.push(pb::PbTxnRequestOp { request: Some(op) });
-            let request = pb::PbTxnRequest { compare: guards, success, failure: Vec::new() };
-            runtime.group.txn(request).await.map(|r| r.succeeded.then_some(r)).map_err(GateError::Backend)
-        };
-        let sent = sent.map_err(|e| self.backend_failure(runtime, e))?;
-        let Some(mut response) = sent else {
+        if guards.is_empty() && draft.is_none() {
+            let sent = self.send_plain(runtime, op).await.map_err(|e| self.backend_failure(runtime, e))?;
+            self.metrics.routed(&runtime.scope.id, "write");
+            return Ok(Some(sent));
+        }
+        let mut success = Vec::with_capacity(2);
+        if let Some(draft) = draft {
+            let record = draft.record(&runtime.scope.id);
+            success.push(put(record.key(), record.encode()));
+        }
+        success.push(pb::PbTxnRequestOp { request: Some(op) });
+        let request = pb::PbTxnRequest { compare: guards, success, failure: Vec::new() };
+        let mut response = runtime.group.txn(request).await.map_err(|s| self.backend_failure(runtime, GateError::Backend(s)))?;
+        if !response.succeeded {
             self.metrics.guard_retry(&runtime.scope.id);
             return Ok(None);
-        };
+        }
         self.metrics.routed(&runtime.scope.id, "write");
         let inner = response
             .responses
@@ -601,8 +601,12 @@ impl Gateway {
         Ok(Some((inner, response.header)))
     }
 
-    /// The client's op alone, as a Txn response of one answer.
-    async fn send_plain(&self, runtime: &ScopeRuntime, op: pb::PbTxnOpRequest) -> Result<pb::PbTxnResponse, GateError> {
+    /// The client's op alone: its answer, and the header taken out of it.
+    async fn send_plain(
+        &self,
+        runtime: &ScopeRuntime,
+        op: pb::PbTxnOpRequest,
+    ) -> Result<(pb::PbTxnOpResponse, Option<pb::PbResponseHeader>), GateError> {
         let group = &runtime.group;
         let (header, answer) = match op {
             pb::PbTxnOpRequest::RequestPut(put) => {
@@ -622,11 +626,7 @@ impl Gateway {
                 (r.header.take(), pb::PbTxnOpResponse::ResponseRange(r))
             }
         };
-        Ok(pb::PbTxnResponse {
-            header,
-            succeeded: true,
-            responses: vec![pb::PbResponseOp { response: Some(answer) }],
-        })
+        Ok((answer, header))
     }
 
     /// Counts a failed send; a refusal by the group's ownership check becomes
@@ -670,8 +670,7 @@ impl Gateway {
                 };
                 tracing::info!(scope = %scope, from = %group, to = moved.group.name(), "the scope moved; sending the write to its new owner");
                 let (ops, compares, _) = model_of(&op);
-                let leases: Vec<i64> = ops.iter().filter_map(|o| match o { m::Op::Put(p) => Some(p.lease), _ => None }).collect();
-                self.ensure_leases(&moved.group, leases).await?;
+                self.ensure_leases(&moved.group, leases_of(&ops)).await?;
                 self.govern_on(moved, ops, compares, &op, caller).await
             }
             other => other,
@@ -850,9 +849,7 @@ impl Gateway {
             self.metrics.routed(&runtime.scope.id, "read");
             return Ok(runtime.group.txn(request).await?);
         }
-        let leases: Vec<i64> =
-            ops.iter().filter_map(|op| match op { m::Op::Put(p) => Some(p.lease), _ => None }).collect();
-        self.ensure_leases(&runtime.group, leases).await?;
+        self.ensure_leases(&runtime.group, leases_of(&ops)).await?;
         let compares = request.compare.iter().map(compare_to_model).collect();
         let (response, header) =
             self.govern(runtime, ops, compares, pb::PbTxnOpRequest::RequestTxn(request), caller).await?;
@@ -975,6 +972,14 @@ fn request_seed(context: &m::Context, now: std::time::Duration) -> [u8; 32] {
         };
     }
     *hasher.finalize().as_bytes()
+}
+
+/// The leases the puts among `ops` attach.
+fn leases_of(ops: &[m::Op]) -> impl Iterator<Item = i64> + '_ {
+    ops.iter().filter_map(|op| match op {
+        m::Op::Put(p) => Some(p.lease),
+        m::Op::DeleteRange(_) => None,
+    })
 }
 
 fn put_op(request: &pb::PbPutRequest) -> m::PutOp {

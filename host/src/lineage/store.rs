@@ -114,10 +114,6 @@ pub async fn records(group: &Group, scope: &str) -> Result<Vec<ExportedRecord>, 
     records_between(group, scope, 0, 0).await.map(|(records, _)| records)
 }
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or_default()
-}
-
 /// Signs this replica's checkpoints of the logs it serves. It keeps, per log, the tree's
 /// [`Frontier`], the revision read through and the size it last checkpointed, so a pass gets
 /// only the records written since the previous one, in revision order.
@@ -219,7 +215,7 @@ impl Checkpointer {
         if size <= progress.checkpointed {
             return Ok(None);
         }
-        let checkpoint = Checkpoint::sign_root(&self.key, scope, size, progress.last, progress.frontier.root_hex(), now_ms());
+        let checkpoint = Checkpoint::sign_root(&self.key, scope, size, progress.last, progress.frontier.root_hex(), crate::clock::unix_ms());
         let stored = self.meta.put_checkpoint(&checkpoint).await.map_err(|e| e.to_string())?;
         progress.checkpointed = size;
         Ok(stored.then_some(checkpoint))
@@ -236,7 +232,7 @@ impl Checkpointer {
         let checkpoints = self.meta.checkpoints(scope).await.map_err(|e| e.to_string())?;
         let root_log = self.meta.root_log().await.map_err(|e| e.to_string())?;
         let leaves: Vec<Vec<u8>> = root_log.iter().map(|c| serde_json::to_vec(c).expect("JSON")).collect();
-        let root_checkpoint = Checkpoint::sign(&self.key, ROOT_LOG, &leaves, now_ms());
+        let root_checkpoint = Checkpoint::sign(&self.key, ROOT_LOG, &leaves, crate::clock::unix_ms());
         Ok(Export { v: 1, scope: scope.to_string(), records, checkpoints, root_log, root_checkpoint })
     }
 }
