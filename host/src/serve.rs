@@ -22,7 +22,8 @@ use crate::gate::metrics::GateMetrics;
 use crate::meta::MetaStore;
 use crate::trust::Trust;
 use crate::meta::sync::Syncer;
-use crate::index::ScopeIndex;
+use crate::index::{KeyRange, ScopeIndex};
+use crate::meta::layout::{Adoption, LayoutRecord};
 
 /// How long to wait for a backend group to answer at start.
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
@@ -161,14 +162,21 @@ pub async fn start(config: Config, options: ServeOptions) -> Result<Running, Str
         };
         groups.insert(group.name.clone(), connected);
     }
-    let mut scopes = Vec::new();
-    for scope in &config.scopes {
-        scopes.push(scope.to_scope()?);
-    }
-    let index = ScopeIndex::new(scopes).map_err(|e| e.to_string())?;
-    // Each group's etcd lets aq write exactly the ranges the layout gives it.
+    let home = config.groups.first().map(|g| g.name.clone()).ok_or("the configuration has no [[groups]]")?;
+    let mut owners = BTreeMap::new();
     for (name, admin) in &admins {
-        let mut owners = ownership::Owners::connect(name, groups[name].endpoints(), admin).await?;
+        owners.insert(name.clone(), ownership::Owners::connect(name, groups[name].endpoints(), admin).await?);
+    }
+    // aq's own records live in the home group's reserved keys, which every group's role holds;
+    // the layout there says which scope every other range belongs to.
+    if let Some(owners) = owners.get_mut(&home) {
+        owners.grant(&KeyRange::prefix(crate::index::RESERVED_PREFIX)).await?;
+    }
+    let store = MetaStore::new(groups[&home].clone());
+    let (layout, index) = adopt_layout(&store, &config).await?;
+    let routed_epoch = layout.epoch;
+    // Each group's etcd lets aq write exactly the ranges the layout gives it.
+    for (name, owners) in &mut owners {
         owners.reconcile(&index.group_ranges(name)).await?;
     }
 
@@ -179,8 +187,6 @@ pub async fn start(config: Config, options: ServeOptions) -> Result<Running, Str
     );
     let registry = Arc::new(Registry::new());
     let metrics = Arc::new(GateMetrics::default());
-    let home = config.groups.first().map(|g| g.name.clone()).ok_or("the configuration has no [[groups]]")?;
-    let store = MetaStore::new(groups[&home].clone());
     // Signatures are bound to the meta group's etcd cluster id, which Maintenance.Status reports.
     let cluster_id = groups[&home]
         .status()
@@ -190,17 +196,13 @@ pub async fn start(config: Config, options: ServeOptions) -> Result<Running, Str
         .map(|h| h.cluster_id)
         .unwrap_or_default();
     let trust = Arc::new(Trust::new(cluster_id));
-    let syncer = Arc::new(Syncer::new(
-        store,
-        engine.clone(),
-        registry.clone(),
-        metrics.clone(),
-        trust.clone(),
-        config.scopes.iter().map(|s| s.id.clone()),
-    ));
+    let syncer = Arc::new(Syncer::new(store, engine.clone(), registry.clone(), metrics.clone(), trust.clone(), layout));
     syncer.reload_principals().await.map_err(|e| format!("cannot read the principals: {e}"))?;
-    for scope in &config.scopes {
-        syncer.reconcile(scope, policy_bytes(&scope.policy)?).await?;
+    for scope in index.scopes() {
+        match config.scopes.iter().find(|s| s.id == scope.id) {
+            Some(configured) => syncer.reconcile(configured, policy_bytes(&configured.policy)?).await?,
+            None => syncer.bind_stored(&scope.id).await?,
+        }
     }
     let decisions = DecisionLog::open(&options.decision_log, options.log_allows, metrics.decision_lines_dropped())
         .map_err(|e| e.to_string())?;
@@ -213,7 +215,7 @@ pub async fn start(config: Config, options: ServeOptions) -> Result<Running, Str
     let services = GateServices { engine, registry, metrics, decisions, trust, anchor: Some(anchor.clone()) };
     let gateway = Arc::new(Gateway::new(index, groups, &home, services).await?);
     syncer.follow().await?;
-    persist_layout(&gateway).await?;
+    follow_layout(&gateway, &syncer, routed_epoch);
 
     // The admin API's state; a generated admin token unless tokens are configured.
     let auth = if config.admin.auth {
@@ -312,42 +314,75 @@ pub fn admin_token_path(data_dir: &Path) -> PathBuf {
     data_dir.join("admin-token")
 }
 
-/// The meta key holding the scope layout, in the home group's reserved keyspace.
-pub fn layout_key() -> Vec<u8> {
-    let mut key = crate::index::RESERVED_PREFIX.to_vec();
-    key.extend_from_slice(b"meta/layout");
-    key
+/// Reads the stored layout and settles it with the configuration's scopes (see
+/// [`crate::meta::layout`]): returns the record this replica routes by and its index.
+async fn adopt_layout(store: &MetaStore, config: &Config) -> Result<(Arc<LayoutRecord>, ScopeIndex), String> {
+    let scopes = config.scopes.iter().map(|s| s.to_scope()).collect::<Result<Vec<_>, _>>()?;
+    let configured = ScopeIndex::new(scopes).map_err(|e| e.to_string())?;
+    let home = store.group().name().to_string();
+    let read_error = |e: crate::meta::MetaError| format!("cannot read the scope layout from group {home}: {e}");
+    // Replicas starting together race to seed; the loser adopts what the winner wrote.
+    for _ in 0..5 {
+        let stored = store.layout().await.map_err(read_error)?;
+        let (record, expected) = match LayoutRecord::adopt(stored.as_ref().map(|(r, _)| r), &configured) {
+            Adoption::Keep => {
+                let record = stored.expect("kept means stored").0;
+                let index = record.index()?;
+                return Ok((Arc::new(record), index));
+            }
+            Adoption::KeepChangedLive => {
+                let record = stored.expect("kept means stored").0;
+                tracing::warn!(
+                    epoch = record.epoch,
+                    reason = %record.reason,
+                    "the configuration's scopes differ from the layout in the meta group, which changed live since it \
+                     was seeded; aq routes by the stored layout and ignores the file's scopes"
+                );
+                let index = record.index()?;
+                return Ok((Arc::new(record), index));
+            }
+            Adoption::Seed(record) => (record, 0),
+            Adoption::Reseed(record) => {
+                tracing::info!(epoch = record.epoch, "the configuration's scopes changed; they become the stored layout");
+                (record, stored.expect("reseeded means stored").1)
+            }
+        };
+        match store.write_layout(&record, expected).await {
+            Ok(_) => return Ok((Arc::new(record), configured)),
+            Err(crate::meta::MetaError::LayoutConflict(_)) => continue,
+            Err(e) => return Err(format!("cannot record the scope layout in group {home}: {e}")),
+        }
+    }
+    Err("the scope layout kept changing while starting; retry".into())
 }
 
-/// Records the scope layout in the meta (home) group, where every replica and tool can read
-/// which scope owns which keys, on which group, under which policy version.
-async fn persist_layout(gateway: &Gateway) -> Result<(), String> {
-    let scopes: Vec<serde_json::Value> = gateway
-        .routing()
-        .index()
-        .scopes()
-        .iter()
-        .map(|scope| {
-            let binding = gateway.registry().active(&scope.id).expect("every scope is bound");
-            serde_json::json!({
-                "id": scope.id,
-                "start": String::from_utf8_lossy(&scope.range.start),
-                "end": String::from_utf8_lossy(&scope.range.end),
-                "group": scope.group,
-                "labels": scope.labels,
-                "policy": binding.module.digest().to_string(),
-                "config": &*binding.config,
-                "fail_mode": binding.fail_mode,
-            })
-        })
-        .collect();
-    let value = serde_json::to_vec_pretty(&serde_json::json!({ "scopes": scopes })).expect("JSON");
-    gateway
-        .home()
-        .put(pb::PbPutRequest { key: layout_key(), value, ..Default::default() })
-        .await
-        .map_err(|s| format!("cannot record the layout in group {}: {}", gateway.home().name(), s.message()))?;
-    Ok(())
+/// Routes by every layout the syncer adopts from now on, in a task that lives as long as the
+/// gateway. A layout the gateway cannot route by (a group it does not know, a scope without a
+/// binding) is logged and the current routing kept: writes to a range whose group gave it away
+/// are then refused by that group, never landed there.
+fn follow_layout(gateway: &Arc<Gateway>, syncer: &Syncer, mut routed: u64) {
+    let mut changes = syncer.layout_changes();
+    let weak = Arc::downgrade(gateway);
+    tokio::spawn(async move {
+        loop {
+            // The syncer may have adopted a newer layout before this task subscribed.
+            let record = changes.borrow_and_update().clone();
+            if record.epoch > routed {
+                let Some(gateway) = weak.upgrade() else { return };
+                routed = record.epoch;
+                match record.index().and_then(|index| gateway.reroute(index)) {
+                    Ok(()) => tracing::info!(epoch = record.epoch, reason = %record.reason, "routing by a new scope layout"),
+                    Err(e) => tracing::error!(
+                        epoch = record.epoch,
+                        "cannot route by the stored scope layout; keeping the current routing: {e}"
+                    ),
+                }
+            }
+            if changes.changed().await.is_err() {
+                return;
+            }
+        }
+    });
 }
 
 /// How often each replica sweeps expired nonces and finishes abandoned proposal commits.

@@ -306,17 +306,25 @@ async fn a_lease_used_in_two_groups_behaves_as_one() {
 async fn the_layout_is_recorded_in_the_meta_group() {
     let gw = TestGateway::start().await;
     let mut main = gw.main.client().await;
-    let stored = main.get(aq_host::serve::layout_key(), None).await.unwrap();
+    let stored = main.get(aq_host::meta::layout_key(), None).await.unwrap();
     let layout: serde_json::Value = serde_json::from_slice(stored.kvs()[0].value()).unwrap();
+    assert_eq!(layout["epoch"], 1);
+    assert_eq!(layout["changed_live"], false);
     let scopes = layout["scopes"].as_array().unwrap();
     let secrets = scopes.iter().find(|s| s["id"] == "secrets").expect("secrets recorded");
     assert_eq!(secrets["start"], "/registry/secrets/");
+    assert_eq!(secrets["end"], "/registry/secrets0");
     assert_eq!(secrets["group"], "main");
-    let digest = blake3::hash(aq_host::builtin::find("critical").unwrap().component).to_hex().to_string();
-    assert_eq!(secrets["policy"], format!("blake3:{digest}"));
+    let events = scopes.iter().find(|s| s["id"] == "events").expect("events recorded");
+    assert_eq!(events["group"], "events");
+    // A second replica with the same file adopts the record as it is.
+    let replica = gw.replica().await;
+    let again = main.get(aq_host::meta::layout_key(), None).await.unwrap();
+    assert_eq!(again.kvs()[0].mod_revision(), stored.kvs()[0].mod_revision());
+    assert_eq!(replica.running.gateway.routing().index().scopes().len(), scopes.len());
     // Through aq the record is as invisible as every reserved key.
     let mut client = gw.client().await;
-    assert_eq!(client.get(aq_host::serve::layout_key(), None).await.unwrap().count(), 0);
+    assert_eq!(client.get(aq_host::meta::layout_key(), None).await.unwrap().count(), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -413,42 +421,54 @@ async fn a_write_needing_approval_is_refused_with_what_it_needs() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_scope_moved_to_another_group_is_written_there_and_refused_by_the_old_one() {
+async fn a_scope_moved_in_the_stored_layout_is_followed_by_every_replica() {
     let gw = TestGateway::start().await;
     let replica = gw.replica().await;
     let mut client = gw.client().await;
+    let mut other = etcd_client::Client::connect([replica.running.addr.to_string()], None).await.unwrap();
     client.put("/registry/pods/ns/a", "on main", None).await.unwrap();
 
-    // The hand-off: main gives registry's keys up, events takes them, this replica routes there.
+    // The hand-off: main gives registry's keys up, events takes them.
+    let store = gw.running.syncer.store();
+    let (stored, revision) = store.layout().await.unwrap().expect("a stored layout");
+    let mut moved = stored.index().unwrap().scopes().iter().map(|s| (**s).clone()).collect::<Vec<_>>();
+    moved.iter_mut().find(|s| s.id == "registry").unwrap().group = "events".into();
+    let moved = aq_host::index::ScopeIndex::new(moved).unwrap();
     gw.revoke_from_main("registry").await;
-    let moved = || {
-        let mut scopes: Vec<aq_host::index::Scope> = aq_host::config::Config::parse(&gw.layout(), "test layout")
-            .unwrap()
-            .scopes
-            .iter()
-            .map(|s| s.to_scope().unwrap())
-            .collect();
-        scopes.iter_mut().find(|s| s.id == "registry").unwrap().group = "events".into();
-        aq_host::index::ScopeIndex::new(scopes).unwrap()
-    };
     let admin = gw.events.admin_credentials();
     let mut events_owners = aq_host::backend::ownership::Owners::connect("events", &[gw.events.url().to_string()], &admin).await.unwrap();
-    assert!(!events_owners.reconcile(&moved().group_ranges("events")).await.unwrap().granted.is_empty());
-    gw.running.gateway.reroute(moved()).unwrap();
-    assert_eq!(gw.running.gateway.routing().scope("registry").unwrap().group.name(), "events");
+    assert!(!events_owners.reconcile(&moved.group_ranges("events")).await.unwrap().granted.is_empty());
+
+    // Until the replicas follow, main refuses the write they send it, and nothing lands.
+    let err = other.put("/registry/pods/ns/early", "stale", None).await.unwrap_err();
+    assert!(err.to_string().contains("no longer holds the keys of scope registry"), "{err}");
+
+    // One write of the layout record, and both replicas route there.
+    let next = stored.changed(&moved, "scope registry moved to group events");
+    store.write_layout(&next, revision).await.unwrap();
+    // A writer that saw an older epoch loses: the record changes only from the epoch it read.
+    let stale = store.write_layout(&stored.changed(&moved, "again"), revision).await.unwrap_err();
+    assert!(stale.to_string().contains("epoch 2"), "{stale}");
+    for running in [&gw.running, &replica.running] {
+        aq_tests::wait_until("the replica routes registry to events", || {
+            running.gateway.routing().scope("registry").unwrap().group.name() == "events"
+        })
+        .await;
+    }
 
     client.put("/registry/pods/ns/b", "on events", None).await.unwrap();
+    other.put("/registry/pods/ns/c", "followed", None).await.unwrap();
     let mut events = gw.events.client().await;
     let mut main = gw.main.client().await;
     assert_eq!(events.get("/registry/pods/ns/b", None).await.unwrap().count(), 1, "written to the new owner");
-    assert_eq!(main.get("/registry/pods/ns/b", None).await.unwrap().count(), 0);
-
-    // The other replica still routes to main, which refuses; once it follows, it writes there.
-    let mut stale = etcd_client::Client::connect([replica.running.addr.to_string()], None).await.unwrap();
-    let err = stale.put("/registry/pods/ns/c", "stale", None).await.unwrap_err();
-    assert!(err.to_string().contains("no longer holds the keys of scope registry"), "{err}");
-    assert_eq!(main.get("/registry/pods/ns/c", None).await.unwrap().count(), 0);
-    replica.running.gateway.reroute(moved()).unwrap();
-    stale.put("/registry/pods/ns/c", "followed", None).await.unwrap();
     assert_eq!(events.get("/registry/pods/ns/c", None).await.unwrap().kvs()[0].value(), b"followed");
+    for key in ["/registry/pods/ns/b", "/registry/pods/ns/c", "/registry/pods/ns/early"] {
+        assert_eq!(main.get(key, None).await.unwrap().count(), 0, "{key} is not on main");
+    }
+
+    // The record outlives the file: a replica started later with the same file routes by it.
+    let late = gw.replica().await;
+    assert_eq!(late.running.gateway.routing().scope("registry").unwrap().group.name(), "events");
+    let (kept, _) = store.layout().await.unwrap().unwrap();
+    assert_eq!((kept.epoch, kept.changed_live), (2, true));
 }

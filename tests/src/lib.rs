@@ -33,3 +33,12 @@ pub fn put_context(key: &str, value: &str) -> aq_sdk::Context {
 
 pub mod etcd;
 pub mod lincheck;
+
+/// Waits until `condition` holds, checking every 10 ms; panics naming `what` after 10 s.
+pub async fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !condition() {
+        assert!(std::time::Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}

@@ -126,7 +126,9 @@ impl From<MetaError> for ApiError {
     fn from(e: MetaError) -> Self {
         match e {
             MetaError::UnknownPolicy(_) => ApiError::not_found(e.to_string()),
-            MetaError::Bound { .. } | MetaError::Conflict(_) | MetaError::AnchorTaken(_) => ApiError::conflict(e.to_string()),
+            MetaError::Bound { .. } | MetaError::Conflict(_) | MetaError::LayoutConflict(_) | MetaError::AnchorTaken(_) => {
+                ApiError::conflict(e.to_string())
+            }
             MetaError::Backend(_) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "meta group unavailable", e.to_string()),
             MetaError::Corrupt(_) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "damaged state", e.to_string()),
         }

@@ -1,5 +1,5 @@
-//! `aq bench policy`: evaluation latency of each built-in policy with a fresh instance per
-//! call, and the cost of instantiation alone.
+//! `aq bench policy`: evaluation latency of each built-in policy, in an instance made ready
+//! ahead of the request and in one instantiated on it, and the cost of instantiation alone.
 
 use std::time::{Duration, Instant};
 
@@ -38,43 +38,69 @@ pub(super) fn policy(iterations: u32) -> Result<(), CliError> {
     if iterations == 0 {
         return Err(CliError::Input("--iterations must be at least 1".into()));
     }
-    let engine = Engine::new(EngineConfig::default()).map_err(|e| CliError::Input(e.to_string()))?;
+    let ready = Engine::new(EngineConfig::default()).map_err(|e| CliError::Input(e.to_string()))?;
+    let cold = Engine::new(EngineConfig { warm_per_binding: 0, ..EngineConfig::default() })
+        .map_err(|e| CliError::Input(e.to_string()))?;
     let ctx = sample_context();
-    println!("{iterations} evaluations per policy, one fresh instance each, on one thread");
-    println!("{:<10} {:>10} {:>10} {:>10} {:>16} {:>16}", "policy", "eval p50", "eval p99", "eval mean", "instantiate p50", "instantiate p99");
+    println!("{iterations} evaluations per policy and kind, on one thread; each instance serves one evaluation");
+    println!("ready: the instance was instantiated and init'ed ahead of the request (the steady state while");
+    println!("requests arrive slower than the instance thread makes them); cold: instantiated on the request");
+    println!(
+        "{:<10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>16}",
+        "policy", "ready p50", "ready p99", "ready mean", "cold p50", "cold p99", "cold mean", "instantiate p50"
+    );
     for builtin in crate::builtin::BUILTINS {
-        let module = engine.load(builtin.component).map_err(|e| CliError::Input(e.to_string()))?;
-        let binding = engine
-            .bind("bench", module, builtin.example_config, Limits::default(), FailMode::Closed)
-            .map_err(|e| CliError::Input(e.to_string()))?;
-        let mut evals = Vec::with_capacity(iterations as usize);
-        let mut instantiations = Vec::with_capacity(iterations as usize);
-        // Warm up caches and the allocator's slots.
-        for _ in 0..1000.min(iterations) {
-            engine.evaluate(&binding, EvalRequest { context: &ctx, seed: [7; 32], reader: None });
-        }
-        for i in 0..iterations {
-            let mut seed = [0u8; 32];
-            seed[..4].copy_from_slice(&i.to_le_bytes());
-            let started = Instant::now();
-            let evaluation = engine.evaluate(&binding, EvalRequest { context: &ctx, seed, reader: None });
-            evals.push(started.elapsed());
-            if let Some(failure) = evaluation.failure {
-                return Err(CliError::Input(format!("{} failed during the benchmark: {failure}", builtin.name)));
+        let run = |engine: &Engine, wait_ready: bool| -> Result<(Vec<Duration>, Vec<Duration>), CliError> {
+            let module = engine.load(builtin.component).map_err(|e| CliError::Input(e.to_string()))?;
+            let binding = engine
+                .bind("bench", module, builtin.example_config, Limits::default(), FailMode::Closed)
+                .map_err(|e| CliError::Input(e.to_string()))?;
+            let mut evals = Vec::with_capacity(iterations as usize);
+            let mut instantiations = Vec::new();
+            let warmup = 1000.min(iterations);
+            for i in 0..warmup + iterations {
+                if wait_ready {
+                    // Requests arriving slower than instances are made: one is always ready.
+                    let deadline = Instant::now() + Duration::from_secs(1);
+                    while binding.ready_instances() == 0 {
+                        if Instant::now() > deadline {
+                            return Err(CliError::Input("no instance became ready within a second".into()));
+                        }
+                        std::thread::yield_now();
+                    }
+                }
+                let mut seed = [0u8; 32];
+                seed[..4].copy_from_slice(&i.to_le_bytes());
+                let started = Instant::now();
+                let evaluation = engine.evaluate(&binding, EvalRequest { context: &ctx, seed, reader: None });
+                let took = started.elapsed();
+                if let Some(failure) = evaluation.failure {
+                    return Err(CliError::Input(format!("{} failed during the benchmark: {failure}", builtin.name)));
+                }
+                if i >= warmup {
+                    evals.push(took);
+                    if !wait_ready {
+                        instantiations.push(engine.instantiate_only(&binding).map_err(|f| CliError::Input(f.to_string()))?);
+                    }
+                }
             }
-            instantiations.push(engine.instantiate_only(&binding).map_err(|f| CliError::Input(f.to_string()))?);
-        }
-        evals.sort();
-        instantiations.sort();
-        let mean = evals.iter().sum::<Duration>() / iterations;
+            evals.sort();
+            instantiations.sort();
+            Ok((evals, instantiations))
+        };
+        let (warm, _) = run(&ready, true)?;
+        let (fresh, instantiations) = run(&cold, false)?;
+        let mean = |d: &[Duration]| d.iter().sum::<Duration>() / d.len() as u32;
         println!(
-            "{:<10} {:>8} µs {:>8} µs {:>8} µs {:>13} µs {:>13} µs",
+            "{:<10} {:>7} µs {:>7} µs {:>7} µs {:>7} µs {:>7} µs {:>7} µs {:>13} µs",
             builtin.name,
-            micros(percentile(&evals, 0.5)),
-            micros(percentile(&evals, 0.99)),
-            micros(mean),
+            micros(percentile(&warm, 0.5)),
+            micros(percentile(&warm, 0.99)),
+            micros(mean(&warm)),
+            micros(percentile(&fresh, 0.5)),
+            micros(percentile(&fresh, 0.99)),
+            micros(mean(&fresh)),
             micros(percentile(&instantiations, 0.5)),
-            micros(percentile(&instantiations, 0.99)),
         );
     }
     Ok(())

@@ -12,6 +12,7 @@ mod convert;
 mod generated;
 mod registry;
 mod sandbox;
+mod warm;
 
 use std::fmt;
 use std::path::PathBuf;
@@ -75,6 +76,10 @@ pub struct EngineConfig {
     pub stack_bytes: usize,
     /// Granularity of CPU deadlines.
     pub epoch_tick: Duration,
+    /// Instances each binding keeps instantiated and past `init`, ready for a request
+    /// (`warm.rs`); 0 instantiates every evaluation on its request. Together they hold at most
+    /// half of the instance pool.
+    pub warm_per_binding: usize,
 }
 
 impl Default for EngineConfig {
@@ -85,9 +90,14 @@ impl Default for EngineConfig {
             memory_ceiling: 256 << 20,
             stack_bytes: 512 << 10,
             epoch_tick: Duration::from_millis(1),
+            warm_per_binding: 2,
         }
     }
 }
+
+/// The WASI interface whose one function the engine answers itself (see
+/// `HostState::insecure_seed`); the version wasmtime-wasi links.
+const INSECURE_SEED_INTERFACE: &str = "wasi:random/insecure-seed@0.2.12";
 
 /// Linear memory kept mapped per pool slot between evaluations: covers a Rust policy's stack,
 /// data and the heap a typical evaluation touches.
@@ -98,7 +108,8 @@ const RESIDENT_TABLE_BYTES: usize = 64 << 10;
 /// Per-scope limits of one binding.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {
-    /// CPU deadline of one call (instantiation, `init` and `evaluate` together).
+    /// CPU deadline of one call: `evaluate`, plus instantiation and `init` when no instance
+    /// was made ready ahead of the request.
     pub timeout: Duration,
     /// Linear memory cap, in bytes.
     pub memory_bytes: usize,
@@ -171,6 +182,24 @@ pub struct Binding {
     pub fail_mode: FailMode,
     /// Scope name used in log lines.
     pub scope: Arc<str>,
+    /// Instances made ready for this binding's next requests.
+    warm: Arc<warm::WarmPool>,
+}
+
+impl Binding {
+    fn recipe(&self) -> warm::Recipe {
+        warm::Recipe {
+            module: self.module.clone(),
+            config: self.config.clone(),
+            limits: self.limits,
+            scope: self.scope.clone(),
+        }
+    }
+
+    /// How many instances are ready for this binding's next requests.
+    pub fn ready_instances(&self) -> usize {
+        self.warm.len()
+    }
 }
 
 /// Why component bytes were refused.
@@ -334,6 +363,7 @@ pub struct Engine {
     linker: Linker<HostState>,
     cache: Option<cache::CompileCache>,
     config: EngineConfig,
+    warmer: warm::Warmer,
 }
 
 impl Engine {
@@ -368,6 +398,16 @@ impl Engine {
 
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(|e| EngineError::Config(format!("{e:#}")))?;
+        linker.allow_shadowing(true);
+        linker
+            .instance(INSECURE_SEED_INTERFACE)
+            .and_then(|mut seed| {
+                seed.func_wrap("insecure-seed", |store: wasmtime::StoreContextMut<'_, HostState>, (): ()| {
+                    Ok((store.data().insecure_seed(),))
+                })
+            })
+            .map_err(|e| EngineError::Config(format!("{e:#}")))?;
+        linker.allow_shadowing(false);
         Governance::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |state| state)
             .map_err(|e| EngineError::Config(format!("{e:#}")))?;
 
@@ -379,7 +419,10 @@ impl Engine {
         };
         spawn_epoch_ticker(&engine, config.epoch_tick)
             .map_err(|e| EngineError::Config(format!("cannot start the policy deadline thread: {e}")))?;
-        Ok(Engine { engine, linker, cache, config })
+        let caps = warm::WarmCaps { per_binding: config.warm_per_binding, total: config.max_concurrent as usize / 2 };
+        let warmer = warm::Warmer::start(engine.clone(), config.epoch_tick, caps)
+            .map_err(|e| EngineError::Config(format!("cannot start the policy instance thread: {e}")))?;
+        Ok(Engine { engine, linker, cache, config, warmer })
     }
 
     /// Validates, content-addresses and compiles (or fetches from the cache) a component.
@@ -459,12 +502,22 @@ impl Engine {
         if limits.memory_bytes > self.config.memory_ceiling {
             return Err(BindError::Limits { requested: limits.memory_bytes, ceiling: self.config.memory_ceiling });
         }
-        let binding = Binding { module, config: Arc::from(config), limits, fail_mode, scope: Arc::from(scope) };
+        let binding = Binding {
+            module,
+            config: Arc::from(config),
+            limits,
+            fail_mode,
+            scope: Arc::from(scope),
+            warm: self.warmer.pool(),
+        };
         let digest = binding.module.digest;
-        let seed = *blake3::hash(config.as_bytes()).as_bytes();
+        let seed = init_seed(config);
         let outcome = self.call(&binding, Duration::ZERO, &seed, None, |_, _, _| Ok(()));
         match outcome {
-            Ok(((), _)) => Ok(Arc::new(binding)),
+            Ok(((), _)) => {
+                self.warmer.refill(&binding.warm, binding.recipe());
+                Ok(Arc::new(binding))
+            }
             Err(CallError::Config(error)) => Err(BindError::Config { digest, error }),
             Err(CallError::Failed(failure)) => Err(BindError::Failed { digest, failure }),
         }
@@ -483,7 +536,7 @@ impl Engine {
         };
         let wit_ctx = convert::context(ctx);
         let limit = binding.limits.max_result_bytes;
-        let outcome = self.call(binding, request_time, &request.seed, Some(read_scope), |store, policy, _| {
+        let outcome = self.call_ready(binding, request_time, &request.seed, read_scope, |store, policy| {
             let decision = policy.aq_governance_policy().call_evaluate(store, &wit_ctx)?;
             let size = convert::decision_size(&decision);
             if size > limit {
@@ -528,20 +581,34 @@ impl Engine {
         seed: &[u8; 32],
         read_scope: Option<ReadScope>,
     ) -> Store<HostState> {
-        let state = HostState::new(SandboxSetup {
-            memory_cap: binding.limits.memory_bytes,
-            request_time,
-            seed,
-            log_target: binding.scope.clone(),
-            read_scope,
-        });
-        let mut store = Store::new(&self.engine, state);
-        store.limiter(|state| &mut state.limiter);
-        let tick = self.config.epoch_tick.as_nanos().max(1);
-        let ticks = binding.limits.timeout.as_nanos().div_ceil(tick).max(1);
-        store.set_epoch_deadline(u64::try_from(ticks).unwrap_or(u64::MAX));
-        store.epoch_deadline_trap();
-        store
+        new_store(&self.engine, self.config.epoch_tick, &binding.limits, &binding.scope, request_time, seed, read_scope)
+    }
+
+    /// Runs `f` (an `evaluate`) in an instance made ready ahead of the request when one is
+    /// left, otherwise in a fresh one after `init`; then asks for the binding's ready instances
+    /// to be topped up.
+    fn call_ready<R>(
+        &self,
+        binding: &Binding,
+        request_time: Duration,
+        seed: &[u8; 32],
+        read_scope: ReadScope,
+        f: impl FnOnce(&mut Store<HostState>, &Governance) -> wasmtime::Result<R>,
+    ) -> Result<(R, Vec<ObservedRead>), CallError> {
+        let Some(warm::Ready { mut store, policy }) = binding.warm.take() else {
+            let outcome = self.call(binding, request_time, seed, Some(read_scope), |store, policy, _| f(store, policy));
+            self.warmer.refill(&binding.warm, binding.recipe());
+            return outcome;
+        };
+        store.data_mut().begin(request_time, seed, Some(read_scope));
+        arm_deadline(&mut store, self.config.epoch_tick, binding.limits.timeout);
+        let outcome = match f(&mut store, &policy) {
+            Ok(value) => Ok((value, std::mem::take(&mut store.data_mut().observed))),
+            Err(error) => Err(CallError::Failed(classify(&error, store.data(), binding.limits, self.config.stack_bytes))),
+        };
+        self.warmer.retire(store);
+        self.warmer.refill(&binding.warm, binding.recipe());
+        outcome
     }
 
     /// Creates a store and instantiates the binding's module without calling it: the fixed
@@ -639,6 +706,54 @@ fn failed_decision(binding: &Binding, failure: &PolicyFailure) -> Decision {
         FailMode::Open => Decision::allow(),
     }
     .annotate("policy_failure", failure.kind())
+}
+
+/// The seed of `init`'s randomness: the configuration's digest, the same on every replica.
+fn init_seed(config: &str) -> [u8; 32] {
+    *blake3::hash(config.as_bytes()).as_bytes()
+}
+
+/// A fresh store for one call under `limits`, with its deadline and memory cap armed.
+fn new_store(
+    engine: &wasmtime::Engine,
+    epoch_tick: Duration,
+    limits: &Limits,
+    scope: &Arc<str>,
+    request_time: Duration,
+    seed: &[u8; 32],
+    read_scope: Option<ReadScope>,
+) -> Store<HostState> {
+    let state = HostState::new(SandboxSetup {
+        memory_cap: limits.memory_bytes,
+        request_time,
+        seed,
+        log_target: scope.clone(),
+        read_scope,
+    });
+    let mut store = Store::new(engine, state);
+    store.limiter(|state| &mut state.limiter);
+    arm_deadline(&mut store, epoch_tick, limits.timeout);
+    store.epoch_deadline_trap();
+    store
+}
+
+/// Gives the store `timeout` of CPU from now.
+fn arm_deadline(store: &mut Store<HostState>, epoch_tick: Duration, timeout: Duration) {
+    let tick = epoch_tick.as_nanos().max(1);
+    let ticks = timeout.as_nanos().div_ceil(tick).max(1);
+    store.set_epoch_deadline(u64::try_from(ticks).unwrap_or(u64::MAX));
+}
+
+/// An instance of `recipe`'s module past `init`, as bind checked it (no request time, the
+/// configuration's seed), or `None` if instantiation or `init` fails.
+fn prepare(engine: &wasmtime::Engine, epoch_tick: Duration, recipe: &warm::Recipe) -> Option<warm::Ready> {
+    let seed = init_seed(&recipe.config);
+    let mut store = new_store(engine, epoch_tick, &recipe.limits, &recipe.scope, Duration::ZERO, &seed, None);
+    let policy = recipe.module.pre.instantiate(&mut store).ok()?;
+    match policy.aq_governance_policy().call_init(&mut store, &recipe.config) {
+        Ok(Ok(())) => Some(warm::Ready { store, policy }),
+        _ => None,
+    }
 }
 
 /// Advances the engine's epoch every `tick` until the engine is dropped.

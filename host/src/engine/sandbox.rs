@@ -1,7 +1,8 @@
 //! The per-evaluation store: WASI with nothing granted, a clock frozen at the request time,
 //! randomness derived from the request, a memory cap, and the host imports.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use aq_sdk::keys::prefix_end;
@@ -61,39 +62,93 @@ impl ResourceLimiter for Limiter {
     }
 }
 
+/// The request a store serves: what its clocks and random streams answer. Shared between the
+/// store's state and the WASI implementations inside it, so that a store made ready before its
+/// request (see `warm.rs`) is set to the request when it is taken.
+struct RequestCell {
+    /// The request time, in nanoseconds since the Unix epoch.
+    nanos: AtomicU64,
+    /// `wasi:random/insecure-seed`, low and high halves.
+    insecure_seed: [AtomicU64; 2],
+    secure: Mutex<blake3::OutputReader>,
+    insecure: Mutex<blake3::OutputReader>,
+}
+
+impl RequestCell {
+    fn new(request_time: Duration, seed: &[u8; 32]) -> Self {
+        RequestCell {
+            nanos: AtomicU64::new(nanos(request_time)),
+            insecure_seed: insecure_seed(seed).map(AtomicU64::new),
+            secure: Mutex::new(random_stream(seed, SECURE_PURPOSE)),
+            insecure: Mutex::new(random_stream(seed, INSECURE_PURPOSE)),
+        }
+    }
+
+    fn set(&self, request_time: Duration, seed: &[u8; 32]) {
+        self.nanos.store(nanos(request_time), Ordering::Relaxed);
+        for (half, value) in self.insecure_seed.iter().zip(insecure_seed(seed)) {
+            half.store(value, Ordering::Relaxed);
+        }
+        *self.secure.lock().expect("random lock") = random_stream(seed, SECURE_PURPOSE);
+        *self.insecure.lock().expect("random lock") = random_stream(seed, INSECURE_PURPOSE);
+    }
+}
+
+/// The insecure seed of a request: the first 16 bytes of its digest.
+fn insecure_seed(seed: &[u8; 32]) -> [u64; 2] {
+    let half = |at: usize| u64::from_le_bytes(seed[at..at + 8].try_into().expect("8 bytes"));
+    [half(0), half(8)]
+}
+
+fn nanos(time: Duration) -> u64 {
+    u64::try_from(time.as_nanos()).unwrap_or(u64::MAX)
+}
+
+const SECURE_PURPOSE: &str = "aq policy random 2026-11 secure";
+const INSECURE_PURPOSE: &str = "aq policy random 2026-11 insecure";
+
+/// A random stream derived from the request digest: the same request draws the same bytes on
+/// every replica.
+fn random_stream(seed: &[u8; 32], purpose: &str) -> blake3::OutputReader {
+    let mut hasher = blake3::Hasher::new_derive_key(purpose);
+    hasher.update(seed);
+    hasher.finalize_xof()
+}
+
 /// The wall clock a policy sees: always the request time.
-struct FrozenWallClock(Duration);
+struct FrozenWallClock(Arc<RequestCell>);
 
 impl HostWallClock for FrozenWallClock {
     fn resolution(&self) -> Duration {
         Duration::from_nanos(1)
     }
     fn now(&self) -> Duration {
-        self.0
+        Duration::from_nanos(self.0.nanos.load(Ordering::Relaxed))
     }
 }
 
-/// The monotonic clock a policy sees: never advances.
-struct FrozenMonotonicClock(u64);
+/// The monotonic clock a policy sees: never advances within a request.
+struct FrozenMonotonicClock(Arc<RequestCell>);
 
 impl HostMonotonicClock for FrozenMonotonicClock {
     fn resolution(&self) -> u64 {
         1
     }
     fn now(&self) -> u64 {
-        self.0
+        self.0.nanos.load(Ordering::Relaxed)
     }
 }
 
-/// A random stream derived from the request digest: the same request draws the same bytes on
-/// every replica.
-struct SeededRandom(blake3::OutputReader);
+/// One of the request's random streams.
+struct SeededRandom {
+    cell: Arc<RequestCell>,
+    secure: bool,
+}
 
 impl SeededRandom {
-    fn new(seed: &[u8; 32], purpose: &str) -> Self {
-        let mut hasher = blake3::Hasher::new_derive_key(purpose);
-        hasher.update(seed);
-        SeededRandom(hasher.finalize_xof())
+    fn fill(&self, dst: &mut [u8]) {
+        let stream = if self.secure { &self.cell.secure } else { &self.cell.insecure };
+        stream.lock().expect("random lock").fill(dst);
     }
 }
 
@@ -101,16 +156,16 @@ impl rand_core::TryRng for SeededRandom {
     type Error = std::convert::Infallible;
     fn try_next_u32(&mut self) -> Result<u32, Self::Error> {
         let mut b = [0u8; 4];
-        self.0.fill(&mut b);
+        self.fill(&mut b);
         Ok(u32::from_le_bytes(b))
     }
     fn try_next_u64(&mut self) -> Result<u64, Self::Error> {
         let mut b = [0u8; 8];
-        self.0.fill(&mut b);
+        self.fill(&mut b);
         Ok(u64::from_le_bytes(b))
     }
     fn try_fill_bytes(&mut self, dst: &mut [u8]) -> Result<(), Self::Error> {
-        self.0.fill(dst);
+        self.fill(dst);
         Ok(())
     }
 }
@@ -125,6 +180,7 @@ pub(super) struct ReadScope {
 /// Everything a store holds for one call.
 pub(super) struct HostState {
     wasi: WasiCtx,
+    request: Arc<RequestCell>,
     table: ResourceTable,
     pub(super) limiter: Limiter,
     pub(super) stderr: MemoryOutputPipe,
@@ -146,7 +202,7 @@ pub(super) struct SandboxSetup<'a> {
 impl HostState {
     pub(super) fn new(setup: SandboxSetup<'_>) -> Self {
         let stderr = MemoryOutputPipe::new(STDERR_BYTES);
-        let monotonic = u64::try_from(setup.request_time.as_nanos()).unwrap_or(u64::MAX);
+        let request = Arc::new(RequestCell::new(setup.request_time, setup.seed));
         let mut builder = WasiCtx::builder();
         // Nothing is granted: no preopened directories, environment, arguments, stdin or
         // network. Standard output is discarded; standard error is kept for failure reports.
@@ -155,14 +211,17 @@ impl HostState {
             .allow_tcp(false)
             .allow_udp(false)
             .allow_ip_name_lookup(false)
-            .wall_clock(FrozenWallClock(setup.request_time))
-            .monotonic_clock(FrozenMonotonicClock(monotonic))
-            .secure_random(SeededRandom::new(setup.seed, "aq policy random 2026-11 secure"))
-            .insecure_random(SeededRandom::new(setup.seed, "aq policy random 2026-11 insecure"))
-            .insecure_random_seed(u128::from_le_bytes(setup.seed[..16].try_into().expect("16 bytes")))
+            .wall_clock(FrozenWallClock(request.clone()))
+            .monotonic_clock(FrozenMonotonicClock(request.clone()))
+            .secure_random(SeededRandom { cell: request.clone(), secure: true })
+            .insecure_random(SeededRandom { cell: request.clone(), secure: false })
+            // The linker answers `insecure-seed` from the request instead (see
+            // `HostState::insecure_seed`); this value is never read.
+            .insecure_random_seed(0)
             .max_random_size(1 << 20);
         HostState {
             wasi: builder.build(),
+            request,
             table: ResourceTable::new(),
             limiter: Limiter { memory_cap: setup.memory_cap, memory_cap_hit: false },
             stderr,
@@ -171,6 +230,22 @@ impl HostState {
             read_scope: setup.read_scope,
             observed: Vec::new(),
         }
+    }
+
+    /// Sets a store made ready ahead of time to its request: clocks, randomness and reader.
+    pub(super) fn begin(&mut self, request_time: Duration, seed: &[u8; 32], read_scope: Option<ReadScope>) {
+        self.request.set(request_time, seed);
+        self.read_scope = read_scope;
+        self.observed.clear();
+        self.log_lines = 0;
+    }
+
+    /// What `wasi:random/insecure-seed` answers: derived from the request, like every other
+    /// random value. WASI fixes its own value when the store is built, which for a store made
+    /// ready ahead of its request would come from no request at all.
+    pub(super) fn insecure_seed(&self) -> (u64, u64) {
+        let [low, high] = &self.request.insecure_seed;
+        (low.load(Ordering::Relaxed), high.load(Ordering::Relaxed))
     }
 
     fn in_scope(&self, start: &[u8], end_inclusive_check: impl Fn(&[u8]) -> bool) -> Result<&ReadScope, WitReadError> {

@@ -110,7 +110,7 @@ fn same_owner(a: &Option<Arc<Scope>>, b: &Option<Arc<Scope>>) -> bool {
 }
 
 /// A scope as the index knows it.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Scope {
     /// Stable identifier.
     pub id: String,

@@ -9,12 +9,13 @@
 //! | `\xffaq/meta/binding/<scope>`         | [`BindingRecord`] (JSON)                    |
 //! | `\xffaq/meta/principal/<id>`          | [`crate::trust::Principal`] (JSON)          |
 //! | `\xffaq/meta/proposal/<id>`           | [`crate::trust::proposal::Proposal`] (JSON) |
-//! | `\xffaq/meta/layout`                  | the scope layout, for tools                 |
+//! | `\xffaq/meta/layout`                  | [`layout::LayoutRecord`] (JSON)              |
 //!
 //! A policy counts as stored once its record exists: chunks are written first, so a reader
 //! never sees a record without all of its bytes. etcd refuses requests over 1.5 MiB by
 //! default, hence the chunks.
 
+pub mod layout;
 pub mod sync;
 
 
@@ -87,6 +88,11 @@ pub fn binding_key(scope: &str) -> Vec<u8> {
 /// The prefix of every binding.
 pub fn binding_prefix() -> Vec<u8> {
     key(&[b"binding/"])
+}
+
+/// The key of the scope layout, which every replica routes by.
+pub fn layout_key() -> Vec<u8> {
+    key(&[b"layout"])
 }
 
 /// A stored policy component.
@@ -219,6 +225,9 @@ pub enum MetaError {
     /// The binding changed while this change was being made.
     #[error("the binding of scope {0} changed concurrently; read it again and retry")]
     Conflict(String),
+    /// The layout changed while this change was being made.
+    #[error("the scope layout changed concurrently (it is now at epoch {0}); read it again and retry")]
+    LayoutConflict(u64),
     /// A replica's anchor name is held by another key.
     #[error("cannot register anchor {0}")]
     AnchorTaken(String),
@@ -598,5 +607,32 @@ impl MetaStore {
             return Err(MetaError::UnknownPolicy(digest.clone()));
         }
         Err(MetaError::Conflict(scope.to_string()))
+    }
+
+    /// The stored layout and its mod revision.
+    pub async fn layout(&self) -> Result<Option<(layout::LayoutRecord, i64)>, MetaError> {
+        match self.get(layout_key()).await? {
+            Some(kv) => Ok(Some((parse(&kv.key, &kv.value)?, kv.mod_revision))),
+            None => Ok(None),
+        }
+    }
+
+    /// Writes the layout if it is still at `expected` (its mod revision; 0: absent). Returns
+    /// the revision of the write; [`MetaError::LayoutConflict`] names the epoch that won.
+    pub async fn write_layout(&self, record: &layout::LayoutRecord, expected: i64) -> Result<i64, MetaError> {
+        let value = serde_json::to_vec_pretty(record).expect("JSON");
+        let response = self
+            .group
+            .txn(pb::PbTxnRequest {
+                compare: vec![compare_unchanged(layout_key(), expected)],
+                success: vec![put_op(layout_key(), value)],
+                failure: Vec::new(),
+            })
+            .await?;
+        if response.succeeded {
+            return Ok(response.header.map(|h| h.revision).unwrap_or_default());
+        }
+        let epoch = self.layout().await?.map(|(stored, _)| stored.epoch).unwrap_or_default();
+        Err(MetaError::LayoutConflict(epoch))
     }
 }

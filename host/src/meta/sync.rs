@@ -1,9 +1,10 @@
-//! Keeps this replica's policy registry in step with the bindings in the meta group.
+//! Keeps this replica's policy registry and scope layout in step with the meta group.
 //!
 //! At start each configured scope is reconciled: a binding set through the admin API wins over
 //! the configuration file; otherwise the file's policy is stored and bound. Then a watch on the
-//! meta group applies every binding change, whichever replica made it, and compiles newly pushed
-//! policies ahead of their first bind, so a swap only costs an `init` call.
+//! meta group applies every binding change, whichever replica made it, compiles newly pushed
+//! policies ahead of their first bind (so a swap only costs an `init` call), and adopts every
+//! newer epoch of the scope layout, which `serve` routes by.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -14,9 +15,10 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::{
-    BindingRecord, BindingSource, BindingSpec, MetaError, MetaStore, PolicyRecord, binding_prefix, policy_prefix,
-    principal_prefix,
+    BindingRecord, BindingSource, BindingSpec, MetaError, MetaStore, PolicyRecord, binding_prefix, layout_key,
+    policy_prefix, principal_prefix,
 };
+use super::layout::LayoutRecord;
 use crate::trust::Trust;
 use crate::backend::watch_request;
 use crate::config::ScopeConfig;
@@ -53,8 +55,10 @@ pub struct Syncer {
     engine: Arc<Engine>,
     registry: Arc<Registry>,
     metrics: Arc<GateMetrics>,
-    /// The scopes of this replica's layout; bindings of others are ignored.
-    scopes: std::collections::HashSet<String>,
+    /// The scopes of the layout this replica routes by; bindings of others are ignored.
+    scopes: Mutex<std::collections::HashSet<String>>,
+    /// The layout this replica routes by: the newest epoch seen in the meta group.
+    layout: tokio::sync::watch::Sender<Arc<LayoutRecord>>,
     /// Compiled policies by digest (hex).
     modules: Mutex<HashMap<String, Arc<PolicyModule>>>,
     /// Per scope, the meta revision of the binding in force here.
@@ -66,22 +70,23 @@ pub struct Syncer {
 }
 
 impl Syncer {
-    /// A syncer over `store` binding the layout's `scopes` into `registry`.
+    /// A syncer over `store` binding the scopes of `layout` into `registry`.
     pub fn new(
         store: MetaStore,
         engine: Arc<Engine>,
         registry: Arc<Registry>,
         metrics: Arc<GateMetrics>,
         trust: Arc<Trust>,
-        scopes: impl IntoIterator<Item = String>,
+        layout: Arc<LayoutRecord>,
     ) -> Self {
-        let scopes = scopes.into_iter().collect();
+        let scopes = layout.scopes.iter().map(|s| s.id.clone()).collect();
         Syncer {
             store,
             engine,
             registry,
             metrics,
-            scopes,
+            scopes: Mutex::new(scopes),
+            layout: tokio::sync::watch::Sender::new(layout),
             modules: Mutex::default(),
             applied: Mutex::default(),
             latest: tokio::sync::watch::Sender::new(0),
@@ -89,9 +94,51 @@ impl Syncer {
         }
     }
 
-    /// Whether `scope` is in this replica's layout.
+    /// Whether `scope` is in the layout this replica routes by.
     pub fn has_scope(&self, scope: &str) -> bool {
-        self.scopes.contains(scope)
+        self.scopes.lock().expect("scopes lock").contains(scope)
+    }
+
+    /// Follows the layout this replica routes by; the current value is the newest epoch seen.
+    pub fn layout_changes(&self) -> tokio::sync::watch::Receiver<Arc<LayoutRecord>> {
+        self.layout.subscribe()
+    }
+
+    /// Adopts `record` if it is newer than the layout in force: its scopes' stored bindings are
+    /// applied first, so that routing by it finds every scope bound.
+    async fn adopt_layout(&self, record: LayoutRecord) {
+        if record.epoch <= self.layout.borrow().epoch {
+            return;
+        }
+        let added: Vec<String> = {
+            let mut scopes = self.scopes.lock().expect("scopes lock");
+            *scopes = record.scopes.iter().map(|s| s.id.clone()).collect();
+            scopes.iter().filter(|id| self.registry.active(id).is_none()).cloned().collect()
+        };
+        for scope in added {
+            if let Err(e) = self.bind_stored(&scope).await {
+                tracing::error!(%scope, epoch = record.epoch, "a scope of the new layout cannot be bound: {e}");
+            }
+        }
+        self.layout.send_if_modified(|current| {
+            let newer = record.epoch > current.epoch;
+            if newer {
+                *current = Arc::new(record);
+            }
+            newer
+        });
+    }
+
+    /// Binds `scope` as its stored binding says: a scope of the stored layout that the
+    /// configuration file does not name (one made by a split, or by another replica's file).
+    pub async fn bind_stored(&self, scope: &str) -> Result<(), String> {
+        match self.store.binding(scope).await.map_err(|e| format!("scope {scope}: {e}"))? {
+            Some((record, revision)) => self.apply(scope, &record, revision).await.map(drop).map_err(|e| format!("scope {scope}: {e}")),
+            None => Err(format!(
+                "scope {scope} is in the stored layout but has no binding in the meta group; add it to the \
+                 configuration with its policy, or bind one (PUT /v1/scopes/{scope}/policy)"
+            )),
+        }
     }
 
     /// The meta store.
@@ -245,6 +292,9 @@ impl Syncer {
     /// returns the revision read at.
     async fn catch_up(&self) -> Result<i64, SyncError> {
         self.reload_principals().await?;
+        if let Some((layout, _)) = self.store.layout().await? {
+            self.adopt_layout(layout).await;
+        }
         let (bindings, revision) = self.store.bindings().await?;
         for (scope, record, mod_revision) in bindings {
             if self.has_scope(&scope)
@@ -295,8 +345,11 @@ impl Syncer {
     /// One watch stream from `from`; returns the revision to resume at when it ends.
     async fn watch_once(self: &Arc<Self>, from: i64) -> Result<i64, String> {
         let (requests, rx) = mpsc::channel(4);
-        for prefix in [binding_prefix(), policy_prefix(), principal_prefix()] {
-            let (key, range_end) = KeyRange::prefix(&prefix).to_request();
+        let ranges = [binding_prefix(), policy_prefix(), principal_prefix()]
+            .map(|prefix| KeyRange::prefix(&prefix).to_request())
+            .into_iter()
+            .chain(std::iter::once((layout_key(), Vec::new())));
+        for (key, range_end) in ranges {
             let create = watch_request(pb::PbWatchRequestUnion::CreateRequest, |c| {
                 c.key = key;
                 c.range_end = range_end;
@@ -312,6 +365,7 @@ impl Syncer {
         let binding_prefix = binding_prefix();
         let policy_prefix = policy_prefix();
         let principal_prefix = principal_prefix();
+        let layout_key = layout_key();
         loop {
             let response = match stream.message().await {
                 Ok(Some(response)) => response,
@@ -335,7 +389,12 @@ impl Syncer {
                 if event.r#type != 0 {
                     continue; // deletes: a deleted policy is unbound everywhere already
                 }
-                if let Some(scope) = kv.key.strip_prefix(binding_prefix.as_slice()) {
+                if kv.key == layout_key {
+                    match serde_json::from_slice::<LayoutRecord>(&kv.value) {
+                        Ok(record) => self.adopt_layout(record).await,
+                        Err(e) => tracing::error!("the stored scope layout does not parse; keeping the current one: {e}"),
+                    }
+                } else if let Some(scope) = kv.key.strip_prefix(binding_prefix.as_slice()) {
                     let scope = String::from_utf8_lossy(scope).into_owned();
                     if !self.has_scope(&scope) {
                         continue;
