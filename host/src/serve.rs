@@ -53,6 +53,8 @@ pub struct ServeOptions {
     pub advertise_admin_url: Option<String>,
     /// How often grown lineage logs are checkpointed.
     pub checkpoint_interval: Duration,
+    /// Policy instances each scope keeps ready ([`EngineConfig::warm_per_binding`]).
+    pub warm_instances: usize,
 }
 
 /// A running gateway. Dropping it stops the server and the managed etcd processes.
@@ -182,7 +184,12 @@ pub async fn start(config: Config, options: ServeOptions) -> Result<Running, Str
 
     // Policies: stored in the meta (home) group, bound as the meta group says.
     let engine = Arc::new(
-        Engine::new(EngineConfig { cache_dir: Some(options.data_dir.join("policy-cache")), ..EngineConfig::default() })
+        Engine::new(EngineConfig {
+            cache_dir: Some(options.data_dir.join("policy-cache")),
+            warm_per_binding: options.warm_instances,
+            refill: crate::engine::Refill::Caller,
+            ..EngineConfig::default()
+        })
             .map_err(|e| e.to_string())?,
     );
     let registry = Arc::new(Registry::new());

@@ -343,6 +343,7 @@ async fn managed_etcd_is_restarted_after_a_crash() {
         name: None,
         advertise_admin_url: None,
         checkpoint_interval: std::time::Duration::from_secs(1),
+        warm_instances: aq_host::engine::EngineConfig::default().warm_per_binding,
     };
     let running = aq_host::serve::start(config, options).await.expect("aq starts with managed etcd");
     let mut client = etcd_client::Client::connect([running.addr.to_string()], None).await.unwrap();

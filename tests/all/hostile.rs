@@ -51,6 +51,30 @@ fn an_infinite_loop_is_stopped_at_its_deadline() {
 }
 
 #[test]
+fn ready_instances_are_held_to_the_same_deadline_and_memory_cap() {
+    use aq_host::engine::{EngineConfig, Refill};
+    let engine = Engine::new(EngineConfig { refill: Refill::Caller, ..EngineConfig::default() }).unwrap();
+    let ctx = put_context("/k", "v");
+    for (guest, failure) in [
+        (SPIN, PolicyFailure::Timeout { limit: LIMITS.timeout }),
+        (GROW, PolicyFailure::Memory { limit: LIMITS.memory_bytes }),
+    ] {
+        let binding = engine.bind("hostile", engine.load(&guests::bytes(guest)).unwrap(), "{}", LIMITS, FailMode::Closed).unwrap();
+        // Made ready long before the request: the deadline counts from the request.
+        assert!(engine.needs_replenish(&binding));
+        engine.replenish(&binding);
+        std::thread::sleep(LIMITS.timeout * 2);
+        for seed in [[3u8; 32], [4; 32]] {
+            let evaluation = engine.evaluate(&binding, EvalRequest { context: &ctx, seed, reader: None });
+            assert!(evaluation.prepared);
+            assert_eq!(evaluation.failure.as_ref(), Some(&failure), "{guest}");
+            assert!(evaluation.elapsed < LIMITS.timeout * 3, "stopped late: {:?}", evaluation.elapsed);
+        }
+    }
+    assert_still_serving(&engine);
+}
+
+#[test]
 fn unbounded_memory_growth_hits_the_memory_cap() {
     let engine = engine();
     let evaluation = run(&engine, GROW, FailMode::Closed);

@@ -137,31 +137,42 @@ fn the_same_request_gets_the_same_decision_on_every_engine() {
 
 #[test]
 fn an_instance_made_ready_ahead_serves_one_request_as_a_fresh_one_would() {
-    let ready = engine();
-    let cold = aq_host::engine::Engine::new(aq_host::engine::EngineConfig { warm_per_binding: 0, ..Default::default() }).unwrap();
-    let module = ready.load(&guests::bytes(PROBE)).unwrap();
-    let binding = ready.bind("probe", module, "{}", Limits::default(), FailMode::Closed).unwrap();
-    let mut ctx = put_context("/scope/k", "v");
-    ctx.scope.key_start = "/scope/".into();
-    ctx.scope.key_end = "/scope0".into();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    for seed in [[21u8; 32], [22; 32], [23; 32]] {
-        while binding.ready_instances() == 0 {
-            assert!(std::time::Instant::now() < deadline, "no instance was made ready");
-            std::thread::yield_now();
+    use aq_host::engine::{Engine, EngineConfig, Refill};
+    let cold = Engine::new(EngineConfig { warm_per_binding: 0, ..Default::default() }).unwrap();
+    for refill in [Refill::Background, Refill::Caller] {
+        let ready = Engine::new(EngineConfig { refill, ..Default::default() }).unwrap();
+        let module = ready.load(&guests::bytes(PROBE)).unwrap();
+        let binding = ready.bind("probe", module, "{}", Limits::default(), FailMode::Closed).unwrap();
+        let mut ctx = put_context("/scope/k", "v");
+        ctx.scope.key_start = "/scope/".into();
+        ctx.scope.key_end = "/scope0".into();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        for seed in [[21u8; 32], [22; 32], [23; 32], [24; 32]] {
+            if ready.needs_replenish(&binding) {
+                assert_eq!(refill, Refill::Caller, "only a caller is asked to replenish");
+                ready.replenish(&binding);
+            }
+            while binding.ready_instances() == 0 {
+                assert!(std::time::Instant::now() < deadline, "no instance was made ready ({refill:?})");
+                std::thread::yield_now();
+            }
+            let warm = ready.evaluate(&binding, EvalRequest { context: &ctx, seed, reader: Some(Arc::new(OneKey)) });
+            assert!(warm.prepared, "the evaluation took a ready instance ({refill:?})");
+            // The same request on an engine that instantiates on the request: the same
+            // decision, down to the request's clock and randomness, and the instance served no
+            // one before.
+            let fresh = probe(&cold, seed);
+            assert!(warm.failure.is_none(), "{warm:?}");
+            assert_eq!(warm.decision, fresh.decision, "{refill:?}");
+            assert_eq!(warm.decision.annotations["calls_in_this_instance"], "1");
+            assert_eq!(warm.observed_reads, fresh.observed_reads);
         }
-        let before = binding.ready_instances();
-        let warm = ready.evaluate(&binding, EvalRequest { context: &ctx, seed, reader: Some(Arc::new(OneKey)) });
-        assert!(binding.ready_instances() < before, "the evaluation took a ready instance");
-        // The same request on an engine that instantiates on the request: the same decision,
-        // down to the request's clock and randomness, and the instance served no one before.
-        let fresh = probe(&cold, seed);
-        assert!(warm.failure.is_none(), "{warm:?}");
-        assert_eq!(warm.decision, fresh.decision);
-        assert_eq!(warm.decision.annotations["calls_in_this_instance"], "1");
-        assert_eq!(warm.observed_reads, fresh.observed_reads);
     }
-    assert_eq!(cold.bind("probe", cold.load(&guests::bytes(PROBE)).unwrap(), "{}", Limits::default(), FailMode::Closed).unwrap().ready_instances(), 0);
+    let module = cold.load(&guests::bytes(PROBE)).unwrap();
+    let binding = cold.bind("probe", module, "{}", Limits::default(), FailMode::Closed).unwrap();
+    assert!(!cold.needs_replenish(&binding));
+    assert_eq!(binding.ready_instances(), 0);
+    assert!(!probe(&cold, [25; 32]).prepared);
 }
 
 #[test]

@@ -103,6 +103,7 @@ fn serve_options(data: &std::path::Path, tls: Option<aq_host::tls::TlsFiles>) ->
         name: None,
         advertise_admin_url: None,
         checkpoint_interval: Duration::from_secs(1),
+        warm_instances: aq_host::engine::EngineConfig::default().warm_per_binding,
     }
 }
 

@@ -58,6 +58,11 @@ pub(super) struct ServeArgs {
     /// `500ms`); exports and `POST /v1/lineage/{scope}/checkpoint` also sign one on demand.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     checkpoint_interval: std::time::Duration,
+    /// Policy instances each scope keeps instantiated and initialised ahead of its requests,
+    /// each serving one request; 0 instantiates on every request (less CPU when idle, more
+    /// latency per write).
+    #[arg(long, default_value_t = crate::engine::EngineConfig::default().warm_per_binding)]
+    warm_instances: usize,
 }
 
 pub(super) fn run(args: ServeArgs) -> Result<(), CliError> {
@@ -74,6 +79,7 @@ pub(super) fn run(args: ServeArgs) -> Result<(), CliError> {
         name,
         advertise_admin_url,
         checkpoint_interval,
+        warm_instances,
     } = args;
     let tls = tls_cert.zip(tls_key).map(|(cert, key)| crate::tls::TlsFiles { cert, key });
     let config = match config {
@@ -100,6 +106,7 @@ pub(super) fn run(args: ServeArgs) -> Result<(), CliError> {
             name,
             advertise_admin_url,
             checkpoint_interval,
+            warm_instances,
         };
         let mut running = start(config, options).await.map_err(CliError::Input)?;
         // Watch for signals before saying ready: a supervisor may stop aq as soon as it reads it.

@@ -68,36 +68,42 @@ impl ResourceLimiter for Limiter {
 struct RequestCell {
     /// The request time, in nanoseconds since the Unix epoch.
     nanos: AtomicU64,
-    /// `wasi:random/insecure-seed`, low and high halves.
-    insecure_seed: [AtomicU64; 2],
-    secure: Mutex<blake3::OutputReader>,
-    insecure: Mutex<blake3::OutputReader>,
+    random: Mutex<RequestRandom>,
+}
+
+/// A request's randomness; the streams are derived on first use (most policies draw none).
+struct RequestRandom {
+    seed: [u8; 32],
+    secure: Option<blake3::OutputReader>,
+    insecure: Option<blake3::OutputReader>,
 }
 
 impl RequestCell {
     fn new(request_time: Duration, seed: &[u8; 32]) -> Self {
         RequestCell {
             nanos: AtomicU64::new(nanos(request_time)),
-            insecure_seed: insecure_seed(seed).map(AtomicU64::new),
-            secure: Mutex::new(random_stream(seed, SECURE_PURPOSE)),
-            insecure: Mutex::new(random_stream(seed, INSECURE_PURPOSE)),
+            random: Mutex::new(RequestRandom { seed: *seed, secure: None, insecure: None }),
         }
     }
 
     fn set(&self, request_time: Duration, seed: &[u8; 32]) {
         self.nanos.store(nanos(request_time), Ordering::Relaxed);
-        for (half, value) in self.insecure_seed.iter().zip(insecure_seed(seed)) {
-            half.store(value, Ordering::Relaxed);
-        }
-        *self.secure.lock().expect("random lock") = random_stream(seed, SECURE_PURPOSE);
-        *self.insecure.lock().expect("random lock") = random_stream(seed, INSECURE_PURPOSE);
+        *self.random.lock().expect("random lock") = RequestRandom { seed: *seed, secure: None, insecure: None };
     }
-}
 
-/// The insecure seed of a request: the first 16 bytes of its digest.
-fn insecure_seed(seed: &[u8; 32]) -> [u64; 2] {
-    let half = |at: usize| u64::from_le_bytes(seed[at..at + 8].try_into().expect("8 bytes"));
-    [half(0), half(8)]
+    fn fill(&self, secure: bool, dst: &mut [u8]) {
+        let mut random = self.random.lock().expect("random lock");
+        let RequestRandom { seed, secure: s, insecure: i } = &mut *random;
+        let (stream, purpose) = if secure { (s, SECURE_PURPOSE) } else { (i, INSECURE_PURPOSE) };
+        stream.get_or_insert_with(|| random_stream(seed, purpose)).fill(dst);
+    }
+
+    /// The insecure seed of the request: the first 16 bytes of its digest.
+    fn insecure_seed(&self) -> (u64, u64) {
+        let seed = self.random.lock().expect("random lock").seed;
+        let half = |at: usize| u64::from_le_bytes(seed[at..at + 8].try_into().expect("8 bytes"));
+        (half(0), half(8))
+    }
 }
 
 fn nanos(time: Duration) -> u64 {
@@ -147,8 +153,7 @@ struct SeededRandom {
 
 impl SeededRandom {
     fn fill(&self, dst: &mut [u8]) {
-        let stream = if self.secure { &self.cell.secure } else { &self.cell.insecure };
-        stream.lock().expect("random lock").fill(dst);
+        self.cell.fill(self.secure, dst);
     }
 }
 
@@ -244,8 +249,7 @@ impl HostState {
     /// random value. WASI fixes its own value when the store is built, which for a store made
     /// ready ahead of its request would come from no request at all.
     pub(super) fn insecure_seed(&self) -> (u64, u64) {
-        let [low, high] = &self.request.insecure_seed;
-        (low.load(Ordering::Relaxed), high.load(Ordering::Relaxed))
+        self.request.insecure_seed()
     }
 
     fn in_scope(&self, start: &[u8], end_inclusive_check: impl Fn(&[u8]) -> bool) -> Result<&ReadScope, WitReadError> {

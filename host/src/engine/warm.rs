@@ -1,21 +1,27 @@
 //! Instances made ready before their request arrives.
 //!
 //! Creating a store, instantiating a component, running `init` and tearing the instance down
-//! afterwards cost about four fifths of an evaluation; only `evaluate` depends on the request.
-//! So each binding keeps a few instances that have already been instantiated and `init`ed, made
-//! by one background thread (`aq-warm`), which also drops every used store. An evaluation takes
-//! one, sets the request's clock, randomness and reader in its store, arms its deadline, calls
-//! `evaluate` once, and hands the store back to be dropped. No instance ever serves two
+//! afterwards cost most of an evaluation; only `evaluate` depends on the request. So each
+//! binding keeps a few instances that have already been instantiated and `init`ed. An evaluation
+//! takes one, sets the request's clock, randomness and reader in its store, arms its deadline,
+//! calls `evaluate` once, and sets the store aside to be dropped. No instance ever serves two
 //! requests, so no state of one request can reach another: the sandbox contract of a fresh
 //! instance per call holds, with the instantiation done ahead of time.
 //!
+//! Who makes them ([`Refill`]): a background thread (`aq-warm`), woken when a pool runs down to
+//! half so that one wake-up serves several requests; or the caller, through
+//! [`super::Engine::replenish`], which the gateway runs in a task of its own on the same worker
+//! thread, after the request has gone on to etcd. The second keeps the instance on the core that
+//! will run it (an instance made on another core costs its request about 2 µs more in cache
+//! misses) and adds no thread hand-offs, so a saturated gateway spends no more CPU than one that
+//! instantiates on every request.
+//!
 //! When no ready instance is left (a burst, a binding not used before), the evaluation
-//! instantiates one itself, as before, and asks for refills. Ready instances occupy slots of the
-//! engine's instance pool, so they are capped per binding and in total.
+//! instantiates one itself, as before. Ready instances occupy slots of the engine's instance
+//! pool, so they are capped per binding and in total.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::Duration;
 
 use wasmtime::Store;
@@ -39,9 +45,20 @@ pub(super) struct Recipe {
     pub(super) scope: Arc<str>,
 }
 
-/// A binding's ready instances.
+/// Who makes ready instances.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refill {
+    /// The engine's own thread.
+    Background,
+    /// The caller, by calling [`super::Engine::replenish`] when
+    /// [`super::Engine::needs_replenish`] says so.
+    Caller,
+}
+
+/// A binding's ready instances, and its used stores not yet dropped.
 pub(super) struct WarmPool {
     ready: Mutex<Vec<Ready>>,
+    retired: Mutex<Vec<Store<HostState>>>,
     /// Ready instances over every pool of the engine.
     total: Arc<AtomicUsize>,
 }
@@ -53,7 +70,7 @@ impl std::fmt::Debug for WarmPool {
 }
 
 impl WarmPool {
-    /// A binding's ready instances.
+    /// A ready instance, if one is left.
     pub(super) fn take(&self) -> Option<Ready> {
         let ready = self.ready.lock().expect("warm pool lock").pop();
         if ready.is_some() {
@@ -71,6 +88,11 @@ impl WarmPool {
         self.ready.lock().expect("warm pool lock").push(ready);
         self.total.fetch_add(1, Ordering::Relaxed);
     }
+
+    /// Sets a used store aside for [`Warmer::replenish`] to drop.
+    pub(super) fn retire(&self, store: Store<HostState>) {
+        self.retired.lock().expect("warm pool lock").push(store);
+    }
 }
 
 impl Drop for WarmPool {
@@ -80,12 +102,11 @@ impl Drop for WarmPool {
     }
 }
 
-/// Work for the background thread.
-enum Job {
-    /// Top `pool` up to the per-binding cap with instances made from the recipe.
-    Refill(Weak<WarmPool>, Recipe),
-    /// Drop a used store (resetting its slot) off the request's thread.
-    Retire(Box<Store<HostState>>),
+/// Work for the background thread: drop a used store (resetting its slot) off the request's
+/// thread, then top a pool up to the per-binding cap with instances made from its recipe.
+struct Job {
+    retired: Option<Box<Store<HostState>>>,
+    refill: Option<(Weak<WarmPool>, Recipe)>,
 }
 
 /// Caps on ready instances.
@@ -95,64 +116,146 @@ pub(super) struct WarmCaps {
     pub(super) total: usize,
 }
 
-/// The handle evaluations use to ask the background thread for work.
+/// Jobs waiting for the thread, which sleeps while there are none.
+#[derive(Default)]
+struct Queue {
+    jobs: Vec<Job>,
+    /// The thread is waiting on the condition variable.
+    sleeping: bool,
+    /// The engine is gone: the thread ends.
+    closed: bool,
+}
+
+/// Jobs queued before the thread is woken even though no pool runs low: bounds the used
+/// stores (each holding a slot of the instance pool) waiting to be dropped.
+const WAKE_AT_JOBS: usize = 16;
+
+struct Shared {
+    queue: Mutex<Queue>,
+    wake: Condvar,
+}
+
+/// Makes ready instances, on its thread or when the caller asks.
 pub(super) struct Warmer {
-    jobs: mpsc::Sender<Job>,
+    engine: wasmtime::Engine,
+    epoch_tick: Duration,
+    /// The background thread's queue; `None` when the caller refills.
+    shared: Option<Arc<Shared>>,
     total: Arc<AtomicUsize>,
     caps: WarmCaps,
 }
 
 impl Warmer {
-    /// Starts the background thread; it ends when the engine (holding the only sender) drops.
-    pub(super) fn start(engine: wasmtime::Engine, epoch_tick: Duration, caps: WarmCaps) -> std::io::Result<Self> {
-        let (jobs, queue) = mpsc::channel::<Job>();
+    /// A warmer; with [`Refill::Background`] its thread ends when the engine (owning the
+    /// warmer) drops.
+    pub(super) fn start(engine: wasmtime::Engine, epoch_tick: Duration, caps: WarmCaps, refill: Refill) -> std::io::Result<Self> {
         let total = Arc::new(AtomicUsize::new(0));
-        let counted = total.clone();
-        std::thread::Builder::new().name("aq-warm".into()).spawn(move || {
-            while let Ok(job) = queue.recv() {
-                match job {
-                    Job::Retire(store) => drop(store),
-                    Job::Refill(weak, recipe) => {
-                        while let Some(pool) = weak.upgrade()
-                            && pool.len() < caps.per_binding
-                            && counted.load(Ordering::Relaxed) < caps.total
-                        {
-                            // A binding whose init fails here is served cold, where the failure
-                            // is reported with the request it fails.
-                            let Some(ready) = super::prepare(&engine, epoch_tick, &recipe) else { break };
-                            pool.put(ready);
+        let mut warmer = Warmer { engine, epoch_tick, shared: None, total, caps };
+        if refill == Refill::Background && caps.per_binding > 0 {
+            let shared = Arc::new(Shared { queue: Mutex::default(), wake: Condvar::new() });
+            let (queue, maker) = (shared.clone(), warmer.maker());
+            std::thread::Builder::new().name("aq-warm".into()).spawn(move || {
+                loop {
+                    let jobs = {
+                        let mut waiting = queue.queue.lock().expect("warm queue lock");
+                        while waiting.jobs.is_empty() && !waiting.closed {
+                            waiting.sleeping = true;
+                            waiting = queue.wake.wait(waiting).expect("warm queue lock");
+                        }
+                        if waiting.closed {
+                            return;
+                        }
+                        std::mem::take(&mut waiting.jobs)
+                    };
+                    let mut refills = Vec::new();
+                    for Job { retired, refill } in jobs {
+                        drop(retired);
+                        refills.extend(refill);
+                    }
+                    for (weak, recipe) in refills {
+                        if let Some(pool) = weak.upgrade() {
+                            maker.top_up(&pool, &recipe);
                         }
                     }
                 }
-            }
-        })?;
-        Ok(Warmer { jobs, total, caps })
+            })?;
+            warmer.shared = Some(shared);
+        }
+        Ok(warmer)
+    }
+
+    /// What the background thread needs to make instances.
+    fn maker(&self) -> Maker {
+        Maker { engine: self.engine.clone(), epoch_tick: self.epoch_tick, total: self.total.clone(), caps: self.caps }
     }
 
     /// An empty pool for a new binding.
     pub(super) fn pool(&self) -> Arc<WarmPool> {
-        Arc::new(WarmPool { ready: Mutex::new(Vec::new()), total: self.total.clone() })
+        Arc::new(WarmPool { ready: Mutex::new(Vec::new()), retired: Mutex::new(Vec::new()), total: self.total.clone() })
     }
 
-    /// Whether bindings keep ready instances at all.
-    pub(super) fn enabled(&self) -> bool {
-        self.caps.per_binding > 0
+    /// Whether the caller refills and `pool` wants it: half its instances or fewer ready, or
+    /// as many used stores waiting to be dropped.
+    pub(super) fn needs_replenish(&self, pool: &WarmPool) -> bool {
+        if self.shared.is_some() || self.caps.per_binding == 0 {
+            return false;
+        }
+        let half = self.caps.per_binding / 2;
+        pool.len() <= half || pool.retired.lock().expect("warm pool lock").len() >= half.max(1)
     }
 
-    /// Asks for `pool` to be topped up from `recipe`.
-    pub(super) fn refill(&self, pool: &Arc<WarmPool>, recipe: Recipe) {
-        if self.enabled() {
-            self.send(Job::Refill(Arc::downgrade(pool), recipe));
+    /// Drops `pool`'s used stores and tops it up, on the caller's thread.
+    pub(super) fn replenish(&self, pool: &WarmPool, recipe: &Recipe) {
+        drop(std::mem::take(&mut *pool.retired.lock().expect("warm pool lock")));
+        self.maker().top_up(pool, recipe);
+    }
+
+    /// After an evaluation: sets `used` (its store, if it came ready) aside and, on the
+    /// background thread, queues it to be dropped and `pool` to be topped up. The thread is
+    /// woken only when `pool` has half its instances or fewer left, or many jobs wait: a
+    /// wake-up costs both threads a system call, so a steady stream of requests shares each one.
+    pub(super) fn after(&self, pool: &Arc<WarmPool>, recipe: Recipe, used: Option<Store<HostState>>) {
+        let Some(shared) = &self.shared else {
+            if let Some(store) = used {
+                pool.retire(store);
+            }
+            return;
+        };
+        let low = pool.len() <= self.caps.per_binding / 2;
+        let mut queue = shared.queue.lock().expect("warm queue lock");
+        queue.jobs.push(Job { retired: used.map(Box::new), refill: Some((Arc::downgrade(pool), recipe)) });
+        if queue.sleeping && (low || queue.jobs.len() >= WAKE_AT_JOBS) {
+            queue.sleeping = false;
+            drop(queue);
+            shared.wake.notify_one();
         }
     }
+}
 
-    /// Hands a used store to the background thread to drop.
-    pub(super) fn retire(&self, store: Store<HostState>) {
-        self.send(Job::Retire(Box::new(store)));
+impl Drop for Warmer {
+    fn drop(&mut self) {
+        if let Some(shared) = &self.shared {
+            shared.queue.lock().expect("warm queue lock").closed = true;
+            shared.wake.notify_one();
+        }
     }
+}
 
-    fn send(&self, job: Job) {
-        // The thread ends only with the engine, which owns this sender.
-        let _ = self.jobs.send(job);
+/// Makes instances for pools, within the caps.
+struct Maker {
+    engine: wasmtime::Engine,
+    epoch_tick: Duration,
+    total: Arc<AtomicUsize>,
+    caps: WarmCaps,
+}
+
+impl Maker {
+    fn top_up(&self, pool: &WarmPool, recipe: &Recipe) {
+        while pool.len() < self.caps.per_binding && self.total.load(Ordering::Relaxed) < self.caps.total {
+            // A binding whose init fails here is served cold, where the failure is reported
+            // with the request it fails.
+            let Some(ready) = super::prepare(&self.engine, self.epoch_tick, recipe) else { break };
+            pool.put(ready);
+        }
     }
 }

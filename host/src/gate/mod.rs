@@ -508,7 +508,16 @@ impl Gateway {
         let seed = request_seed(context, now);
         let binding = runtime.slot.active();
         let reader = reader::EtcdReader::new(runtime.group.clone());
-        self.engine.evaluate(&binding, EvalRequest { context, seed, reader: Some(Arc::new(reader)) })
+        let evaluation = self.engine.evaluate(&binding, EvalRequest { context, seed, reader: Some(Arc::new(reader)) });
+        // Ready instances for the next requests are made in a task of their own, which runs on
+        // this worker thread once this request awaits etcd.
+        if self.engine.needs_replenish(&binding)
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            let engine = self.engine.clone();
+            runtime.spawn(async move { engine.replenish(&binding) });
+        }
+        evaluation
     }
 
     /// Queues the decision log line of an evaluation.
