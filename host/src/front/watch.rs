@@ -200,14 +200,8 @@ impl Session {
             return self.refuse(id, "etcdserver: duplicate watch ID".into()).await;
         }
         let range = KeyRange::from_request(&key, &range_end);
-        let parts: Vec<(Group, KeyRange)> = self
-            .gate
-            .routing()
-            .index()
-            .overlapping(&range)
-            .into_iter()
-            .filter_map(|(scope, part)| Some((self.gate.groups().get(&scope.group)?.clone(), part)))
-            .collect();
+        let parts: Vec<(Group, KeyRange)> =
+            self.gate.routing().parts(&range).into_iter().map(|(runtime, part)| (runtime.group.clone(), part)).collect();
         let groups: std::collections::BTreeSet<&str> = parts.iter().map(|(g, _)| g.name()).collect();
         if start_revision > 0 && groups.len() > 1 {
             let reason = format!(

@@ -10,10 +10,12 @@ use ed25519_dalek::{Signature, VerifyingKey};
 use etcd_client::proto as pb;
 use tonic::Status;
 
-use super::{Draft, GateError, Gateway, ScopeRuntime, Shortfall, collect_txn, compare_to_model, footprint, put_op};
+use super::decide::Draft;
+use super::model::model_of;
+use super::send::{client_answer, with_reserved};
+use super::{GateError, Gateway, ScopeRuntime, Shortfall};
 use crate::lineage::{ApprovalRecord, RecordKind};
 use crate::backend::compare::{RESULT_LESS, TARGET_MOD};
-use crate::index::KeyRange;
 use crate::clock::unix_now;
 use crate::meta::{MetaError, MetaStore};
 use crate::trust::proposal::{Approval, CLAIM_TIMEOUT, Proposal, ProposalState, VoterWeight};
@@ -53,28 +55,6 @@ pub enum ApprovalError {
     /// The meta group failed.
     #[error(transparent)]
     Meta(#[from] MetaError),
-}
-
-/// The ops, compares and touched ranges of a client's request op.
-pub(crate) fn model_of(op: &pb::PbTxnOpRequest) -> (Vec<m::Op>, Vec<m::Compare>, Vec<KeyRange>) {
-    let ranges = footprint(op);
-    match op {
-        pb::PbTxnOpRequest::RequestPut(put) => (vec![m::Op::Put(put_op(put))], Vec::new(), ranges),
-        pb::PbTxnOpRequest::RequestDeleteRange(delete) => (
-            vec![m::Op::DeleteRange(m::DeleteRangeOp {
-                key: m::Bytes(delete.key.clone()),
-                range_end: m::Bytes(delete.range_end.clone()),
-            })],
-            Vec::new(),
-            ranges,
-        ),
-        pb::PbTxnOpRequest::RequestTxn(txn) => {
-            let mut ops = Vec::new();
-            collect_txn(txn, &mut Vec::new(), Some(&mut ops));
-            (ops, txn.compare.iter().map(compare_to_model).collect(), ranges)
-        }
-        pb::PbTxnOpRequest::RequestRange(_) => (Vec::new(), Vec::new(), ranges),
-    }
 }
 
 /// Why an approved proposal did not commit.
@@ -423,11 +403,11 @@ impl Gateway {
         }
         // The marker makes the write land once, whoever sends it.
         guards.push(crate::meta::compare_unchanged(marker.clone(), 0));
-        let marked = super::with_reserved(op.clone(), marker.clone(), proposal.id.clone().into_bytes());
+        let marked = with_reserved(op.clone(), marker.clone(), proposal.id.clone().into_bytes());
         let sent = self.send(runtime, marked, guards, Some(draft)).await.map_err(|e| CommitError::Unfinished(e.to_string()))?;
         match sent {
             Some((inner, header)) => {
-                let inner = super::client_answer(inner).map_err(|e| CommitError::Unfinished(e.to_string()))?;
+                let inner = client_answer(inner).map_err(|e| CommitError::Unfinished(e.to_string()))?;
                 Ok((Some(inner), header.map(|h| h.revision).unwrap_or_default()))
             }
             None => match self.commit_marker(runtime, &marker).await? {

@@ -1,0 +1,259 @@
+//! Step 3, decide: the scope's active policy on the request, at the current time, into a
+//! verdict, the compares that guard the write on what the policy read, and the lineage record to
+//! write with it. Every decision is counted and, as configured, logged.
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use aq_sdk as m;
+use etcd_client::proto as pb;
+
+use super::{GateError, Gateway, ScopeRuntime, Shortfall, decisions, reader};
+use crate::backend::compare::{RESULT_EQUAL, TARGET_MOD, TARGET_VERSION};
+use crate::engine::EvalRequest;
+use crate::index::KeyRange;
+use crate::lineage::{ApprovalRecord, OpRecord, Record, RecordKind};
+
+/// The outcome of an allowing evaluation.
+pub(crate) struct Evaluated {
+    /// Compares guarding the write on what the policy read.
+    pub(super) guards: Vec<pb::PbCompare>,
+    /// How much lineage the policy asked for.
+    pub(super) lineage: m::LineageLevel,
+    /// The policy that decided.
+    pub(super) policy: crate::engine::PolicyDigest,
+}
+
+/// A lineage record, to be written with its write.
+#[derive(Clone)]
+pub(crate) struct Draft {
+    kind: RecordKind,
+    policy: String,
+    level: &'static str,
+    principals: Vec<String>,
+    ops: Vec<OpRecord>,
+    pub(crate) proposal: Option<String>,
+    pub(crate) approvals: Vec<ApprovalRecord>,
+}
+
+impl Draft {
+    /// The record of an allowed write at `level` (none: no record), decided by `policy`.
+    pub(super) fn of(
+        context: &m::Context,
+        level: m::LineageLevel,
+        policy: crate::engine::PolicyDigest,
+        kind: RecordKind,
+    ) -> Option<Draft> {
+        let level = match level {
+            m::LineageLevel::None => return None,
+            m::LineageLevel::Digest => "digest",
+            m::LineageLevel::Full => "full",
+        };
+        let ops = context
+            .ops
+            .iter()
+            .map(|op| match op {
+                m::Op::Put(p) => OpRecord::Put {
+                    key: hex::encode(&p.key.0),
+                    value_blake3: blake3::hash(&p.value).to_hex().to_string(),
+                    lease: p.lease,
+                },
+                m::Op::DeleteRange(d) => OpRecord::Delete { key: hex::encode(&d.key.0), range_end: hex::encode(&d.range_end.0) },
+            })
+            .collect();
+        Some(Draft {
+            kind,
+            policy: policy.to_hex(),
+            level,
+            principals: context.credentials.iter().map(|c| c.principal.clone()).collect(),
+            ops,
+            proposal: None,
+            approvals: Vec::new(),
+        })
+    }
+
+    pub(super) fn record(&self, scope: &str) -> Record {
+        Record {
+            v: crate::lineage::RECORD_VERSION,
+            scope: scope.to_string(),
+            id: crate::lineage::new_record_id(),
+            kind: self.kind,
+            time_ms: crate::clock::unix_ms(),
+            policy: self.policy.clone(),
+            level: self.level.to_string(),
+            principals: self.principals.clone(),
+            ops: self.ops.clone(),
+            proposal: self.proposal.clone(),
+            approvals: self.approvals.clone(),
+            subject: None,
+            binding: None,
+        }
+    }
+}
+
+impl Gateway {
+    /// What the scope's policy sees of a mutation; `evaluate` stamps the request time.
+    pub(super) fn context(&self, runtime: &ScopeRuntime, ops: Vec<m::Op>, compares: Vec<m::Compare>) -> m::Context {
+        let scope = &runtime.scope;
+        m::Context {
+            scope: m::ScopeInfo {
+                id: scope.id.clone(),
+                key_start: m::Bytes(scope.range.start.clone()),
+                key_end: m::Bytes(scope.range.end.clone()),
+                labels: scope.labels.clone(),
+            },
+            ops,
+            compares,
+            credentials: Vec::new(),
+            transport: m::TransportIdentity::default(),
+            request_time: m::Timestamp::default(),
+        }
+    }
+
+    /// Evaluates `context` with the scope's active policy, at the current time. Returns the
+    /// compares that guard the write on what the policy read.
+    pub(super) fn evaluate(&self, runtime: &ScopeRuntime, context: &mut m::Context) -> Result<Evaluated, GateError> {
+        let scope = &runtime.scope;
+        let evaluation = self.run_policy(runtime, context);
+        let verdict = evaluation.decision.verdict.kind();
+        self.metrics.evaluated(&scope.id, verdict, evaluation.elapsed.as_secs_f64());
+        if let Some(failure) = &evaluation.failure {
+            self.metrics.policy_failed(&scope.id, failure.kind());
+            tracing::warn!(scope = %scope.id, policy = ?evaluation.digest, kind = failure.kind(), "policy failed: {failure}");
+        }
+        if self.decisions.wants(verdict) {
+            self.log_decision(context, &evaluation);
+        }
+        match evaluation.decision.verdict {
+            m::Verdict::Allow => {}
+            m::Verdict::Deny(reason) => return Err(GateError::Denied { reason }),
+            m::Verdict::RequireApproval(rule) => {
+                let weight = crate::trust::approval_weight(&rule, &context.credentials);
+                if weight < rule.threshold {
+                    let voters: Vec<String> =
+                        rule.voters.iter().map(|v| format!("{} (weight {})", v.principal, v.weight)).collect();
+                    let signers: Vec<&str> = context.credentials.iter().map(|c| c.principal.as_str()).collect();
+                    let carried = if signers.is_empty() {
+                        "the request carries no signature".to_string()
+                    } else {
+                        format!("its signatures ({}) weigh {weight}", signers.join(", "))
+                    };
+                    let message = format!(
+                        "writes to scope {} need approvals of weight {} from {}; {carried}",
+                        scope.id,
+                        rule.threshold,
+                        voters.join(", ")
+                    );
+                    return Err(GateError::NeedsApproval(Box::new(Shortfall {
+                        rule,
+                        weight,
+                        policy: evaluation.digest,
+                        message,
+                    })));
+                }
+            }
+        }
+        let guards = evaluation
+            .observed_reads
+            .into_iter()
+            .map(|read| pb::PbCompare {
+                result: RESULT_EQUAL,
+                // An absent key has version 0; a present one is pinned by its mod revision.
+                target: if read.mod_revision.is_some() { TARGET_MOD } else { TARGET_VERSION },
+                key: read.key.0,
+                range_end: Vec::new(),
+                target_union: Some(match read.mod_revision {
+                    Some(rev) => pb::PbTargetUnion::ModRevision(rev),
+                    None => pb::PbTargetUnion::Version(0),
+                }),
+            })
+            .collect();
+        Ok(Evaluated { guards, lineage: evaluation.decision.lineage, policy: evaluation.digest })
+    }
+
+    /// Runs the scope's active policy on `context`, stamped with the current time.
+    pub(super) fn run_policy(&self, runtime: &ScopeRuntime, context: &mut m::Context) -> crate::engine::Evaluation {
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+        context.request_time = m::Timestamp { seconds: now.as_secs(), nanoseconds: now.subsec_nanos() };
+        let seed = request_seed(context, now);
+        let binding = runtime.slot.active();
+        let reader = reader::EtcdReader::new(runtime.group.clone());
+        let evaluation = self.engine.evaluate(&binding, EvalRequest { context, seed, reader: Some(Arc::new(reader)) });
+        // Ready instances for the next requests are made in a task of their own, which runs on
+        // this worker thread once this request awaits etcd.
+        if self.engine.needs_replenish(&binding)
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            let engine = self.engine.clone();
+            runtime.spawn(async move { engine.replenish(&binding) });
+        }
+        evaluation
+    }
+
+    /// Queues the decision log line of an evaluation.
+    pub(super) fn log_decision(&self, context: &m::Context, evaluation: &crate::engine::Evaluation) {
+        let reason = match &evaluation.decision.verdict {
+            m::Verdict::Allow => None,
+            m::Verdict::Deny(reason) => Some(reason.clone()),
+            m::Verdict::RequireApproval(rule) => Some(format!(
+                "approvals of weight {} needed from {}",
+                rule.threshold,
+                rule.voters.iter().map(|v| format!("{} ({})", v.principal, v.weight)).collect::<Vec<_>>().join(", ")
+            )),
+        };
+        let key = match context.ops.first() {
+            Some(m::Op::Put(p)) => &p.key.0,
+            Some(m::Op::DeleteRange(d)) => &d.key.0,
+            None => &Vec::new(),
+        };
+        let transport = context.transport.tls_name.as_deref().or(context.transport.etcd_user.as_deref());
+        self.decisions.record(&decisions::DecisionLine {
+            time: decisions::now_rfc3339(),
+            scope: &context.scope.id,
+            policy: evaluation.digest.to_hex(),
+            verdict: evaluation.decision.verdict.kind(),
+            reason: reason.as_deref(),
+            principals: context.credentials.iter().map(|c| c.principal.as_str()).collect(),
+            transport,
+            key: String::from_utf8_lossy(key).into_owned(),
+            ops: context.ops.len(),
+            failure: evaluation.failure.as_ref().map(|f| f.kind()),
+            annotations: &evaluation.decision.annotations,
+        });
+    }
+
+    /// Evaluates `ops` against a scope's active policy without writing anything: the admin
+    /// API's dry run. Every key must belong to the scope. Not counted in metrics or logged.
+    pub fn dry_run(&self, scope_id: &str, ops: Vec<m::Op>) -> Result<crate::engine::Evaluation, GateError> {
+        let routing = self.routing();
+        let runtime = routing.scope(scope_id).ok_or_else(|| GateError::Unowned(format!("(scope {scope_id})")))?;
+        let ranges: Vec<KeyRange> = ops
+            .iter()
+            .map(|op| match op {
+                m::Op::Put(p) => KeyRange::from_request(&p.key, &[]),
+                m::Op::DeleteRange(d) => KeyRange::from_request(&d.key, &d.range_end),
+            })
+            .collect();
+        let owner = routing.route_write(&ranges)?;
+        if owner.scope.id != scope_id {
+            return Err(GateError::CrossScope(vec![scope_id.to_string(), owner.scope.id.clone()]));
+        }
+        let mut context = self.context(runtime, ops, Vec::new());
+        Ok(self.run_policy(runtime, &mut context))
+    }
+}
+
+/// The seed of a policy's randomness: a digest of the scope, the request time and the ops (keys,
+/// values, leases), so the same request at the same time draws the same bytes everywhere. The
+/// trust layer's canonical request digest will take its place.
+pub(super) fn request_seed(context: &m::Context, now: std::time::Duration) -> [u8; 32] {
+    let mut hasher = blake3::Hasher::new_derive_key("aq request seed 2026-11");
+    hasher.update(context.scope.id.as_bytes()).update(&now.as_nanos().to_le_bytes());
+    for op in &context.ops {
+        match op {
+            m::Op::Put(p) => hasher.update(b"put").update(&p.key).update(&p.value).update(&p.lease.to_le_bytes()),
+            m::Op::DeleteRange(d) => hasher.update(b"del").update(&d.key).update(&d.range_end),
+        };
+    }
+    *hasher.finalize().as_bytes()
+}

@@ -1,0 +1,202 @@
+//! The etcd writes (Put, DeleteRange, Txn), each through route → verify → decide → send, with
+//! the retries between: a guard that failed (a policy read moved) decides again; a group that
+//! gave the scope away sends to the new owner when routing names one.
+
+use aq_sdk as m;
+use etcd_client::proto as pb;
+
+use super::decide::Draft;
+use super::model::{collect_txn, compare_to_model, delete_op, footprint, leases_of, model_of, put_op};
+use super::send::{client_answer, unexpected};
+use super::verify::with_nonce;
+use super::{Caller, GateError, Gateway, ScopeRuntime, anchors};
+use crate::index::{KeyRange, Owner};
+use crate::lineage::RecordKind;
+
+/// How many times a write is retried after a policy read moved.
+const MAX_ATTEMPTS: usize = 5;
+
+impl Gateway {
+    /// Runs one governed mutation: evaluate, send, and evaluate again when a policy read
+    /// moved. Returns the response of the client's op and the outer header.
+    pub(super) async fn govern(
+        &self,
+        runtime: &ScopeRuntime,
+        ops: Vec<m::Op>,
+        compares: Vec<m::Compare>,
+        op: pb::PbTxnOpRequest,
+        caller: &Caller,
+    ) -> Result<(pb::PbTxnOpResponse, Option<pb::PbResponseHeader>), GateError> {
+        match self.govern_on(runtime, ops, compares, &op, caller).await {
+            Err(GateError::NotOwner { scope, group, detail }) => {
+                // The group gave the keys away. If routing already names their new owner, the
+                // write is decided there afresh and sent to it; otherwise the refusal stands.
+                let routing = self.routing();
+                let moved = match routing.route_write(&footprint(&op)) {
+                    Ok(moved) if moved.group.name() != group || moved.scope.id != scope => moved,
+                    _ => return Err(GateError::NotOwner { scope, group, detail }),
+                };
+                tracing::info!(scope = %scope, from = %group, to = moved.group.name(), "the scope moved; sending the write to its new owner");
+                let (ops, compares, _) = model_of(&op);
+                self.ensure_leases(&moved.group, leases_of(&ops)).await?;
+                self.govern_on(moved, ops, compares, &op, caller).await
+            }
+            other => other,
+        }
+    }
+
+    pub(super) async fn govern_on(
+        &self,
+        runtime: &ScopeRuntime,
+        ops: Vec<m::Op>,
+        compares: Vec<m::Compare>,
+        op: &pb::PbTxnOpRequest,
+        caller: &Caller,
+    ) -> Result<(pb::PbTxnOpResponse, Option<pb::PbResponseHeader>), GateError> {
+        let mut context = self.context(runtime, ops, compares);
+        self.verify(runtime, &mut context, caller).await?;
+        // Anchors that did not co-sign, once they were asked.
+        let mut unanchored: Option<Vec<String>> = None;
+        for _ in 0..MAX_ATTEMPTS {
+            let evaluated = match self.evaluate(runtime, &mut context) {
+                Ok(evaluated) => evaluated,
+                Err(GateError::NeedsApproval(mut shortfall)) => {
+                    let wanted = self.unsigned_anchors(&shortfall.rule, &context);
+                    if unanchored.is_none() && !wanted.is_empty() {
+                        let votes = self.gather_anchors(runtime, &context, op, caller, &wanted).await;
+                        context.credentials.extend(votes.credentials);
+                        unanchored = Some(votes.missing);
+                        continue;
+                    }
+                    if let Some(missing) = unanchored.as_ref().filter(|m| !m.is_empty()) {
+                        shortfall.message = format!("{}; no co-signature from {}", shortfall.message, missing.join("; "));
+                        if !anchors::people_can_reach(&shortfall, &context.credentials) {
+                            return Err(GateError::NeedsApproval(shortfall));
+                        }
+                    }
+                    return self.propose(runtime, &context, op, *shortfall, caller.wait).await;
+                }
+                Err(e) => return Err(e),
+            };
+            let draft = Draft::of(&context, evaluated.lineage, evaluated.policy, RecordKind::Mutation);
+            let mut guards = evaluated.guards;
+            let op = with_nonce(op.clone(), caller, &mut guards);
+            if let Some((mut inner, header)) = self.send(runtime, op, guards, draft).await? {
+                if caller.signed.is_some() {
+                    inner = client_answer(inner)?;
+                }
+                return Ok((inner, header));
+            }
+            self.replayed(runtime, caller).await?;
+        }
+        Err(GateError::Contended(runtime.scope.id.clone()))
+    }
+
+    /// etcd `Put`, governed.
+    pub async fn put(&self, request: pb::PbPutRequest, caller: &Caller) -> Result<pb::PbPutResponse, GateError> {
+        let routing = self.routing();
+        let runtime = routing.route_key(&request.key)?;
+        self.ensure_leases(&runtime.group, [request.lease]).await?;
+        let ops = vec![m::Op::Put(put_op(&request))];
+        let (response, header) =
+            self.govern(runtime, ops, Vec::new(), pb::PbTxnOpRequest::RequestPut(request), caller).await?;
+        match response {
+            pb::PbTxnOpResponse::ResponsePut(mut put) => {
+                put.header = header;
+                Ok(put)
+            }
+            other => Err(unexpected("put", &other)),
+        }
+    }
+
+    /// etcd `DeleteRange`, governed. A range over several scopes is deleted scope by scope,
+    /// after every scope's policy allowed its part; it is not atomic across scopes.
+    pub async fn delete_range(
+        &self,
+        request: pb::PbDeleteRequest,
+        caller: &Caller,
+    ) -> Result<pb::PbDeleteResponse, GateError> {
+        let range = KeyRange::from_request(&request.key, &request.range_end);
+        let routing = self.routing();
+        if let Owner::Reserved = routing.index().lookup(&request.key) {
+            return Err(GateError::Reserved(String::from_utf8_lossy(&request.key).into_owned()));
+        }
+        let parts = routing.index().overlapping(&range);
+        if parts.is_empty() {
+            return Ok(pb::PbDeleteResponse { header: self.any_header().await?, deleted: 0, prev_kvs: Vec::new() });
+        }
+        if parts.len() == 1 && parts[0].1 == range {
+            let runtime = routing.runtime(parts[0].0);
+            return self.delete_part(runtime, request, caller).await;
+        }
+        if caller.signed.is_some() {
+            let scopes = parts.iter().map(|(scope, _)| scope.id.clone()).collect();
+            return Err(GateError::CrossScope(scopes));
+        }
+        // Evaluate every part first, so a deny anywhere deletes nothing.
+        let mut planned = Vec::new();
+        for (scope, part) in &parts {
+            let runtime = routing.runtime(scope);
+            let (key, range_end) = part.to_request();
+            let part = pb::PbDeleteRequest { key, range_end, prev_kv: request.prev_kv };
+            let op = delete_op(&part);
+            // Proposals cover one scope: a delete over several that needs approval is refused.
+            self.evaluate(runtime, &mut self.context(runtime, vec![op], Vec::new()))?;
+            planned.push((runtime, part));
+        }
+        let mut merged = pb::PbDeleteResponse::default();
+        for (runtime, part) in planned {
+            let response = self.delete_part(runtime, part, &Caller::default()).await?;
+            merged.header = merged.header.or(response.header);
+            merged.deleted += response.deleted;
+            merged.prev_kvs.extend(response.prev_kvs);
+        }
+        Ok(merged)
+    }
+
+    pub(super) async fn delete_part(
+        &self,
+        runtime: &ScopeRuntime,
+        request: pb::PbDeleteRequest,
+        caller: &Caller,
+    ) -> Result<pb::PbDeleteResponse, GateError> {
+        let ops = vec![delete_op(&request)];
+        let (response, header) =
+            self.govern(runtime, ops, Vec::new(), pb::PbTxnOpRequest::RequestDeleteRange(request), caller).await?;
+        match response {
+            pb::PbTxnOpResponse::ResponseDeleteRange(mut delete) => {
+                delete.header = header;
+                Ok(delete)
+            }
+            other => Err(unexpected("delete", &other)),
+        }
+    }
+
+    /// etcd `Txn`, governed: the whole transaction must stay in one scope. A transaction of
+    /// reads only is forwarded without evaluation.
+    pub async fn txn(&self, request: pb::PbTxnRequest, caller: &Caller) -> Result<pb::PbTxnResponse, GateError> {
+        let mut ranges = Vec::new();
+        let mut ops = Vec::new();
+        collect_txn(&request, &mut ranges, Some(&mut ops));
+        if ranges.is_empty() {
+            return Ok(pb::PbTxnResponse { header: self.any_header().await?, succeeded: true, responses: Vec::new() });
+        }
+        let routing = self.routing();
+        let runtime = routing.route_write(&ranges)?;
+        if ops.is_empty() {
+            self.metrics.routed(&runtime.scope.id, "read");
+            return Ok(runtime.group.txn(request).await?);
+        }
+        self.ensure_leases(&runtime.group, leases_of(&ops)).await?;
+        let compares = request.compare.iter().map(compare_to_model).collect();
+        let (response, header) =
+            self.govern(runtime, ops, compares, pb::PbTxnOpRequest::RequestTxn(request), caller).await?;
+        match response {
+            pb::PbTxnOpResponse::ResponseTxn(mut txn) => {
+                txn.header = header;
+                Ok(txn)
+            }
+            other => Err(unexpected("txn", &other)),
+        }
+    }
+}
