@@ -3,6 +3,7 @@
 //! This crate holds the host: the policy engine (`engine`), the built-in policies (`builtin`)
 //! and the command line (`cli`). See ARCHITECTURE.md for the map.
 
+pub mod adapt;
 pub mod admin;
 pub mod backend;
 pub mod builtin;

@@ -473,3 +473,37 @@ async fn a_scope_moved_in_the_stored_layout_is_followed_by_every_replica() {
     let (kept, _) = store.layout().await.unwrap().unwrap();
     assert_eq!((kept.epoch, kept.changed_live), (2, true));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn each_scope_counts_its_own_load_across_reroutes() {
+    let gw = TestGateway::start().await;
+    let gateway = &gw.running.gateway;
+    let mut client = gw.client().await;
+    let registry = gateway.stats().get("registry").expect("routed scopes have counters");
+    let before = registry.publish();
+    for i in 0..30 {
+        client.put(format!("/registry/pods/ns/p{i}"), "v", None).await.unwrap();
+    }
+    // A reroute keeps the scope's counters: the next routing holds the same ones.
+    let index = aq_host::index::ScopeIndex::new(gateway.routing().index().scopes().iter().map(|s| (**s).clone()).collect()).unwrap();
+    gateway.reroute(index).unwrap();
+    for i in 0..10 {
+        client.put(format!("/registry/services/ns/s{i}"), "v", None).await.unwrap();
+    }
+    client.delete("/registry/services/ns/s0", None).await.unwrap();
+    let listed = client.get("/registry/pods/", Some(GetOptions::new().with_prefix())).await.unwrap();
+    assert_eq!(listed.count(), 30);
+    client.put("/registry/events/ns/e1", "v", None).await.unwrap();
+
+    let after = registry.publish();
+    assert_eq!(after.writes - before.writes, 41);
+    assert_eq!(after.reads - before.reads, 1);
+    let segment = |s: &str| after.segments.get(&s.bytes().map(|b| format!("{b:02x}")).collect::<String>()).copied();
+    assert_eq!((segment("pods/"), segment("services/")), (Some(30), Some(11)));
+    // 30 and 11 writes over two children: a little under one bit.
+    assert!((0.8..0.9).contains(&after.key_entropy()), "{}", after.key_entropy());
+    // Another scope's write is its own.
+    assert_eq!(gateway.stats().get("events").unwrap().publish().writes, 1);
+    let stats = aq_host::adapt::stats::stats_between(&before, &after, 1.0, &gateway.routing().scope("registry").unwrap().scope.range, 0, 0);
+    assert_eq!(stats.write_rate, 41.0);
+}

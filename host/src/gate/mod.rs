@@ -159,6 +159,7 @@ pub struct Gateway {
     decisions: decisions::DecisionLog,
     trust: Arc<crate::trust::Trust>,
     anchor: Option<Arc<anchors::Anchor>>,
+    stats: Arc<crate::adapt::stats::Stats>,
 }
 
 impl Gateway {
@@ -171,7 +172,8 @@ impl Gateway {
         services: GateServices,
     ) -> Result<Self, String> {
         let GateServices { engine, registry, metrics, decisions, trust, anchor } = services;
-        let routing = Routing::build(index, &groups, &registry)?;
+        let stats = Arc::new(crate::adapt::stats::Stats::default());
+        let routing = Routing::build(index, &groups, &registry, &stats)?;
         let home = groups.get(home).ok_or_else(|| format!("the home group {home} is not configured"))?.clone();
         Ok(Gateway {
             routing: arc_swap::ArcSwap::from_pointee(routing),
@@ -184,6 +186,7 @@ impl Gateway {
             decisions,
             trust,
             anchor,
+            stats,
         })
     }
 
@@ -196,9 +199,14 @@ impl Gateway {
     /// started with. Every scope of `index` needs a binding and a configured group. The
     /// ownership of ranges on the groups is not changed here: see [`crate::backend::ownership`].
     pub fn reroute(&self, index: ScopeIndex) -> Result<(), String> {
-        let routing = Routing::build(index, &self.groups, &self.registry)?;
+        let routing = Routing::build(index, &self.groups, &self.registry, &self.stats)?;
         self.routing.store(Arc::new(routing));
         Ok(())
+    }
+
+    /// Every scope's load on this replica.
+    pub fn stats(&self) -> &Arc<crate::adapt::stats::Stats> {
+        &self.stats
     }
 
     /// The backend groups.

@@ -19,6 +19,7 @@ impl Gateway {
             [] => Ok(pb::PbRangeResponse { header: self.any_header().await?, ..Default::default() }),
             [(runtime, part)] => {
                 self.metrics.routed(&runtime.scope.id, "read");
+                runtime.stats.read(part);
                 let mut request = request;
                 if *part != range {
                     (request.key, request.range_end) = part.to_request();
@@ -48,6 +49,7 @@ impl Gateway {
         let mut revisions: BTreeMap<&str, i64> = BTreeMap::new();
         for (runtime, part) in parts {
             self.metrics.routed(&runtime.scope.id, "read");
+            runtime.stats.read(part);
             let mut sub = request.clone();
             (sub.key, sub.range_end) = part.to_request();
             if sub.revision == 0

@@ -4,6 +4,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use super::GateError;
+use crate::adapt::stats::{ScopeCounters, Stats};
 use crate::backend::Group;
 use crate::engine::{Registry, ScopeSlot};
 use crate::index::{KeyRange, Owner, Scope, ScopeIndex};
@@ -16,6 +17,8 @@ pub struct ScopeRuntime {
     pub group: Group,
     /// Its policy binding.
     pub slot: Arc<ScopeSlot>,
+    /// Its load on this replica, for `advise` (shared by every routing holding the scope).
+    pub stats: Arc<ScopeCounters>,
 }
 
 /// What routes requests: the scope index and each scope's run-time state, replaced as one
@@ -27,7 +30,12 @@ pub struct Routing {
 
 impl Routing {
     /// Each scope of `index` with its group and policy binding.
-    pub(super) fn build(index: ScopeIndex, groups: &BTreeMap<String, Group>, registry: &Registry) -> Result<Self, String> {
+    pub(super) fn build(
+        index: ScopeIndex,
+        groups: &BTreeMap<String, Group>,
+        registry: &Registry,
+        stats: &Stats,
+    ) -> Result<Self, String> {
         let mut scopes = HashMap::new();
         for scope in index.scopes() {
             let group = groups
@@ -35,7 +43,8 @@ impl Routing {
                 .ok_or_else(|| format!("scope {} names backend group {}, which is not configured", scope.id, scope.group))?
                 .clone();
             let slot = registry.slot(&scope.id).ok_or_else(|| format!("scope {} has no policy bound", scope.id))?;
-            scopes.insert(scope.id.clone(), ScopeRuntime { scope: scope.clone(), group, slot });
+            let stats = stats.counters(scope);
+            scopes.insert(scope.id.clone(), ScopeRuntime { scope: scope.clone(), group, slot, stats });
         }
         Ok(Routing { index, scopes })
     }

@@ -80,8 +80,13 @@ impl Gateway {
             };
             let draft = Draft::of(&context, evaluated.lineage, evaluated.policy, RecordKind::Mutation);
             let mut guards = evaluated.guards;
-            let op = with_nonce(op.clone(), caller, &mut guards);
-            if let Some((mut inner, header)) = self.send(runtime, op, guards, draft).await? {
+            let guarded = !guards.is_empty();
+            let sent = self.send(runtime, with_nonce(op.clone(), caller, &mut guards), guards, draft).await?;
+            if guarded {
+                runtime.stats.guarded(sent.is_none());
+            }
+            if let Some((mut inner, header)) = sent {
+                count_write(runtime, op);
                 if caller.signed.is_some() {
                     inner = client_answer(inner)?;
                 }
@@ -185,6 +190,7 @@ impl Gateway {
         let runtime = routing.route_write(&ranges)?;
         if ops.is_empty() {
             self.metrics.routed(&runtime.scope.id, "read");
+            runtime.stats.read(&ranges[0]);
             return Ok(runtime.group.txn(request).await?);
         }
         self.ensure_leases(&runtime.group, leases_of(&ops)).await?;
@@ -197,6 +203,19 @@ impl Gateway {
                 Ok(txn)
             }
             other => Err(unexpected("txn", &other)),
+        }
+    }
+}
+
+/// Counts a write in its scope's load: a Put by its key, anything else by the first range it
+/// touches.
+fn count_write(runtime: &ScopeRuntime, op: &pb::PbTxnOpRequest) {
+    match op {
+        pb::PbTxnOpRequest::RequestPut(put) => runtime.stats.wrote_key(&put.key),
+        other => {
+            if let Some(range) = footprint(other).first() {
+                runtime.stats.wrote(range);
+            }
         }
     }
 }
