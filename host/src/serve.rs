@@ -237,7 +237,7 @@ pub async fn start(config: Config, options: ServeOptions) -> Result<Running, Str
     };
     let checkpointer = Arc::new(crate::lineage::store::Checkpointer::new(identity.clone(), syncer.store().clone()));
     let admin = Arc::new(Admin::new(gateway.clone(), syncer.clone(), &config.admin, auth, checkpointer.clone())?);
-    checkpoint_lineage(gateway.clone(), checkpointer, options.checkpoint_interval.max(Duration::from_millis(10)));
+    checkpoint_lineage(gateway.clone(), checkpointer, options.checkpoint_interval.max(Duration::from_millis(10)), anchor_id.clone());
 
     // The etcd API.
     let listener = tokio::net::TcpListener::bind(options.listen)
@@ -397,9 +397,15 @@ const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(10);
 
 /// Signs lineage checkpoints in the background every `interval`, so that records written now
 /// are covered by a signature before anyone could alter them; and, every
-/// [`HOUSEKEEPING_EVERY`], drops recorded nonces once they expire and finishes proposal commits
-/// another replica claimed and did not finish.
-fn checkpoint_lineage(gateway: Arc<Gateway>, checkpointer: Arc<crate::lineage::store::Checkpointer>, interval: Duration) {
+/// [`HOUSEKEEPING_EVERY`], drops recorded nonces once they expire, finishes proposal commits
+/// another replica claimed and did not finish, and publishes this replica's (`replica`) load
+/// windows.
+fn checkpoint_lineage(
+    gateway: Arc<Gateway>,
+    checkpointer: Arc<crate::lineage::store::Checkpointer>,
+    interval: Duration,
+    replica: String,
+) {
     let weak = Arc::downgrade(&gateway);
     drop(gateway);
     tokio::spawn(async move {
@@ -423,9 +429,21 @@ fn checkpoint_lineage(gateway: Arc<Gateway>, checkpointer: Arc<crate::lineage::s
                 housekept = std::time::Instant::now();
                 gateway.sweep_nonces().await;
                 gateway.recover_proposals().await;
+                publish_load(&gateway, &replica).await;
             }
         }
     });
+}
+
+/// Publishes this replica's window of every scope's load to the meta group, where the advising
+/// replica sums them.
+pub async fn publish_load(gateway: &Gateway, replica: &str) {
+    let store = MetaStore::new(gateway.home().clone());
+    for (scope, window) in gateway.stats().windows(replica) {
+        if let Err(e) = store.put_load(&scope, &window).await {
+            tracing::warn!(%scope, "cannot publish the scope's load: {e}");
+        }
+    }
 }
 
 /// Restarts managed etcd processes that exit, on their data directories. A restarted etcd has

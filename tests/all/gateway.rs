@@ -475,7 +475,7 @@ async fn a_scope_moved_in_the_stored_layout_is_followed_by_every_replica() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn each_scope_counts_its_own_load_across_reroutes() {
+async fn each_scope_counts_its_own_load_across_reroutes_and_replicas_publish_it() {
     let gw = TestGateway::start().await;
     let gateway = &gw.running.gateway;
     let mut client = gw.client().await;
@@ -504,6 +504,30 @@ async fn each_scope_counts_its_own_load_across_reroutes() {
     assert!((0.8..0.9).contains(&after.key_entropy()), "{}", after.key_entropy());
     // Another scope's write is its own.
     assert_eq!(gateway.stats().get("events").unwrap().publish().writes, 1);
-    let stats = aq_host::adapt::stats::stats_between(&before, &after, 1.0, &gateway.routing().scope("registry").unwrap().scope.range, 0, 0);
-    assert_eq!(stats.write_rate, 41.0);
+
+    // Each replica publishes its windows to the meta group; their rates add up.
+    let replica = gw.replica().await;
+    let mut other = etcd_client::Client::connect([replica.running.addr.to_string()], None).await.unwrap();
+    aq_host::serve::publish_load(gateway, &gw.running.anchor).await;
+    aq_host::serve::publish_load(&replica.running.gateway, &replica.running.anchor).await;
+    for i in 0..5 {
+        client.put(format!("/registry/pods/ns/q{i}"), "v", None).await.unwrap();
+        other.put(format!("/registry/pods/ns/r{i}"), "v", None).await.unwrap();
+    }
+    aq_host::serve::publish_load(gateway, &gw.running.anchor).await;
+    aq_host::serve::publish_load(&replica.running.gateway, &replica.running.anchor).await;
+    let windows = gw.running.syncer.store().loads("registry", 0).await.unwrap();
+    let mut by_replica: Vec<(String, u64)> = windows.iter().map(|w| (w.replica.clone(), w.counts.writes)).collect();
+    by_replica.sort();
+    let mut expected = vec![(gw.running.anchor.clone(), 5), (replica.running.anchor.clone(), 5)];
+    expected.sort();
+    assert_eq!(by_replica, expected);
+    let routing = gateway.routing();
+    let range = &routing.scope("registry").unwrap().scope.range;
+    let summed = aq_host::adapt::stats::stats_of(&windows, range, 0, 0);
+    let each: f64 = windows.iter().map(|w| 5.0 / w.seconds).sum();
+    assert!((summed.write_rate - each).abs() < 1e-6, "{} against {each}", summed.write_rate);
+    // A window older than asked for is left out.
+    let newest = windows.iter().map(|w| w.at_ms).max().unwrap();
+    assert!(gw.running.syncer.store().loads("registry", newest + 1).await.unwrap().is_empty());
 }

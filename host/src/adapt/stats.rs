@@ -6,9 +6,10 @@
 //! segment of written keys, and the split-key reservoir of [`super::split`]) is kept per window:
 //! [`ScopeCounters::publish`] hands it out with the totals and starts the next window.
 //!
-//! A replica's [`Counts`] are what it publishes for its scopes; the advising replica adds every
-//! replica's ([`Counts::add`]) and turns two sums taken some seconds apart into the
-//! [`aq_sdk::ScopeStats`] a policy's `advise` sees ([`stats_between`]).
+//! Every replica publishes, per scope, a [`Window`]: what it counted since its previous one
+//! ([`Stats::windows`]). The advising replica reads every replica's latest window and turns them
+//! into the [`aq_sdk::ScopeStats`] a policy's `advise` sees ([`stats_of`]): rates add up over
+//! replicas, shapes are merged.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -33,6 +34,8 @@ pub struct ScopeCounters {
     guarded: AtomicU64,
     conflicts: AtomicU64,
     shape: Mutex<Shape>,
+    /// When counting began: the start of the first window.
+    created: std::time::Instant,
 }
 
 /// The load's shape in the current window.
@@ -51,6 +54,7 @@ impl ScopeCounters {
             guarded: AtomicU64::new(0),
             conflicts: AtomicU64::new(0),
             shape: Mutex::new(Shape { segments: HashMap::new(), other_segments: 0, finder: SplitFinder::new(seed) }),
+            created: std::time::Instant::now(),
         }
     }
 
@@ -172,21 +176,51 @@ impl Counts {
     }
 }
 
-/// The statistics `advise` sees for a scope over `range`, from the summed counts `before` and
-/// `after` taken `seconds` apart (`after` holding the window's shape), with the scope's stored
-/// `keys` and `bytes`.
-pub fn stats_between(before: &Counts, after: &Counts, seconds: f64, range: &KeyRange, keys: u64, bytes: u64) -> aq_sdk::ScopeStats {
-    let per_second = |now: u64, then: u64| if seconds > 0.0 { now.saturating_sub(then) as f64 / seconds } else { 0.0 };
-    let guarded = after.guarded.saturating_sub(before.guarded);
-    let conflicts = after.conflicts.saturating_sub(before.conflicts);
+impl Counts {
+    /// What happened between `earlier` and `self`: the totals' differences, with `self`'s
+    /// window shape.
+    pub fn since(&self, earlier: &Counts) -> Counts {
+        Counts {
+            writes: self.writes.saturating_sub(earlier.writes),
+            reads: self.reads.saturating_sub(earlier.reads),
+            guarded: self.guarded.saturating_sub(earlier.guarded),
+            conflicts: self.conflicts.saturating_sub(earlier.conflicts),
+            ..self.clone()
+        }
+    }
+}
+
+/// One replica's window of one scope, as it publishes it to the meta group.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Window {
+    /// The replica (its anchor id).
+    pub replica: String,
+    /// When the window ended (Unix milliseconds).
+    pub at_ms: u64,
+    /// How long it lasted.
+    pub seconds: f64,
+    /// What happened in it: counts are of the window, not totals.
+    pub counts: Counts,
+}
+
+/// The statistics `advise` sees for a scope over `range` from every replica's latest window,
+/// with the scope's stored `keys` and `bytes`. Rates add up over replicas.
+pub fn stats_of(windows: &[Window], range: &KeyRange, keys: u64, bytes: u64) -> aq_sdk::ScopeStats {
+    let rate = |count: fn(&Counts) -> u64| -> f64 {
+        windows.iter().filter(|w| w.seconds > 0.0).map(|w| count(&w.counts) as f64 / w.seconds).sum()
+    };
+    let mut sum = Counts::default();
+    for window in windows {
+        sum.add(&window.counts);
+    }
     aq_sdk::ScopeStats {
         keys,
         bytes,
-        write_rate: per_second(after.writes, before.writes),
-        read_rate: per_second(after.reads, before.reads),
-        key_entropy: after.key_entropy(),
-        conflict_rate: if guarded == 0 { 0.0 } else { conflicts as f64 / guarded as f64 },
-        split_candidates: candidates(&after.samples, range).into_iter().map(aq_sdk::Bytes).collect(),
+        write_rate: rate(|c| c.writes),
+        read_rate: rate(|c| c.reads),
+        key_entropy: sum.key_entropy(),
+        conflict_rate: if sum.guarded == 0 { 0.0 } else { sum.conflicts as f64 / sum.guarded as f64 },
+        split_candidates: candidates(&sum.samples, range).into_iter().map(aq_sdk::Bytes).collect(),
     }
 }
 
@@ -194,6 +228,8 @@ pub fn stats_between(before: &Counts, after: &Counts, seconds: f64, range: &KeyR
 #[derive(Default)]
 pub struct Stats {
     scopes: Mutex<HashMap<String, Arc<ScopeCounters>>>,
+    /// Per scope, when its last window ended and the totals then.
+    last: Mutex<HashMap<String, (std::time::Instant, Counts)>>,
 }
 
 impl Stats {
@@ -207,6 +243,31 @@ impl Stats {
     /// The counters of a scope, if it was ever routed here.
     pub fn get(&self, id: &str) -> Option<Arc<ScopeCounters>> {
         self.scopes.lock().expect("stats lock").get(id).cloned()
+    }
+
+    /// Every scope's window since the previous call (the first starts when the scope was first
+    /// routed here), as `replica` publishes them; each scope's next window starts now.
+    pub fn windows(&self, replica: &str) -> Vec<(String, Window)> {
+        let scopes: Vec<(String, Arc<ScopeCounters>)> =
+            self.scopes.lock().expect("stats lock").iter().map(|(id, c)| (id.clone(), c.clone())).collect();
+        let now = std::time::Instant::now();
+        let at_ms = crate::clock::unix_ms();
+        let mut last = self.last.lock().expect("stats lock");
+        scopes
+            .into_iter()
+            .map(|(id, counters)| {
+                let totals = counters.publish();
+                let (since, earlier) = last.remove(&id).unwrap_or((counters.created, Counts::default()));
+                let window = Window {
+                    replica: replica.to_string(),
+                    at_ms,
+                    seconds: now.duration_since(since).as_secs_f64(),
+                    counts: totals.since(&earlier),
+                };
+                last.insert(id.clone(), (now, Counts { segments: BTreeMap::new(), samples: Vec::new(), ..totals }));
+                (id, window)
+            })
+            .collect()
     }
 }
 
@@ -227,7 +288,9 @@ mod tests {
         let stats = Stats::default();
         let counters = stats.counters(&scope());
         assert!(Arc::ptr_eq(&counters, &stats.counters(&scope())), "one set of counters per scope");
-        let before = counters.publish();
+        counters.wrote_key(b"/registry/before/the/window");
+        let first = stats.windows("anchor:a");
+        assert_eq!(first[0].1.counts.writes, 1);
         for i in 0..300 {
             counters.wrote_key(format!("/registry/pods/p{i}").as_bytes());
         }
@@ -237,19 +300,27 @@ mod tests {
         for failed in [true, false, false, false] {
             counters.guarded(failed);
         }
-        let after = counters.publish();
-        let stats = stats_between(&before, &after, 10.0, &scope().range, 42, 4200);
-        assert_eq!((stats.keys, stats.bytes), (42, 4200));
-        assert_eq!(stats.write_rate, 30.0);
-        assert_eq!(stats.read_rate, 10.0);
-        assert_eq!(stats.conflict_rate, 0.25);
+        let (scope_id, mut window) = stats.windows("anchor:a").remove(0);
+        assert_eq!((scope_id.as_str(), window.replica.as_str()), ("s", "anchor:a"));
+        assert_eq!((window.counts.writes, window.counts.reads, window.counts.guarded), (300, 100, 4));
+        assert_eq!(window.counts.segments.get(&hex::encode("pods/")), Some(&300));
+        // As if it lasted 10 s, and a second replica saw the same.
+        window.seconds = 10.0;
+        let mut other = window.clone();
+        other.replica = "anchor:b".into();
+        let stats_of_one = stats_of(std::slice::from_ref(&window), &scope().range, 42, 4200);
+        assert_eq!((stats_of_one.keys, stats_of_one.bytes), (42, 4200));
+        assert_eq!((stats_of_one.write_rate, stats_of_one.read_rate), (30.0, 10.0));
+        assert_eq!(stats_of_one.conflict_rate, 0.25);
         // One segment took every write.
-        assert_eq!(stats.key_entropy, 0.0);
-        assert_eq!(after.segments.get(&hex::encode("pods/")), Some(&300));
-        // The next window starts empty; the totals go on.
-        let next = counters.publish();
-        assert!(next.segments.is_empty() && next.samples.is_empty());
-        assert_eq!(next.writes, 300);
+        assert_eq!(stats_of_one.key_entropy, 0.0);
+        let both = stats_of(&[window, other], &scope().range, 42, 4200);
+        assert_eq!((both.write_rate, both.read_rate, both.conflict_rate), (60.0, 20.0, 0.25));
+        // The next window starts empty; the totals go on underneath.
+        let next = stats.windows("anchor:a").remove(0).1;
+        assert_eq!((next.counts.writes, next.counts.reads), (0, 0));
+        assert!(next.counts.segments.is_empty() && next.counts.samples.is_empty());
+        assert_eq!(counters.publish().writes, 301);
     }
 
     #[test]
@@ -280,7 +351,8 @@ mod tests {
         let counts = counters.publish();
         let back: Counts = serde_json::from_str(&serde_json::to_string(&counts).unwrap()).unwrap();
         assert_eq!(back, counts);
-        let stats = stats_between(&Counts::default(), &back, 1.0, &scope().range, 100, 0);
+        let window = Window { replica: "anchor:a".into(), at_ms: 0, seconds: 1.0, counts: back };
+        let stats = stats_of(&[window], &scope().range, 100, 0);
         assert!(!stats.split_candidates.is_empty());
         assert!(stats.split_candidates.iter().all(|k| k.0.starts_with(b"/registry/pods/")));
     }

@@ -10,6 +10,7 @@
 //! | `\xffaq/meta/principal/<id>`          | [`crate::trust::Principal`] (JSON)          |
 //! | `\xffaq/meta/proposal/<id>`           | [`crate::trust::proposal::Proposal`] (JSON) |
 //! | `\xffaq/meta/layout`                  | [`layout::LayoutRecord`] (JSON)              |
+//! | `\xffaq/meta/load/<scope>/<replica>`  | [`crate::adapt::stats::Window`] (JSON)      |
 //!
 //! A policy counts as stored once its record exists: chunks are written first, so a reader
 //! never sees a record without all of its bytes. etcd refuses requests over 1.5 MiB by
@@ -88,6 +89,11 @@ pub fn binding_key(scope: &str) -> Vec<u8> {
 /// The prefix of every binding.
 pub fn binding_prefix() -> Vec<u8> {
     key(&[b"binding/"])
+}
+
+/// Where `replica` publishes its latest window of `scope`'s load.
+pub fn load_key(scope: &str, replica: &str) -> Vec<u8> {
+    key(&[b"load/", scope.as_bytes(), b"/", replica.as_bytes()])
 }
 
 /// The key of the scope layout, which every replica routes by.
@@ -634,5 +640,26 @@ impl MetaStore {
         }
         let epoch = self.layout().await?.map(|(stored, _)| stored.epoch).unwrap_or_default();
         Err(MetaError::LayoutConflict(epoch))
+    }
+
+    /// Publishes `replica`'s latest window of `scope`'s load, replacing its previous one.
+    pub async fn put_load(&self, scope: &str, window: &crate::adapt::stats::Window) -> Result<(), MetaError> {
+        let value = serde_json::to_vec(window).expect("JSON");
+        self.group.put(pb::PbPutRequest { key: load_key(scope, &window.replica), value, ..Default::default() }).await?;
+        Ok(())
+    }
+
+    /// Every replica's latest window of `scope`'s load that ended at or after `since_ms`
+    /// (Unix milliseconds): older ones are of replicas gone quiet or gone.
+    pub async fn loads(&self, scope: &str, since_ms: u64) -> Result<Vec<crate::adapt::stats::Window>, MetaError> {
+        let response = self.range(KeyRange::prefix(&load_key(scope, ""))).await?;
+        let mut windows = Vec::with_capacity(response.kvs.len());
+        for kv in &response.kvs {
+            let window: crate::adapt::stats::Window = parse(&kv.key, &kv.value)?;
+            if window.at_ms >= since_ms {
+                windows.push(window);
+            }
+        }
+        Ok(windows)
     }
 }
