@@ -531,3 +531,37 @@ async fn each_scope_counts_its_own_load_across_reroutes_and_replicas_publish_it(
     let newest = windows.iter().map(|w| w.at_ms).max().unwrap();
     assert!(gw.running.syncer.store().loads("registry", newest + 1).await.unwrap().is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_write_refused_by_a_group_that_gave_its_scope_away_is_sent_to_the_new_owner() {
+    let mut gw = TestGateway::start().await;
+    let mut client = gw.client().await;
+    client.put("/registry/pods/ns/warm", "v", None).await.unwrap();
+    let gateway = gw.running.gateway.clone();
+    let mut moved = gateway.routing().index().scopes().iter().map(|s| (**s).clone()).collect::<Vec<_>>();
+    moved.iter_mut().find(|s| s.id == "registry").unwrap().group = "events".into();
+    let moved = aq_host::index::ScopeIndex::new(moved).unwrap();
+
+    // main gives registry up, then holds the next write's answer: the write is decided and
+    // sent on the routing that still names main.
+    gw.revoke_from_main("registry").await;
+    gw.main.pause();
+    let allowed = gateway.metrics().evaluations("registry", "allow");
+    let write = tokio::spawn(async move { client.put("/registry/pods/ns/moving", "v", None).await });
+    aq_tests::wait_until("the write was decided", || gateway.metrics().evaluations("registry", "allow") > allowed).await;
+
+    // Meanwhile the hand-off completes: events holds registry, and routing names it.
+    let admin = gw.events.admin_credentials();
+    let mut events_owners = aq_host::backend::ownership::Owners::connect("events", &[gw.events.url().to_string()], &admin).await.unwrap();
+    events_owners.reconcile(&moved.group_ranges("events")).await.unwrap();
+    gw.running.gateway.reroute(moved).unwrap();
+    gw.main.resume();
+
+    // main refuses the write it held; the gate decides it again for events and sends it there.
+    write.await.unwrap().expect("the write succeeds on the new owner");
+    let mut events = gw.events.client().await;
+    let mut main = gw.main.client().await;
+    assert_eq!(events.get("/registry/pods/ns/moving", None).await.unwrap().count(), 1);
+    assert_eq!(main.get("/registry/pods/ns/moving", None).await.unwrap().count(), 0);
+    assert!(gw.running.gateway.metrics().evaluations("registry", "allow") >= allowed + 2, "decided again");
+}

@@ -54,6 +54,22 @@ impl TestEtcd {
         self.process.client_url()
     }
 
+    /// Pauses the etcd process (SIGSTOP): it holds every request until [`TestEtcd::resume`].
+    pub fn pause(&mut self) {
+        self.signal("-STOP");
+    }
+
+    /// Resumes a paused etcd (SIGCONT).
+    pub fn resume(&mut self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&mut self, signal: &str) {
+        let pid = self.process.pid().expect("etcd is running").to_string();
+        let status = Command::new("kill").args([signal, &pid]).status().expect("kill runs");
+        assert!(status.success(), "kill {signal} {pid} failed");
+    }
+
     /// Stops the etcd process (its data stays until the helper drops).
     pub fn stop(&mut self) {
         self.process.kill();
