@@ -51,6 +51,9 @@ async fn governed_writes_leave_records_that_verify_and_open_scopes_leave_none() 
     assert!(exported.records.iter().all(|r| r.version == 1));
     assert!(records.iter().zip(&exported.records).all(|(parsed, r)| parsed["id"] == r.id.as_str()));
     assert!(!exported.records.iter().any(|r| r.record.contains("one\"") || r.record.contains("three")), "values never appear");
+    // The scope's keys as they stand, each last written by a recorded write.
+    let writes: Vec<(String, i64)> = exported.writes.iter().map(|w| (w.key.clone(), w.revision)).collect();
+    assert_eq!(writes, vec![(hex("/registry/pods/a"), exported.records[2].revision)], "b was deleted; /elsewhere is another scope's");
     let verified = verify(&exported, &[]).expect("a clean export verifies");
     assert_eq!(verified.records, 4);
     assert!(verified.checkpoints >= 1);
@@ -119,6 +122,19 @@ async fn edits_deletions_and_rewrites_in_etcd_are_caught_and_named() {
     assert_eq!(moved.records.last().unwrap().id, clean.records[2].id, "now the latest record");
     let error = verify(&moved, &[]).unwrap_err();
     assert!(error.message.contains("missing"), "{error}");
+
+    // A write around aq (etcd's root needs no role): its revision has no record.
+    let gw = governed_writes().await;
+    verify(&export(&gw, "registry").await, &[]).unwrap();
+    let mut direct = gw.main.client().await;
+    direct.put("/registry/pods/c", "around aq", None).await.unwrap();
+    let error = verify(&export(&gw, "registry").await, &[]).unwrap_err();
+    assert!(error.message.contains("unrecorded write") && error.message.contains("/registry/pods/c"), "{error}");
+    // A nested scope's keys are its own log's business, not registry's.
+    direct.put("/registry/events/ns/e", "around aq too", None).await.unwrap();
+    let events = export(&gw, "events").await;
+    assert!(events.records.is_empty() && verify(&events, &[]).is_ok(), "a scope without lineage has nothing to judge");
+    assert!(!export(&gw, "registry").await.writes.iter().any(|w| w.key == hex("/registry/events/ns/e")));
 
     // An export edited after the fact: the signed root betrays it.
     let mut tampered = clean.clone();

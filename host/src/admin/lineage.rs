@@ -9,6 +9,7 @@ use serde_json::json;
 
 use super::{Admin, ApiError, Role};
 use crate::lineage::log::{self, Export};
+use crate::index::KeyRange;
 use crate::lineage::store;
 
 fn group(admin: &Admin, scope: &str) -> Result<crate::backend::Group, ApiError> {
@@ -38,7 +39,13 @@ fn unavailable(message: String) -> ApiError {
 pub(super) async fn export(State(admin): State<Arc<Admin>>, headers: HeaderMap, Path(scope): Path<String>) -> Result<Response, ApiError> {
     admin.auth.check(&headers, Role::Reader)?;
     let group = group(&admin, &scope)?;
-    let export = admin.checkpointer.export(&group, &scope).await.map_err(unavailable)?;
+    // The keys the scope owns itself: nested scopes keep their own logs.
+    let routing = admin.gateway.routing();
+    let ranges: Vec<KeyRange> = match routing.index().get(&scope) {
+        Some(owned) => routing.index().overlapping(&owned.range).into_iter().filter(|(s, _)| s.id == scope).map(|(_, part)| part).collect(),
+        None => Vec::new(),
+    };
+    let export = admin.checkpointer.export(&group, &scope, &ranges).await.map_err(unavailable)?;
     Ok(axum::Json(export).into_response())
 }
 

@@ -183,6 +183,19 @@ pub struct Export {
     pub root_log: Vec<Checkpoint>,
     /// A checkpoint of the root log.
     pub root_checkpoint: Checkpoint,
+    /// Every key of the scope as it stands, with the revision that last wrote it: a write at a
+    /// revision no record holds went around aq, or lost its record.
+    #[serde(default)]
+    pub writes: Vec<ExportedWrite>,
+}
+
+/// A key of the exported scope and the revision of its last write.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ExportedWrite {
+    /// The key (hex).
+    pub key: String,
+    /// Its mod revision.
+    pub revision: i64,
 }
 
 /// What a clean export holds.
@@ -280,6 +293,7 @@ pub fn verify(export: &Export, trusted: &[VerifyingKey]) -> Result<Verified, Ver
             signers.push(checkpoint.signer.clone());
         }
     }
+    check_writes(export)?;
     let root = &export.root_checkpoint;
     root.check_signature(trusted).map_err(|e| fail(None, e))?;
     let root_leaves: Vec<Vec<u8>> =
@@ -288,6 +302,28 @@ pub fn verify(export: &Export, trusted: &[VerifyingKey]) -> Result<Verified, Ver
         return Err(fail(None, "the root log does not match its checkpoint"));
     }
     Ok(Verified { records: leaves.len() as u64, checkpoints: export.checkpoints.len(), signers })
+}
+
+/// Every key last written since the log's first record must have been written with a record:
+/// aq writes a write's record in its Txn, so they share a revision. Keys last written before the
+/// first record predate the log and are not judged; nor is a log without records, whose policy
+/// keeps none.
+fn check_writes(export: &Export) -> Result<(), VerifyError> {
+    let Some(first) = export.records.first().map(|r| r.revision) else { return Ok(()) };
+    for write in &export.writes {
+        if write.revision >= first && export.records.binary_search_by_key(&write.revision, |r| r.revision).is_err() {
+            let key = hex::decode(&write.key).map(|k| String::from_utf8_lossy(&k).into_owned()).unwrap_or_else(|_| write.key.clone());
+            return Err(fail(
+                None,
+                format!(
+                    "unrecorded write: key {key:?} was last written at revision {}, which no lineage record holds; \
+                     it was written around aq, or its record was deleted",
+                    write.revision
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// An inclusion proof of record `index` in a log of `leaves`, checked before it is returned.

@@ -6,7 +6,7 @@ use ed25519_dalek::SigningKey;
 use etcd_client::proto as pb;
 use tokio::sync::mpsc;
 
-use super::log::{Checkpoint, Export, ExportedRecord, Frontier, ROOT_LOG};
+use super::log::{Checkpoint, Export, ExportedRecord, ExportedWrite, Frontier, ROOT_LOG};
 use super::records_prefix;
 use crate::backend::Group;
 use crate::index::KeyRange;
@@ -223,7 +223,9 @@ impl Checkpointer {
 
     /// An export of a scope's lineage: a fresh checkpoint first (when the log allows one), then
     /// records, the scope's checkpoints, the root log and a signed checkpoint of the root log.
-    pub async fn export(&self, group: &Group, scope: &str) -> Result<Export, String> {
+    /// `ranges` are the keys the scope owns (none for the meta log), whose last writes the
+    /// export lists.
+    pub async fn export(&self, group: &Group, scope: &str, ranges: &[KeyRange]) -> Result<Export, String> {
         // A log with a gap is exported all the same: its verification names the gap.
         if let Err(e) = self.checkpoint_now(group, scope).await {
             tracing::warn!(scope, "exporting lineage without a fresh checkpoint: {e}");
@@ -233,6 +235,31 @@ impl Checkpointer {
         let root_log = self.meta.root_log().await.map_err(|e| e.to_string())?;
         let leaves: Vec<Vec<u8>> = root_log.iter().map(|c| serde_json::to_vec(c).expect("JSON")).collect();
         let root_checkpoint = Checkpoint::sign(&self.key, ROOT_LOG, &leaves, crate::clock::unix_ms());
-        Ok(Export { v: 1, scope: scope.to_string(), records, checkpoints, root_log, root_checkpoint })
+        let mut writes = Vec::new();
+        for range in ranges {
+            writes.extend(last_writes(group, range).await?);
+        }
+        Ok(Export { v: 1, scope: scope.to_string(), records, checkpoints, root_log, root_checkpoint, writes })
     }
+}
+
+/// Every key in `range` on `group` and the revision that last wrote it, page by page.
+async fn last_writes(group: &Group, range: &KeyRange) -> Result<Vec<ExportedWrite>, String> {
+    let mut writes = Vec::new();
+    let (mut key, range_end) = range.to_request();
+    if key.is_empty() {
+        // etcd refuses an empty key; "\0" is the least key a client can write.
+        key = vec![0];
+    }
+    loop {
+        let request = pb::PbRangeRequest { key: key.clone(), range_end: range_end.clone(), limit: PAGE, keys_only: true, ..Default::default() };
+        let response = group.range(request).await.map_err(|s| format!("cannot read the scope's keys: {}", s.message()))?;
+        let Some(last) = response.kvs.last() else { break };
+        key = [last.key.as_slice(), &[0]].concat();
+        writes.extend(response.kvs.iter().map(|kv| ExportedWrite { key: hex::encode(&kv.key), revision: kv.mod_revision }));
+        if !response.more {
+            break;
+        }
+    }
+    Ok(writes)
 }
