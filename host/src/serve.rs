@@ -55,6 +55,8 @@ pub struct ServeOptions {
     pub checkpoint_interval: Duration,
     /// Policy instances each scope keeps ready ([`EngineConfig::warm_per_binding`]).
     pub warm_instances: usize,
+    /// How often the advising replica asks every scope's policy for advice.
+    pub advise_interval: Duration,
 }
 
 /// A running gateway. Dropping it stops the server and the managed etcd processes.
@@ -238,6 +240,7 @@ pub async fn start(config: Config, options: ServeOptions) -> Result<Running, Str
     let checkpointer = Arc::new(crate::lineage::store::Checkpointer::new(identity.clone(), syncer.store().clone()));
     let admin = Arc::new(Admin::new(gateway.clone(), syncer.clone(), &config.admin, auth, checkpointer.clone())?);
     checkpoint_lineage(gateway.clone(), checkpointer, options.checkpoint_interval.max(Duration::from_millis(10)), anchor_id.clone());
+    crate::adapt::advise::spawn(&gateway, anchor_id.clone(), options.advise_interval.max(Duration::from_millis(10)), HOUSEKEEPING_EVERY);
 
     // The etcd API.
     let listener = tokio::net::TcpListener::bind(options.listen)

@@ -344,6 +344,7 @@ async fn managed_etcd_is_restarted_after_a_crash() {
         advertise_admin_url: None,
         checkpoint_interval: std::time::Duration::from_secs(1),
         warm_instances: aq_host::engine::EngineConfig::default().warm_per_binding,
+        advise_interval: std::time::Duration::from_secs(10),
     };
     let running = aq_host::serve::start(config, options).await.expect("aq starts with managed etcd");
     let mut client = etcd_client::Client::connect([running.addr.to_string()], None).await.unwrap();
@@ -564,4 +565,48 @@ async fn a_write_refused_by_a_group_that_gave_its_scope_away_is_sent_to_the_new_
     assert_eq!(events.get("/registry/pods/ns/moving", None).await.unwrap().count(), 1);
     assert_eq!(main.get("/registry/pods/ns/moving", None).await.unwrap().count(), 0);
     assert!(gw.running.gateway.metrics().evaluations("registry", "allow") >= allowed + 2, "decided again");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_replica_at_a_time_advises_and_the_role_moves_when_it_dies() {
+    let gw = TestGateway::start().await;
+    let fast = |options: &mut aq_host::serve::ServeOptions| options.advise_interval = std::time::Duration::from_millis(200);
+    let mut replicas = vec![gw.replica_with(fast).await, gw.replica_with(fast).await];
+    let mut main = gw.main.client().await;
+    let key = aq_host::adapt::advise::advisor_key();
+    let holder = || async {
+        let found = gw.main.client().await.get(key.clone(), None).await.unwrap();
+        found.kvs().first().map(|kv| String::from_utf8(kv.value().to_vec()).unwrap())
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let first = loop {
+        if let Some(holder) = holder().await {
+            break holder;
+        }
+        assert!(std::time::Instant::now() < deadline, "no replica took the advisor role");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    let at = replicas.iter().position(|r| r.running.anchor == first).expect("a fast replica advises");
+    let (advising, other) = (&replicas[at], &replicas[1 - at]);
+    // The advising replica asks every scope's policy; the other asks none.
+    let advised = |r: &aq_tests::etcd::Replica| r.running.gateway.metrics().advice("registry", "keep");
+    aq_tests::wait_until("the advisor advised several times", || advised(advising) >= 3).await;
+    assert_eq!(advised(other), 0, "only one replica advises");
+    assert!(advising.running.gateway.metrics().advice("secrets", "keep") >= 1, "critical keeps");
+    let log = std::fs::read_to_string(advising.data_dir().join("decisions.log")).unwrap();
+    let line: serde_json::Value = serde_json::from_str(log.lines().find(|l| l.contains("\"advice\"")).expect("an advice line")).unwrap();
+    assert_eq!(line["advice"], "keep");
+    assert!(line["stats"]["write_rate"].is_number(), "{line}");
+
+    // The advisor dies: etcd drops its key with its lease, and the other replica takes over.
+    let survivor = other.running.anchor.clone();
+    drop(replicas.remove(at));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while holder().await.as_deref() != Some(survivor.as_str()) {
+        assert!(std::time::Instant::now() < deadline, "the role did not move to {survivor}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let before = advised(&replicas[0]);
+    aq_tests::wait_until("the new advisor advises", || advised(&replicas[0]) > before).await;
+    assert!(main.get(key.clone(), None).await.unwrap().kvs()[0].lease() != 0, "held under a lease");
 }

@@ -120,6 +120,7 @@ fn serve_options(data: &std::path::Path, tls: Option<aq_host::tls::TlsFiles>) ->
         advertise_admin_url: None,
         checkpoint_interval: Duration::from_secs(1),
         warm_instances: aq_host::engine::EngineConfig::default().warm_per_binding,
+        advise_interval: Duration::from_secs(10),
     }
 }
 
@@ -184,9 +185,17 @@ impl TestGateway {
 
     /// Starts a second aq replica on the same groups and layout.
     pub async fn replica(&self) -> Replica {
+        self.replica_with(|_| {}).await
+    }
+
+    /// Starts another aq replica on the same groups and layout, with `change` made to its
+    /// options.
+    pub async fn replica_with(&self, change: impl FnOnce(&mut ServeOptions)) -> Replica {
         let config = Config::parse(&self.layout, "test layout").expect("layout parses");
         let data = tempfile::tempdir().unwrap();
-        let running = aq_host::serve::start(config, serve_options(data.path(), None)).await.expect("replica starts");
+        let mut options = serve_options(data.path(), None);
+        change(&mut options);
+        let running = aq_host::serve::start(config, options).await.expect("replica starts");
         Replica { running, data }
     }
 

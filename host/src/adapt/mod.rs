@@ -1,5 +1,7 @@
-//! Adaptive scopes: what each scope's load looks like ([`stats`]) and where it could be split
-//! ([`split`]), for the policies' `advise`.
+//! Adaptive scopes: what each scope's load looks like ([`stats`], counted by the gate) and where
+//! it could be split ([`split`]), and the loop that asks the policies for advice on it
+//! ([`advise`], which runs above the gate).
 
+pub mod advise;
 pub mod split;
 pub mod stats;

@@ -63,6 +63,10 @@ pub(super) struct ServeArgs {
     /// latency per write).
     #[arg(long, default_value_t = crate::engine::EngineConfig::default().warm_per_binding)]
     warm_instances: usize,
+    /// How often the advising replica (one at a time, elected in the meta group) asks every
+    /// scope's policy for advice on its load (e.g. `10s`).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    advise_interval: std::time::Duration,
 }
 
 pub(super) fn run(args: ServeArgs) -> Result<(), CliError> {
@@ -80,6 +84,7 @@ pub(super) fn run(args: ServeArgs) -> Result<(), CliError> {
         advertise_admin_url,
         checkpoint_interval,
         warm_instances,
+        advise_interval,
     } = args;
     let tls = tls_cert.zip(tls_key).map(|(cert, key)| crate::tls::TlsFiles { cert, key });
     let config = match config {
@@ -107,6 +112,7 @@ pub(super) fn run(args: ServeArgs) -> Result<(), CliError> {
             advertise_admin_url,
             checkpoint_interval,
             warm_instances,
+            advise_interval,
         };
         let mut running = start(config, options).await.map_err(CliError::Input)?;
         // Watch for signals before saying ready: a supervisor may stop aq as soon as it reads it.

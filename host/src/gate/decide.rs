@@ -92,6 +92,33 @@ impl Draft {
 }
 
 impl Gateway {
+    /// Asks the scope's active policy for advice on `stats` (its load across replicas); counts
+    /// and logs the answer. `None` when the policy failed (logged as `failed`).
+    pub fn advise(&self, runtime: &ScopeRuntime, stats: &m::ScopeStats, seed: [u8; 32]) -> Option<m::Advice> {
+        let binding = runtime.slot.active();
+        let answer = self.engine.advise(&binding, stats, seed);
+        let (advice, at, failure) = match &answer {
+            Ok(m::Advice::Keep) => ("keep", None, None),
+            Ok(m::Advice::Split(key)) => ("split", Some(String::from_utf8_lossy(key).into_owned()), None),
+            Ok(m::Advice::Merge) => ("merge", None, None),
+            Err(failure) => ("failed", None, Some(failure.to_string())),
+        };
+        self.metrics.advised(&runtime.scope.id, advice);
+        if let Some(failure) = &failure {
+            tracing::warn!(scope = %runtime.scope.id, policy = ?binding.module.digest(), "advise failed: {failure}");
+        }
+        self.decisions.record_advice(&decisions::AdviceLine {
+            time: decisions::now_rfc3339(),
+            scope: &runtime.scope.id,
+            policy: binding.module.digest().to_hex(),
+            advice,
+            at,
+            stats,
+            failure,
+        });
+        answer.ok()
+    }
+
     /// What the scope's policy sees of a mutation; `evaluate` stamps the request time.
     pub(super) fn context(&self, runtime: &ScopeRuntime, ops: Vec<m::Op>, compares: Vec<m::Compare>) -> m::Context {
         let scope = &runtime.scope;

@@ -1,6 +1,6 @@
 //! The decision log: one JSON line per deny and require-approval decision (and per allow when
 //! asked), with the scope, the policy digest that decided, the verdict, the reason and the
-//! principal. Lines are written by a dedicated thread; the request path only queues them and,
+//! principal; and one per answer of a policy to `advise`, with what it was shown. Lines are written by a dedicated thread; the request path only queues them and,
 //! when the queue is full, counts the line as dropped (`aq_decision_lines_dropped_total`)
 //! instead of waiting.
 
@@ -68,6 +68,27 @@ pub struct DecisionLine<'a> {
     pub annotations: &'a std::collections::BTreeMap<String, String>,
 }
 
+/// One logged answer of a scope's policy to `advise`.
+#[derive(Debug, Serialize)]
+pub struct AdviceLine<'a> {
+    /// RFC 3339 time of the advice.
+    pub time: String,
+    /// The scope.
+    pub scope: &'a str,
+    /// blake3 digest (hex) of the policy that advised.
+    pub policy: String,
+    /// `keep`, `split`, `merge`, or `failed`.
+    pub advice: &'a str,
+    /// Where to split (the key, as text when it is UTF-8).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub at: Option<String>,
+    /// What the policy saw.
+    pub stats: &'a aq_sdk::ScopeStats,
+    /// How the policy failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failure: Option<String>,
+}
+
 /// The decision log of one gateway.
 pub struct DecisionLog {
     queue: Option<SyncSender<Vec<u8>>>,
@@ -105,6 +126,15 @@ impl DecisionLog {
 
     /// Queues a line.
     pub fn record(&self, line: &DecisionLine<'_>) {
+        self.queue_line(line);
+    }
+
+    /// Queues an advice line; every advice is logged.
+    pub fn record_advice(&self, line: &AdviceLine<'_>) {
+        self.queue_line(line);
+    }
+
+    fn queue_line(&self, line: &impl Serialize) {
         let Some(queue) = &self.queue else { return };
         let mut bytes = serde_json::to_vec(line).expect("decision lines serialise");
         bytes.push(b'\n');

@@ -23,6 +23,7 @@ pub struct GateMetrics {
     guard_retries: Family<Labels, Counter>,
     backend_errors: Family<Labels, Counter>,
     swaps: Family<Labels, Counter>,
+    advice: Family<Labels, Counter>,
     decision_lines_dropped: Counter,
 }
 
@@ -40,6 +41,7 @@ impl Default for GateMetrics {
         let guard_retries = Family::<Labels, Counter>::default();
         let backend_errors = Family::<Labels, Counter>::default();
         let swaps = Family::<Labels, Counter>::default();
+        let advice = Family::<Labels, Counter>::default();
         let decision_lines_dropped = Counter::default();
         registry.register("policy_evaluations", "Policy evaluations by scope and verdict", evaluations.clone());
         registry.register(
@@ -52,6 +54,11 @@ impl Default for GateMetrics {
         registry.register("guard_retries", "Writes evaluated again because a policy read or a nonce guard moved before they landed", guard_retries.clone());
         registry.register("backend_errors", "Errors returned by etcd groups", backend_errors.clone());
         registry.register("policy_swaps", "Changes of a scope's active policy binding on this replica", swaps.clone());
+        registry.register(
+            "scope_advice",
+            "Answers of scopes' policies to advise (keep, split, merge, failed), on the advising replica",
+            advice.clone(),
+        );
         registry.register(
             "decision_lines_dropped",
             "Decision log lines dropped because the log writer fell behind",
@@ -66,6 +73,7 @@ impl Default for GateMetrics {
             guard_retries,
             backend_errors,
             swaps,
+            advice,
             decision_lines_dropped,
         }
     }
@@ -114,6 +122,20 @@ impl GateMetrics {
     /// Counts a change of a scope's active binding.
     pub fn swapped(&self, scope_id: &str) {
         self.swaps.get_or_create(&scope(scope_id)).inc();
+    }
+
+    /// Counts a policy's answer to `advise` (`keep`, `split`, `merge`, `failed`).
+    pub fn advised(&self, scope_id: &str, advice: &str) {
+        let mut labels = scope(scope_id);
+        labels.push(("advice".to_string(), advice.to_string()));
+        self.advice.get_or_create(&labels).inc();
+    }
+
+    /// Answers `advice` of a scope's policy so far, on this replica.
+    pub fn advice(&self, scope_id: &str, advice: &str) -> u64 {
+        let mut labels = scope(scope_id);
+        labels.push(("advice".to_string(), advice.to_string()));
+        self.advice.get_or_create(&labels).get()
     }
 
     /// Binding changes of a scope so far.
