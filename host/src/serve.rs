@@ -78,6 +78,8 @@ pub struct Running {
     /// Managed etcd processes, by group.
     pub managed: Arc<Mutex<BTreeMap<String, EtcdProcess>>>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    /// Stops this replica's advise loop, giving up the advisor role if it holds it.
+    _advisor: crate::adapt::advise::AdvisorGuard,
     server: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
     admin_task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -240,7 +242,8 @@ pub async fn start(config: Config, options: ServeOptions) -> Result<Running, Str
     let checkpointer = Arc::new(crate::lineage::store::Checkpointer::new(identity.clone(), syncer.store().clone()));
     let admin = Arc::new(Admin::new(gateway.clone(), syncer.clone(), &config.admin, auth, checkpointer.clone())?);
     checkpoint_lineage(gateway.clone(), checkpointer, options.checkpoint_interval.max(Duration::from_millis(10)), anchor_id.clone());
-    crate::adapt::advise::spawn(&gateway, anchor_id.clone(), options.advise_interval.max(Duration::from_millis(10)), HOUSEKEEPING_EVERY);
+    let advisor =
+        crate::adapt::advise::spawn(&gateway, anchor_id.clone(), options.advise_interval.max(Duration::from_millis(10)), HOUSEKEEPING_EVERY);
 
     // The etcd API.
     let listener = tokio::net::TcpListener::bind(options.listen)
@@ -314,6 +317,7 @@ pub async fn start(config: Config, options: ServeOptions) -> Result<Running, Str
         anchor: anchor_id,
         managed,
         shutdown: Some(shutdown),
+        _advisor: advisor,
         server,
         admin_task,
     })

@@ -598,7 +598,8 @@ async fn one_replica_at_a_time_advises_and_the_role_moves_when_it_dies() {
     assert_eq!(line["advice"], "keep");
     assert!(line["stats"]["write_rate"].is_number(), "{line}");
 
-    // The advisor dies: etcd drops its key with its lease, and the other replica takes over.
+    // The advisor stops: it revokes its lease, which takes the key with it, and the other
+    // replica takes over. (One that dies without a word loses the key when the TTL runs out.)
     let survivor = other.running.anchor.clone();
     drop(replicas.remove(at));
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);

@@ -24,16 +24,27 @@ pub fn advisor_key() -> Vec<u8> {
 /// Load windows older than this many advise intervals are of replicas gone quiet.
 const FRESH_INTERVALS: u32 = 3;
 
-/// Runs the advise loop for as long as `gateway` lives: campaign, and while holding the key,
-/// advise every `interval`. `replica` names this replica in the key; `windows_every` is how
-/// often replicas publish their load.
-pub fn spawn(gateway: &Arc<Gateway>, replica: String, interval: Duration, windows_every: Duration) {
+/// Stops the advise loop when dropped; a replica that held the role gives it up at once (its
+/// lease is revoked) instead of leaving the others to wait out the TTL.
+pub struct AdvisorGuard {
+    _stop: tokio::sync::watch::Sender<()>,
+}
+
+/// Runs the advise loop until the returned guard drops (or `gateway` does): campaign, and
+/// while holding the key, advise every `interval`. `replica` names this replica in the key;
+/// `windows_every` is how often replicas publish their load.
+pub fn spawn(gateway: &Arc<Gateway>, replica: String, interval: Duration, windows_every: Duration) -> AdvisorGuard {
+    let (stop, mut stopped) = tokio::sync::watch::channel(());
     let weak = Arc::downgrade(gateway);
+    let home = gateway.home().clone();
     tokio::spawn(async move {
         let mut lease: Option<i64> = None;
         loop {
-            tokio::time::sleep(interval).await;
-            let Some(gateway) = weak.upgrade() else { return };
+            tokio::select! {
+                _ = tokio::time::sleep(interval) => {}
+                _ = stopped.changed() => break,
+            }
+            let Some(gateway) = weak.upgrade() else { break };
             let store = MetaStore::new(gateway.home().clone());
             lease = match hold(&store, &replica, lease, interval).await {
                 Ok(held) => held,
@@ -47,7 +58,12 @@ pub fn spawn(gateway: &Arc<Gateway>, replica: String, interval: Duration, window
                 advise_all(&gateway, &store, fresh).await;
             }
         }
+        if let Some(id) = lease {
+            let _ = home.lease_revoke(pb::PbLeaseRevokeRequest { id }).await;
+            tracing::info!(replica, "this replica no longer advises the scopes");
+        }
     });
+    AdvisorGuard { _stop: stop }
 }
 
 /// Keeps the advisor role: renews `lease` if this replica holds it, otherwise campaigns with a
