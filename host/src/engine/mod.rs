@@ -521,7 +521,7 @@ impl Engine {
         let outcome = self.call(&binding, Duration::ZERO, &seed, None, |_, _, _| Ok(()));
         match outcome {
             Ok(((), _)) => {
-                self.warmer.after(&binding.warm, binding.recipe(), None);
+                self.warmer.after(&binding.warm, || binding.recipe(), None);
                 Ok(Arc::new(binding))
             }
             Err(CallError::Config(error)) => Err(BindError::Config { digest, error }),
@@ -616,7 +616,7 @@ impl Engine {
     ) -> (Result<(R, Vec<ObservedRead>), CallError>, bool) {
         let Some(warm::Ready { mut store, policy }) = binding.warm.take() else {
             let outcome = self.call(binding, request_time, seed, Some(read_scope), |store, policy, _| f(store, policy));
-            self.warmer.after(&binding.warm, binding.recipe(), None);
+            self.warmer.after(&binding.warm, || binding.recipe(), None);
             return (outcome, false);
         };
         store.data_mut().begin(request_time, seed, Some(read_scope));
@@ -625,7 +625,7 @@ impl Engine {
             Ok(value) => Ok((value, std::mem::take(&mut store.data_mut().observed))),
             Err(error) => Err(CallError::Failed(classify(&error, store.data(), binding.limits, self.config.stack_bytes))),
         };
-        self.warmer.after(&binding.warm, binding.recipe(), Some(store));
+        self.warmer.after(&binding.warm, || binding.recipe(), Some(store));
         (outcome, true)
     }
 

@@ -214,7 +214,7 @@ impl Warmer {
     /// background thread, queues it to be dropped and `pool` to be topped up. The thread is
     /// woken only when `pool` has half its instances or fewer left, or many jobs wait: a
     /// wake-up costs both threads a system call, so a steady stream of requests shares each one.
-    pub(super) fn after(&self, pool: &Arc<WarmPool>, recipe: Recipe, used: Option<Store<HostState>>) {
+    pub(super) fn after(&self, pool: &Arc<WarmPool>, recipe: impl FnOnce() -> Recipe, used: Option<Store<HostState>>) {
         let Some(shared) = &self.shared else {
             if let Some(store) = used {
                 pool.retire(store);
@@ -223,7 +223,7 @@ impl Warmer {
         };
         let low = pool.len() <= self.caps.per_binding / 2;
         let mut queue = shared.queue.lock().expect("warm queue lock");
-        queue.jobs.push(Job { retired: used.map(Box::new), refill: Some((Arc::downgrade(pool), recipe)) });
+        queue.jobs.push(Job { retired: used.map(Box::new), refill: Some((Arc::downgrade(pool), recipe())) });
         if queue.sleeping && (low || queue.jobs.len() >= WAKE_AT_JOBS) {
             queue.sleeping = false;
             drop(queue);
