@@ -208,7 +208,7 @@ impl ScopeConfig {
 
     /// The index entry.
     pub fn to_scope(&self) -> Result<Scope, String> {
-        Ok(Scope { id: self.id.clone(), range: self.range()?, group: self.group.clone(), labels: self.labels.clone() })
+        Ok(Scope { id: self.id.clone(), range: self.range()?, group: self.group.clone(), labels: self.labels.clone(), revisions: Default::default() })
     }
 
     /// The policy configuration as JSON text.

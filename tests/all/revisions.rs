@@ -9,7 +9,7 @@ use aq_host::client::SignedClient;
 use aq_tests::etcd::TestGateway;
 use axum::http::{Method, StatusCode};
 use ed25519_dalek::SigningKey;
-use etcd_client::WatchOptions;
+use etcd_client::{Compare, CompareOp, DeleteOptions, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse, WatchOptions};
 use serde_json::json;
 
 const WRITERS: usize = 16;
@@ -107,4 +107,95 @@ async fn every_acknowledged_write_has_a_revision_of_its_own() {
     let export: aq_host::lineage::log::Export = serde_json::from_value(export).unwrap();
     assert_eq!(export.records.len(), half, "one record per signed write");
     aq_host::lineage::log::verify(&export, &[]).expect("the lineage verifies");
+}
+
+/// The next watch message within 20 s.
+async fn next_message(stream: &mut etcd_client::WatchStream) -> etcd_client::WatchResponse {
+    tokio::time::timeout(Duration::from_secs(20), stream.message())
+        .await
+        .expect("a watch message within 20 s")
+        .expect("the stream is healthy")
+        .expect("the stream is open")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_moved_scope_counts_on_in_every_answer_and_its_older_history_is_compacted() {
+    let gw = TestGateway::start().await;
+    let mut client = gw.client().await;
+    let mut main = gw.main.client().await;
+    let old = client.put("/registry/pods/ns/old", "before", None).await.unwrap().header().unwrap().revision();
+
+    // registry's logical revisions now run 10 000 above main's, from the next write on, as they
+    // would after a move from a group that had reached them.
+    const OFFSET: i64 = 10_000;
+    let floor = old + 1 + OFFSET;
+    let shift = aq_host::index::RevisionShift { offset: OFFSET, floor };
+    let store = gw.running.syncer.store();
+    let (stored, revision) = store.layout().await.unwrap().expect("a stored layout");
+    let mut scopes = stored.index().unwrap().scopes().iter().map(|s| (**s).clone()).collect::<Vec<_>>();
+    scopes.iter_mut().find(|s| s.id == "registry").unwrap().revisions = shift;
+    let shifted = aq_host::index::ScopeIndex::new(scopes).unwrap();
+    store.write_layout(&stored.changed(&shifted, "registry counts on from 10 000"), revision).await.unwrap();
+    aq_tests::wait_until("the replica follows registry's revision shift", || {
+        gw.running.gateway.routing().scope("registry").unwrap().scope.revisions == shift
+    })
+    .await;
+
+    // A put answers in the scope's revisions; the group holds its own.
+    let put = client.put("/registry/pods/ns/a", "1", None).await.unwrap().header().unwrap().revision();
+    assert!(put >= floor, "{put} counts on from {floor}");
+    let stored = main.get("/registry/pods/ns/a", None).await.unwrap();
+    assert_eq!(stored.kvs()[0].mod_revision(), put - OFFSET, "the group keeps its own revisions");
+    let read = client.get("/registry/pods/ns/a", None).await.unwrap();
+    assert_eq!((read.kvs()[0].mod_revision(), read.kvs()[0].create_revision()), (put, put));
+    assert!(read.header().unwrap().revision() >= put);
+
+    // Compares hold in the scope's revisions; one against history before the move fails as it
+    // would on etcd once the key was rewritten.
+    let cas = |revision: i64, value: &str| {
+        Txn::new()
+            .when([Compare::mod_revision("/registry/pods/ns/a", CompareOp::Equal, revision)])
+            .and_then([TxnOp::put("/registry/pods/ns/a", value, Some(PutOptions::new().with_prev_key()))])
+    };
+    let swapped = client.txn(cas(put, "2")).await.unwrap();
+    assert!(swapped.succeeded());
+    let second = swapped.header().unwrap().revision();
+    assert!(second > put);
+    let Some(TxnOpResponse::Put(answer)) = swapped.op_responses().into_iter().next() else { panic!("a put answer") };
+    assert_eq!(answer.prev_key().unwrap().mod_revision(), put, "prev_kv in the scope's revisions");
+    assert!(!client.txn(cas(old, "stale")).await.unwrap().succeeded());
+    assert!(!client.txn(cas(put - OFFSET, "stale")).await.unwrap().succeeded(), "a group revision is not the scope's");
+
+    // History since the move reads; history before it is compacted.
+    let at_put = client.get("/registry/pods/ns/a", Some(GetOptions::new().with_revision(put))).await.unwrap();
+    assert_eq!(at_put.kvs()[0].value(), b"1");
+    let err = client.get("/registry/pods/ns/old", Some(GetOptions::new().with_revision(old))).await.unwrap_err();
+    let etcd_client::Error::GRpcStatus(status) = &err else { panic!("{err}") };
+    assert_eq!(status.code(), tonic::Code::OutOfRange, "{status:?}");
+    assert_eq!(status.message(), "etcdserver: mvcc: required revision has been compacted");
+
+    // A watch from the move replays in the scope's revisions.
+    let mut stream = client.watch("/registry/pods/ns/a", Some(WatchOptions::new().with_start_revision(put))).await.unwrap();
+    assert!(next_message(&mut stream).await.created());
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        let message = next_message(&mut stream).await;
+        assert!(message.header().unwrap().revision() >= second);
+        seen.extend(message.events().iter().map(|e| e.kv().unwrap().mod_revision()));
+    }
+    assert_eq!(seen, [put, second]);
+    // A watch from before it is told the history is compacted, as kube-style watchers expect.
+    let mut stale = client.watch("/registry/pods/", Some(WatchOptions::new().with_prefix().with_start_revision(old))).await.unwrap();
+    assert!(next_message(&mut stale).await.created());
+    let compacted = next_message(&mut stale).await;
+    assert!(compacted.canceled());
+    assert_eq!(compacted.compact_revision(), floor);
+
+    // A delete's answer and its prev_kv too; other scopes keep their group's revisions.
+    let deleted = client.delete("/registry/pods/ns/a", Some(DeleteOptions::new().with_prev_key())).await.unwrap();
+    assert!(deleted.header().unwrap().revision() > second);
+    assert_eq!(deleted.prev_kvs()[0].mod_revision(), second);
+    let event = client.put("/registry/events/ns/e", "v", None).await.unwrap().header().unwrap().revision();
+    let mut events = gw.events.client().await;
+    assert_eq!(events.get("/registry/events/ns/e", None).await.unwrap().kvs()[0].mod_revision(), event);
 }

@@ -31,6 +31,7 @@ impl From<GateError> for Status {
             GateError::Unsupported(_) => Status::invalid_argument(error.to_string()),
             GateError::Contended(_) | GateError::NotOwner { .. } => Status::unavailable(error.to_string()),
             GateError::Unauthenticated(_) => Status::unauthenticated(error.to_string()),
+            GateError::Compacted { .. } => Status::out_of_range(error.to_string()),
         }
     }
 }

@@ -14,7 +14,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::backend::Group;
 use crate::backend::watch_request as build;
 use crate::gate::Gateway;
-use crate::index::KeyRange;
+use crate::index::{KeyRange, RevisionShift};
 
 /// Buffered responses per client stream.
 const BUFFER: usize = 256;
@@ -73,8 +73,8 @@ struct Session {
     to_client: mpsc::Sender<Result<pb::PbWatchResponse, Status>>,
     from_backends: mpsc::Sender<(String, Result<pb::PbWatchResponse, Status>)>,
     backends: HashMap<String, Backend>,
-    /// (group, backend watch id) → client watch id.
-    parts: HashMap<(String, i64), i64>,
+    /// (group, backend watch id) → client watch id, and the revision shift of the part's scope.
+    parts: HashMap<(String, i64), (i64, RevisionShift)>,
     watches: HashMap<i64, ClientWatch>,
     next_id: i64,
 }
@@ -200,9 +200,14 @@ impl Session {
             return self.refuse(id, "etcdserver: duplicate watch ID".into()).await;
         }
         let range = KeyRange::from_request(&key, &range_end);
-        let parts: Vec<(Group, KeyRange)> =
-            self.gate.routing().parts(&range).into_iter().map(|(runtime, part)| (runtime.group.clone(), part)).collect();
-        let groups: std::collections::BTreeSet<&str> = parts.iter().map(|(g, _)| g.name()).collect();
+        let parts: Vec<(Group, KeyRange, RevisionShift)> = self
+            .gate
+            .routing()
+            .parts(&range)
+            .into_iter()
+            .map(|(runtime, part)| (runtime.group.clone(), part, runtime.scope.revisions))
+            .collect();
+        let groups: std::collections::BTreeSet<&str> = parts.iter().map(|(g, _, _)| g.name()).collect();
         if start_revision > 0 && groups.len() > 1 {
             let reason = format!(
                 "a watch from revision {start_revision} spans scopes on {} etcd groups, whose revisions are \
@@ -217,8 +222,17 @@ impl Session {
             let header = self.home_header().await;
             return self.send(pb::PbWatchResponse { header, watch_id: id, created: true, ..Default::default() }).await;
         }
+        // A start revision before a moved scope's floor is history its group does not have:
+        // answered as etcd answers a watch from a compacted revision.
+        if let Some(floor) = parts.iter().find_map(|(_, _, shift)| shift.at(start_revision).err().map(|_| shift.floor)) {
+            let header = self.home_header().await;
+            let created = pb::PbWatchResponse { header, watch_id: id, created: true, ..Default::default() };
+            let compacted =
+                pb::PbWatchResponse { header, watch_id: id, canceled: true, compact_revision: floor, ..Default::default() };
+            return self.send(created).await && self.send(compacted).await;
+        }
         let mut recorded = Vec::new();
-        for (group, part) in parts {
+        for (group, part, shift) in parts {
             let backend = self.backend(&group);
             let backend_id = backend.next_id;
             backend.next_id += 1;
@@ -228,9 +242,10 @@ impl Session {
                 create.key = key;
                 create.range_end = range_end;
                 create.watch_id = backend_id;
+                create.start_revision = shift.bound(create.start_revision);
             }
             let _ = backend.requests.send(part_request).await;
-            self.parts.insert((group.name().to_string(), backend_id), id);
+            self.parts.insert((group.name().to_string(), backend_id), (id, shift));
             recorded.push((group.name().to_string(), backend_id));
         }
         let awaiting_created = recorded.len();
@@ -288,14 +303,24 @@ impl Session {
                 return true;
             }
         };
-        // A progress answer to RequestProgress carries no watch id (-1): pass it on.
+        // A progress answer to RequestProgress carries no watch id (-1): pass it on, at the
+        // least revision any watch on the group shows, so no watch is told more than it has.
         if response.watch_id < 0 {
+            let shift = self
+                .parts
+                .iter()
+                .filter(|((g, _), _)| *g == group)
+                .map(|(_, (_, shift))| *shift)
+                .min_by_key(|shift| shift.offset)
+                .unwrap_or_default();
+            shift.watch_response(&mut response);
             return self.send(response).await;
         }
-        let Some(&id) = self.parts.get(&(group.clone(), response.watch_id)) else {
+        let Some(&(id, shift)) = self.parts.get(&(group.clone(), response.watch_id)) else {
             return true;
         };
         response.watch_id = id;
+        shift.watch_response(&mut response);
         let Some(watch) = self.watches.get_mut(&id) else {
             return true;
         };

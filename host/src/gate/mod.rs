@@ -28,6 +28,7 @@ pub mod metrics;
 mod model;
 mod read;
 mod reader;
+pub mod revision;
 mod route;
 mod send;
 mod stored;
@@ -94,6 +95,14 @@ pub enum GateError {
         group: String,
         /// etcd's words.
         detail: String,
+    },
+    /// A read or watch at a revision before the scope last moved: that history stayed behind.
+    #[error("{}", revision::COMPACTED)]
+    Compacted {
+        /// The revision asked for.
+        revision: i64,
+        /// The first revision the scope can be read at.
+        floor: i64,
     },
     /// etcd answered with an error; passed through unchanged.
     #[error("{0}")]

@@ -24,7 +24,14 @@ impl Gateway {
                 if *part != range {
                     (request.key, request.range_end) = part.to_request();
                 }
-                Ok(runtime.group.range(request).await?)
+                let shift = runtime.scope.revisions;
+                if shift.is_identity() {
+                    return Ok(runtime.group.range(request).await?);
+                }
+                shift.range_request(&mut request)?;
+                let mut response = runtime.group.range(request).await?;
+                shift.range_response(&mut response);
+                Ok(response)
             }
             parts => self.range_merged(request, parts).await,
         }
@@ -52,15 +59,18 @@ impl Gateway {
             runtime.stats.read(part);
             let mut sub = request.clone();
             (sub.key, sub.range_end) = part.to_request();
+            let shift = runtime.scope.revisions;
+            shift.range_request(&mut sub)?;
             if sub.revision == 0
                 && let Some(rev) = revisions.get(runtime.group.name())
             {
                 sub.revision = *rev;
             }
-            let response = runtime.group.range(sub).await?;
+            let mut response = runtime.group.range(sub).await?;
             if let Some(header) = &response.header {
                 revisions.entry(runtime.group.name()).or_insert(header.revision);
             }
+            shift.range_response(&mut response);
             merged.header = merged.header.or(response.header);
             merged.count += response.count;
             merged.more |= response.more;
@@ -75,14 +85,25 @@ impl Gateway {
     }
 
     /// etcd `Compact`: each group is compacted up to `revision` (or its current revision, when
-    /// lower), since every group keeps its own revisions.
+    /// lower), since every group keeps its own revisions. A group holding moved scopes is
+    /// compacted at the lowest of their backend revisions for `revision`, so no scope loses
+    /// history it still shows.
     pub async fn compact(&self, request: pb::PbCompactionRequest) -> Result<pb::PbCompactionResponse, GateError> {
+        let routing = self.routing();
         let mut first_error = None;
         let mut last = None;
         let mut compacted_any = false;
         for group in self.groups.values() {
             let current = group.status().await?.header.map(|h| h.revision).unwrap_or(0);
-            let revision = request.revision.min(current);
+            let held = routing
+                .index()
+                .scopes()
+                .iter()
+                .filter(|scope| scope.group == group.name())
+                .map(|scope| scope.revisions.bound(request.revision))
+                .min()
+                .unwrap_or(request.revision);
+            let revision = held.min(current);
             match group.compact(pb::PbCompactionRequest { revision, physical: request.physical }).await {
                 Ok(response) => {
                     compacted_any = true;

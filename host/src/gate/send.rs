@@ -38,9 +38,33 @@ impl Gateway {
     /// Sends `op` to the scope's group. Without `guards` or a `draft` it goes as the client
     /// sent it; otherwise as the success branch of a Txn guarded by `guards`, after the
     /// `draft`'s lineage record. The Txn holds this one write: it takes a revision of its own.
+    /// `op` and the answer are in the scope's revisions (`revision.rs`), `guards` in the group's.
     /// Answers the client op's answer and the header; `Ok(None)` when a guard failed (a policy
     /// read or a nonce moved) and the caller evaluates again.
     pub(super) async fn send(
+        &self,
+        runtime: &ScopeRuntime,
+        op: pb::PbTxnOpRequest,
+        guards: Vec<pb::PbCompare>,
+        draft: Option<Draft>,
+    ) -> Result<Option<(pb::PbTxnOpResponse, Option<pb::PbResponseHeader>)>, GateError> {
+        let shift = runtime.scope.revisions;
+        if shift.is_identity() {
+            return self.send_as_is(runtime, op, guards, draft).await;
+        }
+        // The op in the scope's revisions, for the group; `guards` come from the group already.
+        let mut op = op;
+        shift.request_op(&mut op)?;
+        let mut sent = self.send_as_is(runtime, op, guards, draft).await?;
+        if let Some((answer, header)) = &mut sent {
+            shift.response_op(answer);
+            shift.header(header);
+        }
+        Ok(sent)
+    }
+
+    /// [`Gateway::send`] in the group's own revisions.
+    async fn send_as_is(
         &self,
         runtime: &ScopeRuntime,
         op: pb::PbTxnOpRequest,

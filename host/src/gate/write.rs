@@ -191,7 +191,15 @@ impl Gateway {
         if ops.is_empty() {
             self.metrics.routed(&runtime.scope.id, "read");
             runtime.stats.read(&ranges[0]);
-            return Ok(runtime.group.txn(request).await?);
+            let shift = runtime.scope.revisions;
+            if shift.is_identity() {
+                return Ok(runtime.group.txn(request).await?);
+            }
+            let mut request = request;
+            shift.txn_request(&mut request)?;
+            let mut response = runtime.group.txn(request).await?;
+            shift.txn_response(&mut response);
+            return Ok(response);
         }
         self.ensure_leases(&runtime.group, leases_of(&ops)).await?;
         let compares = request.compare.iter().map(compare_to_model).collect();

@@ -120,6 +120,22 @@ pub struct Scope {
     pub group: String,
     /// Operator labels.
     pub labels: BTreeMap<String, String>,
+    /// How its revisions as clients see them follow its group's.
+    pub revisions: RevisionShift,
+}
+
+/// How a scope's revisions, as clients see them, follow its group's. A scope that never moved
+/// shows its group's revisions (the default: no offset, no floor). A scope that moved (split or
+/// merge) keeps its revisions strictly increasing across the move: clients see
+/// `logical = backend + offset`, and revisions below `floor` (the first logical revision on the
+/// new group) are history the move did not carry, answered as compacted. The translation itself
+/// is the gate's (`gate/revision.rs`); the index only carries the numbers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RevisionShift {
+    /// Added to the group's revisions.
+    pub offset: i64,
+    /// The first revision clients can read at; 0: all of them.
+    pub floor: i64,
 }
 
 /// Why a set of scopes cannot form an index.
@@ -304,6 +320,7 @@ mod tests {
             range: KeyRange { start: start.into(), end: end.into() },
             group: "g".into(),
             labels: BTreeMap::new(),
+            revisions: Default::default(),
         }
     }
 

@@ -55,6 +55,17 @@ pub struct LayoutScope {
     /// Operator labels.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub labels: std::collections::BTreeMap<String, String>,
+    /// Added to the group's revisions for clients; set when the scope moved
+    /// ([`crate::index::RevisionShift`]).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub revision_offset: i64,
+    /// The first revision clients can read at after a move; 0: all of them.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub revision_floor: i64,
+}
+
+fn is_zero(value: &i64) -> bool {
+    *value == 0
 }
 
 /// A key in a JSON record: its text when it is UTF-8, otherwise `{"hex": …}`, so that any key
@@ -97,12 +108,21 @@ impl LayoutScope {
             end: KeyText::of(&scope.range.end),
             group: scope.group.clone(),
             labels: scope.labels.clone(),
+            revision_offset: scope.revisions.offset,
+            revision_floor: scope.revisions.floor,
         }
     }
 
     fn to_scope(&self) -> Result<Scope, String> {
         let range = KeyRange { start: self.start.bytes()?, end: self.end.bytes()? };
-        Ok(Scope { id: self.id.clone(), range, group: self.group.clone(), labels: self.labels.clone() })
+        if self.revision_floor < 0 || (self.revision_floor > 0 && self.revision_floor - self.revision_offset < 2) {
+            return Err(format!(
+                "scope {} has revision floor {} with offset {}: the floor must lie at least two revisions above the offset",
+                self.id, self.revision_floor, self.revision_offset
+            ));
+        }
+        let revisions = crate::index::RevisionShift { offset: self.revision_offset, floor: self.revision_floor };
+        Ok(Scope { id: self.id.clone(), range, group: self.group.clone(), labels: self.labels.clone(), revisions })
     }
 }
 
@@ -193,6 +213,7 @@ mod tests {
                     range: KeyRange::prefix(prefix),
                     group: group.to_string(),
                     labels: Default::default(),
+                    revisions: Default::default(),
                 })
                 .collect(),
         )
@@ -233,6 +254,22 @@ mod tests {
         assert_eq!(LayoutRecord::adopt(Some(&moved), &edited), Adoption::Keep);
         // Another file does not undo a live change.
         assert_eq!(LayoutRecord::adopt(Some(&moved), &file), Adoption::KeepChangedLive);
+    }
+
+    #[test]
+    fn a_moved_scope_keeps_its_revision_shift_and_an_impossible_one_is_refused() {
+        let unmoved = LayoutRecord::seeded(&index(&[("all", b"", "main")]));
+        let json = serde_json::to_value(&unmoved).unwrap();
+        assert!(json["scopes"][0].get("revision_offset").is_none(), "seeds stay as they were");
+        let mut scopes = unmoved.index().unwrap().scopes().iter().map(|s| (**s).clone()).collect::<Vec<_>>();
+        scopes[0].revisions = crate::index::RevisionShift { offset: 999, floor: 1001 };
+        let moved = unmoved.changed(&ScopeIndex::new(scopes).unwrap(), "all moved");
+        let back: LayoutRecord = serde_json::from_value(serde_json::to_value(&moved).unwrap()).unwrap();
+        assert_eq!(back.index().unwrap().get("all").unwrap().revisions.offset, 999);
+        let mut broken = back.clone();
+        broken.scopes[0].revision_floor = 1000;
+        let err = broken.index().unwrap_err();
+        assert!(err.contains("scope all has revision floor 1000 with offset 999"), "{err}");
     }
 
     #[test]
