@@ -4,14 +4,16 @@
 //! A scope that moved has a [`RevisionShift`]: every revision in what goes to its group is taken
 //! down by the offset, every revision in what comes back is raised by it, so the scope's
 //! revisions keep increasing across the move although its new group counts from its own start.
-//! A revision below the floor names history the move did not carry:
+//! The move rewrote every key of the scope from the base on, and the copy was whole at the
+//! floor:
 //!
-//! - a read or watch *at* such a revision answers as etcd does for a compacted one, so a client
-//!   relists;
-//! - a compare or filter *against* such a revision is held to the floor's backend revision less
-//!   one: every key of the scope was written at or after the floor (the move rewrote it), so an
+//! - a read or watch *at* a revision below the floor answers as etcd does for a compacted one,
+//!   so a client relists (before the floor the new group holds only part of the scope);
+//! - a compare or filter *against* a revision below the base is held to the base's backend
+//!   revision less one: every key of the scope has a revision at or above the base, so an
 //!   equality with an older revision is false, as it would be on etcd once the key was written
-//!   again, and an order against it is what it would be there too.
+//!   again, and an order against it is what it would be there too. Revisions from the base on
+//!   are real revisions of the new group and compare as they are.
 
 use etcd_client::proto as pb;
 
@@ -24,7 +26,7 @@ pub const COMPACTED: &str = "etcdserver: mvcc: required revision has been compac
 impl RevisionShift {
     /// Whether this shift changes nothing (a scope that never moved).
     pub fn is_identity(&self) -> bool {
-        self.offset == 0 && self.floor == 0
+        self.offset == 0 && self.floor == 0 && self.base == 0
     }
 
     /// A backend revision as clients see it. 0 (absent, or "now") stays 0.
@@ -44,13 +46,13 @@ impl RevisionShift {
         }
     }
 
-    /// A revision compared or filtered against, for the backend: one before the floor is held
-    /// just below the floor's backend revision.
+    /// A revision compared or filtered against, for the backend: one before the base is held
+    /// just below the base's backend revision.
     pub fn bound(&self, revision: i64) -> i64 {
         if revision <= 0 {
             revision
-        } else if revision < self.floor {
-            self.floor - 1 - self.offset
+        } else if revision < self.base {
+            self.base - 1 - self.offset
         } else {
             revision - self.offset
         }
@@ -163,7 +165,7 @@ mod tests {
 
     /// A scope that showed revisions up to 1000 on its old group and whose first revision on
     /// the new group is backend revision 2.
-    const MOVED: RevisionShift = RevisionShift { offset: 999, floor: 1001 };
+    const MOVED: RevisionShift = RevisionShift { offset: 999, floor: 1001, base: 1001 };
 
     #[test]
     fn a_moved_scope_counts_on_from_its_last_revision() {
@@ -186,6 +188,11 @@ mod tests {
         assert!(held < 2, "an equality with an old revision never holds");
         assert_eq!(MOVED.bound(1005), 6);
         assert_eq!(MOVED.bound(0), 0, "a compare with 0 (absent) is kept");
+        // Between base and floor the copy was under way: a key copied then compares by its
+        // revision, a read there would see part of the scope.
+        let copying = RevisionShift { offset: 999, floor: 1005, base: 1001 };
+        assert_eq!(copying.bound(1002), 3);
+        assert!(copying.at(1002).is_err() && copying.at(1005).unwrap() == 6);
         let mut txn = pb::PbTxnRequest {
             compare: vec![pb::PbCompare { target_union: Some(pb::PbTargetUnion::ModRevision(1003)), ..Default::default() }],
             success: vec![pb::PbTxnRequestOp {

@@ -125,17 +125,21 @@ pub struct Scope {
 }
 
 /// How a scope's revisions, as clients see them, follow its group's. A scope that never moved
-/// shows its group's revisions (the default: no offset, no floor). A scope that moved (split or
-/// merge) keeps its revisions strictly increasing across the move: clients see
-/// `logical = backend + offset`, and revisions below `floor` (the first logical revision on the
-/// new group) are history the move did not carry, answered as compacted. The translation itself
-/// is the gate's (`gate/revision.rs`); the index only carries the numbers.
+/// shows its group's revisions (the default: all zero). A scope that moved (split or merge)
+/// keeps its revisions strictly increasing across the move: clients see
+/// `logical = backend + offset`. The move rewrote every key of the scope on the new group from
+/// logical revision `base` on, and the copy was complete at `floor`: revisions below `floor`
+/// are history the move did not carry (or carried only in part), answered as compacted. The
+/// translation itself is the gate's (`gate/revision.rs`); the index only carries the numbers.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RevisionShift {
     /// Added to the group's revisions.
     pub offset: i64,
     /// The first revision clients can read at; 0: all of them.
     pub floor: i64,
+    /// The first revision of the scope on its group (its move's first write); every key of the
+    /// scope has a mod revision at or above it. 0: the scope never moved.
+    pub base: i64,
 }
 
 /// Why a set of scopes cannot form an index.

@@ -62,6 +62,9 @@ pub struct LayoutScope {
     /// The first revision clients can read at after a move; 0: all of them.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub revision_floor: i64,
+    /// The revision of the move's first write on the group; 0: the scope never moved.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub revision_base: i64,
 }
 
 fn is_zero(value: &i64) -> bool {
@@ -110,18 +113,22 @@ impl LayoutScope {
             labels: scope.labels.clone(),
             revision_offset: scope.revisions.offset,
             revision_floor: scope.revisions.floor,
+            revision_base: scope.revisions.base,
         }
     }
 
     fn to_scope(&self) -> Result<Scope, String> {
         let range = KeyRange { start: self.start.bytes()?, end: self.end.bytes()? };
-        if self.revision_floor < 0 || (self.revision_floor > 0 && self.revision_floor - self.revision_offset < 2) {
+        let (offset, floor, base) = (self.revision_offset, self.revision_floor, self.revision_base);
+        let unmoved = offset == 0 && floor == 0 && base == 0;
+        // A group's first write has revision 2, so a move's first write maps no lower.
+        if !unmoved && !(base - offset >= 2 && base <= floor) {
             return Err(format!(
-                "scope {} has revision floor {} with offset {}: the floor must lie at least two revisions above the offset",
-                self.id, self.revision_floor, self.revision_offset
+                "scope {} has revision offset {offset}, base {base} and floor {floor}: a moved scope needs                  base - offset >= 2 and base <= floor; restore the layout record aq wrote",
+                self.id
             ));
         }
-        let revisions = crate::index::RevisionShift { offset: self.revision_offset, floor: self.revision_floor };
+        let revisions = crate::index::RevisionShift { offset, floor, base };
         Ok(Scope { id: self.id.clone(), range, group: self.group.clone(), labels: self.labels.clone(), revisions })
     }
 }
@@ -262,14 +269,14 @@ mod tests {
         let json = serde_json::to_value(&unmoved).unwrap();
         assert!(json["scopes"][0].get("revision_offset").is_none(), "seeds stay as they were");
         let mut scopes = unmoved.index().unwrap().scopes().iter().map(|s| (**s).clone()).collect::<Vec<_>>();
-        scopes[0].revisions = crate::index::RevisionShift { offset: 999, floor: 1001 };
+        scopes[0].revisions = crate::index::RevisionShift { offset: 999, floor: 1003, base: 1001 };
         let moved = unmoved.changed(&ScopeIndex::new(scopes).unwrap(), "all moved");
         let back: LayoutRecord = serde_json::from_value(serde_json::to_value(&moved).unwrap()).unwrap();
         assert_eq!(back.index().unwrap().get("all").unwrap().revisions.offset, 999);
         let mut broken = back.clone();
         broken.scopes[0].revision_floor = 1000;
         let err = broken.index().unwrap_err();
-        assert!(err.contains("scope all has revision floor 1000 with offset 999"), "{err}");
+        assert!(err.contains("scope all has revision offset 999, base 1001 and floor 1000"), "{err}");
     }
 
     #[test]
