@@ -192,3 +192,34 @@ fn the_sandbox_shows_the_request_time_and_nothing_of_the_host() {
     assert_eq!(evaluation.observed_reads.len(), 1);
     assert_eq!(evaluation.observed_reads[0].mod_revision, Some(41));
 }
+
+#[test]
+fn instances_made_ready_ahead_never_starve_evaluations_of_instance_slots() {
+    // A small pool makes the bound tight: ready instances and used stores waiting for the
+    // background thread to drop them together stay under half of it, so evaluations that
+    // instantiate on their request always find a slot, however fast requests come.
+    let engine = aq_host::engine::Engine::new(aq_host::engine::EngineConfig {
+        max_concurrent: 12,
+        warm_per_binding: 4,
+        ..Default::default()
+    })
+    .unwrap();
+    let bindings = [builtin_binding(&engine, "open"), builtin_binding(&engine, "open")];
+    let prepared = AtomicU64::new(0);
+    std::thread::scope(|s| {
+        for thread in 0..3u8 {
+            let (engine, bindings, prepared) = (&engine, &bindings, &prepared);
+            s.spawn(move || {
+                let ctx = put_context("/registry/secrets/ns/a", "v");
+                for round in 0..3000usize {
+                    let binding = &bindings[round % 2];
+                    let evaluation = engine.evaluate(binding, EvalRequest { context: &ctx, seed: [thread; 32], reader: None });
+                    assert!(evaluation.failure.is_none(), "round {round}: {evaluation:?}");
+                    assert_eq!(evaluation.decision.verdict, Verdict::Allow);
+                    prepared.fetch_add(evaluation.prepared as u64, Ordering::Relaxed);
+                }
+            });
+        }
+    });
+    assert!(prepared.into_inner() > 0, "some evaluations ran on instances made ready ahead");
+}

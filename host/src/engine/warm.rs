@@ -142,6 +142,9 @@ pub(super) struct Warmer {
     /// The background thread's queue; `None` when the caller refills.
     shared: Option<Arc<Shared>>,
     total: Arc<AtomicUsize>,
+    /// Used stores queued for the background thread to drop: they hold slots of the instance
+    /// pool as long as ready ones do, so they count against the total cap.
+    retiring: Arc<AtomicUsize>,
     caps: WarmCaps,
 }
 
@@ -150,7 +153,8 @@ impl Warmer {
     /// warmer) drops.
     pub(super) fn start(engine: wasmtime::Engine, epoch_tick: Duration, caps: WarmCaps, refill: Refill) -> std::io::Result<Self> {
         let total = Arc::new(AtomicUsize::new(0));
-        let mut warmer = Warmer { engine, epoch_tick, shared: None, total, caps };
+        let retiring = Arc::new(AtomicUsize::new(0));
+        let mut warmer = Warmer { engine, epoch_tick, shared: None, total, retiring, caps };
         if refill == Refill::Background && caps.per_binding > 0 {
             let shared = Arc::new(Shared { queue: Mutex::default(), wake: Condvar::new() });
             let (queue, maker) = (shared.clone(), warmer.maker());
@@ -167,10 +171,19 @@ impl Warmer {
                         }
                         std::mem::take(&mut waiting.jobs)
                     };
-                    let mut refills = Vec::new();
+                    // One top-up per pool: a pass that topped a busy pool up once per queued
+                    // job would make instances faster than the stores they replace are dropped.
+                    let mut refills: Vec<(Weak<WarmPool>, Recipe)> = Vec::new();
                     for Job { retired, refill } in jobs {
-                        drop(retired);
-                        refills.extend(refill);
+                        if retired.is_some() {
+                            drop(retired);
+                            maker.retiring.fetch_sub(1, Ordering::Relaxed);
+                        }
+                        if let Some((weak, recipe)) = refill
+                            && !refills.iter().any(|(seen, _)| seen.ptr_eq(&weak))
+                        {
+                            refills.push((weak, recipe));
+                        }
                     }
                     for (weak, recipe) in refills {
                         if let Some(pool) = weak.upgrade() {
@@ -186,7 +199,13 @@ impl Warmer {
 
     /// What the background thread needs to make instances.
     fn maker(&self) -> Maker {
-        Maker { engine: self.engine.clone(), epoch_tick: self.epoch_tick, total: self.total.clone(), caps: self.caps }
+        Maker {
+            engine: self.engine.clone(),
+            epoch_tick: self.epoch_tick,
+            total: self.total.clone(),
+            retiring: self.retiring.clone(),
+            caps: self.caps,
+        }
     }
 
     /// An empty pool for a new binding.
@@ -222,6 +241,9 @@ impl Warmer {
             return;
         };
         let low = pool.len() <= self.caps.per_binding / 2;
+        if used.is_some() {
+            self.retiring.fetch_add(1, Ordering::Relaxed);
+        }
         let mut queue = shared.queue.lock().expect("warm queue lock");
         queue.jobs.push(Job { retired: used.map(Box::new), refill: Some((Arc::downgrade(pool), recipe())) });
         if queue.sleeping && (low || queue.jobs.len() >= WAKE_AT_JOBS) {
@@ -246,12 +268,17 @@ struct Maker {
     engine: wasmtime::Engine,
     epoch_tick: Duration,
     total: Arc<AtomicUsize>,
+    retiring: Arc<AtomicUsize>,
     caps: WarmCaps,
 }
 
 impl Maker {
+    /// Fills `pool` up to the per-binding cap while ready instances and used stores waiting to
+    /// be dropped stay under the total cap, so evaluations that instantiate on their request
+    /// always find free slots in the instance pool.
     fn top_up(&self, pool: &WarmPool, recipe: &Recipe) {
-        while pool.len() < self.caps.per_binding && self.total.load(Ordering::Relaxed) < self.caps.total {
+        let occupied = || self.total.load(Ordering::Relaxed) + self.retiring.load(Ordering::Relaxed);
+        while pool.len() < self.caps.per_binding && occupied() < self.caps.total {
             // A binding whose init fails here is served cold, where the failure is reported
             // with the request it fails.
             let Some(ready) = super::prepare(&self.engine, self.epoch_tick, recipe) else { break };
