@@ -71,6 +71,8 @@ pub struct Running {
     pub gateway: Arc<Gateway>,
     /// This replica's link to the bindings in the meta group.
     pub syncer: Arc<Syncer>,
+    /// Moves scopes between groups.
+    pub migrator: Arc<crate::adapt::migrate::Migrator>,
     /// The admin API's state (served at `admin_addr`).
     pub admin: Arc<Admin>,
     /// This replica's principal id as an anchor, `anchor:<name>`.
@@ -240,7 +242,9 @@ pub async fn start(config: Config, options: ServeOptions) -> Result<Running, Str
         Auth::disabled()
     };
     let checkpointer = Arc::new(crate::lineage::store::Checkpointer::new(identity.clone(), syncer.store().clone()));
-    let admin = Arc::new(Admin::new(gateway.clone(), syncer.clone(), &config.admin, auth, checkpointer.clone())?);
+    let migrator = Arc::new(crate::adapt::migrate::Migrator::new(gateway.clone(), syncer.store().clone(), admins));
+    let admin =
+        Arc::new(Admin::new(gateway.clone(), syncer.clone(), &config.admin, auth, checkpointer.clone(), Some(migrator.clone()))?);
     checkpoint_lineage(gateway.clone(), checkpointer, options.checkpoint_interval.max(Duration::from_millis(10)), anchor_id.clone());
     let advisor =
         crate::adapt::advise::spawn(&gateway, anchor_id.clone(), options.advise_interval.max(Duration::from_millis(10)), HOUSEKEEPING_EVERY);
@@ -313,6 +317,7 @@ pub async fn start(config: Config, options: ServeOptions) -> Result<Running, Str
         tls: options.tls.is_some(),
         gateway,
         syncer,
+        migrator,
         admin,
         anchor: anchor_id,
         managed,

@@ -7,6 +7,7 @@ mod hostile;
 mod hotswap;
 mod lineage;
 mod linearizable;
+mod migrate;
 mod revisions;
 mod swap;
 mod trust;

@@ -3,5 +3,6 @@
 //! ([`advise`], which runs above the gate).
 
 pub mod advise;
+pub mod migrate;
 pub mod split;
 pub mod stats;

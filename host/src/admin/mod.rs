@@ -7,6 +7,7 @@
 mod anchors;
 pub mod auth;
 mod lineage;
+mod migrations;
 pub mod openapi;
 mod policies;
 mod principals;
@@ -43,6 +44,8 @@ pub struct Admin {
     publishers: Vec<ed25519_dalek::VerifyingKey>,
     /// Signs lineage checkpoints with this replica's identity key.
     checkpointer: Arc<crate::lineage::store::Checkpointer>,
+    /// Moves scopes between groups, when this replica holds the groups' root credentials.
+    migrator: Option<Arc<crate::adapt::migrate::Migrator>>,
 }
 
 impl Admin {
@@ -53,6 +56,7 @@ impl Admin {
         config: &AdminConfig,
         auth: Auth,
         checkpointer: Arc<crate::lineage::store::Checkpointer>,
+        migrator: Option<Arc<crate::adapt::migrate::Migrator>>,
     ) -> Result<Self, String> {
         let mut publishers = Vec::new();
         for key in &config.trusted_publishers {
@@ -76,6 +80,7 @@ impl Admin {
             require_signed_policies: config.require_signed_policies,
             publishers,
             checkpointer,
+            migrator,
         })
     }
 }
@@ -187,6 +192,9 @@ pub fn router(admin: Arc<Admin>) -> Router {
         .route("/v1/scopes/{scope}/policy", put(scopes::bind))
         .route("/v1/scopes/{scope}/rollback", post(scopes::rollback))
         .route("/v1/scopes/{scope}/evaluate", post(scopes::evaluate))
+        .route("/v1/scopes/{scope}/move", post(migrations::move_scope))
+        .route("/v1/migrations", get(migrations::list))
+        .route("/v1/migrations/{id}", get(migrations::get))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(admin)

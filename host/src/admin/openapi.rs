@@ -5,7 +5,7 @@ use axum::response::{IntoResponse, Response};
 use utoipa::OpenApi;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 
-use super::{anchors, lineage, policies, principals, proposals, scopes};
+use super::{anchors, lineage, migrations, policies, principals, proposals, scopes};
 
 /// Adds the bearer token scheme the `/v1/` routes require.
 struct BearerTokens;
@@ -50,6 +50,9 @@ impl utoipa::Modify for BearerTokens {
         scopes::bind,
         scopes::rollback,
         scopes::evaluate,
+        migrations::move_scope,
+        migrations::list,
+        migrations::get,
     ),
     modifiers(&BearerTokens),
     tags(

@@ -106,6 +106,8 @@ pub mod compare {
     pub const TARGET_CREATE: i32 = 1;
     /// `Compare.target` `MOD`.
     pub const TARGET_MOD: i32 = 2;
+    /// `Compare.target` `VALUE`.
+    pub const TARGET_VALUE: i32 = 3;
     /// `Compare.result` `EQUAL`.
     pub const RESULT_EQUAL: i32 = 0;
     /// `Compare.result` `GREATER`.

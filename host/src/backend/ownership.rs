@@ -156,6 +156,12 @@ impl Owners {
         Ok(Owners { group: group.to_string(), client })
     }
 
+    /// The root client, for aq's own work on the group (a migration's copy and clean-up),
+    /// which the ownership role does not limit.
+    pub fn client(&self) -> Client {
+        self.client.clone()
+    }
+
     /// The ranges the group's role holds now.
     pub async fn ranges(&mut self) -> Result<Vec<KeyRange>, String> {
         let role = self
@@ -193,13 +199,20 @@ impl Owners {
         Ok(())
     }
 
-    /// Makes the role hold exactly `wanted` (ranges in key order, not overlapping): revokes
-    /// what it holds beyond them first, then grants what is missing.
+    /// Makes the role hold exactly `wanted` (ranges in key order, not overlapping): grants what
+    /// is missing first, then revokes what it holds beyond them. In that order a range that
+    /// stays wanted is never refused in between, also when a held range is cut in pieces (a
+    /// move of the part in the middle): etcd holds the pieces and the whole side by side until
+    /// the whole is revoked.
     pub async fn reconcile(&mut self, wanted: &[KeyRange]) -> Result<Changes, String> {
         let wanted: Vec<KeyRange> = wanted.iter().cloned().map(normal).collect();
         let wanted = wanted.as_slice();
         let held = self.ranges().await?;
         let mut changes = Changes::default();
+        for range in wanted.iter().filter(|r| !held.contains(r)) {
+            self.grant(range).await?;
+            changes.granted.push(range.clone());
+        }
         for range in held.iter().filter(|r| !wanted.contains(r)) {
             match self.revoke(range).await {
                 Ok(()) => changes.revoked.push(range.clone()),
@@ -207,10 +220,6 @@ impl Owners {
                 Err(e) if e.contains("permission is not granted") => {}
                 Err(e) => return Err(e),
             }
-        }
-        for range in wanted.iter().filter(|r| !held.contains(r)) {
-            self.grant(range).await?;
-            changes.granted.push(range.clone());
         }
         if changes != Changes::default() {
             tracing::info!(group = %self.group, granted = ?changes.granted, revoked = ?changes.revoked, "group ownership changed");

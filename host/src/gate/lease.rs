@@ -37,7 +37,7 @@ const LEASE_NOT_FOUND: &str = "etcdserver: requested lease not found";
 
 impl Gateway {
     /// Makes sure each lease exists on `group`, copying it from the home group if needed.
-    pub(super) async fn ensure_leases(&self, group: &Group, leases: impl IntoIterator<Item = i64>) -> Result<(), GateError> {
+    pub(crate) async fn ensure_leases(&self, group: &Group, leases: impl IntoIterator<Item = i64>) -> Result<(), GateError> {
         for lease in leases {
             if lease == 0 || group.name() == self.home.name() || self.leases.contains(group.name(), lease) {
                 continue;

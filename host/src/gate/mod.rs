@@ -155,9 +155,15 @@ pub struct Shortfall {
     pub message: String,
 }
 
+/// How long a write that a group refused because it handed the scope off waits for routing to
+/// name the new owner (a live move's cut-over) before the refusal reaches the client.
+pub const HANDOFF_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The gateway core shared by every front-end service.
 pub struct Gateway {
     routing: arc_swap::ArcSwap<Routing>,
+    /// Counts reroutes, so a write a group refused mid hand-off can wait for the next one.
+    rerouted: tokio::sync::watch::Sender<u64>,
     groups: BTreeMap<String, Group>,
     /// The group where leases are granted and which answers for aq itself (status).
     home: Group,
@@ -186,6 +192,7 @@ impl Gateway {
         let home = groups.get(home).ok_or_else(|| format!("the home group {home} is not configured"))?.clone();
         Ok(Gateway {
             routing: arc_swap::ArcSwap::from_pointee(routing),
+            rerouted: tokio::sync::watch::Sender::new(0),
             groups,
             home,
             engine,
@@ -210,8 +217,15 @@ impl Gateway {
     pub fn reroute(&self, index: ScopeIndex) -> Result<(), String> {
         let routing = Routing::build(index, &self.groups, &self.registry, &self.stats)?;
         self.routing.store(Arc::new(routing));
+        self.rerouted.send_modify(|n| *n += 1);
         Ok(())
     }
+
+    /// A receiver that sees every later [`Gateway::reroute`].
+    pub fn reroutes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.rerouted.subscribe()
+    }
+
 
     /// Every scope's load on this replica.
     pub fn stats(&self) -> &Arc<crate::adapt::stats::Stats> {

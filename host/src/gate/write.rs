@@ -29,13 +29,25 @@ impl Gateway {
     ) -> Result<(pb::PbTxnOpResponse, Option<pb::PbResponseHeader>), GateError> {
         match self.govern_on(runtime, ops, compares, &op, caller).await {
             Err(GateError::NotOwner { scope, group, detail }) => {
-                // The group gave the keys away. If routing already names their new owner, the
-                // write is decided there afresh and sent to it; otherwise the refusal stands.
-                let routing = self.routing();
-                let moved = match routing.route_write(&footprint(&op)) {
-                    Ok(moved) if moved.group.name() != group || moved.scope.id != scope => moved,
-                    _ => return Err(GateError::NotOwner { scope, group, detail }),
+                // The group gave the keys away. Once routing names their new owner (at once,
+                // or within the hand-off wait while a move cuts over), the write is decided
+                // there afresh and sent to it; otherwise the refusal stands.
+                let footprint = footprint(&op);
+                let mut reroutes = self.reroutes();
+                let deadline = tokio::time::Instant::now() + super::HANDOFF_WAIT;
+                let routing = loop {
+                    let routing = self.routing();
+                    let names_new_owner = matches!(routing.route_write(&footprint),
+                        Ok(moved) if moved.group.name() != group || moved.scope.id != scope);
+                    if names_new_owner {
+                        break routing;
+                    }
+                    match tokio::time::timeout_at(deadline, reroutes.changed()).await {
+                        Ok(Ok(())) => continue,
+                        _ => return Err(GateError::NotOwner { scope, group, detail }),
+                    }
                 };
+                let moved = routing.route_write(&footprint)?;
                 tracing::info!(scope = %scope, from = %group, to = moved.group.name(), "the scope moved; sending the write to its new owner");
                 let (ops, compares, _) = model_of(&op);
                 self.ensure_leases(&moved.group, leases_of(&ops)).await?;

@@ -131,7 +131,7 @@ pub struct Scope {
 /// logical revision `base` on, and the copy was complete at `floor`: revisions below `floor`
 /// are history the move did not carry (or carried only in part), answered as compacted. The
 /// translation itself is the gate's (`gate/revision.rs`); the index only carries the numbers.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RevisionShift {
     /// Added to the group's revisions.
     pub offset: i64,

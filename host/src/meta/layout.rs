@@ -122,9 +122,9 @@ impl LayoutScope {
         let (offset, floor, base) = (self.revision_offset, self.revision_floor, self.revision_base);
         let unmoved = offset == 0 && floor == 0 && base == 0;
         // A group's first write has revision 2, so a move's first write maps no lower.
-        if !unmoved && !(base - offset >= 2 && base <= floor) {
+        if !(unmoved || (base - offset >= 2 && base <= floor)) {
             return Err(format!(
-                "scope {} has revision offset {offset}, base {base} and floor {floor}: a moved scope needs                  base - offset >= 2 and base <= floor; restore the layout record aq wrote",
+                "scope {} has revision offset {offset}, base {base} and floor {floor}: a moved scope needs base - offset >= 2 and base <= floor; restore the layout record aq wrote",
                 self.id
             ));
         }

@@ -11,6 +11,9 @@
 //! | `\xffaq/meta/proposal/<id>`           | [`crate::trust::proposal::Proposal`] (JSON) |
 //! | `\xffaq/meta/layout`                  | [`layout::LayoutRecord`] (JSON)              |
 //! | `\xffaq/meta/load/<scope>/<replica>`  | [`crate::adapt::stats::Window`] (JSON)      |
+//! | `\xffaq/meta/migration/<id>`          | [`crate::adapt::migrate::Migration`] (JSON) |
+//! | `\xffaq/meta/migration-active`        | the id of the migration under way           |
+//! | `\xffaq/meta/routed/<replica>`        | the layout epoch it routes by, under a lease |
 //!
 //! A policy counts as stored once its record exists: chunks are written first, so a reader
 //! never sees a record without all of its bytes. etcd refuses requests over 1.5 MiB by
@@ -27,7 +30,7 @@ use tonic::Status;
 use crate::backend::Group;
 use crate::clock::unix_now;
 use crate::engine::{FailMode, Limits, PolicyDigest};
-use crate::backend::compare::{RESULT_EQUAL, RESULT_GREATER, TARGET_MOD, TARGET_VERSION};
+use crate::backend::compare::{RESULT_EQUAL, RESULT_GREATER, TARGET_MOD, TARGET_VALUE, TARGET_VERSION};
 use crate::index::{KeyRange, RESERVED_PREFIX};
 use crate::trust::proposal::Proposal;
 
@@ -94,6 +97,23 @@ pub fn binding_prefix() -> Vec<u8> {
 /// Where `replica` publishes its latest window of `scope`'s load.
 pub fn load_key(scope: &str, replica: &str) -> Vec<u8> {
     key(&[b"load/", scope.as_bytes(), b"/", replica.as_bytes()])
+}
+
+/// The record of migration `id`.
+pub fn migration_key(id: &str) -> Vec<u8> {
+    key(&[b"migration/", id.as_bytes()])
+}
+
+/// Holds the id of the migration under way, so that one runs at a time across replicas.
+pub fn migration_lock_key() -> Vec<u8> {
+    key(&[b"migration-active"])
+}
+
+/// Where `replica` says which layout epoch it routes by, under a lease it keeps alive: a
+/// migration deletes a moved scope's old copy only once every live replica routes by the
+/// epoch that moved it, so no replica's watch can still be reading the old copy.
+pub fn routed_key(replica: &str) -> Vec<u8> {
+    key(&[b"routed/", replica.as_bytes()])
 }
 
 /// The key of the scope layout, which every replica routes by.
@@ -642,6 +662,71 @@ impl MetaStore {
         Err(MetaError::LayoutConflict(epoch))
     }
 
+    /// Takes the migration lock for `id`; false when another migration holds it.
+    pub async fn claim_migration(&self, id: &str) -> Result<bool, MetaError> {
+        let response = self
+            .group
+            .txn(pb::PbTxnRequest {
+                compare: vec![compare_version(migration_lock_key(), 0, RESULT_EQUAL)],
+                success: vec![put_op(migration_lock_key(), id.as_bytes().to_vec())],
+                failure: Vec::new(),
+            })
+            .await?;
+        Ok(response.succeeded)
+    }
+
+    /// The id of the migration holding the lock, if any.
+    pub async fn active_migration(&self) -> Result<Option<String>, MetaError> {
+        Ok(self.get(migration_lock_key()).await?.map(|kv| String::from_utf8_lossy(&kv.value).into_owned()))
+    }
+
+    /// Gives the migration lock up, if `id` holds it.
+    pub async fn release_migration(&self, id: &str) -> Result<(), MetaError> {
+        self.group
+            .txn(pb::PbTxnRequest {
+                compare: vec![pb::PbCompare {
+                    result: RESULT_EQUAL,
+                    target: TARGET_VALUE,
+                    key: migration_lock_key(),
+                    range_end: Vec::new(),
+                    target_union: Some(pb::PbTargetUnion::Value(id.as_bytes().to_vec())),
+                }],
+                success: vec![pb::PbTxnRequestOp {
+                    request: Some(pb::PbTxnOpRequest::RequestDeleteRange(pb::PbDeleteRequest {
+                        key: migration_lock_key(),
+                        ..Default::default()
+                    })),
+                }],
+                failure: Vec::new(),
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Writes a migration's record as it stands.
+    pub async fn put_migration(&self, migration: &crate::adapt::migrate::Migration) -> Result<(), MetaError> {
+        let value = serde_json::to_vec(migration).expect("JSON");
+        self.group.put(pb::PbPutRequest { key: migration_key(&migration.id), value, ..Default::default() }).await?;
+        Ok(())
+    }
+
+    /// One migration's record.
+    pub async fn migration(&self, id: &str) -> Result<Option<crate::adapt::migrate::Migration>, MetaError> {
+        match self.get(migration_key(id)).await? {
+            Some(kv) => Ok(Some(parse(&kv.key, &kv.value)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Every migration's record, oldest first.
+    pub async fn migrations(&self) -> Result<Vec<crate::adapt::migrate::Migration>, MetaError> {
+        let response = self.range(KeyRange::prefix(&migration_key(""))).await?;
+        let mut all: Vec<crate::adapt::migrate::Migration> =
+            response.kvs.iter().map(|kv| parse(&kv.key, &kv.value)).collect::<Result<_, _>>()?;
+        all.sort_by(|a, b| a.started_ms.cmp(&b.started_ms).then_with(|| a.id.cmp(&b.id)));
+        Ok(all)
+    }
+
     /// Publishes `replica`'s latest window of `scope`'s load, replacing its previous one.
     pub async fn put_load(&self, scope: &str, window: &crate::adapt::stats::Window) -> Result<(), MetaError> {
         let value = serde_json::to_vec(window).expect("JSON");
@@ -661,5 +746,26 @@ impl MetaStore {
             }
         }
         Ok(windows)
+    }
+
+    /// Says that `replica` routes by layout `epoch`, under `lease`.
+    pub async fn put_routed(&self, replica: &str, epoch: u64, lease: i64) -> Result<(), MetaError> {
+        let value = epoch.to_string().into_bytes();
+        self.group.put(pb::PbPutRequest { key: routed_key(replica), value, lease, ..Default::default() }).await?;
+        Ok(())
+    }
+
+    /// The layout epoch each live replica routes by.
+    pub async fn routed(&self) -> Result<Vec<(String, u64)>, MetaError> {
+        let prefix = routed_key("");
+        let response = self.range(KeyRange::prefix(&prefix)).await?;
+        Ok(response
+            .kvs
+            .iter()
+            .map(|kv| {
+                let replica = String::from_utf8_lossy(&kv.key[prefix.len()..]).into_owned();
+                (replica, String::from_utf8_lossy(&kv.value).parse().unwrap_or(0))
+            })
+            .collect())
     }
 }

@@ -1,0 +1,569 @@
+//! Live moves of a scope onto another etcd group (DESIGN: "Adaptive scopes"). One migration
+//! runs at a time across replicas (the meta key `migration-active`), on the replica that
+//! started it, as a state machine whose record in meta says how far it got:
+//!
+//! 1. **copy**: the scope's keys, read from the old group at one revision R in pages, are
+//!    written to the new group (leases copied by ID, as the gate does for any group);
+//! 2. **catch-up**: a watch of the old group from R+1 applies every later write, until it has
+//!    caught up with the old group once (or for at most [`CATCH_UP_FOR`]);
+//! 3. **hand-off**: the old group's ownership role gives the scope's ranges up. From then on
+//!    etcd refuses every write of aq's there, also one decided before; a refused write waits in
+//!    the gate ([`crate::gate::HANDOFF_WAIT`]) for routing to name the new owner. The last
+//!    writes that landed before the refusal are applied by reads, not by the watch: etcd 3.4
+//!    can answer a progress request before the events it covers, so the watch cannot prove it
+//!    delivered everything. The keys written after the last applied event are read at the
+//!    revision right after the refusal (`min_mod_revision`); then the two groups' key counts
+//!    must agree, and a difference (deletes the watch had not delivered) is found by comparing
+//!    the keys;
+//! 4. **cut-over**: the new group's role gets the ranges and one layout write (guarded on the
+//!    layout read at the start) names the new group and the scope's revision shift, so the
+//!    scope's revisions keep increasing ([`crate::index::RevisionShift`]); every replica follows
+//!    through its meta watch;
+//! 5. **clean-up**: the copy left on the old group is deleted.
+//!
+//! A failure before the cut-over rolls back: the old group gets its ranges again, the new one
+//! gives them up, and the partial copy is deleted. After the cut-over the move stands and only
+//! the clean-up can be left to repeat.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use etcd_client::{Client, DeleteOptions, EventType, GetOptions, PutOptions, WatchOptions, WatchStream};
+use serde::{Deserialize, Serialize};
+
+use crate::backend::Credentials;
+use crate::backend::ownership::Owners;
+use crate::gate::Gateway;
+use crate::index::{KeyRange, RevisionShift, ScopeIndex};
+use crate::meta::MetaStore;
+
+/// Keys copied per read of the old group.
+const PAGE: i64 = 500;
+
+/// How long the catch-up before the hand-off follows the watch at most; what it leaves is
+/// applied during the hand-off.
+const CATCH_UP_FOR: Duration = Duration::from_secs(5);
+
+/// How far a migration got.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Phase {
+    /// Copying the keys at one revision.
+    Copy,
+    /// Applying writes made since.
+    CatchUp,
+    /// The old group refuses the scope; applying the last writes it took.
+    HandOff,
+    /// Granting the new group and writing the layout.
+    CutOver,
+    /// Deleting the copy left on the old group.
+    CleanUp,
+    /// The scope is on the new group and the old one holds none of it.
+    Done,
+    /// The move failed before its cut-over and was undone: the scope is where it was.
+    RolledBack,
+}
+
+impl Phase {
+    /// Whether the migration has ended.
+    pub fn ended(self) -> bool {
+        matches!(self, Phase::Done | Phase::RolledBack)
+    }
+}
+
+/// A migration's record in meta.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Migration {
+    /// Its id.
+    pub id: String,
+    /// The scope it moves.
+    pub scope: String,
+    /// The group the scope leaves.
+    pub from: String,
+    /// The group it moves to.
+    pub to: String,
+    /// How far it got.
+    pub phase: Phase,
+    /// The old group's revision the copy read at.
+    pub copy_revision: i64,
+    /// Keys of the scope at the copy revision.
+    pub keys_total: u64,
+    /// Keys copied so far.
+    pub keys_copied: u64,
+    /// Writes applied by the catch-up.
+    pub events_applied: u64,
+    /// The old group's revision right after it gave the scope up.
+    pub handoff_revision: i64,
+    /// The scope's revision shift on the new group, once cut over.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revisions: Option<RevisionShift>,
+    /// Unix milliseconds it started.
+    pub started_ms: u64,
+    /// Unix milliseconds of its last change.
+    pub updated_ms: u64,
+    /// Why it rolled back, or what the clean-up could not do.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// Why a migration cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    /// Nothing to move, or nowhere to move it.
+    #[error("{0}")]
+    Invalid(String),
+    /// Another migration is under way.
+    #[error("migration {0} is under way; wait for it to end (aq migrations ls)")]
+    Busy(String),
+    /// The meta group or a group failed.
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// Starts and runs migrations on this replica.
+pub struct Migrator {
+    gateway: Arc<Gateway>,
+    store: MetaStore,
+    /// Root credentials of each group whose ownership aq manages.
+    admins: BTreeMap<String, Credentials>,
+}
+
+/// What one migration works with.
+struct Work {
+    migration: Migration,
+    /// The scope's own ranges (nested scopes left out).
+    parts: Vec<KeyRange>,
+    before: ScopeIndex,
+    after: ScopeIndex,
+    layout_revision: i64,
+    layout: crate::meta::layout::LayoutRecord,
+    from: Owners,
+    to: Owners,
+    source: Client,
+    target: Client,
+    /// The new group's revision of the first write of the copy.
+    first_write: Option<i64>,
+    /// Per part, the old group's revision through which its writes are applied.
+    applied: Vec<i64>,
+}
+
+impl Migrator {
+    /// A migrator over `gateway`, with the root credentials of every managed or administered
+    /// group.
+    pub fn new(gateway: Arc<Gateway>, store: MetaStore, admins: BTreeMap<String, Credentials>) -> Self {
+        Migrator { gateway, store, admins }
+    }
+
+    /// Checks and claims a move of `scope` to group `to`, and runs it in the background.
+    /// Returns the migration as recorded at its start.
+    pub async fn start(self: &Arc<Self>, scope: &str, to: &str) -> Result<Migration, MigrateError> {
+        let work = self.prepare(scope, to).await?;
+        let started = work.migration.clone();
+        let this = self.clone();
+        tokio::spawn(async move { this.run(work).await });
+        Ok(started)
+    }
+
+    /// Runs a move of `scope` to `to` to its end; answers the final record.
+    pub async fn run_to_end(&self, scope: &str, to: &str) -> Result<Migration, MigrateError> {
+        let work = self.prepare(scope, to).await?;
+        Ok(self.run(work).await)
+    }
+
+    async fn prepare(&self, scope_id: &str, to: &str) -> Result<Work, MigrateError> {
+        let failed = |e: crate::meta::MetaError| MigrateError::Failed(e.to_string());
+        let (layout, layout_revision) =
+            self.store.layout().await.map_err(failed)?.ok_or_else(|| MigrateError::Failed("no stored scope layout".into()))?;
+        let before = layout.index().map_err(MigrateError::Failed)?;
+        let scope = before
+            .get(scope_id)
+            .ok_or_else(|| MigrateError::Invalid(format!("there is no scope {scope_id}; aq scopes ls lists them")))?
+            .clone();
+        let from = scope.group.clone();
+        if from == to {
+            return Err(MigrateError::Invalid(format!("scope {scope_id} is on group {to} already")));
+        }
+        let groups = self.gateway.groups();
+        if !groups.contains_key(to) {
+            let known: Vec<&str> = groups.keys().map(String::as_str).collect();
+            return Err(MigrateError::Invalid(format!("there is no group {to}; the groups are {}", known.join(", "))));
+        }
+        let admin = |group: &str| {
+            self.admins.get(group).ok_or_else(|| {
+                MigrateError::Invalid(format!(
+                    "aq holds no root credentials for group {group}, so it cannot move ownership there; give the \
+                     group an admin user and password in the layout"
+                ))
+            })
+        };
+        let (from_admin, to_admin) = (admin(&from)?, admin(to)?);
+        let connect = |group: &str, admin: &Credentials| {
+            let endpoints = groups[group].endpoints().to_vec();
+            let (group, admin) = (group.to_string(), admin.clone());
+            async move { Owners::connect(&group, &endpoints, &admin).await.map_err(MigrateError::Failed) }
+        };
+        let from_owners = connect(&from, from_admin).await?;
+        let to_owners = connect(to, to_admin).await?;
+        let (mut source, target) = (from_owners.client(), to_owners.client());
+
+        // A scope whose writes keep lineage keeps its records and checkpoints in its group's
+        // revisions; moving them is not done yet, so such a scope stays.
+        let records = crate::lineage::records_prefix(scope_id);
+        let (key, range_end) = KeyRange::prefix(&records).to_request();
+        let kept = source
+            .get(key, Some(GetOptions::new().with_range(range_end).with_count_only()))
+            .await
+            .map_err(|e| MigrateError::Failed(format!("cannot read group {from}: {e}")))?;
+        if kept.count() > 0 {
+            return Err(MigrateError::Invalid(format!(
+                "scope {scope_id} keeps lineage ({} records on group {from}); moving a scope with lineage is not \
+                 supported yet",
+                kept.count()
+            )));
+        }
+
+        let parts: Vec<KeyRange> =
+            before.overlapping(&scope.range).into_iter().filter(|(s, _)| s.id == scope.id).map(|(_, part)| part).collect();
+        let mut scopes: Vec<_> = before.scopes().iter().map(|s| (**s).clone()).collect();
+        scopes.iter_mut().find(|s| s.id == scope.id).expect("the scope is indexed").group = to.to_string();
+        let after = ScopeIndex::new(scopes).map_err(|e| MigrateError::Failed(e.to_string()))?;
+
+        let now = crate::clock::unix_ms();
+        let migration = Migration {
+            id: format!("m-{now}-{}", &crate::lineage::new_record_id()[..8]),
+            scope: scope.id.clone(),
+            from: from.clone(),
+            to: to.to_string(),
+            phase: Phase::Copy,
+            copy_revision: 0,
+            keys_total: 0,
+            keys_copied: 0,
+            events_applied: 0,
+            handoff_revision: 0,
+            revisions: None,
+            started_ms: now,
+            updated_ms: now,
+            error: None,
+        };
+        if !self.store.claim_migration(&migration.id).await.map_err(failed)? {
+            let active = self.store.active_migration().await.map_err(failed)?.unwrap_or_default();
+            return Err(MigrateError::Busy(active));
+        }
+        if let Err(e) = self.store.put_migration(&migration).await {
+            let _ = self.store.release_migration(&migration.id).await;
+            return Err(failed(e));
+        }
+        tracing::info!(id = %migration.id, scope = %scope.id, from = %from, to, "migration started");
+        Ok(Work {
+            migration,
+            parts,
+            before,
+            after,
+            layout_revision,
+            layout,
+            from: from_owners,
+            to: to_owners,
+            source,
+            target,
+            first_write: None,
+            applied: Vec::new(),
+        })
+    }
+
+    /// Runs the steps; on a failure before the cut-over, rolls back.
+    async fn run(&self, mut work: Work) -> Migration {
+        match self.move_scope(&mut work).await {
+            Ok(()) => {}
+            // Until the layout names the new group, nothing has moved for clients.
+            Err(e) if work.migration.revisions.is_none() => {
+                tracing::error!(id = %work.migration.id, "migration failed, rolling back: {e}");
+                let undone = self.roll_back(&mut work).await;
+                work.migration.error = Some(match undone {
+                    Ok(()) => e,
+                    Err(more) => format!("{e}; the roll-back did not finish: {more}"),
+                });
+                work.migration.phase = Phase::RolledBack;
+            }
+            Err(e) => {
+                tracing::error!(id = %work.migration.id, "migration cut over, clean-up failed: {e}");
+                work.migration.error = Some(format!("the scope moved, but the old copy stays on group {}: {e}", work.migration.from));
+                work.migration.phase = Phase::Done;
+            }
+        }
+        self.record(&mut work.migration).await;
+        let _ = self.store.release_migration(&work.migration.id).await;
+        tracing::info!(id = %work.migration.id, phase = ?work.migration.phase, "migration ended");
+        work.migration
+    }
+
+    async fn record(&self, migration: &mut Migration) {
+        migration.updated_ms = crate::clock::unix_ms();
+        if let Err(e) = self.store.put_migration(migration).await {
+            tracing::warn!(id = %migration.id, "cannot record the migration's progress: {e}");
+        }
+    }
+
+    async fn move_scope(&self, work: &mut Work) -> Result<(), String> {
+        let from = work.migration.from.clone();
+        // Keys left on the new group by an earlier attempt are not the scope's.
+        for part in &work.parts {
+            delete(&mut work.target, part).await.map_err(|e| format!("cannot clear the scope's range on group {}: {e}", work.migration.to))?;
+        }
+
+        // 1. Copy at one revision.
+        let revision = current_revision(&mut work.source).await.map_err(|e| format!("cannot read group {from}: {e}"))?;
+        work.migration.copy_revision = revision;
+        for part in &work.parts {
+            let counted = count(&mut work.source, part, revision).await;
+            work.migration.keys_total += counted.map_err(|e| format!("cannot count the scope's keys on group {from}: {e}"))? as u64;
+        }
+        self.record(&mut work.migration).await;
+        for part in work.parts.clone() {
+            let mut pages = Pages::of(&part);
+            let read = |e| format!("cannot read the scope's keys on group {from} at revision {revision}: {e}");
+            while let Some(page) = pages.next(&mut work.source, GetOptions::new().with_revision(revision)).await.map_err(read)? {
+                for kv in page.kvs() {
+                    self.put(work, kv.key(), kv.value(), kv.lease()).await?;
+                    work.migration.keys_copied += 1;
+                }
+                self.record(&mut work.migration).await;
+            }
+        }
+
+        // 2. Catch up with what was written since.
+        work.migration.phase = Phase::CatchUp;
+        self.record(&mut work.migration).await;
+        let mut watches = Vec::new();
+        for part in &work.parts {
+            let (key, range_end) = part.to_request();
+            let options = WatchOptions::new().with_range(range_end).with_start_revision(revision + 1);
+            let stream = work.source.watch(key, Some(options)).await.map_err(|e| format!("cannot watch group {from}: {e}"))?;
+            watches.push(stream);
+        }
+        work.applied = vec![revision; work.parts.len()];
+        let now = current_revision(&mut work.source).await.map_err(|e| format!("cannot read group {from}: {e}"))?;
+        let until = tokio::time::Instant::now() + CATCH_UP_FOR;
+        for (part, stream) in watches.iter_mut().enumerate() {
+            self.catch_up(work, part, stream, now, until).await?;
+        }
+        drop(watches);
+
+        // 3. Hand-off: the old group refuses the scope from here on.
+        work.migration.phase = Phase::HandOff;
+        self.record(&mut work.migration).await;
+        work.from.reconcile(&work.after.group_ranges(&from)).await?;
+        let handed = current_revision(&mut work.source).await.map_err(|e| format!("cannot read group {from}: {e}"))?;
+        work.migration.handoff_revision = handed;
+        for part in 0..work.parts.len() {
+            self.finish_part(work, part, handed).await?;
+        }
+
+        // 4. Cut over.
+        work.migration.phase = Phase::CutOver;
+        self.record(&mut work.migration).await;
+        let old = work.before.get(&work.migration.scope).expect("indexed").revisions;
+        let last_seen = old.up(handed);
+        let cut = current_revision(&mut work.target).await.map_err(|e| format!("cannot read group {}: {e}", work.migration.to))?;
+        let shift = match work.first_write {
+            Some(first) => {
+                let offset = last_seen + 1 - first;
+                RevisionShift { offset, base: last_seen + 1, floor: cut + offset }
+            }
+            None => RevisionShift { offset: last_seen - cut, base: last_seen + 1, floor: last_seen + 1 },
+        };
+        let mut scopes: Vec<_> = work.after.scopes().iter().map(|s| (**s).clone()).collect();
+        scopes.iter_mut().find(|s| s.id == work.migration.scope).expect("indexed").revisions = shift;
+        work.after = ScopeIndex::new(scopes).map_err(|e| e.to_string())?;
+        work.to.reconcile(&work.after.group_ranges(&work.migration.to)).await?;
+        let reason = format!("migration {}: scope {} moved from group {from} to {}", work.migration.id, work.migration.scope, work.migration.to);
+        self.store
+            .write_layout(&work.layout.changed(&work.after, reason), work.layout_revision)
+            .await
+            .map_err(|e| format!("cannot write the new layout: {e}"))?;
+        work.migration.revisions = Some(shift);
+        tracing::info!(id = %work.migration.id, scope = %work.migration.scope, to = %work.migration.to, ?shift, "migration cut over");
+
+        // 5. Clean up the old copy.
+        work.migration.phase = Phase::CleanUp;
+        self.record(&mut work.migration).await;
+        for part in &work.parts {
+            delete(&mut work.source, part).await.map_err(|e| format!("cannot delete the old copy on group {from}: {e}"))?;
+        }
+        work.migration.phase = Phase::Done;
+        Ok(())
+    }
+
+    /// Writes one key of the scope to the new group, with its lease copied there.
+    async fn put(&self, work: &mut Work, key: &[u8], value: &[u8], lease: i64) -> Result<(), String> {
+        let to = &self.gateway.groups()[&work.migration.to];
+        let mut options = PutOptions::new();
+        // A lease that expired meanwhile: the key goes without it, and its deletion on the old
+        // group follows through the catch-up.
+        if lease != 0 && self.gateway.ensure_leases(to, [lease]).await.is_ok() {
+            options = options.with_lease(lease);
+        }
+        let put = work
+            .target
+            .put(key, value, Some(options))
+            .await
+            .map_err(|e| format!("cannot write {} to group {}: {e}", String::from_utf8_lossy(key), work.migration.to))?;
+        if work.first_write.is_none() {
+            work.first_write = put.header().map(|h| h.revision());
+        }
+        Ok(())
+    }
+
+    /// Applies part `part`'s watch events until a progress answer reaches `revision`, or
+    /// `until`.
+    async fn catch_up(
+        &self,
+        work: &mut Work,
+        part: usize,
+        stream: &mut WatchStream,
+        revision: i64,
+        until: tokio::time::Instant,
+    ) -> Result<(), String> {
+        let from = work.migration.from.clone();
+        let progress = |e: etcd_client::Error| format!("cannot ask group {from} for progress: {e}");
+        stream.request_progress().await.map_err(progress)?;
+        loop {
+            let Ok(message) = tokio::time::timeout_at(until, stream.message()).await else { return Ok(()) };
+            let message = message
+                .map_err(|e| format!("the watch of group {from} failed: {e}"))?
+                .ok_or_else(|| format!("group {from} closed the watch"))?;
+            if message.canceled() {
+                return Err(format!("group {from} canceled the watch: {}", message.cancel_reason()));
+            }
+            if message.created() {
+                continue;
+            }
+            for event in message.events() {
+                let Some(kv) = event.kv() else { continue };
+                match event.event_type() {
+                    EventType::Put => self.put(work, kv.key(), kv.value(), kv.lease()).await?,
+                    EventType::Delete => self.delete_key(work, kv.key()).await?,
+                }
+                work.applied[part] = work.applied[part].max(kv.mod_revision());
+                work.migration.events_applied += 1;
+            }
+            if message.events().is_empty() {
+                if message.header().map(|h| h.revision()).unwrap_or_default() >= revision {
+                    return Ok(());
+                }
+                stream.request_progress().await.map_err(progress)?;
+            }
+        }
+    }
+
+    /// Brings part `part` on the new group to the old group's state at `revision`, after which
+    /// the old group took no write of the scope: the keys written since the last applied event,
+    /// then, when the key counts differ, the deletes.
+    async fn finish_part(&self, work: &mut Work, part: usize, revision: i64) -> Result<(), String> {
+        let from = work.migration.from.clone();
+        let read = |e: etcd_client::Error| format!("cannot read the scope's keys on group {from} at revision {revision}: {e}");
+        let range = work.parts[part].clone();
+        let since = work.applied[part] + 1;
+        let mut pages = Pages::of(&range);
+        while let Some(page) =
+            pages.next(&mut work.source, GetOptions::new().with_revision(revision).with_min_mod_revision(since)).await.map_err(read)?
+        {
+            for kv in page.kvs() {
+                self.put(work, kv.key(), kv.value(), kv.lease()).await?;
+                work.migration.events_applied += 1;
+            }
+        }
+        work.applied[part] = revision;
+        let old = count(&mut work.source, &range, revision).await.map_err(read)?;
+        let copy = |e| format!("cannot read the copy on group {}: {e}", work.migration.to);
+        let new = count(&mut work.target, &range, 0).await.map_err(copy)?;
+        if old == new {
+            return Ok(());
+        }
+        // Deletes the watch had not delivered: the keys the new group holds and the old one
+        // did not at `revision`.
+        let mut kept = std::collections::BTreeSet::new();
+        let mut pages = Pages::of(&range);
+        while let Some(page) = pages.next(&mut work.source, GetOptions::new().with_revision(revision).with_keys_only()).await.map_err(read)? {
+            kept.extend(page.kvs().iter().map(|kv| kv.key().to_vec()));
+        }
+        let mut stale = Vec::new();
+        let mut pages = Pages::of(&range);
+        while let Some(page) = pages.next(&mut work.target, GetOptions::new().with_keys_only()).await.map_err(copy)? {
+            stale.extend(page.kvs().iter().filter(|kv| !kept.contains(kv.key())).map(|kv| kv.key().to_vec()));
+        }
+        for key in stale {
+            self.delete_key(work, &key).await?;
+            work.migration.events_applied += 1;
+        }
+        Ok(())
+    }
+
+    /// Deletes one key of the scope on the new group.
+    async fn delete_key(&self, work: &mut Work, key: &[u8]) -> Result<(), String> {
+        work.target
+            .delete(key, None)
+            .await
+            .map_err(|e| format!("cannot delete {} on group {}: {e}", String::from_utf8_lossy(key), work.migration.to))?;
+        Ok(())
+    }
+
+    /// Puts ownership back as it was and deletes the partial copy.
+    async fn roll_back(&self, work: &mut Work) -> Result<(), String> {
+        work.from.reconcile(&work.before.group_ranges(&work.migration.from)).await?;
+        work.to.reconcile(&work.before.group_ranges(&work.migration.to)).await?;
+        for part in &work.parts {
+            delete(&mut work.target, part).await.map_err(|e| format!("cannot delete the partial copy: {e}"))?;
+        }
+        Ok(())
+    }
+}
+
+/// Reads a range page by page, in key order.
+struct Pages {
+    key: Vec<u8>,
+    range_end: Vec<u8>,
+    done: bool,
+}
+
+impl Pages {
+    fn of(range: &KeyRange) -> Self {
+        let (key, range_end) = range.to_request();
+        Pages { key, range_end, done: false }
+    }
+
+    /// The next page read with `options` (its range and limit set here); `None` after the last.
+    async fn next(&mut self, client: &mut Client, options: GetOptions) -> Result<Option<etcd_client::GetResponse>, etcd_client::Error> {
+        if self.done {
+            return Ok(None);
+        }
+        let page = client.get(self.key.clone(), Some(options.with_range(self.range_end.clone()).with_limit(PAGE))).await?;
+        match page.kvs().last() {
+            Some(last) if page.more() => self.key = [last.key(), &[0]].concat(),
+            _ => self.done = true,
+        }
+        Ok(Some(page))
+    }
+}
+
+/// How many keys `range` holds at `revision` (0: now).
+async fn count(client: &mut Client, range: &KeyRange, revision: i64) -> Result<i64, etcd_client::Error> {
+    let (key, range_end) = range.to_request();
+    let mut options = GetOptions::new().with_range(range_end).with_count_only();
+    if revision > 0 {
+        options = options.with_revision(revision);
+    }
+    Ok(client.get(key, Some(options)).await?.count())
+}
+
+/// A group's current revision.
+async fn current_revision(client: &mut Client) -> Result<i64, etcd_client::Error> {
+    Ok(client.status().await?.header().map(|h| h.revision()).unwrap_or_default())
+}
+
+/// Deletes every key of `range`.
+async fn delete(client: &mut Client, range: &KeyRange) -> Result<(), etcd_client::Error> {
+    let (key, range_end) = range.to_request();
+    client.delete(key, Some(DeleteOptions::new().with_range(range_end))).await?;
+    Ok(())
+}
