@@ -82,6 +82,8 @@ pub struct Running {
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     /// Stops this replica's advise loop, giving up the advisor role if it holds it.
     _advisor: crate::adapt::advise::AdvisorGuard,
+    /// Stops following the stored layout, withdrawing this replica's routed epoch.
+    _following: tokio::sync::watch::Sender<()>,
     server: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
     admin_task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -227,8 +229,14 @@ pub async fn start(config: Config, options: ServeOptions) -> Result<Running, Str
     let anchor_id = anchor.identity().id().to_string();
     let services = GateServices { engine, registry, metrics, decisions, trust, anchor: Some(anchor.clone()) };
     let gateway = Arc::new(Gateway::new(index, groups, &home, services).await?);
+    let mut replayers = BTreeMap::new();
+    for (name, admin) in &admins {
+        let group = Group::connect_lazy(name, gateway.groups()[name].endpoints()).map_err(|e| e.to_string())?;
+        replayers.insert(name.clone(), group.with_login(admin.clone()));
+    }
+    gateway.set_replayers(replayers);
     syncer.follow().await?;
-    follow_layout(&gateway, &syncer, routed_epoch);
+    let following = follow_layout(&gateway, &syncer, routed_epoch, anchor_id.clone());
 
     // The admin API's state; a generated admin token unless tokens are configured.
     let auth = if config.admin.auth {
@@ -323,6 +331,7 @@ pub async fn start(config: Config, options: ServeOptions) -> Result<Running, Str
         managed,
         shutdown: Some(shutdown),
         _advisor: advisor,
+        _following: following,
         server,
         admin_task,
     })
@@ -375,33 +384,76 @@ async fn adopt_layout(store: &MetaStore, config: &Config) -> Result<(Arc<LayoutR
     Err("the scope layout kept changing while starting; retry".into())
 }
 
-/// Routes by every layout the syncer adopts from now on, in a task that lives as long as the
-/// gateway. A layout the gateway cannot route by (a group it does not know, a scope without a
-/// binding) is logged and the current routing kept: writes to a range whose group gave it away
-/// are then refused by that group, never landed there.
-fn follow_layout(gateway: &Arc<Gateway>, syncer: &Syncer, mut routed: u64) {
+/// How long this replica's routed epoch outlives it in meta: a migration waits at most this
+/// long for a replica that died without withdrawing it.
+const ROUTED_TTL_SECS: i64 = 10;
+
+/// Follows the stored layout: reroutes the gateway whenever a newer epoch is adopted, and keeps
+/// `\xffaq/meta/routed/<replica>` saying which epoch this replica routes by, under a lease
+/// renewed every third of its TTL. A migration deletes a moved scope's old copy only once every
+/// replica routes by the epoch that moved it. Stops, revoking the lease, when the returned
+/// sender drops.
+fn follow_layout(gateway: &Arc<Gateway>, syncer: &Syncer, mut routed: u64, replica: String) -> tokio::sync::watch::Sender<()> {
+    let (stop, mut stopped) = tokio::sync::watch::channel(());
     let mut changes = syncer.layout_changes();
+    let store = syncer.store().clone();
     let weak = Arc::downgrade(gateway);
     tokio::spawn(async move {
+        let group = store.group().clone();
+        let mut lease: Option<i64> = None;
+        let mut announced = 0;
+        let mut renew = tokio::time::interval(Duration::from_secs(ROUTED_TTL_SECS as u64 / 3));
         loop {
             // The syncer may have adopted a newer layout before this task subscribed.
             let record = changes.borrow_and_update().clone();
             if record.epoch > routed {
-                let Some(gateway) = weak.upgrade() else { return };
-                routed = record.epoch;
+                let Some(gateway) = weak.upgrade() else { break };
                 match record.index().and_then(|index| gateway.reroute(index)) {
-                    Ok(()) => tracing::info!(epoch = record.epoch, reason = %record.reason, "routing by a new scope layout"),
+                    Ok(()) => {
+                        routed = record.epoch;
+                        tracing::info!(epoch = record.epoch, reason = %record.reason, "routing by a new scope layout");
+                    }
                     Err(e) => tracing::error!(
                         epoch = record.epoch,
                         "cannot route by the stored scope layout; keeping the current routing: {e}"
                     ),
                 }
             }
-            if changes.changed().await.is_err() {
-                return;
+            if lease.is_none() {
+                match group.lease_grant(pb::PbLeaseGrantRequest { ttl: ROUTED_TTL_SECS, id: 0 }).await {
+                    Ok(granted) => (lease, announced) = (Some(granted.id), 0),
+                    Err(status) => tracing::warn!("cannot lease this replica's routed epoch: {}", status.message()),
+                }
+            }
+            if let Some(id) = lease
+                && announced != routed
+            {
+                match store.put_routed(&replica, routed, id).await {
+                    Ok(()) => announced = routed,
+                    Err(e) => tracing::warn!("cannot publish this replica's routed epoch: {e}"),
+                }
+            }
+            tokio::select! {
+                changed = changes.changed() => if changed.is_err() { break },
+                _ = renew.tick() => if let Some(id) = lease {
+                    let requests = tokio_stream::once(pb::PbLeaseKeepAliveRequest { id });
+                    let alive = match group.lease_keep_alive(requests).await {
+                        Ok(mut answers) => matches!(answers.message().await, Ok(Some(answer)) if answer.ttl > 0),
+                        Err(_) => false,
+                    };
+                    if !alive {
+                        tracing::warn!(replica, "this replica's routed epoch lease lapsed; publishing it again");
+                        lease = None;
+                    }
+                },
+                _ = stopped.changed() => break,
             }
         }
+        if let Some(id) = lease {
+            let _ = group.lease_revoke(pb::PbLeaseRevokeRequest { id }).await;
+        }
     });
+    stop
 }
 
 /// How often each replica sweeps expired nonces and finishes abandoned proposal commits.

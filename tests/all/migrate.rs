@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use aq_host::adapt::migrate::Phase;
 use aq_tests::etcd::TestGateway;
-use etcd_client::{GetOptions, PutOptions};
+use etcd_client::{EventType, GetOptions, PutOptions, WatchOptions};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_scope_moves_live_to_another_group_and_loses_no_acknowledged_write() {
@@ -85,4 +85,86 @@ async fn a_scope_moves_live_to_another_group_and_loses_no_acknowledged_write() {
     let stored = gw.running.syncer.store().migrations().await.unwrap();
     assert_eq!(stored.last().map(|m| (m.id.as_str(), m.phase)), Some((migration.id.as_str(), Phase::Done)));
     assert_eq!(gw.running.syncer.store().active_migration().await.unwrap(), None);
+}
+
+/// Reads a watch until it shows `last`, returning every event's (type, key, revision).
+async fn watch_until(mut stream: etcd_client::WatchStream, last: &'static [u8]) -> Vec<(EventType, Vec<u8>, i64)> {
+    let mut seen = Vec::new();
+    loop {
+        let message = tokio::time::timeout(std::time::Duration::from_secs(60), stream.message())
+            .await
+            .expect("the watch keeps delivering")
+            .expect("the watch stream stays up")
+            .expect("the watch stream stays open");
+        assert!(!message.canceled(), "the watch was canceled: {message:?}");
+        for event in message.events() {
+            let kv = event.kv().unwrap();
+            seen.push((event.event_type(), kv.key().to_vec(), kv.mod_revision()));
+            if kv.key() == last {
+                return seen;
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_watch_open_across_a_move_sees_every_event_once_in_order_and_none_of_the_clean_up() {
+    let gw = TestGateway::start().await;
+    let replica = gw.replica().await;
+    let mut client = gw.client().await;
+    for i in 0..50 {
+        client.put(format!("/registry/pods/ns/p{i:03}"), "v", None).await.unwrap();
+    }
+    // A prefix watch through each replica, and one on a single key (narrower than the part
+    // of the scope the replay watches).
+    let mut watches = Vec::new();
+    for endpoint in [gw.endpoint(), replica.running.addr.to_string()] {
+        let mut client = etcd_client::Client::connect([endpoint], None).await.unwrap();
+        let stream = client.watch("/registry/configmaps/", Some(WatchOptions::new().with_prefix())).await.unwrap();
+        watches.push(tokio::spawn(watch_until(stream, b"/registry/configmaps/zz-end")));
+    }
+    let single = client.watch("/registry/pods/ns/p001", None).await.unwrap();
+    let single = tokio::spawn(watch_until(single, b"/registry/pods/ns/p001"));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut writers = Vec::new();
+    for (n, endpoint) in [gw.endpoint(), replica.running.addr.to_string()].into_iter().enumerate() {
+        let stop = stop.clone();
+        writers.push(tokio::spawn(async move {
+            let mut client = etcd_client::Client::connect([endpoint], None).await.unwrap();
+            let mut acked = Vec::new();
+            for i in 0.. {
+                if stop.load(Ordering::Relaxed) && i > 0 {
+                    break;
+                }
+                let key = format!("/registry/configmaps/w{n}/{i:05}");
+                let answer = client.put(key.as_str(), "x", None).await.unwrap_or_else(|e| panic!("{key}: {e}"));
+                acked.push((key.into_bytes(), answer.header().unwrap().revision()));
+            }
+            acked
+        }));
+    }
+
+    let migration = gw.running.migrator.run_to_end("registry", "events").await.unwrap();
+    assert_eq!((migration.phase, migration.error.as_deref()), (Phase::Done, None), "{migration:?}");
+    stop.store(true, Ordering::Relaxed);
+    let mut acked = Vec::new();
+    for writer in writers {
+        acked.extend(writer.await.unwrap());
+    }
+    let end = client.put("/registry/configmaps/zz-end", "", None).await.unwrap().header().unwrap().revision();
+    acked.push((b"/registry/configmaps/zz-end".to_vec(), end));
+    acked.sort_by_key(|(_, revision)| *revision);
+    let p001 = client.put("/registry/pods/ns/p001", "after", None).await.unwrap().header().unwrap().revision();
+
+    // Each watch saw each acknowledged write once, at the revision its writer was told, in
+    // revision order, and none of the old copy's deletion.
+    for watch in watches {
+        let seen = watch.await.unwrap();
+        assert!(seen.iter().all(|(kind, _, _)| *kind == EventType::Put), "only puts were made: {seen:?}");
+        let seen: Vec<(Vec<u8>, i64)> = seen.into_iter().map(|(_, key, revision)| (key, revision)).collect();
+        assert_eq!(seen.len(), acked.len(), "one event per acknowledged write");
+        assert_eq!(seen, acked);
+    }
+    let single = single.await.unwrap();
+    assert_eq!(single, vec![(EventType::Put, b"/registry/pods/ns/p001".to_vec(), p001)]);
 }

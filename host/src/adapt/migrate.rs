@@ -45,6 +45,13 @@ const PAGE: i64 = 500;
 /// applied during the hand-off.
 const CATCH_UP_FOR: Duration = Duration::from_secs(5);
 
+/// How long the clean-up waits for every replica to route by the new layout; a replica that
+/// died without withdrawing its routed epoch stops counting within its lease's TTL (10 s).
+const ROUTED_WAIT: Duration = Duration::from_secs(30);
+
+/// How often the clean-up looks at which layout the replicas route by.
+const ROUTED_POLL: Duration = Duration::from_millis(25);
+
 /// How far a migration got.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -377,21 +384,49 @@ impl Migrator {
         work.after = ScopeIndex::new(scopes).map_err(|e| e.to_string())?;
         work.to.reconcile(&work.after.group_ranges(&work.migration.to)).await?;
         let reason = format!("migration {}: scope {} moved from group {from} to {}", work.migration.id, work.migration.scope, work.migration.to);
-        self.store
-            .write_layout(&work.layout.changed(&work.after, reason), work.layout_revision)
-            .await
-            .map_err(|e| format!("cannot write the new layout: {e}"))?;
+        let layout = work.layout.changed(&work.after, reason);
+        self.store.write_layout(&layout, work.layout_revision).await.map_err(|e| format!("cannot write the new layout: {e}"))?;
         work.migration.revisions = Some(shift);
         tracing::info!(id = %work.migration.id, scope = %work.migration.scope, to = %work.migration.to, ?shift, "migration cut over");
 
-        // 5. Clean up the old copy.
+        // 5. Clean up the old copy, once no replica's watch can still be reading it.
         work.migration.phase = Phase::CleanUp;
         self.record(&mut work.migration).await;
+        self.await_routed(layout.epoch).await?;
         for part in &work.parts {
+            // A marker first: every watch still draining the old copy sees an event of a
+            // revision past the hand-off in each part, even one with no key left, and knows it
+            // has seen all the scope's writes there (`front/watch.rs`).
+            let marker = if part.start.is_empty() { vec![0] } else { part.start.clone() };
+            work.source
+                .put(marker, Vec::new(), None)
+                .await
+                .map_err(|e| format!("cannot mark the end of the old copy on group {from}: {e}"))?;
             delete(&mut work.source, part).await.map_err(|e| format!("cannot delete the old copy on group {from}: {e}"))?;
         }
         work.migration.phase = Phase::Done;
         Ok(())
+    }
+
+    /// Waits until every live replica routes by layout `epoch` (or later), within
+    /// [`ROUTED_WAIT`].
+    async fn await_routed(&self, epoch: u64) -> Result<(), String> {
+        let deadline = tokio::time::Instant::now() + ROUTED_WAIT;
+        loop {
+            let routed = self.store.routed().await.map_err(|e| format!("cannot read which layout the replicas route by: {e}"))?;
+            let behind: Vec<String> =
+                routed.iter().filter(|(_, at)| *at < epoch).map(|(replica, at)| format!("{replica} (epoch {at})")).collect();
+            if behind.is_empty() {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(format!(
+                    "replicas still route by an older layout than epoch {epoch} after {ROUTED_WAIT:?}: {}",
+                    behind.join(", ")
+                ));
+            }
+            tokio::time::sleep(ROUTED_POLL).await;
+        }
     }
 
     /// Writes one key of the scope to the new group, with its lease copied there.

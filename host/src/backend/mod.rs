@@ -49,16 +49,22 @@ struct Login {
 const STREAM_TOKEN_IDLE: Duration = Duration::from_secs(120);
 
 /// Whether etcd refused a request for its token, before applying it: the token is unknown or
-/// expired (`invalid auth token`), or the auth store changed between authorising and applying
-/// the request (`revision of auth store is old`). Either way nothing was written, and the
-/// request can be sent again with a new token; its permissions are then checked anew.
+/// expired (`invalid auth token`). Nothing was written; the request can be sent again with a
+/// new token.
 fn token_refused(status: &Status) -> bool {
-    match status.code() {
-        Code::Unauthenticated => status.message().contains("invalid auth token"),
-        Code::InvalidArgument => status.message().contains("revision of auth store is old"),
-        _ => false,
-    }
+    status.code() == Code::Unauthenticated && status.message().contains("invalid auth token")
 }
+
+/// Whether the auth store changed between authorising and applying a request (`revision of
+/// auth store is old`): nothing was written, and sent again the request's permissions are
+/// checked anew. A hand-off changes the auth store a few times in a row (each range granted or
+/// revoked), hence [`AUTH_CHANGED_RETRIES`].
+fn auth_changed(status: &Status) -> bool {
+    status.code() == Code::InvalidArgument && status.message().contains("revision of auth store is old")
+}
+
+/// Resends of one request whose group's auth store changed under it.
+const AUTH_CHANGED_RETRIES: u32 = 16;
 
 /// Errors connecting to a group.
 #[derive(Debug, thiserror::Error)]
@@ -261,7 +267,7 @@ impl Group {
             extra.push((*name, value));
         }
         let message = Arc::new(request);
-        let mut retried = false;
+        let (mut retried, mut resent) = (false, 0);
         loop {
             let token = self.token().await?;
             let mut request = tonic::Request::new(message.clone());
@@ -278,6 +284,7 @@ impl Group {
                     retried = true;
                     self.renew(token).await?;
                 }
+                Err(status) if resent < AUTH_CHANGED_RETRIES && token.is_some() && auth_changed(&status) => resent += 1,
                 other => {
                     if let (Some(login), Ok(_)) = (&self.login, &other) {
                         login.used_ms.store(crate::clock::unix_ms(), std::sync::atomic::Ordering::Relaxed);

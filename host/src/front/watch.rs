@@ -2,6 +2,15 @@
 //! needs; a client watch over several scopes becomes one backend watch per scope part, and their
 //! events come back under the client's watch id. Reserved keys are never watched: the index
 //! leaves them out of every part.
+//!
+//! A watch outlives a move of its scope to another group (`adapt/migrate.rs`). When routing
+//! changes, each part whose scope now lives elsewhere is re-homed: the old group is watched
+//! again, over the scope's whole part, from the last revision the client was given, and its
+//! events reach the client up to the hand-off revision; meanwhile a part on the new group,
+//! from the cut-over on, holds its events. The migration writes a marker into every part of
+//! the old copy before deleting it, so the replay always sees an event past the hand-off and
+//! knows it is done; then the new part's events follow. The client sees every event of the
+//! scope once, in revision order, and none of the old copy's deletion.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -18,6 +27,16 @@ use crate::index::{KeyRange, RevisionShift};
 
 /// Buffered responses per client stream.
 const BUFFER: usize = 256;
+
+/// How long a re-homed part may take to replay the old copy of its scope; past it, the client
+/// watch is canceled as compacted at the scope's new floor, and kube-style clients relist.
+const DRAIN_FOR: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Appended to a group's name for the stream that replays what it handed off.
+const REPLAY: &str = " (replay)";
+
+/// etcd's watch filter values, which equal the event types they drop.
+const FILTERS: std::ops::RangeInclusive<i32> = 0..=1;
 
 /// The Watch service.
 pub struct Watch {
@@ -66,6 +85,35 @@ struct ClientWatch {
     parts: Vec<(String, i64)>,
     awaiting_created: usize,
     canceling: bool,
+    /// The client's create request, which re-homed parts are opened from.
+    request: pb::PbWatchRequest,
+}
+
+/// One backend watch of a session.
+struct Part {
+    /// The client watch it serves.
+    client: i64,
+    /// The revision shift of its scope.
+    shift: RevisionShift,
+    /// Its scope, and the keys of the scope it watches.
+    scope: String,
+    range: KeyRange,
+    /// The last backend revision the client has been given all events of; `None` until the
+    /// backend said where the watch starts.
+    seen: Option<i64>,
+    /// Its created answer is the session's own business, not the client's.
+    quiet: bool,
+    state: PartState,
+}
+
+enum PartState {
+    /// Events go to the client as they come.
+    Live,
+    /// Replays the old copy of a moved scope up to `handed`, the old group's last revision
+    /// of it, then hands over to the part `next` on the new group.
+    Draining { handed: i64, next: (String, i64), filters: Vec<i32>, floor: i64, until: tokio::time::Instant },
+    /// A part on a moved scope's new group, whose answers wait for the old copy's replay.
+    Held(Vec<pb::PbWatchResponse>),
 }
 
 struct Session {
@@ -73,8 +121,8 @@ struct Session {
     to_client: mpsc::Sender<Result<pb::PbWatchResponse, Status>>,
     from_backends: mpsc::Sender<(String, Result<pb::PbWatchResponse, Status>)>,
     backends: HashMap<String, Backend>,
-    /// (group, backend watch id) → client watch id, and the revision shift of the part's scope.
-    parts: HashMap<(String, i64), (i64, RevisionShift)>,
+    /// (group, backend watch id) → the part.
+    parts: HashMap<(String, i64), Part>,
     watches: HashMap<i64, ClientWatch>,
     next_id: i64,
 }
@@ -85,7 +133,9 @@ impl Session {
         mut inbound: Streaming<pb::PbWatchRequest>,
         mut backend_responses: mpsc::Receiver<(String, Result<pb::PbWatchResponse, Status>)>,
     ) {
+        let mut reroutes = self.gate.reroutes();
         loop {
+            let drain_until = self.drain_deadline();
             tokio::select! {
                 message = inbound.message() => match message {
                     Ok(Some(request)) => {
@@ -97,7 +147,25 @@ impl Session {
                     Ok(None) | Err(_) => return,
                 },
                 Some((group, response)) = backend_responses.recv() => {
+                    // Routing that changed is followed before any answer is passed on, so an
+                    // answer from a group that handed a scope off is read as the old copy's.
+                    if reroutes.has_changed().unwrap_or(false) {
+                        reroutes.borrow_and_update();
+                        if !self.rehome().await {
+                            return;
+                        }
+                    }
                     if !self.on_backend(group, response).await {
+                        return;
+                    }
+                }
+                Ok(()) = reroutes.changed() => {
+                    if !self.rehome().await {
+                        return;
+                    }
+                }
+                _ = tokio::time::sleep_until(drain_until.unwrap_or_else(far_future)), if drain_until.is_some() => {
+                    if !self.drain_overdue().await {
                         return;
                     }
                 }
@@ -109,9 +177,10 @@ impl Session {
         self.to_client.send(Ok(response)).await.is_ok()
     }
 
-    /// The backend stream of `group`, opened on first use.
-    fn backend(&mut self, group: &Group) -> &mut Backend {
-        let name = group.name().to_string();
+    /// The backend stream named `name`, to `group`, opened on first use. A group's stream is
+    /// named after it; a replay's after the group with [`REPLAY`] appended.
+    fn backend(&mut self, name: &str, group: &Group) -> &mut Backend {
+        let name = name.to_string();
         let from_backends = self.from_backends.clone();
         self.backends.entry(name.clone()).or_insert_with(|| {
             let (requests, rx) = mpsc::channel(BUFFER);
@@ -200,14 +269,14 @@ impl Session {
             return self.refuse(id, "etcdserver: duplicate watch ID".into()).await;
         }
         let range = KeyRange::from_request(&key, &range_end);
-        let parts: Vec<(Group, KeyRange, RevisionShift)> = self
+        let parts: Vec<(Group, KeyRange, RevisionShift, String)> = self
             .gate
             .routing()
             .parts(&range)
             .into_iter()
-            .map(|(runtime, part)| (runtime.group.clone(), part, runtime.scope.revisions))
+            .map(|(runtime, part)| (runtime.group.clone(), part, runtime.scope.revisions, runtime.scope.id.clone()))
             .collect();
-        let groups: std::collections::BTreeSet<&str> = parts.iter().map(|(g, _, _)| g.name()).collect();
+        let groups: std::collections::BTreeSet<&str> = parts.iter().map(|(g, _, _, _)| g.name()).collect();
         if start_revision > 0 && groups.len() > 1 {
             let reason = format!(
                 "a watch from revision {start_revision} spans scopes on {} etcd groups, whose revisions are \
@@ -218,13 +287,14 @@ impl Session {
         }
         if parts.is_empty() {
             // Keys nobody can write through aq: the watch exists and never fires.
-            self.watches.insert(id, ClientWatch { parts: Vec::new(), awaiting_created: 0, canceling: false });
+            let watch = ClientWatch { parts: Vec::new(), awaiting_created: 0, canceling: false, request: request.clone() };
+            self.watches.insert(id, watch);
             let header = self.home_header().await;
             return self.send(pb::PbWatchResponse { header, watch_id: id, created: true, ..Default::default() }).await;
         }
         // A start revision before a moved scope's floor is history its group does not have:
         // answered as etcd answers a watch from a compacted revision.
-        if let Some(floor) = parts.iter().find_map(|(_, _, shift)| shift.at(start_revision).err().map(|_| shift.floor)) {
+        if let Some(floor) = parts.iter().find_map(|(_, _, shift, _)| shift.at(start_revision).err().map(|_| shift.floor)) {
             let header = self.home_header().await;
             let created = pb::PbWatchResponse { header, watch_id: id, created: true, ..Default::default() };
             let compacted =
@@ -232,25 +302,41 @@ impl Session {
             return self.send(created).await && self.send(compacted).await;
         }
         let mut recorded = Vec::new();
-        for (group, part, shift) in parts {
-            let backend = self.backend(&group);
-            let backend_id = backend.next_id;
-            backend.next_id += 1;
-            let (key, range_end) = part.to_request();
-            let mut part_request = request.clone();
-            if let Some(pb::PbWatchRequestUnion::CreateRequest(create)) = &mut part_request.request_union {
-                create.key = key;
-                create.range_end = range_end;
-                create.watch_id = backend_id;
-                create.start_revision = shift.bound(create.start_revision);
-            }
-            let _ = backend.requests.send(part_request).await;
-            self.parts.insert((group.name().to_string(), backend_id), (id, shift));
+        for (group, part, shift, scope) in parts {
+            let start = shift.bound(start_revision);
+            let backend_id = self.open(group.name(), &group, request, &part, start, false).await;
+            let seen = (start > 0).then_some(start - 1);
+            let state = PartState::Live;
+            let part = Part { client: id, shift, scope, range: part, seen, quiet: false, state };
+            self.parts.insert((group.name().to_string(), backend_id), part);
             recorded.push((group.name().to_string(), backend_id));
         }
         let awaiting_created = recorded.len();
-        self.watches.insert(id, ClientWatch { parts: recorded, awaiting_created, canceling: false });
+        let watch = ClientWatch { parts: recorded, awaiting_created, canceling: false, request: request.clone() };
+        self.watches.insert(id, watch);
         true
+    }
+
+    /// Opens a backend watch on `group` for the client's create `request`, over `range` from
+    /// backend revision `start`; `all_events` drops the client's filters (the session applies
+    /// them). Returns its backend watch id.
+    async fn open(&mut self, name: &str, group: &Group, request: &pb::PbWatchRequest, range: &KeyRange, start: i64, all_events: bool) -> i64 {
+        let backend = self.backend(name, group);
+        let backend_id = backend.next_id;
+        backend.next_id += 1;
+        let (key, range_end) = range.to_request();
+        let mut part_request = request.clone();
+        if let Some(pb::PbWatchRequestUnion::CreateRequest(create)) = &mut part_request.request_union {
+            create.key = key;
+            create.range_end = range_end;
+            create.watch_id = backend_id;
+            create.start_revision = start;
+            if all_events {
+                create.filters.clear();
+            }
+        }
+        let _ = backend.requests.send(part_request).await;
+        backend_id
     }
 
     /// A header for answers aq makes itself.
@@ -305,22 +391,55 @@ impl Session {
         };
         // A progress answer to RequestProgress carries no watch id (-1): pass it on, at the
         // least revision any watch on the group shows, so no watch is told more than it has.
+        // While a moved scope's old copy replays, the new group's progress would run ahead of
+        // events not yet given: such answers are dropped (the client may ask again).
         if response.watch_id < 0 {
+            if self.parts.values().any(|part| !matches!(part.state, PartState::Live)) {
+                return true;
+            }
             let shift = self
                 .parts
                 .iter()
                 .filter(|((g, _), _)| *g == group)
-                .map(|(_, (_, shift))| *shift)
+                .map(|(_, part)| part.shift)
                 .min_by_key(|shift| shift.offset)
                 .unwrap_or_default();
             shift.watch_response(&mut response);
             return self.send(response).await;
         }
-        let Some(&(id, shift)) = self.parts.get(&(group.clone(), response.watch_id)) else {
+        let key = (group, response.watch_id);
+        let Some(part) = self.parts.get_mut(&key) else {
             return true;
         };
+        match &mut part.state {
+            PartState::Live => self.deliver(key, response).await,
+            PartState::Held(_) if response.canceled => self.deliver(key, response).await,
+            PartState::Held(waiting) => {
+                if !response.created {
+                    waiting.push(response);
+                }
+                true
+            }
+            PartState::Draining { .. } => self.replay(key, response).await,
+        }
+    }
+
+    /// Passes a live part's answer on to its client watch; false ends the session.
+    async fn deliver(&mut self, key: (String, i64), mut response: pb::PbWatchResponse) -> bool {
+        let Some(part) = self.parts.get_mut(&key) else { return true };
+        let id = part.client;
+        let header = response.header.as_ref().map(|h| h.revision).unwrap_or_default();
+        if response.created {
+            part.seen = part.seen.or(Some(header));
+        } else if !response.canceled {
+            let last = response.events.iter().filter_map(|e| e.kv.as_ref()).map(|kv| kv.mod_revision).max();
+            // A progress notification of this watch: every event up to the header was sent.
+            let upto = last.unwrap_or(header);
+            part.seen = Some(part.seen.unwrap_or_default().max(upto));
+        }
+        let quiet = part.quiet;
         response.watch_id = id;
-        shift.watch_response(&mut response);
+        part.shift.watch_response(&mut response);
         let Some(watch) = self.watches.get_mut(&id) else {
             return true;
         };
@@ -330,6 +449,9 @@ impl Session {
             return if first { self.send(response).await } else { true };
         }
         if response.created {
+            if quiet {
+                return true;
+            }
             watch.awaiting_created = watch.awaiting_created.saturating_sub(1);
             // One created answer per client watch, once every part exists.
             return if watch.awaiting_created == 0 { self.send(response).await } else { true };
@@ -338,6 +460,190 @@ impl Session {
             return true;
         }
         self.send(response).await
+    }
+
+    /// Passes on a replay of a moved scope's old copy: the events of the part's keys up to the
+    /// hand-off; the first event past it ends the replay, and the new group's part takes over.
+    async fn replay(&mut self, key: (String, i64), response: pb::PbWatchResponse) -> bool {
+        let Some(part) = self.parts.get(&key) else { return true };
+        let PartState::Draining { handed, next, filters, floor, .. } = &part.state else { return true };
+        let (handed, next, floor, id) = (*handed, next.clone(), *floor, part.client);
+        if response.created {
+            return true;
+        }
+        if response.canceled {
+            if self.watches.get(&id).is_some_and(|w| w.canceling) {
+                self.forget(id);
+                return self.send(pb::PbWatchResponse { watch_id: id, canceled: true, ..Default::default() }).await;
+            }
+            // The old group no longer has the history (compacted): the client relists.
+            return self.compacted(id, floor).await;
+        }
+        let mut done = false;
+        let mut events = Vec::new();
+        for event in response.events {
+            let Some(kv) = &event.kv else { continue };
+            if kv.mod_revision > handed {
+                done = true;
+                break;
+            }
+            if part.range.contains(&kv.key) && !filters.contains(&event.r#type) {
+                events.push(event);
+            }
+        }
+        if !events.is_empty() {
+            let mut header = response.header;
+            if let Some(header) = &mut header {
+                header.revision = header.revision.min(handed);
+            }
+            let mut given = pb::PbWatchResponse { header, watch_id: id, events, ..Default::default() };
+            part.shift.watch_response(&mut given);
+            let canceling = self.watches.get(&id).is_none_or(|w| w.canceling);
+            if !canceling && !self.send(given).await {
+                return false;
+            }
+        }
+        if !done {
+            return true;
+        }
+        // The old copy is replayed: the new group's part goes live with what it held.
+        self.drop_part(&key);
+        let Some(successor) = self.parts.get_mut(&next) else { return true };
+        let PartState::Held(waiting) = std::mem::replace(&mut successor.state, PartState::Live) else { return true };
+        for response in waiting {
+            if !self.deliver(next.clone(), response).await {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Follows a change of routing: every live part whose scope moved to another group is
+    /// re-homed (see the module's documentation); false ends the session.
+    async fn rehome(&mut self) -> bool {
+        let routing = self.gate.routing();
+        let live: Vec<(String, i64)> =
+            self.parts.iter().filter(|(_, part)| matches!(part.state, PartState::Live)).map(|(key, _)| key.clone()).collect();
+        for key in live {
+            let Some(part) = self.parts.get_mut(&key) else { continue };
+            let (id, old) = (part.client, part.shift);
+            let Some(runtime) = routing.scope(&part.scope) else {
+                // The scope is gone from the layout: nothing can follow it.
+                let floor = old.floor;
+                if !self.compacted(id, floor).await {
+                    return false;
+                }
+                continue;
+            };
+            let new = runtime.scope.revisions;
+            if runtime.group.name() == key.0 {
+                part.shift = new;
+                continue;
+            }
+            let (range, seen, scope_id) = (part.range.clone(), part.seen, part.scope.clone());
+            let Some(seen) = seen else {
+                // The watch had not started on the old group: where it stood is unknown.
+                if !self.compacted(id, new.floor).await {
+                    return false;
+                }
+                continue;
+            };
+            let Some(watch) = self.watches.get(&id) else { continue };
+            let request = watch.request.clone();
+            let filters: Vec<i32> = match &request.request_union {
+                Some(pb::PbWatchRequestUnion::CreateRequest(create)) => {
+                    create.filters.iter().copied().filter(|f| FILTERS.contains(f)).collect()
+                }
+                _ => Vec::new(),
+            };
+            // The old group's last revision of the scope, and the new group's first.
+            let handed = new.base - 1 - old.offset;
+            let cut = new.floor - new.offset;
+            let group = runtime.group.clone();
+            let next_id = self.open(group.name(), &group, &request, &range, cut + 1, false).await;
+            let next = (group.name().to_string(), next_id);
+            let state = if seen >= handed { PartState::Live } else { PartState::Held(Vec::new()) };
+            let successor = Part { client: id, shift: new, scope: scope_id.clone(), range: range.clone(), seen: Some(cut), quiet: true, state };
+            self.parts.insert(next.clone(), successor);
+            self.drop_part(&key);
+            self.watches.get_mut(&id).expect("checked").parts.push(next.clone());
+            tracing::info!(watch = id, scope = %scope_id, from = %key.0, to = group.name(), "a watch follows its scope to a new group");
+            if seen >= handed {
+                continue;
+            }
+            // Replays over the scope's whole part on the old group, where the migration's
+            // marker is certain to show up.
+            let whole = routing
+                .parts(&runtime.scope.range)
+                .into_iter()
+                .filter(|(r, p)| r.scope.id == scope_id && p.contains(&range.start))
+                .map(|(_, p)| p)
+                .next()
+                .unwrap_or_else(|| range.clone());
+            let Some(old_group) = self.gate.replayer(&key.0).cloned() else { continue };
+            let name = format!("{}{REPLAY}", key.0);
+            let drain_id = self.open(&name, &old_group, &request, &whole, seen + 1, true).await;
+            let until = tokio::time::Instant::now() + DRAIN_FOR;
+            let state = PartState::Draining { handed, next, filters, floor: new.floor, until };
+            let drain = Part { client: id, shift: old, scope: scope_id, range, seen: Some(seen), quiet: true, state };
+            let drain_key = (name, drain_id);
+            self.parts.insert(drain_key.clone(), drain);
+            self.watches.get_mut(&id).expect("checked").parts.push(drain_key);
+        }
+        true
+    }
+
+    /// When the first replay still under way is overdue.
+    fn drain_deadline(&self) -> Option<tokio::time::Instant> {
+        self.parts
+            .values()
+            .filter_map(|part| match part.state {
+                PartState::Draining { until, .. } => Some(until),
+                _ => None,
+            })
+            .min()
+    }
+
+    /// Gives up on replays past their time: their client watches end as compacted.
+    async fn drain_overdue(&mut self) -> bool {
+        let now = tokio::time::Instant::now();
+        let overdue: Vec<(i64, i64)> = self
+            .parts
+            .values()
+            .filter_map(|part| match part.state {
+                PartState::Draining { until, floor, .. } if until <= now => Some((part.client, floor)),
+                _ => None,
+            })
+            .collect();
+        for (id, floor) in overdue {
+            tracing::warn!(watch = id, "the old copy of a moved scope did not finish replaying; the watch ends as compacted");
+            if !self.compacted(id, floor).await {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Ends client watch `id` as etcd ends a watch whose history was compacted at `floor`.
+    async fn compacted(&mut self, id: i64, floor: i64) -> bool {
+        if !self.watches.contains_key(&id) {
+            return true;
+        }
+        self.forget(id);
+        let header = self.home_header().await;
+        self.send(pb::PbWatchResponse { header, watch_id: id, canceled: true, compact_revision: floor, ..Default::default() }).await
+    }
+
+    /// Cancels one backend part and forgets it.
+    fn drop_part(&mut self, key: &(String, i64)) {
+        let Some(part) = self.parts.remove(key) else { return };
+        if let Some(watch) = self.watches.get_mut(&part.client) {
+            watch.parts.retain(|p| p != key);
+        }
+        if let Some(backend) = self.backends.get(&key.0) {
+            let cancel = build(pb::PbWatchRequestUnion::CancelRequest, |c| c.watch_id = key.1);
+            let _ = backend.requests.try_send(cancel);
+        }
     }
 
     /// Drops a client watch and cancels what is left of its parts.
@@ -351,4 +657,9 @@ impl Session {
             }
         }
     }
+}
+
+/// An instant no deadline reaches.
+fn far_future() -> tokio::time::Instant {
+    tokio::time::Instant::now() + std::time::Duration::from_secs(86_400 * 365)
 }

@@ -164,6 +164,9 @@ pub struct Gateway {
     routing: arc_swap::ArcSwap<Routing>,
     /// Counts reroutes, so a write a group refused mid hand-off can wait for the next one.
     rerouted: tokio::sync::watch::Sender<u64>,
+    /// Per group, a connection as its etcd administrator, which can still read ranges the
+    /// group handed off: watches replay a moved scope's old copy through it.
+    replayers: std::sync::OnceLock<BTreeMap<String, Group>>,
     groups: BTreeMap<String, Group>,
     /// The group where leases are granted and which answers for aq itself (status).
     home: Group,
@@ -193,6 +196,7 @@ impl Gateway {
         Ok(Gateway {
             routing: arc_swap::ArcSwap::from_pointee(routing),
             rerouted: tokio::sync::watch::Sender::new(0),
+            replayers: std::sync::OnceLock::new(),
             groups,
             home,
             engine,
@@ -226,6 +230,17 @@ impl Gateway {
         self.rerouted.subscribe()
     }
 
+    /// Gives the gateway its groups' administrator connections (see [`Gateway::replayer`]);
+    /// only the first call counts.
+    pub fn set_replayers(&self, replayers: BTreeMap<String, Group>) {
+        let _ = self.replayers.set(replayers);
+    }
+
+    /// The connection that reads what `group` handed off: its administrator's where aq has
+    /// one, otherwise the group's own (which etcd then does not restrict to the group's ranges).
+    pub fn replayer(&self, group: &str) -> Option<&Group> {
+        self.replayers.get().and_then(|r| r.get(group)).or_else(|| self.groups.get(group))
+    }
 
     /// Every scope's load on this replica.
     pub fn stats(&self) -> &Arc<crate::adapt::stats::Stats> {
