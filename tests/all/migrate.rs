@@ -41,6 +41,23 @@ async fn a_scope_moves_live_to_another_group_and_loses_no_acknowledged_write() {
         }));
     }
 
+    // So do readers: none of their reads fails, and none sees fewer keys than before.
+    let mut readers = Vec::new();
+    for endpoint in [gw.endpoint(), replica.running.addr.to_string()] {
+        let stop = stop.clone();
+        readers.push(tokio::spawn(async move {
+            let mut client = etcd_client::Client::connect([endpoint], None).await.unwrap();
+            let mut reads = 0;
+            while !stop.load(Ordering::Relaxed) || reads == 0 {
+                let options = GetOptions::new().with_prefix().with_count_only();
+                let pods = client.get("/registry/pods/", Some(options)).await.unwrap_or_else(|e| panic!("read {reads}: {e}"));
+                assert_eq!(pods.count(), 120, "read {reads}");
+                reads += 1;
+            }
+            reads
+        }));
+    }
+
     let migration = gw.running.migrator.run_to_end("registry", "events").await.unwrap();
     assert_eq!((migration.phase, migration.error.as_deref()), (Phase::Done, None), "{migration:?}");
     assert!(migration.keys_copied >= 120, "{migration:?}");
@@ -51,6 +68,9 @@ async fn a_scope_moves_live_to_another_group_and_loses_no_acknowledged_write() {
         .await;
     }
     stop.store(true, Ordering::Relaxed);
+    for reader in readers {
+        assert!(reader.await.unwrap() > 0);
+    }
     let mut acked = Vec::new();
     for writer in writers {
         let written = writer.await.unwrap();

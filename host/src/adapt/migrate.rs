@@ -121,7 +121,7 @@ pub enum MigrateError {
     #[error("{0}")]
     Invalid(String),
     /// Another migration is under way.
-    #[error("migration {0} is under way; wait for it to end (aq migrations ls)")]
+    #[error("migration {0} is under way; wait for it to end (GET /v1/migrations/{0})")]
     Busy(String),
     /// The meta group or a group failed.
     #[error("{0}")]

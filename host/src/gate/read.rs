@@ -10,8 +10,26 @@ use super::{GateError, Gateway, ScopeRuntime};
 use crate::index::KeyRange;
 
 impl Gateway {
-    /// etcd `Range`: routed, split across scopes and merged in the requested order.
+    /// etcd `Range`: routed, split across scopes and merged in the requested order. A read a
+    /// group refuses because it handed the keys off (a move's hand-off, before routing names
+    /// the new group) is read again once routing changes, within [`super::HANDOFF_WAIT`].
     pub async fn range(&self, request: pb::PbRangeRequest) -> Result<pb::PbRangeResponse, GateError> {
+        let mut reroutes = self.reroutes();
+        let deadline = tokio::time::Instant::now() + super::HANDOFF_WAIT;
+        loop {
+            match self.range_once(request.clone()).await {
+                Err(GateError::Backend(status)) if status.code() == tonic::Code::PermissionDenied => {
+                    match tokio::time::timeout_at(deadline, reroutes.changed()).await {
+                        Ok(Ok(())) => continue,
+                        _ => return Err(GateError::Backend(status)),
+                    }
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn range_once(&self, request: pb::PbRangeRequest) -> Result<pb::PbRangeResponse, GateError> {
         let range = KeyRange::from_request(&request.key, &request.range_end);
         let routing = self.routing();
         let parts = routing.parts(&range);
