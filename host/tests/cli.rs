@@ -235,6 +235,42 @@ async fn the_cli_pushes_binds_evaluates_and_rolls_back_over_the_admin_api() {
     assert!(err.contains("not known") && err.contains("HTTP 401"), "{err}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_moves_a_scope_and_shows_its_migrations() {
+    let gw = aq_tests::etcd::TestGateway::start().await;
+    let mut client = gw.client().await;
+    for i in 0..20 {
+        client.put(format!("/registry/pods/p{i:02}"), "v", None).await.unwrap();
+    }
+    let (code, out, err) = remote(&gw, &["scopes", "move", "registry", "--to", "events"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    let phases: Vec<&str> = out.lines().filter_map(|l| l.split(": ").nth(1)?.split(' ').next()).collect();
+    assert_eq!(phases.last(), Some(&"done"), "{out}");
+    assert!(out.contains("20 of 20 keys copied"), "{out}");
+    let id = out.split(':').next().unwrap().to_string();
+    let (code, out, _) = remote(&gw, &["scopes", "ls"]).await;
+    assert_eq!(code, 0);
+    let registry = out.lines().find(|l| l.trim_start().starts_with("registry ")).unwrap_or_else(|| panic!("{out}"));
+    assert!(registry.contains("events"), "moved: {registry}");
+
+    let (code, out, _) = remote(&gw, &["migrations", "ls"]).await;
+    assert_eq!(code, 0);
+    let row = out.lines().find(|l| l.starts_with(&id)).unwrap_or_else(|| panic!("{out}"));
+    assert!(row.contains("registry") && row.contains("main → events") && row.contains("done") && row.contains("20/20"), "{row}");
+    let (code, out, _) = remote(&gw, &["migrations", "show", &id, "--json"]).await;
+    assert_eq!(code, 0);
+    let record: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!((record["phase"].as_str(), record["keys_copied"].as_u64()), (Some("done"), Some(20)));
+
+    // A move to where the scope is, or to no such group, is refused with the reason, exit 1.
+    let (code, _, err) = remote(&gw, &["scopes", "move", "registry", "--to", "events"]).await;
+    assert_eq!(code, 1);
+    assert!(err.contains("HTTP 400") && err.contains("events"), "{err}");
+    let (code, _, err) = remote(&gw, &["migrations", "show", "no-such"]).await;
+    assert_eq!(code, 1);
+    assert!(err.contains("HTTP 404"), "{err}");
+}
+
 #[test]
 fn keys_gen_writes_a_private_key_readable_only_by_its_owner_and_never_overwrites() {
     use std::os::unix::fs::PermissionsExt;

@@ -33,6 +33,9 @@ enum Command {
     /// The scopes of a running aq.
     #[command(subcommand)]
     Scopes(ScopesCommand),
+    /// Live moves of scopes between groups.
+    #[command(subcommand)]
+    Migrations(MigrationsCommand),
     /// Dry-run a mutation against a scope's active policy on a running aq; exit 1 unless it
     /// is allowed.
     Eval {
@@ -117,6 +120,36 @@ enum Command {
 enum ScopesCommand {
     /// The scope tree with bindings and counters.
     Ls {
+        #[command(flatten)]
+        remote: remote::Remote,
+    },
+    /// Move a scope's keys live onto another group; follows the move to its end unless
+    /// `--detach`. Exit 0 when it is done, 1 when it rolled back or left an error.
+    Move {
+        /// The scope.
+        scope: String,
+        /// The group it moves to.
+        #[arg(long)]
+        to: String,
+        /// Print the migration's id and return at once.
+        #[arg(long)]
+        detach: bool,
+        #[command(flatten)]
+        remote: remote::Remote,
+    },
+}
+
+#[derive(Subcommand)]
+enum MigrationsCommand {
+    /// Every migration, oldest first.
+    Ls {
+        #[command(flatten)]
+        remote: remote::Remote,
+    },
+    /// One migration's record.
+    Show {
+        /// Its id.
+        id: String,
         #[command(flatten)]
         remote: remote::Remote,
     },
@@ -386,6 +419,9 @@ pub fn main() -> ExitCode {
         Command::Policy(PolicyCommand::Rollback { scope, remote }) => remote::rollback(&remote, &scope),
         Command::Policy(PolicyCommand::Rm { digest, remote }) => remote::remove(&remote, &digest),
         Command::Scopes(ScopesCommand::Ls { remote }) => remote::list_scopes(&remote),
+        Command::Scopes(ScopesCommand::Move { scope, to, detach, remote }) => remote::move_scope(&remote, &scope, &to, detach),
+        Command::Migrations(MigrationsCommand::Ls { remote }) => remote::list_migrations(&remote),
+        Command::Migrations(MigrationsCommand::Show { id, remote }) => remote::show_migration(&remote, &id),
         Command::Eval { scope, puts, deletes, remote } => remote::eval(&remote, &scope, &puts, &deletes),
         Command::Token { name, role } => remote::token(&name, &role),
         Command::Keys(KeysCommand::Gen { out }) => remote::keygen(&out),

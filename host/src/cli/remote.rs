@@ -1,5 +1,5 @@
 //! The commands that talk to a running aq's admin API: `aq policy push|ls|bind|rollback|rm`,
-//! `aq scopes ls` and `aq eval`. Tables for people by default, the API's JSON with `--json`.
+//! `aq scopes ls|move`, `aq migrations ls|show` and `aq eval`. Tables for people by default, the API's JSON with `--json`.
 
 use std::path::PathBuf;
 
@@ -269,6 +269,82 @@ pub(super) fn list_scopes(remote: &Remote) -> Result<(), CliError> {
     let mut rows = Vec::new();
     walk(&body["scopes"], 0, &mut rows);
     table(&["SCOPE", "KEYS", "GROUP", "POLICY", "FAILS", "ALLOWED", "DENIED", "SWAPS"], rows);
+    Ok(())
+}
+
+/// `aq scopes move`: starts the move and, unless `detach`, prints each phase it reaches until
+/// it ends.
+pub(super) fn move_scope(remote: &Remote, scope: &str, to: &str, detach: bool) -> Result<(), CliError> {
+    let started = remote.json("POST", &format!("/v1/scopes/{scope}/move"), &json!({ "group": to }))?;
+    let id = started["id"].as_str().unwrap_or_default().to_string();
+    if detach {
+        if !remote.print_json(&started) {
+            println!("migration {id} started: scope {scope} moves to group {to}; aq migrations show {id}");
+        }
+        return Ok(());
+    }
+    let mut last_phase = String::new();
+    let migration = loop {
+        let migration = remote.call("GET", &format!("/v1/migrations/{id}"), None, &[])?;
+        let phase = migration["phase"].as_str().unwrap_or_default().to_string();
+        if phase != last_phase && !remote.json {
+            println!("{id}: {phase} ({} of {} keys copied)", migration["keys_copied"], migration["keys_total"]);
+            last_phase = phase.clone();
+        }
+        if phase == "done" || phase == "rolled-back" {
+            break migration;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    remote.print_json(&migration);
+    match (migration["phase"].as_str(), migration["error"].as_str()) {
+        (Some("done"), None) => Ok(()),
+        (_, Some(error)) => Err(CliError::Refused(format!("migration {id} ended {}: {error}", migration["phase"]))),
+        _ => Err(CliError::Refused(format!("migration {id} ended {}", migration["phase"]))),
+    }
+}
+
+/// One migration as a table row.
+fn migration_row(m: &Value) -> Vec<String> {
+    let started = m["started_ms"].as_u64().unwrap_or_default();
+    vec![
+        m["id"].as_str().unwrap_or_default().to_string(),
+        m["scope"].as_str().unwrap_or_default().to_string(),
+        format!("{} → {}", m["from"].as_str().unwrap_or_default(), m["to"].as_str().unwrap_or_default()),
+        m["phase"].as_str().unwrap_or_default().to_string(),
+        format!("{}/{}", m["keys_copied"], m["keys_total"]),
+        humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_millis(started)).to_string(),
+        m["error"].as_str().unwrap_or("-").to_string(),
+    ]
+}
+
+const MIGRATION_COLUMNS: [&str; 7] = ["ID", "SCOPE", "GROUPS", "PHASE", "COPIED/KEYS", "STARTED", "ERROR"];
+
+/// `aq migrations ls`.
+pub(super) fn list_migrations(remote: &Remote) -> Result<(), CliError> {
+    let body = remote.call("GET", "/v1/migrations", None, &[])?;
+    if remote.print_json(&body) {
+        return Ok(());
+    }
+    let rows = body["migrations"].as_array().map(Vec::as_slice).unwrap_or_default().iter().map(migration_row).collect();
+    table(&MIGRATION_COLUMNS, rows);
+    Ok(())
+}
+
+/// `aq migrations show`.
+pub(super) fn show_migration(remote: &Remote, id: &str) -> Result<(), CliError> {
+    let body = remote.call("GET", &format!("/v1/migrations/{id}"), None, &[])?;
+    if remote.print_json(&body) {
+        return Ok(());
+    }
+    table(&MIGRATION_COLUMNS, vec![migration_row(&body)]);
+    println!(
+        "copy revision {}, {} writes caught up, hand-off at revision {}",
+        body["copy_revision"], body["events_applied"], body["handoff_revision"]
+    );
+    if let Some(shift) = body.get("revisions") {
+        println!("revisions on {}: offset {}, floor {}, base {}", body["to"].as_str().unwrap_or_default(), shift["offset"], shift["floor"], shift["base"]);
+    }
     Ok(())
 }
 
