@@ -250,7 +250,9 @@ pub async fn start(config: Config, options: ServeOptions) -> Result<Running, Str
         Auth::disabled()
     };
     let checkpointer = Arc::new(crate::lineage::store::Checkpointer::new(identity.clone(), syncer.store().clone()));
-    let migrator = Arc::new(crate::adapt::migrate::Migrator::new(gateway.clone(), syncer.store().clone(), admins));
+    let migrator =
+        Arc::new(crate::adapt::migrate::Migrator::new(gateway.clone(), syncer.store().clone(), admins, anchor_id.clone()));
+    recover_migrations(&migrator);
     let admin =
         Arc::new(Admin::new(gateway.clone(), syncer.clone(), &config.admin, auth, checkpointer.clone(), Some(migrator.clone()))?);
     checkpoint_lineage(gateway.clone(), checkpointer, options.checkpoint_interval.max(Duration::from_millis(10)), anchor_id.clone());
@@ -454,6 +456,22 @@ fn follow_layout(gateway: &Arc<Gateway>, syncer: &Syncer, mut routed: u64, repli
         }
     });
     stop
+}
+
+/// Finishes or undoes an interrupted migration: at once (this replica may have been running
+/// it when it stopped), then every [`HOUSEKEEPING_EVERY`] (another replica may die running one).
+fn recover_migrations(migrator: &Arc<crate::adapt::migrate::Migrator>) {
+    let weak = Arc::downgrade(migrator);
+    tokio::spawn(async move {
+        loop {
+            let Some(migrator) = weak.upgrade() else { return };
+            if let Err(e) = migrator.recover().await {
+                tracing::warn!("cannot recover an interrupted migration: {e}");
+            }
+            drop(migrator);
+            tokio::time::sleep(HOUSEKEEPING_EVERY).await;
+        }
+    });
 }
 
 /// How often each replica sweeps expired nonces and finishes abandoned proposal commits.

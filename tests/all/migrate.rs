@@ -188,3 +188,89 @@ async fn a_watch_open_across_a_move_sees_every_event_once_in_order_and_none_of_t
     let single = single.await.unwrap();
     assert_eq!(single, vec![(EventType::Put, b"/registry/pods/ns/p001".to_vec(), p001)]);
 }
+
+/// A migration left holding the lock by a replica that went away `idle_ms` ago, in `phase`.
+async fn interrupted(gw: &TestGateway, phase: Phase, idle_ms: u64) -> aq_host::adapt::migrate::Migration {
+    let store = gw.running.syncer.store();
+    let at = aq_host::clock::unix_ms() - idle_ms;
+    let migration = aq_host::adapt::migrate::Migration {
+        id: format!("m-{at}-test"),
+        scope: "registry".into(),
+        from: "main".into(),
+        to: "events".into(),
+        phase,
+        copy_revision: 1,
+        keys_total: 10,
+        keys_copied: 5,
+        events_applied: 0,
+        handoff_revision: 0,
+        revisions: None,
+        started_ms: at,
+        updated_ms: at,
+        error: None,
+        replica: "anchor:gone".into(),
+    };
+    assert!(store.claim_migration(&migration.id).await.unwrap());
+    store.put_migration(&migration).await.unwrap();
+    migration
+}
+
+/// The record of migration `id` once recovered, by this call or by the replica's own
+/// background pass, whichever comes first.
+async fn recovery(gw: &TestGateway, id: &str) -> aq_host::adapt::migrate::Migration {
+    if let Some(migration) = gw.running.migrator.recover().await.unwrap() {
+        assert_eq!(migration.id, id);
+        return migration;
+    }
+    let store = gw.running.syncer.store();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let record = store.migration(id).await.unwrap().filter(|m| m.phase.ended());
+        if let Some(record) = record
+            && store.active_migration().await.unwrap().is_none()
+        {
+            return record;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for the background pass to recover {id}");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_migration_interrupted_before_its_cut_over_is_rolled_back_and_one_after_it_is_cleaned_up() {
+    let gw = TestGateway::start().await;
+    let mut client = gw.client().await;
+    for i in 0..10 {
+        client.put(format!("/registry/pods/p{i}"), "v", None).await.unwrap();
+    }
+    let (mut main, mut events) = (gw.main.client().await, gw.events.client().await);
+    let count = |client: &mut etcd_client::Client| {
+        let mut client = client.clone();
+        async move { client.get("/registry/", Some(GetOptions::new().with_prefix().with_count_only())).await.unwrap().count() }
+    };
+
+    // Interrupted in the catch-up: a partial copy on the new group, the scope still on the old.
+    events.put("/registry/pods/p0", "v", None).await.unwrap();
+    let left = interrupted(&gw, Phase::CatchUp, 5_000).await;
+    assert_eq!(gw.running.migrator.recover().await.unwrap(), None, "a migration recorded 5 s ago may still be running");
+    gw.running.syncer.store().release_migration(&left.id).await.unwrap();
+    let left = interrupted(&gw, Phase::CatchUp, 120_000).await;
+    let recovered = recovery(&gw, &left.id).await;
+    assert_eq!(recovered.phase, Phase::RolledBack);
+    assert!(recovered.error.as_deref().unwrap().contains("interrupted in phase CatchUp on replica anchor:gone"), "{recovered:?}");
+    assert_eq!(gw.running.syncer.store().migration(&left.id).await.unwrap().unwrap().phase, Phase::RolledBack);
+    assert_eq!(gw.running.syncer.store().active_migration().await.unwrap(), None);
+    assert_eq!((count(&mut main).await, count(&mut events).await), (10, 0), "the partial copy is gone, the scope intact");
+    client.put("/registry/pods/p10", "v", None).await.unwrap();
+
+    // Interrupted in the clean-up: the layout names the new group, the old copy is still there.
+    let moved = gw.running.migrator.run_to_end("registry", "events").await.unwrap();
+    assert_eq!(moved.phase, Phase::Done);
+    main.put("/registry/pods/p3", "stale", None).await.unwrap();
+    let left = interrupted(&gw, Phase::CleanUp, 120_000).await;
+    let recovered = recovery(&gw, &left.id).await;
+    assert_eq!((recovered.phase, recovered.error.as_deref()), (Phase::Done, None), "{recovered:?}");
+    assert_eq!((count(&mut main).await, count(&mut events).await), (0, 11));
+    assert_eq!(client.get("/registry/pods/p3", None).await.unwrap().kvs()[0].value(), b"v");
+    assert_eq!(gw.running.migrator.recover().await.unwrap(), None, "nothing left to recover");
+}

@@ -112,6 +112,9 @@ pub struct Migration {
     /// Why it rolled back, or what the clean-up could not do.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The replica running it.
+    #[serde(default)]
+    pub replica: String,
 }
 
 /// Why a migration cannot start.
@@ -134,7 +137,16 @@ pub struct Migrator {
     store: MetaStore,
     /// Root credentials of each group whose ownership aq manages.
     admins: BTreeMap<String, Credentials>,
+    /// This replica's name, recorded in the migrations it runs.
+    replica: String,
+    /// The id of the migration this replica runs now.
+    running: std::sync::Mutex<Option<String>>,
 }
+
+/// A migration whose record has not changed for this long, while it holds the lock, was left by
+/// a replica that died: another replica finishes or undoes it. Every step records progress
+/// well within it (a page copied, a catch-up of at most 5 s, the clean-up's wait of 30 s).
+pub const STALE_AFTER: Duration = Duration::from_secs(60);
 
 /// What one migration works with.
 struct Work {
@@ -157,9 +169,9 @@ struct Work {
 
 impl Migrator {
     /// A migrator over `gateway`, with the root credentials of every managed or administered
-    /// group.
-    pub fn new(gateway: Arc<Gateway>, store: MetaStore, admins: BTreeMap<String, Credentials>) -> Self {
-        Migrator { gateway, store, admins }
+    /// group, on the replica named `replica`.
+    pub fn new(gateway: Arc<Gateway>, store: MetaStore, admins: BTreeMap<String, Credentials>, replica: String) -> Self {
+        Migrator { gateway, store, admins, replica, running: std::sync::Mutex::new(None) }
     }
 
     /// Checks and claims a move of `scope` to group `to`, and runs it in the background.
@@ -252,6 +264,7 @@ impl Migrator {
             started_ms: now,
             updated_ms: now,
             error: None,
+            replica: self.replica.clone(),
         };
         if !self.store.claim_migration(&migration.id).await.map_err(failed)? {
             let active = self.store.active_migration().await.map_err(failed)?.unwrap_or_default();
@@ -280,6 +293,8 @@ impl Migrator {
 
     /// Runs the steps; on a failure before the cut-over, rolls back.
     async fn run(&self, mut work: Work) -> Migration {
+        *self.running.lock().expect("migrator lock") = Some(work.migration.id.clone());
+        let _running = Running(&self.running);
         match self.move_scope(&mut work).await {
             Ok(()) => {}
             // Until the layout names the new group, nothing has moved for clients.
@@ -392,20 +407,87 @@ impl Migrator {
         // 5. Clean up the old copy, once no replica's watch can still be reading it.
         work.migration.phase = Phase::CleanUp;
         self.record(&mut work.migration).await;
-        self.await_routed(layout.epoch).await?;
-        for part in &work.parts {
+        self.clean_up(&mut work.source, &work.parts, &from, layout.epoch).await?;
+        work.migration.phase = Phase::Done;
+        Ok(())
+    }
+
+    /// Deletes the old copy of a moved scope's `parts` on group `from`, once every replica
+    /// routes by layout `epoch`.
+    async fn clean_up(&self, source: &mut Client, parts: &[KeyRange], from: &str, epoch: u64) -> Result<(), String> {
+        self.await_routed(epoch).await?;
+        for part in parts {
             // A marker first: every watch still draining the old copy sees an event of a
             // revision past the hand-off in each part, even one with no key left, and knows it
             // has seen all the scope's writes there (`front/watch.rs`).
             let marker = if part.start.is_empty() { vec![0] } else { part.start.clone() };
-            work.source
-                .put(marker, Vec::new(), None)
-                .await
-                .map_err(|e| format!("cannot mark the end of the old copy on group {from}: {e}"))?;
-            delete(&mut work.source, part).await.map_err(|e| format!("cannot delete the old copy on group {from}: {e}"))?;
+            source.put(marker, Vec::new(), None).await.map_err(|e| format!("cannot mark the end of the old copy on group {from}: {e}"))?;
+            delete(source, part).await.map_err(|e| format!("cannot delete the old copy on group {from}: {e}"))?;
         }
-        work.migration.phase = Phase::Done;
         Ok(())
+    }
+
+    /// Finishes or undoes a migration that holds the lock but that no live replica runs: one
+    /// this replica ran before it restarted, or one whose record went stale
+    /// ([`STALE_AFTER`]). The stored layout tells which: if it names the new group the move
+    /// cut over and only the clean-up is left; otherwise nothing moved for clients, and the
+    /// roles go back as the layout has them and the partial copy is deleted. Answers the
+    /// migration's final record when there was one to recover.
+    pub async fn recover(&self) -> Result<Option<Migration>, String> {
+        let meta = |e: crate::meta::MetaError| format!("cannot read the migrations in meta: {e}");
+        let Some(id) = self.store.active_migration().await.map_err(meta)? else { return Ok(None) };
+        if self.running.lock().expect("migrator lock").as_deref() == Some(id.as_str()) {
+            return Ok(None);
+        }
+        let Some(mut migration) = self.store.migration(&id).await.map_err(meta)? else {
+            // Claimed by a replica that died before recording it: nothing was done.
+            self.store.release_migration(&id).await.map_err(meta)?;
+            return Ok(None);
+        };
+        let idle = Duration::from_millis(crate::clock::unix_ms().saturating_sub(migration.updated_ms));
+        if migration.replica != self.replica && idle < STALE_AFTER {
+            return Ok(None);
+        }
+        tracing::warn!(id, phase = ?migration.phase, replica = %migration.replica, "recovering an interrupted migration");
+        let (layout, _) = self.store.layout().await.map_err(meta)?.ok_or("no stored scope layout")?;
+        let index = layout.index()?;
+        let scope = index.get(&migration.scope).ok_or_else(|| format!("the layout has no scope {}", migration.scope))?.clone();
+        let parts: Vec<KeyRange> =
+            index.overlapping(&scope.range).into_iter().filter(|(s, _)| s.id == scope.id).map(|(_, part)| part).collect();
+        let interrupted = format!("interrupted in phase {:?} on replica {}", migration.phase, migration.replica);
+        if scope.group == migration.to {
+            let from = self.owners(&migration.from).await?;
+            migration.phase = Phase::CleanUp;
+            self.record(&mut migration).await;
+            let mut source = from.client();
+            match self.clean_up(&mut source, &parts, &migration.from, layout.epoch).await {
+                Ok(()) => migration.error = None,
+                Err(e) => migration.error = Some(format!("{interrupted}; the scope moved, but the old copy stays on group {}: {e}", migration.from)),
+            }
+            migration.phase = Phase::Done;
+        } else {
+            let mut from = self.owners(&migration.from).await?;
+            let mut to = self.owners(&migration.to).await?;
+            from.reconcile(&index.group_ranges(&migration.from)).await?;
+            to.reconcile(&index.group_ranges(&migration.to)).await?;
+            let mut target = to.client();
+            for part in &parts {
+                delete(&mut target, part).await.map_err(|e| format!("cannot delete the partial copy on group {}: {e}", migration.to))?;
+            }
+            migration.error = Some(format!("{interrupted}; rolled back"));
+            migration.phase = Phase::RolledBack;
+        }
+        self.record(&mut migration).await;
+        self.store.release_migration(&id).await.map_err(meta)?;
+        tracing::info!(id, phase = ?migration.phase, "interrupted migration recovered");
+        Ok(Some(migration))
+    }
+
+    /// An administrator's connection to `group`'s roles.
+    async fn owners(&self, group: &str) -> Result<Owners, String> {
+        let admin = self.admins.get(group).ok_or_else(|| format!("aq holds no root credentials for group {group}"))?;
+        let endpoints = self.gateway.groups().get(group).ok_or_else(|| format!("there is no group {group}"))?.endpoints().to_vec();
+        Owners::connect(group, &endpoints, admin).await
     }
 
     /// Waits until every live replica routes by layout `epoch` (or later), within
@@ -551,6 +633,15 @@ impl Migrator {
             delete(&mut work.target, part).await.map_err(|e| format!("cannot delete the partial copy: {e}"))?;
         }
         Ok(())
+    }
+}
+
+/// Clears the migrator's running migration when its run ends, however it ends.
+struct Running<'a>(&'a std::sync::Mutex<Option<String>>);
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        *self.0.lock().expect("migrator lock") = None;
     }
 }
 
