@@ -8,6 +8,33 @@ use aq_host::adapt::migrate::Phase;
 use aq_tests::etcd::TestGateway;
 use etcd_client::{EventType, GetOptions, PutOptions, WatchOptions};
 
+/// Keys written and the revision each was acknowledged at.
+type Acked = Vec<(Vec<u8>, i64)>;
+
+/// A writer per endpoint, putting `/registry/configmaps/w<n>/<i>` until `stop` (at least once);
+/// each answers the keys it wrote, with the revision each was acknowledged at. Every write
+/// must succeed.
+fn writers(endpoints: [String; 2], stop: &Arc<AtomicBool>) -> Vec<tokio::task::JoinHandle<Acked>> {
+    let mut writers = Vec::new();
+    for (n, endpoint) in endpoints.into_iter().enumerate() {
+        let stop = stop.clone();
+        writers.push(tokio::spawn(async move {
+            let mut client = etcd_client::Client::connect([endpoint], None).await.unwrap();
+            let mut acked = Vec::new();
+            for i in 0.. {
+                if stop.load(Ordering::Relaxed) && i > 0 {
+                    break;
+                }
+                let key = format!("/registry/configmaps/w{n}/{i:05}");
+                let answer = client.put(key.as_str(), "x", None).await.unwrap_or_else(|e| panic!("{key}: {e}"));
+                acked.push((key.into_bytes(), answer.header().unwrap().revision()));
+            }
+            acked
+        }));
+    }
+    writers
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_scope_moves_live_to_another_group_and_loses_no_acknowledged_write() {
     let gw = TestGateway::start().await;
@@ -23,23 +50,7 @@ async fn a_scope_moves_live_to_another_group_and_loses_no_acknowledged_write() {
 
     // Writers on both replicas keep going through the move; every write must succeed.
     let stop = Arc::new(AtomicBool::new(false));
-    let mut writers = Vec::new();
-    for (n, endpoint) in [gw.endpoint(), replica.running.addr.to_string()].into_iter().enumerate() {
-        let stop = stop.clone();
-        writers.push(tokio::spawn(async move {
-            let mut client = etcd_client::Client::connect([endpoint], None).await.unwrap();
-            let mut acked = Vec::new();
-            for i in 0.. {
-                if stop.load(Ordering::Relaxed) && i > 0 {
-                    break;
-                }
-                let key = format!("/registry/configmaps/w{n}/{i:05}");
-                let answer = client.put(key.as_str(), "x", None).await.unwrap_or_else(|e| panic!("{key}: {e}"));
-                acked.push((key, answer.header().unwrap().revision()));
-            }
-            acked
-        }));
-    }
+    let writers = writers([gw.endpoint(), replica.running.addr.to_string()], &stop);
 
     // So do readers: none of their reads fails, and none sees fewer keys than before.
     let mut readers = Vec::new();
@@ -85,7 +96,7 @@ async fn a_scope_moves_live_to_another_group_and_loses_no_acknowledged_write() {
     let moved = events.get("/registry/configmaps/", Some(GetOptions::new().with_prefix().with_keys_only())).await.unwrap();
     let keys: std::collections::BTreeSet<&[u8]> = moved.kvs().iter().map(|kv| kv.key()).collect();
     for (key, _) in &acked {
-        assert!(keys.contains(key.as_bytes()), "{key} was acknowledged and is missing");
+        assert!(keys.contains(key.as_slice()), "{} was acknowledged and is missing", String::from_utf8_lossy(key));
     }
     assert_eq!(moved.count() as usize, acked.len());
     assert_eq!(main.get("/registry/", Some(GetOptions::new().with_prefix().with_count_only())).await.unwrap().count(), 0);
@@ -146,23 +157,7 @@ async fn a_watch_open_across_a_move_sees_every_event_once_in_order_and_none_of_t
     let single = client.watch("/registry/pods/ns/p001", None).await.unwrap();
     let single = tokio::spawn(watch_until(single, b"/registry/pods/ns/p001"));
     let stop = Arc::new(AtomicBool::new(false));
-    let mut writers = Vec::new();
-    for (n, endpoint) in [gw.endpoint(), replica.running.addr.to_string()].into_iter().enumerate() {
-        let stop = stop.clone();
-        writers.push(tokio::spawn(async move {
-            let mut client = etcd_client::Client::connect([endpoint], None).await.unwrap();
-            let mut acked = Vec::new();
-            for i in 0.. {
-                if stop.load(Ordering::Relaxed) && i > 0 {
-                    break;
-                }
-                let key = format!("/registry/configmaps/w{n}/{i:05}");
-                let answer = client.put(key.as_str(), "x", None).await.unwrap_or_else(|e| panic!("{key}: {e}"));
-                acked.push((key.into_bytes(), answer.header().unwrap().revision()));
-            }
-            acked
-        }));
-    }
+    let writers = writers([gw.endpoint(), replica.running.addr.to_string()], &stop);
 
     let migration = gw.running.migrator.run_to_end("registry", "events").await.unwrap();
     assert_eq!((migration.phase, migration.error.as_deref()), (Phase::Done, None), "{migration:?}");
