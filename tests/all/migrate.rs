@@ -269,3 +269,86 @@ async fn a_migration_interrupted_before_its_cut_over_is_rolled_back_and_one_afte
     assert_eq!(client.get("/registry/pods/p3", None).await.unwrap().kvs()[0].value(), b"v");
     assert_eq!(gw.running.migrator.recover().await.unwrap(), None, "nothing left to recover");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_scope_splits_and_its_new_part_moves_live_while_watches_and_writers_run() {
+    let gw = TestGateway::start().await;
+    let replica = gw.replica().await;
+    let mut client = gw.client().await;
+    for i in 0..20 {
+        client.put(format!("/registry/pods/p{i:02}"), "v", None).await.unwrap();
+    }
+    let mut watches = Vec::new();
+    for endpoint in [gw.endpoint(), replica.running.addr.to_string()] {
+        let mut client = etcd_client::Client::connect([endpoint], None).await.unwrap();
+        let stream = client.watch("/registry/configmaps/", Some(WatchOptions::new().with_prefix())).await.unwrap();
+        watches.push(tokio::spawn(watch_until(stream, b"/registry/configmaps/zz-end")));
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers = writers([gw.endpoint(), replica.running.addr.to_string()], &stop);
+
+    // The writers' second prefix and everything after it split off, onto the events group.
+    let (id, started) =
+        gw.running.migrator.split("registry", b"/registry/configmaps/w1/", Some("events"), None).await.unwrap();
+    assert_eq!(id, "registry-2");
+    let started = started.expect("the new scope moves");
+    let store = gw.running.syncer.store();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    let migration = loop {
+        if let Some(m) = store.migration(&started.id).await.unwrap().filter(|m| m.phase.ended()) {
+            break m;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the move of the new scope ends");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    };
+    assert_eq!((migration.phase, migration.error.as_deref(), migration.scope.as_str()), (Phase::Done, None, "registry-2"));
+    for running in [&gw.running, &replica.running] {
+        aq_tests::wait_until("every replica routes the new scope to events", || {
+            running.gateway.routing().scope("registry-2").is_some_and(|s| s.group.name() == "events")
+        })
+        .await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut acked = Vec::new();
+    for writer in writers {
+        acked.extend(writer.await.unwrap());
+    }
+    let end = client.put("/registry/configmaps/zz-end", "", None).await.unwrap().header().unwrap().revision();
+    acked.push((b"/registry/configmaps/zz-end".to_vec(), end));
+    acked.sort_by_key(|(_, revision)| *revision);
+
+    // Each scope's events arrive once each, in its revision order, at the acknowledged
+    // revisions; the two scopes' revisions are unrelated, so each is checked on its own.
+    let of = |prefix: &[u8], events: &[(Vec<u8>, i64)]| -> Vec<(Vec<u8>, i64)> {
+        events.iter().filter(|(key, _)| key.starts_with(prefix)).cloned().collect()
+    };
+    for watch in watches {
+        let seen = watch.await.unwrap();
+        assert!(seen.iter().all(|(kind, _, _)| *kind == EventType::Put), "only puts were made");
+        let seen: Vec<(Vec<u8>, i64)> = seen.into_iter().map(|(_, key, revision)| (key, revision)).collect();
+        assert_eq!(seen.len(), acked.len(), "one event per acknowledged write");
+        for prefix in [&b"/registry/configmaps/w0/"[..], b"/registry/configmaps/w1/"] {
+            assert_eq!(of(prefix, &seen), of(prefix, &acked), "{}", String::from_utf8_lossy(prefix));
+        }
+    }
+
+    // The parent kept its keys before the split on its group; the new scope's are on events.
+    let (mut main, mut events) = (gw.main.client().await, gw.events.client().await);
+    let keys = |client: &mut etcd_client::Client, prefix: &'static str| {
+        let mut client = client.clone();
+        async move { client.get(prefix, Some(GetOptions::new().with_prefix().with_count_only())).await.unwrap().count() as usize }
+    };
+    let w0 = of(b"/registry/configmaps/w0/", &acked).len();
+    let w1 = of(b"/registry/configmaps/w1/", &acked).len();
+    assert_eq!(keys(&mut main, "/registry/").await, w0);
+    assert_eq!(keys(&mut events, "/registry/configmaps/").await, w1 + 1);
+    assert_eq!(keys(&mut events, "/registry/pods/").await, 20);
+    let routing = gw.running.gateway.routing();
+    assert_eq!(routing.scope("registry").unwrap().group.name(), "main");
+    let (parent, child) = (routing.scope("registry").unwrap(), routing.scope("registry-2").unwrap());
+    assert_eq!(child.slot.active().module.digest(), parent.slot.active().module.digest(), "governed as its parent");
+
+    // A key of the parent's own cannot split it again inside a nested scope's keys.
+    let err = gw.running.migrator.split("registry", b"/registry/pods/p01", None, None).await.unwrap_err();
+    assert!(err.to_string().contains("belongs to scope registry-2"), "{err}");
+}

@@ -190,6 +190,93 @@ impl Migrator {
         Ok(self.run(work).await)
     }
 
+    /// Splits `scope` at key `at`: a new scope `id` (default `<scope>-<n>`, the least free
+    /// n from 2) takes the parent's own keys from `at` to its end, with the parent's policy,
+    /// first on the parent's group (a layout epoch; no key moves), then, when `to` names
+    /// another group, moved there live like any scope. Answers the new scope's id and the
+    /// move's migration, if one was started.
+    pub async fn split(
+        self: &Arc<Self>,
+        scope_id: &str,
+        at: &[u8],
+        to: Option<&str>,
+        id: Option<&str>,
+    ) -> Result<(String, Option<Migration>), MigrateError> {
+        let failed = |e: crate::meta::MetaError| MigrateError::Failed(e.to_string());
+        let key = String::from_utf8_lossy(at).into_owned();
+        let (layout, layout_revision) =
+            self.store.layout().await.map_err(failed)?.ok_or_else(|| MigrateError::Failed("no stored scope layout".into()))?;
+        let before = layout.index().map_err(MigrateError::Failed)?;
+        let parent = before
+            .get(scope_id)
+            .ok_or_else(|| MigrateError::Invalid(format!("there is no scope {scope_id}; aq scopes ls lists them")))?
+            .clone();
+        if at == parent.range.start.as_slice() || !parent.range.contains(at) {
+            return Err(MigrateError::Invalid(format!(
+                "{key:?} does not split scope {scope_id}: it must sort after the scope's first key and before its end"
+            )));
+        }
+        match before.lookup(at) {
+            crate::index::Owner::Scope(owner) if owner.id == parent.id => {}
+            crate::index::Owner::Scope(owner) => {
+                return Err(MigrateError::Invalid(format!(
+                    "{key:?} belongs to scope {}, nested in {scope_id}; split that scope, or pick a key of {scope_id}'s own",
+                    owner.id
+                )));
+            }
+            _ => return Err(MigrateError::Invalid(format!("{key:?} is reserved to aq; pick another key"))),
+        }
+        let id = match id {
+            Some(id) if before.get(id).is_some() => {
+                return Err(MigrateError::Invalid(format!("there is a scope {id} already; pick another id")));
+            }
+            Some(id) => id.to_string(),
+            None => (2..).map(|n| format!("{scope_id}-{n}")).find(|id| before.get(id).is_none()).expect("a free id"),
+        };
+        // The new scope is governed as its parent: the same binding, recorded for it first,
+        // since a replica binds a new layout's scopes from their stored bindings.
+        let (binding, _) = self
+            .store
+            .binding(scope_id)
+            .await
+            .map_err(failed)?
+            .ok_or_else(|| MigrateError::Failed(format!("scope {scope_id} has no binding in the meta group")))?;
+        let stale = self.store.binding(&id).await.map_err(failed)?.map(|(_, revision)| revision).unwrap_or(0);
+        let record = crate::meta::BindingRecord {
+            active: binding.active.clone(),
+            previous: None,
+            source: binding.source,
+            generation: 1,
+            changed_at: crate::clock::unix_now(),
+        };
+        self.store.write_binding(&id, &record, stale).await.map_err(failed)?;
+        let mut scopes: Vec<_> = before.scopes().iter().map(|s| (**s).clone()).collect();
+        let child = crate::index::Scope {
+            id: id.clone(),
+            range: KeyRange { start: at.to_vec(), end: parent.range.end.clone() },
+            group: parent.group.clone(),
+            labels: parent.labels.clone(),
+            revisions: parent.revisions,
+        };
+        scopes.push(child);
+        let after = ScopeIndex::new(scopes).map_err(|e| MigrateError::Invalid(format!("cannot split there: {e}")))?;
+        let reason = format!("scope {scope_id} split at {key:?}: {id} takes the keys from there");
+        let record = layout.changed(&after, reason);
+        self.store.write_layout(&record, layout_revision).await.map_err(|e| MigrateError::Failed(format!("cannot write the new layout: {e}")))?;
+        tracing::info!(scope = scope_id, new = %id, at = %key, "scope split");
+        let Some(to) = to.filter(|to| *to != parent.group) else { return Ok((id, None)) };
+        // The move starts from the layout this replica routes by once it has the new scope.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let mut reroutes = self.gateway.reroutes();
+        while self.gateway.routing().scope(&id).is_none() {
+            if tokio::time::timeout_at(deadline, reroutes.changed()).await.is_err() {
+                return Err(MigrateError::Failed(format!("scope {id} was split off, but this replica does not route by it yet; move it with aq scopes move {id} --to {to}")));
+            }
+        }
+        let started = self.start(&id, to).await?;
+        Ok((id, Some(started)))
+    }
+
     async fn prepare(&self, scope_id: &str, to: &str) -> Result<Work, MigrateError> {
         let failed = |e: crate::meta::MetaError| MigrateError::Failed(e.to_string());
         let (layout, layout_revision) =

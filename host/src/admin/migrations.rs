@@ -1,5 +1,5 @@
-//! `/v1/migrations` and `POST /v1/scopes/{scope}/move`: live moves of a scope onto another
-//! etcd group, started here and followed by their record in meta.
+//! `/v1/migrations`, `POST /v1/scopes/{scope}/move` and `POST /v1/scopes/{scope}/split`: live
+//! moves of a scope onto another etcd group, started here and followed by their record in meta.
 
 use std::sync::Arc;
 
@@ -18,6 +18,44 @@ use crate::adapt::migrate::MigrateError;
 pub(super) struct MoveRequest {
     /// The group the scope moves to.
     group: String,
+}
+
+/// Where a scope splits, and where its new part goes.
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(super) struct SplitRequest {
+    /// The first key of the new scope; the parent keeps the keys before it.
+    at: String,
+    /// The group the new scope moves to; absent: it stays on the parent's group.
+    #[serde(default)]
+    group: Option<String>,
+    /// The new scope's id; absent: `<scope>-<n>`.
+    #[serde(default)]
+    id: Option<String>,
+}
+
+#[utoipa::path(
+    post, path = "/v1/scopes/{scope}/split", tag = "scopes",
+    params(("scope" = String, Path, description = "Scope id")),
+    request_body = SplitRequest,
+    responses(
+        (status = 202, description = "`{scope, migration}`: the new scope, and the migration moving it (null when it stays)", body = serde_json::Value),
+        (status = 400, body = super::ErrorBody), (status = 409, description = "Another migration is under way", body = super::ErrorBody)
+    ),
+    security(("bearer" = ["admin"]))
+)]
+pub(super) async fn split_scope(
+    State(admin): State<Arc<Admin>>,
+    headers: HeaderMap,
+    Path(scope): Path<String>,
+    Json(request): Json<SplitRequest>,
+) -> Result<Response, ApiError> {
+    let caller = admin.auth.check(&headers, Role::Admin)?;
+    let migrator = migrator(&admin)?;
+    let (id, migration) =
+        migrator.split(&scope, request.at.as_bytes(), request.group.as_deref(), request.id.as_deref()).await?;
+    tracing::info!(%scope, new = %id, at = %request.at, by = %caller.name, "scope split requested");
+    Ok((StatusCode::ACCEPTED, axum::Json(json!({ "scope": id, "migration": migration }))).into_response())
 }
 
 impl From<MigrateError> for ApiError {

@@ -51,6 +51,7 @@ impl utoipa::Modify for BearerTokens {
         scopes::rollback,
         scopes::evaluate,
         migrations::move_scope,
+        migrations::split_scope,
         migrations::list,
         migrations::get,
     ),

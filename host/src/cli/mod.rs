@@ -137,6 +137,26 @@ enum ScopesCommand {
         #[command(flatten)]
         remote: remote::Remote,
     },
+    /// Split a scope at a key: a new scope takes the keys from there to the scope's end, with
+    /// the same policy, and moves live to `--to` when given.
+    Split {
+        /// The scope.
+        scope: String,
+        /// The new scope's first key.
+        #[arg(long)]
+        at: String,
+        /// The group the new scope moves to; default: it stays on the scope's group.
+        #[arg(long)]
+        to: Option<String>,
+        /// The new scope's id; default `<scope>-<n>`.
+        #[arg(long)]
+        id: Option<String>,
+        /// Return once the move has started.
+        #[arg(long)]
+        detach: bool,
+        #[command(flatten)]
+        remote: remote::Remote,
+    },
 }
 
 #[derive(Subcommand)]
@@ -420,6 +440,9 @@ pub fn main() -> ExitCode {
         Command::Policy(PolicyCommand::Rm { digest, remote }) => remote::remove(&remote, &digest),
         Command::Scopes(ScopesCommand::Ls { remote }) => remote::list_scopes(&remote),
         Command::Scopes(ScopesCommand::Move { scope, to, detach, remote }) => remote::move_scope(&remote, &scope, &to, detach),
+        Command::Scopes(ScopesCommand::Split { scope, at, to, id, detach, remote }) => {
+            remote::split_scope(&remote, &scope, &at, to.as_deref(), id.as_deref(), detach)
+        }
         Command::Migrations(MigrationsCommand::Ls { remote }) => remote::list_migrations(&remote),
         Command::Migrations(MigrationsCommand::Show { id, remote }) => remote::show_migration(&remote, &id),
         Command::Eval { scope, puts, deletes, remote } => remote::eval(&remote, &scope, &puts, &deletes),

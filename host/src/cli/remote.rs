@@ -283,6 +283,31 @@ pub(super) fn move_scope(remote: &Remote, scope: &str, to: &str, detach: bool) -
         }
         return Ok(());
     }
+    follow_migration(remote, &id)
+}
+
+/// `aq scopes split`: splits, then follows the new scope's move, if any, as `aq scopes move`.
+pub(super) fn split_scope(remote: &Remote, scope: &str, at: &str, to: Option<&str>, id: Option<&str>, detach: bool) -> Result<(), CliError> {
+    let answer = remote.json("POST", &format!("/v1/scopes/{scope}/split"), &json!({ "at": at, "group": to, "id": id }))?;
+    let new = answer["scope"].as_str().unwrap_or_default();
+    let migration = answer["migration"]["id"].as_str().map(str::to_string);
+    if detach || migration.is_none() {
+        if !remote.print_json(&answer) {
+            println!("scope {new} split off {scope} at {at:?}");
+            if let Some(migration) = &migration {
+                println!("migration {migration} started: scope {new} moves to group {}; aq migrations show {migration}", to.unwrap_or_default());
+            }
+        }
+        return Ok(());
+    }
+    if !remote.json {
+        println!("scope {new} split off {scope} at {at:?}");
+    }
+    follow_migration(remote, &migration.expect("checked"))
+}
+
+/// Prints each phase migration `id` reaches until it ends; exit 1 unless it is done cleanly.
+fn follow_migration(remote: &Remote, id: &str) -> Result<(), CliError> {
     let mut last_phase = String::new();
     let migration = loop {
         let migration = remote.call("GET", &format!("/v1/migrations/{id}"), None, &[])?;

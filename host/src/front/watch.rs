@@ -518,8 +518,9 @@ impl Session {
         true
     }
 
-    /// Follows a change of routing: every live part whose scope moved to another group is
-    /// re-homed (see the module's documentation); false ends the session.
+    /// Follows a change of routing: every live part whose keys now belong to other scopes
+    /// (a split) or whose scope moved to another group is re-homed (see the module's
+    /// documentation); false ends the session.
     async fn rehome(&mut self) -> bool {
         let routing = self.gate.routing();
         let live: Vec<(String, i64)> =
@@ -527,68 +528,103 @@ impl Session {
         for key in live {
             let Some(part) = self.parts.get_mut(&key) else { continue };
             let (id, old) = (part.client, part.shift);
-            let Some(runtime) = routing.scope(&part.scope) else {
-                // The scope is gone from the layout: nothing can follow it.
-                let floor = old.floor;
-                if !self.compacted(id, floor).await {
-                    return false;
-                }
-                continue;
-            };
-            let new = runtime.scope.revisions;
-            if runtime.group.name() == key.0 {
-                part.shift = new;
+            let now: Vec<(&crate::gate::ScopeRuntime, KeyRange)> = routing.parts(&part.range);
+            if let [(runtime, range)] = now.as_slice()
+                && runtime.scope.id == part.scope
+                && runtime.group.name() == key.0
+                && *range == part.range
+            {
+                part.shift = runtime.scope.revisions;
                 continue;
             }
-            let (range, seen, scope_id) = (part.range.clone(), part.seen, part.scope.clone());
-            let Some(seen) = seen else {
+            let Some(seen) = part.seen else {
                 // The watch had not started on the old group: where it stood is unknown.
-                if !self.compacted(id, new.floor).await {
+                let floor = now.iter().map(|(r, _)| r.scope.revisions.floor).max().unwrap_or(old.floor);
+                if !self.compacted(id, floor).await {
                     return false;
                 }
                 continue;
             };
             let Some(watch) = self.watches.get(&id) else { continue };
             let request = watch.request.clone();
-            let filters: Vec<i32> = match &request.request_union {
-                Some(pb::PbWatchRequestUnion::CreateRequest(create)) => {
-                    create.filters.iter().copied().filter(|f| FILTERS.contains(f)).collect()
-                }
-                _ => Vec::new(),
-            };
-            // The old group's last revision of the scope, and the new group's first.
-            let handed = new.base - 1 - old.offset;
-            let cut = new.floor - new.offset;
-            let group = runtime.group.clone();
-            let next_id = self.open(group.name(), &group, &request, &range, cut + 1, false).await;
-            let next = (group.name().to_string(), next_id);
-            let state = if seen >= handed { PartState::Live } else { PartState::Held(Vec::new()) };
-            let successor = Part { client: id, shift: new, scope: scope_id.clone(), range: range.clone(), seen: Some(cut), quiet: true, state };
-            self.parts.insert(next.clone(), successor);
             self.drop_part(&key);
-            self.watches.get_mut(&id).expect("checked").parts.push(next.clone());
-            tracing::info!(watch = id, scope = %scope_id, from = %key.0, to = group.name(), "a watch follows its scope to a new group");
-            if seen >= handed {
-                continue;
+            for (runtime, range) in now {
+                let scope_id = runtime.scope.id.clone();
+                let new = runtime.scope.revisions;
+                if runtime.group.name() == key.0 {
+                    // Split off on the same group: the same stream of revisions goes on.
+                    let next_id = self.open(&key.0, &runtime.group, &request, &range, seen + 1, false).await;
+                    let next = (key.0.clone(), next_id);
+                    let state = PartState::Live;
+                    let successor = Part { client: id, shift: new, scope: scope_id, range, seen: Some(seen), quiet: true, state };
+                    self.parts.insert(next.clone(), successor);
+                    self.watches.get_mut(&id).expect("checked").parts.push(next);
+                    continue;
+                }
+                if !self.follow_move(id, &key.0, old, seen, &request, runtime, range, &routing).await {
+                    return false;
+                }
             }
-            // Replays over the scope's whole part on the old group, where the migration's
-            // marker is certain to show up.
-            let whole = routing
-                .parts(&runtime.scope.range)
-                .into_iter()
-                .filter(|(r, p)| r.scope.id == scope_id && p.contains(&range.start))
-                .map(|(_, p)| p)
-                .next()
-                .unwrap_or_else(|| range.clone());
-            let Some(old_group) = self.gate.replayer(&key.0).cloned() else { continue };
-            let name = format!("{}{REPLAY}", key.0);
-            let drain_id = self.open(&name, &old_group, &request, &whole, seen + 1, true).await;
-            let until = tokio::time::Instant::now() + DRAIN_FOR;
-            let state = PartState::Draining { handed, next, filters, floor: new.floor, until };
-            let drain = Part { client: id, shift: old, scope: scope_id, range, seen: Some(seen), quiet: true, state };
-            let drain_key = (name, drain_id);
-            self.parts.insert(drain_key.clone(), drain);
-            self.watches.get_mut(&id).expect("checked").parts.push(drain_key);
+        }
+        true
+    }
+
+    /// Re-homes the part of client watch `id` over `range`, which was on group `from` with
+    /// shift `old` and given up to backend revision `seen`, after its scope (`runtime`) moved.
+    #[allow(clippy::too_many_arguments)]
+    async fn follow_move(
+        &mut self,
+        id: i64,
+        from: &str,
+        old: RevisionShift,
+        seen: i64,
+        request: &pb::PbWatchRequest,
+        runtime: &crate::gate::ScopeRuntime,
+        range: KeyRange,
+        routing: &crate::gate::Routing,
+    ) -> bool {
+        let new = runtime.scope.revisions;
+        let scope_id = runtime.scope.id.clone();
+        let filters: Vec<i32> = match &request.request_union {
+            Some(pb::PbWatchRequestUnion::CreateRequest(create)) => {
+                create.filters.iter().copied().filter(|f| FILTERS.contains(f)).collect()
+            }
+            _ => Vec::new(),
+        };
+        // The old group's last revision of the scope, and the new group's first.
+        let handed = new.base - 1 - old.offset;
+        let cut = new.floor - new.offset;
+        let group = runtime.group.clone();
+        let next_id = self.open(group.name(), &group, request, &range, cut + 1, false).await;
+        let next = (group.name().to_string(), next_id);
+        let state = if seen >= handed { PartState::Live } else { PartState::Held(Vec::new()) };
+        let successor = Part { client: id, shift: new, scope: scope_id.clone(), range: range.clone(), seen: Some(cut), quiet: true, state };
+        self.parts.insert(next.clone(), successor);
+        let Some(watch) = self.watches.get_mut(&id) else { return true };
+        watch.parts.push(next.clone());
+        tracing::info!(watch = id, scope = %scope_id, from, to = group.name(), "a watch follows its scope to a new group");
+        if seen >= handed {
+            return true;
+        }
+        // Replays over the scope's whole part on the old group, where the migration's marker
+        // is certain to show up.
+        let whole = routing
+            .parts(&runtime.scope.range)
+            .into_iter()
+            .filter(|(r, p)| r.scope.id == scope_id && p.contains(&range.start))
+            .map(|(_, p)| p)
+            .next()
+            .unwrap_or_else(|| range.clone());
+        let Some(old_group) = self.gate.replayer(from).cloned() else { return true };
+        let name = format!("{from}{REPLAY}");
+        let drain_id = self.open(&name, &old_group, request, &whole, seen + 1, true).await;
+        let until = tokio::time::Instant::now() + DRAIN_FOR;
+        let state = PartState::Draining { handed, next, filters, floor: new.floor, until };
+        let drain = Part { client: id, shift: old, scope: scope_id, range, seen: Some(seen), quiet: true, state };
+        let drain_key = (name, drain_id);
+        self.parts.insert(drain_key.clone(), drain);
+        if let Some(watch) = self.watches.get_mut(&id) {
+            watch.parts.push(drain_key);
         }
         true
     }
