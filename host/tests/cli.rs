@@ -262,6 +262,26 @@ async fn the_cli_moves_a_scope_and_shows_its_migrations() {
     let record: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!((record["phase"].as_str(), record["keys_copied"].as_u64()), (Some("done"), Some(20)));
 
+    // Split the moved scope at p10: the upper half becomes its own scope and moves back to main.
+    let (code, out, err) =
+        remote(&gw, &["scopes", "split", "registry", "--at", "/registry/pods/p10", "--to", "main", "--id", "late-pods"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("scope late-pods split off registry"), "{out}");
+    assert!(out.contains("10 of 10 keys copied") && out.lines().last().unwrap_or_default().contains("done"), "{out}");
+    let (_, out, _) = remote(&gw, &["scopes", "ls"]).await;
+    let late = out.lines().find(|l| l.trim_start().starts_with("late-pods ")).unwrap_or_else(|| panic!("{out}"));
+    assert!(late.contains("main"), "split and moved back: {late}");
+    let mut keys = 0;
+    for i in 0..20 {
+        let got = client.get(format!("/registry/pods/p{i:02}"), None).await.unwrap();
+        keys += got.kvs().len();
+    }
+    assert_eq!(keys, 20, "every key still reads after the split");
+    // A split key outside the scope is refused, naming the key.
+    let (code, _, err) = remote(&gw, &["scopes", "split", "registry", "--at", "/zzz"]).await;
+    assert_eq!(code, 1);
+    assert!(err.contains("HTTP 400") && err.contains("/zzz"), "{err}");
+
     // A move to where the scope is, or to no such group, is refused with the reason, exit 1.
     let (code, _, err) = remote(&gw, &["scopes", "move", "registry", "--to", "events"]).await;
     assert_eq!(code, 1);

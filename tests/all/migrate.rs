@@ -352,3 +352,31 @@ async fn a_scope_splits_and_its_new_part_moves_live_while_watches_and_writers_ru
     let err = gw.running.migrator.split("registry", b"/registry/pods/p01", None, None).await.unwrap_err();
     assert!(err.to_string().contains("belongs to scope registry-2"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scope_that_keeps_lineage_is_neither_moved_nor_split_and_nothing_changes() {
+    use axum::http::{Method, StatusCode};
+    let gw = TestGateway::start().await;
+    let alice = ed25519_dalek::SigningKey::from_bytes(&[33; 32]);
+    let key: String = alice.verifying_key().as_bytes().iter().map(|b| format!("{b:02x}")).collect();
+    let body = serde_json::json!({ "id": "alice", "keys": [key], "roles": ["secret-writer"] });
+    let (status, answer) = gw.admin(Method::POST, "/v1/principals", body).await;
+    assert_eq!(status, StatusCode::CREATED, "{answer}");
+    aq_tests::wait_until("the gateway knows alice", || gw.running.gateway.trust().principals_by_id().contains_key("alice")).await;
+    let signed = aq_host::client::SignedClient::connect(&gw.endpoint(), vec![alice]).await.unwrap();
+    signed.put("secrets", b"/registry/secrets/ns/a", b"s").await.expect("a signed put keeps lineage");
+
+    let layout_before = gw.running.syncer.store().layout().await.unwrap().unwrap().1;
+    let (status, answer) =
+        gw.admin(Method::POST, "/v1/scopes/secrets/split", serde_json::json!({ "at": "/registry/secrets/ns/m" })).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");
+    assert!(answer.to_string().contains("keeps lineage"), "{answer}");
+    let (status, answer) = gw.admin(Method::POST, "/v1/scopes/secrets/move", serde_json::json!({ "group": "events" })).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");
+    assert!(answer.to_string().contains("keeps lineage"), "{answer}");
+    // Neither wrote a layout, a binding or a migration.
+    assert_eq!(gw.running.syncer.store().layout().await.unwrap().unwrap().1, layout_before);
+    assert!(gw.running.syncer.store().binding("secrets-2").await.unwrap().is_none());
+    assert!(gw.running.syncer.store().active_migration().await.unwrap().is_none());
+    assert_eq!(gw.running.gateway.routing().scope("secrets").unwrap().group.name(), "main");
+}

@@ -226,6 +226,28 @@ impl Migrator {
             }
             _ => return Err(MigrateError::Invalid(format!("{key:?} is reserved to aq; pick another key"))),
         }
+        // A split changes the layout a running move's cut-over is guarded by; one at a time.
+        if let Some(active) = self.store.active_migration().await.map_err(failed)? {
+            return Err(MigrateError::Busy(active));
+        }
+        // Lineage chains are per scope; cutting one in two is not done yet.
+        let records = crate::lineage::records_prefix(scope_id);
+        let (key_start, range_end) = KeyRange::prefix(&records).to_request();
+        let group = self
+            .gateway
+            .groups()
+            .get(&parent.group)
+            .ok_or_else(|| MigrateError::Failed(format!("this replica has no connection to group {}", parent.group)))?;
+        let kept = group
+            .range(etcd_client::proto::PbRangeRequest { key: key_start, range_end, count_only: true, ..Default::default() })
+            .await
+            .map_err(|e| MigrateError::Failed(format!("cannot read group {}: {}", parent.group, e.message())))?;
+        if kept.count > 0 {
+            return Err(MigrateError::Invalid(format!(
+                "scope {scope_id} keeps lineage ({} records); splitting a scope with lineage is not supported yet",
+                kept.count
+            )));
+        }
         let id = match id {
             Some(id) if before.get(id).is_some() => {
                 return Err(MigrateError::Invalid(format!("there is a scope {id} already; pick another id")));
