@@ -204,6 +204,9 @@ async fn interrupted(gw: &TestGateway, phase: Phase, idle_ms: u64) -> aq_host::a
         updated_ms: at,
         error: None,
         replica: "anchor:gone".into(),
+        into: None,
+        parts: Vec::new(),
+        skipped: 0,
     };
     assert!(store.claim_migration(&migration.id).await.unwrap());
     store.put_migration(&migration).await.unwrap();
@@ -379,4 +382,111 @@ async fn a_scope_that_keeps_lineage_is_neither_moved_nor_split_and_nothing_chang
     assert!(gw.running.syncer.store().binding("secrets-2").await.unwrap().is_none());
     assert!(gw.running.syncer.store().active_migration().await.unwrap().is_none());
     assert_eq!(gw.running.gateway.routing().scope("secrets").unwrap().group.name(), "main");
+}
+
+/// Waits for migration `id` to end and answers its record.
+async fn ended(gw: &TestGateway, id: &str) -> aq_host::adapt::migrate::Migration {
+    let store = gw.running.syncer.store();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        if let Some(m) = store.migration(id).await.unwrap().filter(|m| m.phase.ended()) {
+            return m;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "migration {id} ends");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_split_off_scope_merges_back_live_and_its_revisions_never_go_backwards() {
+    let gw = TestGateway::start().await;
+    let replica = gw.replica().await;
+    let mut client = gw.client().await;
+    for i in 0..20 {
+        client.put(format!("/registry/pods/p{i:02}"), "v", None).await.unwrap();
+    }
+    let (id, started) = gw.running.migrator.split("registry", b"/registry/configmaps/w1/", Some("events"), None).await.unwrap();
+    let moved = ended(&gw, &started.expect("the new scope moves").id).await;
+    assert_eq!((moved.phase, moved.error.as_deref()), (Phase::Done, None));
+    // On its own group the new scope's revisions run ahead of its parent's.
+    for i in 0..300 {
+        client.put(format!("/registry/pods/x{i:03}"), "v", None).await.unwrap();
+    }
+    let held = client.get("/registry/pods/p00", None).await.unwrap().kvs()[0].mod_revision();
+    let ahead = client.put("/registry/pods/p01", "w", None).await.unwrap().header().unwrap().revision();
+    let parent = client.put("/registry/configmaps/w0/first", "", None).await.unwrap().header().unwrap().revision();
+    assert!(ahead > parent + 300, "the new scope at {ahead}, its parent at {parent}");
+
+    let mut watches = Vec::new();
+    for endpoint in [gw.endpoint(), replica.running.addr.to_string()] {
+        let mut client = etcd_client::Client::connect([endpoint], None).await.unwrap();
+        let stream = client.watch("/registry/configmaps/", Some(WatchOptions::new().with_prefix())).await.unwrap();
+        watches.push(tokio::spawn(watch_until(stream, b"/registry/configmaps/zz-end")));
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers = writers([gw.endpoint(), replica.running.addr.to_string()], &stop);
+
+    let (into, started) = gw.running.migrator.merge(&id).await.unwrap();
+    assert_eq!(into, "registry");
+    let merged = ended(&gw, &started.expect("the keys move back to main").id).await;
+    assert_eq!((merged.phase, merged.error.as_deref(), merged.into.as_deref()), (Phase::Done, None, Some("registry")));
+    assert!(merged.skipped > 300, "the parent's revisions were taken past the scope's: {merged:?}");
+    for running in [&gw.running, &replica.running] {
+        aq_tests::wait_until("every replica routes without the merged scope", || running.gateway.routing().scope(&id).is_none()).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut acked = Vec::new();
+    for writer in writers {
+        let written = writer.await.unwrap();
+        // The merged scope's writer included: its revisions keep increasing into its parent's.
+        assert!(written.windows(2).all(|w| w[0].1 < w[1].1), "{written:?}");
+        acked.extend(written);
+    }
+    let end = client.put("/registry/configmaps/zz-end", "", None).await.unwrap().header().unwrap().revision();
+    acked.push((b"/registry/configmaps/zz-end".to_vec(), end));
+    acked.sort_by_key(|(_, revision)| *revision);
+    let of = |prefix: &[u8], events: &[(Vec<u8>, i64)]| -> Vec<(Vec<u8>, i64)> {
+        events.iter().filter(|(key, _)| key.starts_with(prefix)).cloned().collect()
+    };
+    for watch in watches {
+        let seen: Vec<(Vec<u8>, i64)> = watch.await.unwrap().into_iter().map(|(_, key, revision)| (key, revision)).collect();
+        assert_eq!(seen.len(), acked.len(), "one event per acknowledged write");
+        for prefix in [&b"/registry/configmaps/w0/"[..], b"/registry/configmaps/w1/"] {
+            assert_eq!(of(prefix, &seen), of(prefix, &acked), "{}", String::from_utf8_lossy(prefix));
+        }
+    }
+
+    // Every key is back on main and none is left on events.
+    let (mut main, mut events) = (gw.main.client().await, gw.events.client().await);
+    let count = |client: &mut etcd_client::Client, prefix: &'static str| {
+        let mut client = client.clone();
+        async move { client.get(prefix, Some(GetOptions::new().with_prefix().with_count_only())).await.unwrap().count() }
+    };
+    assert_eq!(count(&mut main, "/registry/pods/").await, 320);
+    assert_eq!(count(&mut events, "/registry/pods/").await, 0);
+    assert_eq!(count(&mut events, "/registry/configmaps/").await, 0);
+
+    // A revision a client held from before the merge no longer matches (the key has a new
+    // one, above it), and history from before it answers as compacted.
+    let now = client.get("/registry/pods/p00", None).await.unwrap().kvs()[0].mod_revision();
+    assert!(now > ahead, "{now} after {ahead}");
+    let stale = etcd_client::Txn::new()
+        .when([etcd_client::Compare::mod_revision("/registry/pods/p00", etcd_client::CompareOp::Equal, held)])
+        .and_then([etcd_client::TxnOp::put("/registry/pods/p00", "lost", None)]);
+    assert!(!client.txn(stale).await.unwrap().succeeded());
+    let err = client.get("/registry/pods/p00", Some(GetOptions::new().with_revision(ahead))).await.unwrap_err();
+    assert!(err.to_string().contains("required revision has been compacted"), "{err}");
+
+    // Split off and never moved, a scope merges back by a layout change alone.
+    let (again, started) = gw.running.migrator.split("registry", b"/registry/services/", None, None).await.unwrap();
+    assert!(started.is_none());
+    aq_tests::wait_until("the replica routes the new scope", || gw.running.gateway.routing().scope(&again).is_some()).await;
+    client.put("/registry/services/s", "1", None).await.unwrap();
+    assert_eq!(gw.running.migrator.merge(&again).await.unwrap(), ("registry".to_string(), None));
+    aq_tests::wait_until("the replica routes without it", || gw.running.gateway.routing().scope(&again).is_none()).await;
+    assert_eq!(client.get("/registry/services/s", None).await.unwrap().kvs()[0].value(), b"1");
+
+    // The outermost scope has nothing to merge into.
+    let err = gw.running.migrator.merge("catch-all").await.unwrap_err();
+    assert!(err.to_string().contains("nothing to merge it into"), "{err}");
 }

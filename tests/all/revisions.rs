@@ -129,7 +129,7 @@ async fn a_moved_scope_counts_on_in_every_answer_and_its_older_history_is_compac
     // would after a move from a group that had reached them.
     const OFFSET: i64 = 10_000;
     let floor = old + 1 + OFFSET;
-    let shift = aq_host::index::RevisionShift { offset: OFFSET, floor, base: floor };
+    let shift = aq_host::index::RevisionShift { offset: OFFSET, floor, base: floor, handed: 0 };
     let store = gw.running.syncer.store();
     let (stored, revision) = store.layout().await.unwrap().expect("a stored layout");
     let mut scopes = stored.index().unwrap().scopes().iter().map(|s| (**s).clone()).collect::<Vec<_>>();

@@ -1,4 +1,4 @@
-//! Live moves of a scope onto another etcd group (DESIGN: "Adaptive scopes"). One migration
+//! Live moves, splits and merges of scopes across etcd groups (DESIGN: "Adaptive scopes"). One migration
 //! runs at a time across replicas (the meta key `migration-active`), on the replica that
 //! started it, as a state machine whose record in meta says how far it got:
 //!
@@ -24,6 +24,18 @@
 //! A failure before the cut-over rolls back: the old group gets its ranges again, the new one
 //! gives them up, and the partial copy is deleted. After the cut-over the move stands and only
 //! the clean-up can be left to repeat.
+//!
+//! A **split** adds a scope over the upper part of its parent's keys, on the parent's group
+//! with the parent's revisions (one layout write), and may then move it. A **merge** is the
+//! reverse: the scope's keys go to its parent, the innermost scope holding its range. If they
+//! are on the parent's group with the parent's revisions already, that too is one layout write.
+//! Otherwise they move there as above, with two differences. The merged keys take the parent's
+//! revisions, which must stay above every revision the scope's clients were given; before the
+//! copy, the parent's group is taken forward (writes of a reserved key) until the parent's
+//! revisions run ahead of the scope's with room for the writes it takes until its hand-off, and
+//! the cut-over checks that they did. And the cut-over drops the scope from the layout and sets
+//! the parent's floor at the cut-over: the parent's history before it answers as compacted, as
+//! the merged keys' history on its group is incomplete.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -37,9 +49,19 @@ use crate::backend::ownership::Owners;
 use crate::gate::Gateway;
 use crate::index::{KeyRange, RevisionShift, ScopeIndex};
 use crate::meta::MetaStore;
+use crate::meta::layout::KeyText;
 
 /// Keys copied per read of the old group.
 const PAGE: i64 = 500;
+
+/// How long a merge watches the scope's revisions go before it makes room for them.
+const RATE_SAMPLE: Duration = Duration::from_millis(500);
+
+/// Revisions a merge leaves between the scope's and its parent's at the least.
+const MERGE_ROOM: i64 = 1000;
+
+/// The most revisions a merge takes its parent's group forward by: each is a write.
+const MAX_SKIP: i64 = 2_000_000;
 
 /// How long the catch-up before the hand-off follows the watch at most; what it leaves is
 /// applied during the hand-off.
@@ -115,6 +137,21 @@ pub struct Migration {
     /// The replica running it.
     #[serde(default)]
     pub replica: String,
+    /// For a merge: the scope that takes the moved keys over; the moved scope is gone once it
+    /// cuts over.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub into: Option<String>,
+    /// For a merge: the moved scope's ranges, which its recovery needs once the layout no longer
+    /// names it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub parts: Vec<[KeyText; 2]>,
+    /// For a merge: how many revisions the parent's group was taken forward before the copy.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub skipped: i64,
+}
+
+fn is_zero(value: &i64) -> bool {
+    *value == 0
 }
 
 /// Why a migration cannot start.
@@ -163,6 +200,8 @@ struct Work {
     target: Client,
     /// The new group's revision of the first write of the copy.
     first_write: Option<i64>,
+    /// For a merge, the scope taking the keys over.
+    into: Option<Arc<crate::index::Scope>>,
     /// Per part, the old group's revision through which its writes are applied.
     applied: Vec<i64>,
 }
@@ -177,7 +216,7 @@ impl Migrator {
     /// Checks and claims a move of `scope` to group `to`, and runs it in the background.
     /// Returns the migration as recorded at its start.
     pub async fn start(self: &Arc<Self>, scope: &str, to: &str) -> Result<Migration, MigrateError> {
-        let work = self.prepare(scope, to).await?;
+        let work = self.prepare(scope, to, None).await?;
         let started = work.migration.clone();
         let this = self.clone();
         tokio::spawn(async move { this.run(work).await });
@@ -186,7 +225,7 @@ impl Migrator {
 
     /// Runs a move of `scope` to `to` to its end; answers the final record.
     pub async fn run_to_end(&self, scope: &str, to: &str) -> Result<Migration, MigrateError> {
-        let work = self.prepare(scope, to).await?;
+        let work = self.prepare(scope, to, None).await?;
         Ok(self.run(work).await)
     }
 
@@ -230,24 +269,7 @@ impl Migrator {
         if let Some(active) = self.store.active_migration().await.map_err(failed)? {
             return Err(MigrateError::Busy(active));
         }
-        // Lineage chains are per scope; cutting one in two is not done yet.
-        let records = crate::lineage::records_prefix(scope_id);
-        let (key_start, range_end) = KeyRange::prefix(&records).to_request();
-        let group = self
-            .gateway
-            .groups()
-            .get(&parent.group)
-            .ok_or_else(|| MigrateError::Failed(format!("this replica has no connection to group {}", parent.group)))?;
-        let kept = group
-            .range(etcd_client::proto::PbRangeRequest { key: key_start, range_end, count_only: true, ..Default::default() })
-            .await
-            .map_err(|e| MigrateError::Failed(format!("cannot read group {}: {}", parent.group, e.message())))?;
-        if kept.count > 0 {
-            return Err(MigrateError::Invalid(format!(
-                "scope {scope_id} keeps lineage ({} records); splitting a scope with lineage is not supported yet",
-                kept.count
-            )));
-        }
+        self.refuse_lineage(&parent).await?;
         let id = match id {
             Some(id) if before.get(id).is_some() => {
                 return Err(MigrateError::Invalid(format!("there is a scope {id} already; pick another id")));
@@ -299,7 +321,77 @@ impl Migrator {
         Ok((id, Some(started)))
     }
 
-    async fn prepare(&self, scope_id: &str, to: &str) -> Result<Work, MigrateError> {
+    /// Merges `scope` back into its parent, the innermost scope holding its range, which owns
+    /// its keys from then on under the parent's policy and revisions. A scope on its parent's
+    /// group with the parent's revisions (split off and never moved) merges by one layout
+    /// write; one on another group moves onto the parent's group live first, and the parent's
+    /// revisions are taken past the scope's so that neither goes backwards (module
+    /// documentation). Answers the parent's id and the migration, if one was started.
+    pub async fn merge(self: &Arc<Self>, scope_id: &str) -> Result<(String, Option<Migration>), MigrateError> {
+        let failed = |e: crate::meta::MetaError| MigrateError::Failed(e.to_string());
+        let (layout, layout_revision) =
+            self.store.layout().await.map_err(failed)?.ok_or_else(|| MigrateError::Failed("no stored scope layout".into()))?;
+        let before = layout.index().map_err(MigrateError::Failed)?;
+        let scope = before
+            .get(scope_id)
+            .ok_or_else(|| MigrateError::Invalid(format!("there is no scope {scope_id}; aq scopes ls lists them")))?
+            .clone();
+        let parent = before
+            .parent_of(scope_id)
+            .ok_or_else(|| MigrateError::Invalid(format!("no scope holds scope {scope_id}'s range, so there is nothing to merge it into")))?
+            .clone();
+        if let Some(active) = self.store.active_migration().await.map_err(failed)? {
+            return Err(MigrateError::Busy(active));
+        }
+        self.refuse_lineage(&scope).await?;
+        if scope.group != parent.group {
+            let work = self.prepare(scope_id, &parent.group.clone(), Some(parent.clone())).await?;
+            let started = work.migration.clone();
+            let this = self.clone();
+            tokio::spawn(async move { this.run(work).await });
+            return Ok((parent.id.clone(), Some(started)));
+        }
+        if scope.revisions != parent.revisions {
+            return Err(MigrateError::Invalid(format!(
+                "scope {scope_id} is on its parent {}'s group {} but counts revisions of its own (it moved there); \
+                 move it to another group and merge it from there",
+                parent.id, parent.group
+            )));
+        }
+        let scopes: Vec<_> = before.scopes().iter().filter(|s| s.id != scope.id).map(|s| (**s).clone()).collect();
+        let after = ScopeIndex::new(scopes).map_err(|e| MigrateError::Failed(e.to_string()))?;
+        let reason = format!("scope {scope_id} merged into {}", parent.id);
+        let record = layout.changed(&after, reason);
+        self.store.write_layout(&record, layout_revision).await.map_err(|e| MigrateError::Failed(format!("cannot write the new layout: {e}")))?;
+        tracing::info!(scope = scope_id, into = %parent.id, "scope merged on its group");
+        Ok((parent.id.clone(), None))
+    }
+
+    /// Refuses a scope whose writes keep lineage: its records and checkpoints are in its
+    /// group's revisions, and moving or cutting them is not done yet.
+    async fn refuse_lineage(&self, scope: &crate::index::Scope) -> Result<(), MigrateError> {
+        let records = crate::lineage::records_prefix(&scope.id);
+        let (key, range_end) = KeyRange::prefix(&records).to_request();
+        let group = self
+            .gateway
+            .groups()
+            .get(&scope.group)
+            .ok_or_else(|| MigrateError::Failed(format!("this replica has no connection to group {}", scope.group)))?;
+        let kept = group
+            .range(etcd_client::proto::PbRangeRequest { key, range_end, count_only: true, ..Default::default() })
+            .await
+            .map_err(|e| MigrateError::Failed(format!("cannot read group {}: {}", scope.group, e.message())))?;
+        if kept.count > 0 {
+            return Err(MigrateError::Invalid(format!(
+                "scope {} keeps lineage ({} records on group {}); moving, splitting or merging a scope with lineage \
+                 is not supported yet",
+                scope.id, kept.count, scope.group
+            )));
+        }
+        Ok(())
+    }
+
+    async fn prepare(&self, scope_id: &str, to: &str, into: Option<Arc<crate::index::Scope>>) -> Result<Work, MigrateError> {
         let failed = |e: crate::meta::MetaError| MigrateError::Failed(e.to_string());
         let (layout, layout_revision) =
             self.store.layout().await.map_err(failed)?.ok_or_else(|| MigrateError::Failed("no stored scope layout".into()))?;
@@ -333,28 +425,29 @@ impl Migrator {
         };
         let from_owners = connect(&from, from_admin).await?;
         let to_owners = connect(to, to_admin).await?;
-        let (mut source, target) = (from_owners.client(), to_owners.client());
+        let (source, target) = (from_owners.client(), to_owners.client());
 
-        // A scope whose writes keep lineage keeps its records and checkpoints in its group's
-        // revisions; moving them is not done yet, so such a scope stays.
-        let records = crate::lineage::records_prefix(scope_id);
-        let (key, range_end) = KeyRange::prefix(&records).to_request();
-        let kept = source
-            .get(key, Some(GetOptions::new().with_range(range_end).with_count_only()))
-            .await
-            .map_err(|e| MigrateError::Failed(format!("cannot read group {from}: {e}")))?;
-        if kept.count() > 0 {
-            return Err(MigrateError::Invalid(format!(
-                "scope {scope_id} keeps lineage ({} records on group {from}); moving a scope with lineage is not \
-                 supported yet",
-                kept.count()
-            )));
-        }
+        self.refuse_lineage(&scope).await?;
 
         let parts: Vec<KeyRange> =
             before.overlapping(&scope.range).into_iter().filter(|(s, _)| s.id == scope.id).map(|(_, part)| part).collect();
         let mut scopes: Vec<_> = before.scopes().iter().map(|s| (**s).clone()).collect();
-        scopes.iter_mut().find(|s| s.id == scope.id).expect("the scope is indexed").group = to.to_string();
+        let into = match into {
+            // The parent as this layout has it; a merge's scope is gone from the layout after it.
+            Some(parent) => {
+                let parent = before
+                    .get(&parent.id)
+                    .filter(|p| p.group == to)
+                    .ok_or_else(|| MigrateError::Failed(format!("scope {} changed while the merge started; try again", parent.id)))?
+                    .clone();
+                scopes.retain(|s| s.id != scope.id);
+                Some(parent)
+            }
+            None => {
+                scopes.iter_mut().find(|s| s.id == scope.id).expect("the scope is indexed").group = to.to_string();
+                None
+            }
+        };
         let after = ScopeIndex::new(scopes).map_err(|e| MigrateError::Failed(e.to_string()))?;
 
         let now = crate::clock::unix_ms();
@@ -374,6 +467,12 @@ impl Migrator {
             updated_ms: now,
             error: None,
             replica: self.replica.clone(),
+            into: into.as_ref().map(|p| p.id.clone()),
+            parts: match into {
+                Some(_) => parts.iter().map(|p| [KeyText::of(&p.start), KeyText::of(&p.end)]).collect(),
+                None => Vec::new(),
+            },
+            skipped: 0,
         };
         if !self.store.claim_migration(&migration.id).await.map_err(failed)? {
             let active = self.store.active_migration().await.map_err(failed)?.unwrap_or_default();
@@ -396,6 +495,7 @@ impl Migrator {
             source,
             target,
             first_write: None,
+            into,
             applied: Vec::new(),
         })
     }
@@ -450,6 +550,9 @@ impl Migrator {
             work.migration.keys_total += counted.map_err(|e| format!("cannot count the scope's keys on group {from}: {e}"))? as u64;
         }
         self.record(&mut work.migration).await;
+        if work.into.is_some() {
+            self.make_room(work).await?;
+        }
         for part in work.parts.clone() {
             let mut pages = Pages::of(&part);
             let read = |e| format!("cannot read the scope's keys on group {from} at revision {revision}: {e}");
@@ -496,18 +599,42 @@ impl Migrator {
         let old = work.before.get(&work.migration.scope).expect("indexed").revisions;
         let last_seen = old.up(handed);
         let cut = current_revision(&mut work.target).await.map_err(|e| format!("cannot read group {}: {e}", work.migration.to))?;
-        let shift = match work.first_write {
-            Some(first) => {
-                let offset = last_seen + 1 - first;
-                RevisionShift { offset, base: last_seen + 1, floor: cut + offset }
-            }
-            None => RevisionShift { offset: last_seen - cut, base: last_seen + 1, floor: last_seen + 1 },
-        };
         let mut scopes: Vec<_> = work.after.scopes().iter().map(|s| (**s).clone()).collect();
-        scopes.iter_mut().find(|s| s.id == work.migration.scope).expect("indexed").revisions = shift;
+        let (shift, reason) = match &work.into {
+            Some(parent) => {
+                // The parent's revisions as they were, read from the cut-over on: before it,
+                // the scope's keys were not all on the group yet.
+                let p = parent.revisions;
+                let first = p.up(work.first_write.unwrap_or(cut + 1));
+                if first <= last_seen {
+                    return Err(format!(
+                        "scope {} took more writes during the merge than the {} revisions its parent {}'s were taken \
+                         forward by; merge it again when it is quieter",
+                        work.migration.scope, work.migration.skipped, parent.id
+                    ));
+                }
+                let shift = RevisionShift { floor: p.floor.max(p.up(cut)), handed, ..p };
+                scopes.iter_mut().find(|s| s.id == parent.id).expect("indexed").revisions = shift;
+                let reason =
+                    format!("migration {}: scope {} merged into {} on group {}", work.migration.id, work.migration.scope, parent.id, work.migration.to);
+                (shift, reason)
+            }
+            None => {
+                let shift = match work.first_write {
+                    Some(first) => {
+                        let offset = last_seen + 1 - first;
+                        RevisionShift { offset, base: last_seen + 1, floor: cut + offset, handed: 0 }
+                    }
+                    None => RevisionShift { offset: last_seen - cut, base: last_seen + 1, floor: last_seen + 1, handed: 0 },
+                };
+                scopes.iter_mut().find(|s| s.id == work.migration.scope).expect("indexed").revisions = shift;
+                let reason =
+                    format!("migration {}: scope {} moved from group {from} to {}", work.migration.id, work.migration.scope, work.migration.to);
+                (shift, reason)
+            }
+        };
         work.after = ScopeIndex::new(scopes).map_err(|e| e.to_string())?;
         work.to.reconcile(&work.after.group_ranges(&work.migration.to)).await?;
-        let reason = format!("migration {}: scope {} moved from group {from} to {}", work.migration.id, work.migration.scope, work.migration.to);
         let layout = work.layout.changed(&work.after, reason);
         self.store.write_layout(&layout, work.layout_revision).await.map_err(|e| format!("cannot write the new layout: {e}"))?;
         work.migration.revisions = Some(shift);
@@ -518,6 +645,45 @@ impl Migrator {
         self.record(&mut work.migration).await;
         self.clean_up(&mut work.source, &work.parts, &from, layout.epoch).await?;
         work.migration.phase = Phase::Done;
+        Ok(())
+    }
+
+    /// Before a merge's copy: takes the parent's group's revisions forward until the parent's
+    /// run ahead of the merged scope's by room for the writes the scope may take until its
+    /// hand-off, so that every copied key, and every later write, has a revision above any the
+    /// scope's clients were given. etcd has no way to skip revisions but writing, so the group
+    /// takes that many writes of a reserved key.
+    async fn make_room(&self, work: &mut Work) -> Result<(), String> {
+        let parent = work.into.clone().expect("a merge");
+        let (from, to) = (work.migration.from.clone(), work.migration.to.clone());
+        let scope = work.before.get(&work.migration.scope).expect("indexed").revisions;
+        let read = |group: &str, e: etcd_client::Error| format!("cannot read group {group}: {e}");
+        // How fast the scope's revisions go now.
+        let (started, first) = (tokio::time::Instant::now(), current_revision(&mut work.source).await.map_err(|e| read(&from, e))?);
+        tokio::time::sleep(RATE_SAMPLE).await;
+        let last = current_revision(&mut work.source).await.map_err(|e| read(&from, e))?;
+        let rate = (last - first) as f64 / started.elapsed().as_secs_f64();
+        // The copy, the catch-up and the hand-off, generously.
+        let expected = CATCH_UP_FOR.as_secs_f64() * 2.0 + work.migration.keys_total as f64 / 500.0;
+        let room = MERGE_ROOM + (rate * expected * 2.0) as i64;
+        let ahead = parent.revisions.up(current_revision(&mut work.target).await.map_err(|e| read(&to, e))?);
+        let skip = scope.up(last) + room - ahead;
+        if skip <= 0 {
+            return Ok(());
+        }
+        if skip > MAX_SKIP {
+            return Err(format!(
+                "merging scope {} would take group {to}'s revisions {skip} forward (the scope's run {} ahead of its \
+                 parent {}'s), more than {MAX_SKIP}; merge it when it is quieter or leave it on its own group",
+                work.migration.scope,
+                scope.up(last) - ahead,
+                parent.id
+            ));
+        }
+        tracing::info!(id = %work.migration.id, skip, group = %to, "taking the parent's revisions forward for a merge");
+        skip_revisions(&work.target, skip).await.map_err(|e| format!("cannot take group {to}'s revisions forward: {e}"))?;
+        work.migration.skipped = skip;
+        self.record(&mut work.migration).await;
         Ok(())
     }
 
@@ -560,11 +726,21 @@ impl Migrator {
         tracing::warn!(id, phase = ?migration.phase, replica = %migration.replica, "recovering an interrupted migration");
         let (layout, _) = self.store.layout().await.map_err(meta)?.ok_or("no stored scope layout")?;
         let index = layout.index()?;
-        let scope = index.get(&migration.scope).ok_or_else(|| format!("the layout has no scope {}", migration.scope))?.clone();
-        let parts: Vec<KeyRange> =
-            index.overlapping(&scope.range).into_iter().filter(|(s, _)| s.id == scope.id).map(|(_, part)| part).collect();
+        let scope = index.get(&migration.scope).cloned();
+        let parts: Vec<KeyRange> = match &scope {
+            Some(scope) => {
+                index.overlapping(&scope.range).into_iter().filter(|(s, _)| s.id == scope.id).map(|(_, part)| part).collect()
+            }
+            // A merge that cut over: the layout names the scope no more.
+            None if migration.into.is_some() => migration
+                .parts
+                .iter()
+                .map(|[start, end]| Ok(KeyRange { start: start.bytes()?, end: end.bytes()? }))
+                .collect::<Result<_, String>>()?,
+            None => return Err(format!("the layout has no scope {}", migration.scope)),
+        };
         let interrupted = format!("interrupted in phase {:?} on replica {}", migration.phase, migration.replica);
-        if scope.group == migration.to {
+        if scope.as_ref().is_none_or(|scope| scope.group == migration.to) {
             let from = self.owners(&migration.from).await?;
             migration.phase = Phase::CleanUp;
             self.record(&mut migration).await;
@@ -789,6 +965,29 @@ async fn count(client: &mut Client, range: &KeyRange, revision: i64) -> Result<i
         options = options.with_revision(revision);
     }
     Ok(client.get(key, Some(options)).await?.count())
+}
+
+/// Takes `client`'s group `count` revisions forward, one write of a reserved key each, many at
+/// a time.
+async fn skip_revisions(client: &Client, count: i64) -> Result<(), etcd_client::Error> {
+    const STREAMS: i64 = 32;
+    let key = [crate::index::RESERVED_PREFIX, b"revision-skip"].concat();
+    let mut tasks = tokio::task::JoinSet::new();
+    for stream in 0..STREAMS {
+        let share = count / STREAMS + i64::from(stream < count % STREAMS);
+        let (mut client, key) = (client.clone(), key.clone());
+        tasks.spawn(async move {
+            for _ in 0..share {
+                client.put(key.clone(), Vec::new(), None).await?;
+            }
+            Ok::<_, etcd_client::Error>(())
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.expect("a revision-skip task does not panic")?;
+    }
+    client.clone().delete(key, None).await?;
+    Ok(())
 }
 
 /// A group's current revision.

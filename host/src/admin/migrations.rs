@@ -1,5 +1,5 @@
-//! `/v1/migrations`, `POST /v1/scopes/{scope}/move` and `POST /v1/scopes/{scope}/split`: live
-//! moves of a scope onto another etcd group, started here and followed by their record in meta.
+//! `/v1/migrations`, `POST /v1/scopes/{scope}/move`, `…/split` and `…/merge`: live moves of a
+//! scope onto another etcd group, started here and followed by their record in meta.
 
 use std::sync::Arc;
 
@@ -56,6 +56,23 @@ pub(super) async fn split_scope(
         migrator.split(&scope, request.at.as_bytes(), request.group.as_deref(), request.id.as_deref()).await?;
     tracing::info!(%scope, new = %id, at = %request.at, by = %caller.name, "scope split requested");
     Ok((StatusCode::ACCEPTED, axum::Json(json!({ "scope": id, "migration": migration }))).into_response())
+}
+
+#[utoipa::path(
+    post, path = "/v1/scopes/{scope}/merge", tag = "scopes",
+    params(("scope" = String, Path, description = "Scope id")),
+    responses(
+        (status = 202, description = "`{into, migration}`: the scope that takes the keys over, and the migration moving them onto its group (null when they were there already)", body = serde_json::Value),
+        (status = 400, body = super::ErrorBody), (status = 409, description = "Another migration is under way", body = super::ErrorBody)
+    ),
+    security(("bearer" = ["admin"]))
+)]
+pub(super) async fn merge_scope(State(admin): State<Arc<Admin>>, headers: HeaderMap, Path(scope): Path<String>) -> Result<Response, ApiError> {
+    let caller = admin.auth.check(&headers, Role::Admin)?;
+    let migrator = migrator(&admin)?;
+    let (into, migration) = migrator.merge(&scope).await?;
+    tracing::info!(%scope, %into, by = %caller.name, "scope merge requested");
+    Ok((StatusCode::ACCEPTED, axum::Json(json!({ "into": into, "migration": migration }))).into_response())
 }
 
 impl From<MigrateError> for ApiError {

@@ -194,6 +194,7 @@ pub fn router(admin: Arc<Admin>) -> Router {
         .route("/v1/scopes/{scope}/evaluate", post(scopes::evaluate))
         .route("/v1/scopes/{scope}/move", post(migrations::move_scope))
         .route("/v1/scopes/{scope}/split", post(migrations::split_scope))
+        .route("/v1/scopes/{scope}/merge", post(migrations::merge_scope))
         .route("/v1/migrations", get(migrations::list))
         .route("/v1/migrations/{id}", get(migrations::get))
         .fallback(not_found)

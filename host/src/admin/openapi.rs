@@ -52,6 +52,7 @@ impl utoipa::Modify for BearerTokens {
         scopes::evaluate,
         migrations::move_scope,
         migrations::split_scope,
+        migrations::merge_scope,
         migrations::list,
         migrations::get,
     ),

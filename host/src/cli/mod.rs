@@ -157,6 +157,17 @@ enum ScopesCommand {
         #[command(flatten)]
         remote: remote::Remote,
     },
+    /// Merge a scope back into the scope holding it, which governs its keys from then on;
+    /// they move live onto that scope's group first when they are elsewhere.
+    Merge {
+        /// The scope.
+        scope: String,
+        /// Return once the move has started.
+        #[arg(long)]
+        detach: bool,
+        #[command(flatten)]
+        remote: remote::Remote,
+    },
 }
 
 #[derive(Subcommand)]
@@ -440,6 +451,7 @@ pub fn main() -> ExitCode {
         Command::Policy(PolicyCommand::Rm { digest, remote }) => remote::remove(&remote, &digest),
         Command::Scopes(ScopesCommand::Ls { remote }) => remote::list_scopes(&remote),
         Command::Scopes(ScopesCommand::Move { scope, to, detach, remote }) => remote::move_scope(&remote, &scope, &to, detach),
+        Command::Scopes(ScopesCommand::Merge { scope, detach, remote }) => remote::merge_scope(&remote, &scope, detach),
         Command::Scopes(ScopesCommand::Split { scope, at, to, id, detach, remote }) => {
             remote::split_scope(&remote, &scope, &at, to.as_deref(), id.as_deref(), detach)
         }

@@ -306,6 +306,26 @@ pub(super) fn split_scope(remote: &Remote, scope: &str, at: &str, to: Option<&st
     follow_migration(remote, &migration.expect("checked"))
 }
 
+/// `aq scopes merge`: merges, then follows the move onto the parent's group, if any.
+pub(super) fn merge_scope(remote: &Remote, scope: &str, detach: bool) -> Result<(), CliError> {
+    let answer = remote.json("POST", &format!("/v1/scopes/{scope}/merge"), &json!({}))?;
+    let into = answer["into"].as_str().unwrap_or_default();
+    let migration = answer["migration"]["id"].as_str().map(str::to_string);
+    if detach || migration.is_none() {
+        if !remote.print_json(&answer) {
+            match &migration {
+                Some(migration) => println!("migration {migration} started: scope {scope} merges into {into}; aq migrations show {migration}"),
+                None => println!("scope {scope} merged into {into}"),
+            }
+        }
+        return Ok(());
+    }
+    if !remote.json {
+        println!("scope {scope} merges into {into}");
+    }
+    follow_migration(remote, &migration.expect("checked"))
+}
+
 /// Prints each phase migration `id` reaches until it ends; exit 1 unless it is done cleanly.
 fn follow_migration(remote: &Remote, id: &str) -> Result<(), CliError> {
     let mut last_phase = String::new();

@@ -591,8 +591,9 @@ impl Session {
             }
             _ => Vec::new(),
         };
-        // The old group's last revision of the scope, and the new group's first.
-        let handed = new.base - 1 - old.offset;
+        // The old group's last revision of the scope (recorded by a merge, implied by a move's
+        // base), and the new group's first.
+        let handed = if new.handed > 0 { new.handed } else { new.base - 1 - old.offset };
         let cut = new.floor - new.offset;
         let group = runtime.group.clone();
         let next_id = self.open(group.name(), &group, request, &range, cut + 1, false).await;

@@ -165,7 +165,7 @@ mod tests {
 
     /// A scope that showed revisions up to 1000 on its old group and whose first revision on
     /// the new group is backend revision 2.
-    const MOVED: RevisionShift = RevisionShift { offset: 999, floor: 1001, base: 1001 };
+    const MOVED: RevisionShift = RevisionShift { offset: 999, floor: 1001, base: 1001, handed: 0 };
 
     #[test]
     fn a_moved_scope_counts_on_from_its_last_revision() {
@@ -190,7 +190,7 @@ mod tests {
         assert_eq!(MOVED.bound(0), 0, "a compare with 0 (absent) is kept");
         // Between base and floor the copy was under way: a key copied then compares by its
         // revision, a read there would see part of the scope.
-        let copying = RevisionShift { offset: 999, floor: 1005, base: 1001 };
+        let copying = RevisionShift { offset: 999, floor: 1005, base: 1001, handed: 0 };
         assert_eq!(copying.bound(1002), 3);
         assert!(copying.at(1002).is_err() && copying.at(1005).unwrap() == 6);
         let mut txn = pb::PbTxnRequest {

@@ -140,6 +140,11 @@ pub struct RevisionShift {
     /// The first revision of the scope on its group (its move's first write); every key of the
     /// scope has a mod revision at or above it. 0: the scope never moved.
     pub base: i64,
+    /// When keys last arrived from another group by a merge: that group's own revision at which
+    /// it gave them up, so a watch re-homed across the merge knows where their old copy ends.
+    /// 0: no merge (a move's hand-off follows from `base`).
+    #[serde(default)]
+    pub handed: i64,
 }
 
 /// Why a set of scopes cannot form an index.
@@ -303,6 +308,17 @@ impl ScopeIndex {
         ranges
     }
 
+    /// The innermost scope whose range holds all of scope `id`'s: the one that owns its keys
+    /// once it is gone.
+    pub fn parent_of(&self, id: &str) -> Option<&Arc<Scope>> {
+        let child = self.get(id)?;
+        self.scopes
+            .iter()
+            .filter(|s| s.id != child.id && contains_range(&s.range, &child.range))
+            // Scopes nest, so the holders of one range are ordered by their starts.
+            .max_by(|a, b| a.range.start.cmp(&b.range.start).then_with(|| cmp_end(&b.range.end, &a.range.end)))
+    }
+
     /// Every scope, in key order.
     pub fn scopes(&self) -> &[Arc<Scope>] {
         &self.scopes
@@ -326,6 +342,22 @@ mod tests {
             labels: BTreeMap::new(),
             revisions: Default::default(),
         }
+    }
+
+    #[test]
+    fn a_scope_s_parent_is_the_innermost_scope_holding_it() {
+        let index = ScopeIndex::new(vec![
+            scope("all", "", ""),
+            scope("registry", "/registry/", "/registry0"),
+            scope("events", "/registry/events/", "/registry/events0"),
+            scope("late", "/registry/events/x", "/registry/events0"),
+        ])
+        .unwrap();
+        assert_eq!(index.parent_of("late").unwrap().id, "events");
+        assert_eq!(index.parent_of("events").unwrap().id, "registry");
+        assert_eq!(index.parent_of("registry").unwrap().id, "all");
+        assert!(index.parent_of("all").is_none());
+        assert!(index.parent_of("nobody").is_none());
     }
 
     #[test]

@@ -65,6 +65,9 @@ pub struct LayoutScope {
     /// The revision of the move's first write on the group; 0: the scope never moved.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub revision_base: i64,
+    /// After a merge into the scope, the merged scope's old group's revision at its hand-off.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub revision_handed: i64,
 }
 
 fn is_zero(value: &i64) -> bool {
@@ -114,21 +117,23 @@ impl LayoutScope {
             revision_offset: scope.revisions.offset,
             revision_floor: scope.revisions.floor,
             revision_base: scope.revisions.base,
+            revision_handed: scope.revisions.handed,
         }
     }
 
     fn to_scope(&self) -> Result<Scope, String> {
         let range = KeyRange { start: self.start.bytes()?, end: self.end.bytes()? };
-        let (offset, floor, base) = (self.revision_offset, self.revision_floor, self.revision_base);
-        let unmoved = offset == 0 && floor == 0 && base == 0;
+        let (offset, floor, base, handed) = (self.revision_offset, self.revision_floor, self.revision_base, self.revision_handed);
+        // A scope that never moved may still have a floor (a scope merged into it).
+        let unmoved = offset == 0 && base == 0 && floor >= 0;
         // A group's first write has revision 2, so a move's first write maps no lower.
-        if !(unmoved || (base - offset >= 2 && base <= floor)) {
+        if !(unmoved || (base - offset >= 2 && base <= floor)) || handed < 0 {
             return Err(format!(
-                "scope {} has revision offset {offset}, base {base} and floor {floor}: a moved scope needs base - offset >= 2 and base <= floor; restore the layout record aq wrote",
+                "scope {} has revision offset {offset}, base {base}, floor {floor} and handed {handed}: a moved scope needs base - offset >= 2 and base <= floor; restore the layout record aq wrote",
                 self.id
             ));
         }
-        let revisions = crate::index::RevisionShift { offset, floor, base };
+        let revisions = crate::index::RevisionShift { offset, floor, base, handed };
         Ok(Scope { id: self.id.clone(), range, group: self.group.clone(), labels: self.labels.clone(), revisions })
     }
 }
@@ -269,7 +274,7 @@ mod tests {
         let json = serde_json::to_value(&unmoved).unwrap();
         assert!(json["scopes"][0].get("revision_offset").is_none(), "seeds stay as they were");
         let mut scopes = unmoved.index().unwrap().scopes().iter().map(|s| (**s).clone()).collect::<Vec<_>>();
-        scopes[0].revisions = crate::index::RevisionShift { offset: 999, floor: 1003, base: 1001 };
+        scopes[0].revisions = crate::index::RevisionShift { offset: 999, floor: 1003, base: 1001, handed: 0 };
         let moved = unmoved.changed(&ScopeIndex::new(scopes).unwrap(), "all moved");
         let back: LayoutRecord = serde_json::from_value(serde_json::to_value(&moved).unwrap()).unwrap();
         assert_eq!(back.index().unwrap().get("all").unwrap().revisions.offset, 999);
