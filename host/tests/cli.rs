@@ -282,6 +282,19 @@ async fn the_cli_moves_a_scope_and_shows_its_migrations() {
     assert_eq!(code, 1);
     assert!(err.contains("HTTP 400") && err.contains("/zzz"), "{err}");
 
+    // Merged back, the upper half returns to its parent on events.
+    let (code, out, err) = remote(&gw, &["scopes", "merge", "late-pods"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("scope late-pods merges into registry"), "{out}");
+    assert!(out.contains("10 of 10 keys copied") && out.lines().last().unwrap_or_default().contains("done"), "{out}");
+    let (_, out, _) = remote(&gw, &["scopes", "ls"]).await;
+    assert!(!out.contains("late-pods"), "merged: {out}");
+    let pods = client.get("/registry/pods/", Some(etcd_client::GetOptions::new().with_prefix())).await.unwrap();
+    assert_eq!(pods.kvs().len(), 20, "every key still reads after the merge");
+    let (code, _, err) = remote(&gw, &["scopes", "merge", "catch-all"]).await;
+    assert_eq!(code, 1);
+    assert!(err.contains("HTTP 400") && err.contains("nothing to merge"), "{err}");
+
     // A move to where the scope is, or to no such group, is refused with the reason, exit 1.
     let (code, _, err) = remote(&gw, &["scopes", "move", "registry", "--to", "events"]).await;
     assert_eq!(code, 1);

@@ -1,6 +1,6 @@
-//! Live moves, splits and merges of scopes across etcd groups (DESIGN: "Adaptive scopes"). One migration
-//! runs at a time across replicas (the meta key `migration-active`), on the replica that
-//! started it, as a state machine whose record in meta says how far it got:
+//! Live moves, splits and merges of scopes across etcd groups (DESIGN: "Adaptive scopes").
+//! One migration runs at a time across replicas (the meta key `migration-active`), on the
+//! replica that started it, as a state machine whose record in meta says how far it got:
 //!
 //! 1. **copy**: the scope's keys, read from the old group at one revision R in pages, are
 //!    written to the new group (leases copied by ID, as the gate does for any group);
