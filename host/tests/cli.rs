@@ -546,3 +546,14 @@ async fn a_paused_replica_never_lands_a_write_on_the_group_that_gave_its_scope_a
     let refused = refused.lock().unwrap();
     assert!(refused.iter().all(|e| e.contains("no longer holds the keys of scope registry")), "{refused:?}");
 }
+
+#[test]
+fn bench_split_splits_a_loaded_scope_under_writers_and_loses_nothing() {
+    let out = aq().args(["bench", "split", "--keys", "2000", "--writers", "4", "--seconds", "1"]).output().unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(stdout.contains("1000 keys copied"), "the upper half moves: {stdout}");
+    for line in ["write errors              0", "lost writes               0", "aq after the split"] {
+        assert!(stdout.contains(line), "{line}: {stdout}");
+    }
+}

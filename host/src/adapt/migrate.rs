@@ -3,9 +3,13 @@
 //! replica that started it, as a state machine whose record in meta says how far it got:
 //!
 //! 1. **copy**: the scope's keys, read from the old group at one revision R in pages, are
-//!    written to the new group (leases copied by ID, as the gate does for any group);
-//! 2. **catch-up**: a watch of the old group from R+1 applies every later write, until it has
-//!    caught up with the old group once (or for at most [`CATCH_UP_FOR`]);
+//!    written to the new group in Txns of up to 128 keys, several at a time (leases copied by
+//!    ID, as the gate does for any group); the copy's keys share revisions, none of which a
+//!    client sees, since the scope's floor comes after them;
+//! 2. **catch-up**: a watch of the old group from R+1, read as fast as it delivers, applies
+//!    the later writes in batches until at most [`HANDOFF_TAIL`] keys were written since the
+//!    last event applied, or the keys left stop falling for [`CATCH_UP_STALL`] (writes arrive
+//!    as fast as they are applied), or for at most [`CATCH_UP_FOR`];
 //! 3. **hand-off**: the old group's ownership role gives the scope's ranges up. From then on
 //!    etcd refuses every write of aq's there, also one decided before; a refused write waits in
 //!    the gate ([`crate::gate::HANDOFF_WAIT`]) for routing to name the new owner. The last
@@ -65,7 +69,26 @@ const MAX_SKIP: i64 = 2_000_000;
 
 /// How long the catch-up before the hand-off follows the watch at most; what it leaves is
 /// applied during the hand-off.
-const CATCH_UP_FOR: Duration = Duration::from_secs(5);
+const CATCH_UP_FOR: Duration = Duration::from_secs(20);
+
+/// How long the catch-up goes on without the keys left to apply falling by a tenth.
+const CATCH_UP_STALL: Duration = Duration::from_secs(1);
+
+/// Keys written since the last applied event that the catch-up leaves to the hand-off.
+const HANDOFF_TAIL: i64 = 200;
+
+/// Txns to the new group in flight at once.
+const APPLY_AT_ONCE: usize = 8;
+
+/// Operations per Txn to the new group: etcd's default `--max-txn-ops`.
+const APPLY_OPS: usize = 128;
+
+/// Key and value bytes per Txn to the new group, below etcd's default 1.5 MiB request limit
+/// with room for framing; a larger key-value goes alone.
+const APPLY_BYTES: usize = 1024 * 1024;
+
+/// Watch messages the catch-up applies as one batch at most.
+const CATCH_UP_BATCH: usize = 1000;
 
 /// How long the clean-up waits for every replica to route by the new layout; a replica that
 /// died without withdrawing its routed epoch stops counting within its lease's TTL (10 s).
@@ -145,6 +168,10 @@ pub struct Migration {
     /// names it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub parts: Vec<[KeyText; 2]>,
+    /// Milliseconds from the hand-off's start to the layout naming the new group: how long the
+    /// scope's writes could wait in aq (plus each replica's reroute).
+    #[serde(default)]
+    pub handoff_ms: u64,
     /// For a merge: how many revisions the parent's group was taken forward before the copy.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub skipped: i64,
@@ -182,7 +209,7 @@ pub struct Migrator {
 
 /// A migration whose record has not changed for this long, while it holds the lock, was left by
 /// a replica that died: another replica finishes or undoes it. Every step records progress
-/// well within it (a page copied, a catch-up of at most 5 s, the clean-up's wait of 30 s).
+/// well within it (a page copied, a batch of the catch-up applied, the clean-up's wait of 30 s).
 pub const STALE_AFTER: Duration = Duration::from_secs(60);
 
 /// What one migration works with.
@@ -473,6 +500,7 @@ impl Migrator {
                 None => Vec::new(),
             },
             skipped: 0,
+            handoff_ms: 0,
         };
         if !self.store.claim_migration(&migration.id).await.map_err(failed)? {
             let active = self.store.active_migration().await.map_err(failed)?.unwrap_or_default();
@@ -557,10 +585,9 @@ impl Migrator {
             let mut pages = Pages::of(&part);
             let read = |e| format!("cannot read the scope's keys on group {from} at revision {revision}: {e}");
             while let Some(page) = pages.next(&mut work.source, GetOptions::new().with_revision(revision)).await.map_err(read)? {
-                for kv in page.kvs() {
-                    self.put(work, kv.key(), kv.value(), kv.lease()).await?;
-                    work.migration.keys_copied += 1;
-                }
+                let batch = page.kvs().iter().map(|kv| (kv.key().to_vec(), Some((kv.value().to_vec(), kv.lease())))).collect();
+                self.apply(work, batch).await?;
+                work.migration.keys_copied += page.kvs().len() as u64;
                 self.record(&mut work.migration).await;
             }
         }
@@ -573,7 +600,7 @@ impl Migrator {
             let (key, range_end) = part.to_request();
             let options = WatchOptions::new().with_range(range_end).with_start_revision(revision + 1);
             let stream = work.source.watch(key, Some(options)).await.map_err(|e| format!("cannot watch group {from}: {e}"))?;
-            watches.push(stream);
+            watches.push(Follow::start(stream));
         }
         work.applied = vec![revision; work.parts.len()];
         let now = current_revision(&mut work.source).await.map_err(|e| format!("cannot read group {from}: {e}"))?;
@@ -586,12 +613,17 @@ impl Migrator {
         // 3. Hand-off: the old group refuses the scope from here on.
         work.migration.phase = Phase::HandOff;
         self.record(&mut work.migration).await;
+        let handing = tokio::time::Instant::now();
+        let tail_before = work.migration.events_applied;
         work.from.reconcile(&work.after.group_ranges(&from)).await?;
+        let revoked = handing.elapsed();
         let handed = current_revision(&mut work.source).await.map_err(|e| format!("cannot read group {from}: {e}"))?;
         work.migration.handoff_revision = handed;
         for part in 0..work.parts.len() {
             self.finish_part(work, part, handed).await?;
         }
+        let finished = handing.elapsed();
+        let tail = work.migration.events_applied - tail_before;
 
         // 4. Cut over.
         work.migration.phase = Phase::CutOver;
@@ -638,7 +670,12 @@ impl Migrator {
         let layout = work.layout.changed(&work.after, reason);
         self.store.write_layout(&layout, work.layout_revision).await.map_err(|e| format!("cannot write the new layout: {e}"))?;
         work.migration.revisions = Some(shift);
-        tracing::info!(id = %work.migration.id, scope = %work.migration.scope, to = %work.migration.to, ?shift, "migration cut over");
+        work.migration.handoff_ms = handing.elapsed().as_millis() as u64;
+        tracing::info!(
+            id = %work.migration.id, scope = %work.migration.scope, to = %work.migration.to, ?shift,
+            revoke_ms = revoked.as_millis() as u64, tail, tail_ms = (finished - revoked).as_millis() as u64,
+            handoff_ms = work.migration.handoff_ms, "migration cut over"
+        );
 
         // 5. Clean up the old copy, once no replica's watch can still be reading it.
         work.migration.phase = Phase::CleanUp;
@@ -796,64 +833,128 @@ impl Migrator {
         }
     }
 
-    /// Writes one key of the scope to the new group, with its lease copied there.
-    async fn put(&self, work: &mut Work, key: &[u8], value: &[u8], lease: i64) -> Result<(), String> {
+    /// Writes `batch` to the new group, many keys per Txn and several Txns at a time: a put
+    /// (value, lease) or a delete per key, each key once. Leases are copied there by ID first; one that expired meanwhile
+    /// leaves its key without it, and the key's deletion on the old group follows through the
+    /// catch-up.
+    async fn apply(&self, work: &mut Work, batch: Vec<(Vec<u8>, Change)>) -> Result<(), String> {
         let to = &self.gateway.groups()[&work.migration.to];
-        let mut options = PutOptions::new();
-        // A lease that expired meanwhile: the key goes without it, and its deletion on the old
-        // group follows through the catch-up.
-        if lease != 0 && self.gateway.ensure_leases(to, [lease]).await.is_ok() {
-            options = options.with_lease(lease);
+        let mut leases: Vec<i64> = batch.iter().filter_map(|(_, put)| put.as_ref().map(|(_, lease)| *lease)).filter(|l| *l != 0).collect();
+        leases.sort_unstable();
+        leases.dedup();
+        let mut live = std::collections::BTreeSet::new();
+        for lease in leases {
+            if self.gateway.ensure_leases(to, [lease]).await.is_ok() {
+                live.insert(lease);
+            }
         }
-        let put = work
-            .target
-            .put(key, value, Some(options))
-            .await
-            .map_err(|e| format!("cannot write {} to group {}: {e}", String::from_utf8_lossy(key), work.migration.to))?;
+        // Txns of up to etcd's 128 operations and well under its 1.5 MiB request limit: the
+        // copy's keys share revisions, which no client sees (the scope's floor comes after).
+        let mut txns: Vec<Vec<etcd_client::TxnOp>> = Vec::new();
+        let mut bytes = usize::MAX;
+        for (key, put) in batch {
+            let size = key.len() + put.as_ref().map_or(0, |(value, _)| value.len());
+            if txns.last().is_none_or(|t| t.len() >= APPLY_OPS) || bytes + size > APPLY_BYTES {
+                txns.push(Vec::new());
+                bytes = 0;
+            }
+            bytes += size;
+            let op = match put {
+                Some((value, lease)) if live.contains(&lease) => etcd_client::TxnOp::put(key, value, Some(PutOptions::new().with_lease(lease))),
+                Some((value, _)) => etcd_client::TxnOp::put(key, value, None),
+                None => etcd_client::TxnOp::delete(key, None),
+            };
+            txns.last_mut().expect("pushed").push(op);
+        }
+        let group = work.migration.to.clone();
+        let mut tasks = tokio::task::JoinSet::new();
+        let mut pending = txns.into_iter();
+        let mut first: Option<i64> = None;
+        loop {
+            while tasks.len() < APPLY_AT_ONCE {
+                let Some(ops) = pending.next() else { break };
+                let mut client = work.target.clone();
+                tasks.spawn(async move { client.txn(etcd_client::Txn::new().and_then(ops)).await.map(|a| a.header().map(|h| h.revision())) });
+            }
+            let Some(done) = tasks.join_next().await else { break };
+            match done.expect("a copy task does not panic") {
+                Ok(Some(revision)) => first = Some(first.map_or(revision, |f| f.min(revision))),
+                Ok(None) => {}
+                Err(e) => return Err(format!("cannot write the scope's keys to group {group}: {e}")),
+            }
+        }
+        // The first write of the copy is a put of its first page; deletes come later.
         if work.first_write.is_none() {
-            work.first_write = put.header().map(|h| h.revision());
+            work.first_write = first;
         }
         Ok(())
     }
 
-    /// Applies part `part`'s watch events until a progress answer reaches `revision`, or
-    /// `until`.
-    async fn catch_up(
-        &self,
-        work: &mut Work,
-        part: usize,
-        stream: &mut WatchStream,
-        revision: i64,
-        until: tokio::time::Instant,
-    ) -> Result<(), String> {
+    /// Applies part `part`'s watch events until no more than [`HANDOFF_TAIL`] of its keys were
+    /// written since the last event applied, or `until`.
+    async fn catch_up(&self, work: &mut Work, part: usize, follow: &mut Follow, revision: i64, until: tokio::time::Instant) -> Result<(), String> {
         let from = work.migration.from.clone();
         let progress = |e: etcd_client::Error| format!("cannot ask group {from} for progress: {e}");
-        stream.request_progress().await.map_err(progress)?;
+        follow.sender.request_progress().await.map_err(progress)?;
+        // The fewest keys left seen, and when that last fell by a tenth.
+        let (mut fewest, mut fell) = (i64::MAX, tokio::time::Instant::now());
         loop {
-            let Ok(message) = tokio::time::timeout_at(until, stream.message()).await else { return Ok(()) };
-            let message = message
-                .map_err(|e| format!("the watch of group {from} failed: {e}"))?
-                .ok_or_else(|| format!("group {from} closed the watch"))?;
-            if message.canceled() {
-                return Err(format!("group {from} canceled the watch: {}", message.cancel_reason()));
+            let Ok(first) = tokio::time::timeout_at(until, follow.events.recv()).await else { return Ok(()) };
+            let first = first.ok_or_else(|| format!("the watch of group {from} ended"))?;
+            // Everything the watch delivered meanwhile goes in one batch, the last event of
+            // each key applied.
+            let mut messages = vec![first];
+            while messages.len() < CATCH_UP_BATCH
+                && let Ok(next) = follow.events.try_recv()
+            {
+                messages.push(next);
             }
-            if message.created() {
-                continue;
-            }
-            for event in message.events() {
-                let Some(kv) = event.kv() else { continue };
-                match event.event_type() {
-                    EventType::Put => self.put(work, kv.key(), kv.value(), kv.lease()).await?,
-                    EventType::Delete => self.delete_key(work, kv.key()).await?,
+            let mut batch: BTreeMap<Vec<u8>, Change> = BTreeMap::new();
+            let mut quiet = false;
+            for message in messages {
+                let message = message.map_err(|e| format!("the watch of group {from} failed: {e}"))?;
+                if message.canceled() {
+                    return Err(format!("group {from} canceled the watch: {}", message.cancel_reason()));
                 }
-                work.applied[part] = work.applied[part].max(kv.mod_revision());
-                work.migration.events_applied += 1;
+                quiet |= !message.created() && message.events().is_empty();
+                for event in message.events() {
+                    let Some(kv) = event.kv() else { continue };
+                    let put = match event.event_type() {
+                        EventType::Put => Some((kv.value().to_vec(), kv.lease())),
+                        EventType::Delete => None,
+                    };
+                    batch.insert(kv.key().to_vec(), put);
+                    work.applied[part] = work.applied[part].max(kv.mod_revision());
+                    work.migration.events_applied += 1;
+                }
             }
-            if message.events().is_empty() {
-                if message.header().map(|h| h.revision()).unwrap_or_default() >= revision {
+            if !batch.is_empty() {
+                self.apply(work, batch.into_iter().collect()).await?;
+                self.record(&mut work.migration).await;
+            }
+            if work.applied[part] >= revision || quiet {
+                // etcd 3.4 may answer a progress request before the events it covers, so what
+                // is left is read: a short tail is the hand-off's to apply. (A count would not
+                // do: etcd counts a range before its revision filters.)
+                let since = work.applied[part] + 1;
+                let (key, range_end) = work.parts[part].to_request();
+                let options =
+                    GetOptions::new().with_range(range_end).with_min_mod_revision(since).with_keys_only().with_limit(HANDOFF_TAIL + 1);
+                let page = work.source.get(key, Some(options)).await.map_err(|e| format!("cannot read group {from}: {e}"))?;
+                let left = page.kvs().len() as i64 + if page.more() { 1 } else { 0 };
+                if left <= HANDOFF_TAIL {
                     return Ok(());
                 }
-                stream.request_progress().await.map_err(progress)?;
+                // Writes arriving as fast as they are applied: following longer gains nothing.
+                if left < fewest - fewest / 10 {
+                    (fewest, fell) = (left, tokio::time::Instant::now());
+                } else if fell.elapsed() >= CATCH_UP_STALL {
+                    tracing::info!(id = %work.migration.id, left, "the catch-up no longer gains on the writes; handing off");
+                    return Ok(());
+                }
+                if quiet {
+                    follow.sender.request_progress().await.map_err(progress)?;
+                }
             }
         }
     }
@@ -870,10 +971,9 @@ impl Migrator {
         while let Some(page) =
             pages.next(&mut work.source, GetOptions::new().with_revision(revision).with_min_mod_revision(since)).await.map_err(read)?
         {
-            for kv in page.kvs() {
-                self.put(work, kv.key(), kv.value(), kv.lease()).await?;
-                work.migration.events_applied += 1;
-            }
+            let batch = page.kvs().iter().map(|kv| (kv.key().to_vec(), Some((kv.value().to_vec(), kv.lease())))).collect();
+            self.apply(work, batch).await?;
+            work.migration.events_applied += page.kvs().len() as u64;
         }
         work.applied[part] = revision;
         let old = count(&mut work.source, &range, revision).await.map_err(read)?;
@@ -894,19 +994,8 @@ impl Migrator {
         while let Some(page) = pages.next(&mut work.target, GetOptions::new().with_keys_only()).await.map_err(copy)? {
             stale.extend(page.kvs().iter().filter(|kv| !kept.contains(kv.key())).map(|kv| kv.key().to_vec()));
         }
-        for key in stale {
-            self.delete_key(work, &key).await?;
-            work.migration.events_applied += 1;
-        }
-        Ok(())
-    }
-
-    /// Deletes one key of the scope on the new group.
-    async fn delete_key(&self, work: &mut Work, key: &[u8]) -> Result<(), String> {
-        work.target
-            .delete(key, None)
-            .await
-            .map_err(|e| format!("cannot delete {} on group {}: {e}", String::from_utf8_lossy(key), work.migration.to))?;
+        work.migration.events_applied += stale.len() as u64;
+        self.apply(work, stale.into_iter().map(|key| (key, None)).collect()).await?;
         Ok(())
     }
 
@@ -918,6 +1007,45 @@ impl Migrator {
             delete(&mut work.target, part).await.map_err(|e| format!("cannot delete the partial copy: {e}"))?;
         }
         Ok(())
+    }
+}
+
+/// What a key becomes on the new group: a put of a value with a lease (0: none), or a delete.
+type Change = Option<(Vec<u8>, i64)>;
+
+/// A watch of the old group read as fast as it delivers: the catch-up applies what it holds
+/// in batches, and a stream left unread would have its small frames buffered until the HTTP/2
+/// client gives the whole connection up.
+struct Follow {
+    sender: etcd_client::WatchRequestSender,
+    events: tokio::sync::mpsc::UnboundedReceiver<Result<etcd_client::WatchResponse, etcd_client::Error>>,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+impl Follow {
+    fn start(stream: WatchStream) -> Self {
+        let (sender, mut responses) = stream.split();
+        let (queue, events) = tokio::sync::mpsc::unbounded_channel();
+        let reader = tokio::spawn(async move {
+            loop {
+                let message = match responses.message().await {
+                    Ok(Some(message)) => Ok(message),
+                    Ok(None) => break,
+                    Err(e) => Err(e),
+                };
+                let failed = message.is_err();
+                if queue.send(message).is_err() || failed {
+                    break;
+                }
+            }
+        });
+        Follow { sender, events, reader }
+    }
+}
+
+impl Drop for Follow {
+    fn drop(&mut self) {
+        self.reader.abort();
     }
 }
 

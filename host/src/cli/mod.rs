@@ -5,6 +5,7 @@
 mod bench;
 mod bench_critical;
 mod bench_put;
+mod bench_split;
 mod bench_swap;
 mod policy;
 mod remote;
@@ -376,6 +377,22 @@ enum BenchCommand {
         #[arg(long)]
         pin: bool,
     },
+    /// A live split of a loaded scope onto another etcd group with writers running: phases,
+    /// keys copied per second, the longest write, lost writes, throughput before and after.
+    Split {
+        /// Keys in the scope; its upper half moves.
+        #[arg(long, default_value_t = 100_000)]
+        keys: usize,
+        /// Writers running through the split.
+        #[arg(long, default_value_t = 32)]
+        writers: usize,
+        /// Seconds per throughput measurement.
+        #[arg(long, default_value_t = 3)]
+        seconds: u64,
+        /// The etcd binary.
+        #[arg(long, default_value = "etcd")]
+        etcd: String,
+    },
     /// Critical-scope puts (two signatures, approval rule, full lineage) against direct etcd.
     Critical {
         /// Seconds per measured configuration.
@@ -477,6 +494,7 @@ pub fn main() -> ExitCode {
             bench_put::put(seconds, &clients, &etcd, workload == "kube", pin)
         }
         Command::Bench(BenchCommand::Swap { swaps, clients, etcd }) => bench_swap::swap(swaps, clients, &etcd),
+        Command::Bench(BenchCommand::Split { keys, writers, seconds, etcd }) => bench_split::split(keys, writers, seconds, &etcd),
         Command::Bench(BenchCommand::Critical { seconds, clients, etcd }) => bench_critical::critical(seconds, clients, &etcd),
     };
     match result {
