@@ -270,13 +270,7 @@ impl Migrator {
     ) -> Result<(String, Option<Migration>), MigrateError> {
         let failed = |e: crate::meta::MetaError| MigrateError::Failed(e.to_string());
         let key = String::from_utf8_lossy(at).into_owned();
-        let (layout, layout_revision) =
-            self.store.layout().await.map_err(failed)?.ok_or_else(|| MigrateError::Failed("no stored scope layout".into()))?;
-        let before = layout.index().map_err(MigrateError::Failed)?;
-        let parent = before
-            .get(scope_id)
-            .ok_or_else(|| MigrateError::Invalid(format!("there is no scope {scope_id}; aq scopes ls lists them")))?
-            .clone();
+        let (layout, layout_revision, before, parent) = self.stored(scope_id).await?;
         if at == parent.range.start.as_slice() || !parent.range.contains(at) {
             return Err(MigrateError::Invalid(format!(
                 "{key:?} does not split scope {scope_id}: it must sort after the scope's first key and before its end"
@@ -356,13 +350,7 @@ impl Migrator {
     /// documentation). Answers the parent's id and the migration, if one was started.
     pub async fn merge(self: &Arc<Self>, scope_id: &str) -> Result<(String, Option<Migration>), MigrateError> {
         let failed = |e: crate::meta::MetaError| MigrateError::Failed(e.to_string());
-        let (layout, layout_revision) =
-            self.store.layout().await.map_err(failed)?.ok_or_else(|| MigrateError::Failed("no stored scope layout".into()))?;
-        let before = layout.index().map_err(MigrateError::Failed)?;
-        let scope = before
-            .get(scope_id)
-            .ok_or_else(|| MigrateError::Invalid(format!("there is no scope {scope_id}; aq scopes ls lists them")))?
-            .clone();
+        let (layout, layout_revision, before, scope) = self.stored(scope_id).await?;
         let parent = before
             .parent_of(scope_id)
             .ok_or_else(|| MigrateError::Invalid(format!("no scope holds scope {scope_id}'s range, so there is nothing to merge it into")))?
@@ -394,6 +382,25 @@ impl Migrator {
         Ok((parent.id.clone(), None))
     }
 
+    /// The stored layout, its revision, its index and scope `scope_id` in it.
+    async fn stored(
+        &self,
+        scope_id: &str,
+    ) -> Result<(crate::meta::layout::LayoutRecord, i64, ScopeIndex, Arc<crate::index::Scope>), MigrateError> {
+        let (layout, revision) = self
+            .store
+            .layout()
+            .await
+            .map_err(|e| MigrateError::Failed(e.to_string()))?
+            .ok_or_else(|| MigrateError::Failed("no stored scope layout".into()))?;
+        let index = layout.index().map_err(MigrateError::Failed)?;
+        let scope = index
+            .get(scope_id)
+            .ok_or_else(|| MigrateError::Invalid(format!("there is no scope {scope_id}; aq scopes ls lists them")))?
+            .clone();
+        Ok((layout, revision, index, scope))
+    }
+
     /// Refuses a scope whose writes keep lineage: its records and checkpoints are in its
     /// group's revisions, and moving or cutting them is not done yet.
     async fn refuse_lineage(&self, scope: &crate::index::Scope) -> Result<(), MigrateError> {
@@ -420,13 +427,7 @@ impl Migrator {
 
     async fn prepare(&self, scope_id: &str, to: &str, into: Option<Arc<crate::index::Scope>>) -> Result<Work, MigrateError> {
         let failed = |e: crate::meta::MetaError| MigrateError::Failed(e.to_string());
-        let (layout, layout_revision) =
-            self.store.layout().await.map_err(failed)?.ok_or_else(|| MigrateError::Failed("no stored scope layout".into()))?;
-        let before = layout.index().map_err(MigrateError::Failed)?;
-        let scope = before
-            .get(scope_id)
-            .ok_or_else(|| MigrateError::Invalid(format!("there is no scope {scope_id}; aq scopes ls lists them")))?
-            .clone();
+        let (layout, layout_revision, before, scope) = self.stored(scope_id).await?;
         let from = scope.group.clone();
         if from == to {
             return Err(MigrateError::Invalid(format!("scope {scope_id} is on group {to} already")));

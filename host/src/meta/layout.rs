@@ -281,7 +281,13 @@ mod tests {
         let mut broken = back.clone();
         broken.scopes[0].revision_floor = 1000;
         let err = broken.index().unwrap_err();
-        assert!(err.contains("scope all has revision offset 999, base 1001 and floor 1000"), "{err}");
+        assert!(err.contains("scope all has revision offset 999, base 1001, floor 1000"), "{err}");
+        // A scope that never moved but took a merged scope's keys has a floor of its own.
+        let mut merged = back.clone();
+        (merged.scopes[0].revision_offset, merged.scopes[0].revision_base) = (0, 0);
+        (merged.scopes[0].revision_floor, merged.scopes[0].revision_handed) = (1500, 700);
+        let shift = merged.index().unwrap().get("all").unwrap().revisions;
+        assert_eq!((shift.floor, shift.handed, shift.is_identity()), (1500, 700, false));
     }
 
     #[test]
