@@ -24,6 +24,37 @@ pub struct Config {
     /// The admin API.
     #[serde(default)]
     pub admin: AdminConfig,
+    /// Acting on the policies' advice.
+    #[serde(default)]
+    pub adapt: AdaptConfig,
+}
+
+/// How the advising replica acts on the policies' advice (`[adapt]`).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdaptConfig {
+    /// Carry out `split` and `merge` advice; off: advice is only counted and logged. On unless
+    /// turned off.
+    #[serde(default = "yes")]
+    pub act: bool,
+    /// Seconds a scope is left alone after a split, merge or move changed it, so a scope near
+    /// its policy's threshold does not flap.
+    #[serde(default = "default_cooldown_s")]
+    pub cooldown_s: u64,
+    /// Groups a scope split on advice may be moved to: the one holding the fewest scopes that
+    /// is not the parent's. With none, a split waits (and says so in the log).
+    #[serde(default)]
+    pub pool: Vec<String>,
+}
+
+impl Default for AdaptConfig {
+    fn default() -> Self {
+        AdaptConfig { act: true, cooldown_s: default_cooldown_s(), pool: Vec::new() }
+    }
+}
+
+fn default_cooldown_s() -> u64 {
+    300
 }
 
 /// The admin API's settings (`[admin]`).
@@ -174,6 +205,11 @@ impl Config {
                 return Err(format!("{origin}: scope {} names group {}, which is not in [[groups]]", scope.id, scope.group));
             }
         }
+        for name in &config.adapt.pool {
+            if !config.groups.iter().any(|g| &g.name == name) {
+                return Err(format!("{origin}: [adapt] pool names group {name}, which is not in [[groups]]"));
+            }
+        }
         Ok(config)
     }
 
@@ -208,7 +244,7 @@ impl ScopeConfig {
 
     /// The index entry.
     pub fn to_scope(&self) -> Result<Scope, String> {
-        Ok(Scope { id: self.id.clone(), range: self.range()?, group: self.group.clone(), labels: self.labels.clone(), revisions: Default::default() })
+        Ok(Scope { id: self.id.clone(), range: self.range()?, group: self.group.clone(), labels: self.labels.clone(), revisions: Default::default(), adapted: Default::default() })
     }
 
     /// The policy configuration as JSON text.

@@ -255,9 +255,24 @@ pub async fn start(config: Config, options: ServeOptions) -> Result<Running, Str
     recover_migrations(&migrator);
     let admin =
         Arc::new(Admin::new(gateway.clone(), syncer.clone(), &config.admin, auth, checkpointer.clone(), Some(migrator.clone()))?);
-    checkpoint_lineage(gateway.clone(), checkpointer, options.checkpoint_interval.max(Duration::from_millis(10)), anchor_id.clone());
-    let advisor =
-        crate::adapt::advise::spawn(&gateway, anchor_id.clone(), options.advise_interval.max(Duration::from_millis(10)), HOUSEKEEPING_EVERY);
+    // Each advise round reads a fresh window of every replica's load, but a window shorter than
+    // a second holds too few requests to find split keys in.
+    let load_every = options.advise_interval.clamp(Duration::from_secs(1), HOUSEKEEPING_EVERY);
+    checkpoint_lineage(
+        gateway.clone(),
+        checkpointer,
+        options.checkpoint_interval.max(Duration::from_millis(10)),
+        load_every,
+        anchor_id.clone(),
+    );
+    let actor = crate::adapt::advise::Actor { migrator: migrator.clone(), settings: config.adapt.clone() };
+    let advisor = crate::adapt::advise::spawn(
+        &gateway,
+        anchor_id.clone(),
+        options.advise_interval.max(Duration::from_millis(10)),
+        load_every,
+        Some(actor),
+    );
 
     // The etcd API.
     let listener = tokio::net::TcpListener::bind(options.listen)
@@ -480,37 +495,45 @@ const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(10);
 /// Signs lineage checkpoints in the background every `interval`, so that records written now
 /// are covered by a signature before anyone could alter them; and, every
 /// [`HOUSEKEEPING_EVERY`], drops recorded nonces once they expire, finishes proposal commits
-/// another replica claimed and did not finish, and publishes this replica's (`replica`) load
-/// windows.
+/// another replica claimed and did not finish; and, every `load_every`, publishes this
+/// replica's (`replica`) load windows.
 fn checkpoint_lineage(
     gateway: Arc<Gateway>,
     checkpointer: Arc<crate::lineage::store::Checkpointer>,
     interval: Duration,
+    load_every: Duration,
     replica: String,
 ) {
     let weak = Arc::downgrade(&gateway);
     drop(gateway);
     tokio::spawn(async move {
         let mut housekept = std::time::Instant::now();
+        let (mut published, mut checkpointed) = (std::time::Instant::now(), std::time::Instant::now());
         loop {
-            tokio::time::sleep(interval).await;
+            tokio::time::sleep(interval.min(load_every)).await;
             let Some(gateway) = weak.upgrade() else { return };
-            let routing = gateway.routing();
-            let logs = routing
-                .index()
-                .scopes()
-                .iter()
-                .filter_map(|scope| routing.scope(&scope.id).map(|runtime| (scope.id.as_str(), &runtime.group)))
-                .chain(std::iter::once((crate::lineage::META_LOG, gateway.home())));
-            for (log, group) in logs {
-                if let Err(e) = checkpointer.checkpoint(group, log).await {
-                    tracing::warn!(log, "cannot checkpoint lineage: {e}");
+            if checkpointed.elapsed() >= interval {
+                checkpointed = std::time::Instant::now();
+                let routing = gateway.routing();
+                let logs = routing
+                    .index()
+                    .scopes()
+                    .iter()
+                    .filter_map(|scope| routing.scope(&scope.id).map(|runtime| (scope.id.as_str(), &runtime.group)))
+                    .chain(std::iter::once((crate::lineage::META_LOG, gateway.home())));
+                for (log, group) in logs {
+                    if let Err(e) = checkpointer.checkpoint(group, log).await {
+                        tracing::warn!(log, "cannot checkpoint lineage: {e}");
+                    }
                 }
             }
             if housekept.elapsed() >= HOUSEKEEPING_EVERY {
                 housekept = std::time::Instant::now();
                 gateway.sweep_nonces().await;
                 gateway.recover_proposals().await;
+            }
+            if published.elapsed() >= load_every {
+                published = std::time::Instant::now();
                 publish_load(&gateway, &replica).await;
             }
         }

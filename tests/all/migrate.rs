@@ -15,6 +15,15 @@ type Acked = Vec<(Vec<u8>, i64)>;
 /// each answers the keys it wrote, with the revision each was acknowledged at. Every write
 /// must succeed.
 fn writers(endpoints: [String; 2], stop: &Arc<AtomicBool>) -> Vec<tokio::task::JoinHandle<Acked>> {
+    writers_of(|n, i| format!("/registry/configmaps/w{n}/{i:05}"), endpoints, stop)
+}
+
+/// [`writers`] putting the keys `key(n, i)` names.
+fn writers_of(
+    key: fn(usize, usize) -> String,
+    endpoints: [String; 2],
+    stop: &Arc<AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<Acked>> {
     let mut writers = Vec::new();
     for (n, endpoint) in endpoints.into_iter().enumerate() {
         let stop = stop.clone();
@@ -25,7 +34,7 @@ fn writers(endpoints: [String; 2], stop: &Arc<AtomicBool>) -> Vec<tokio::task::J
                 if stop.load(Ordering::Relaxed) && i > 0 {
                     break;
                 }
-                let key = format!("/registry/configmaps/w{n}/{i:05}");
+                let key = key(n, i);
                 let answer = client.put(key.as_str(), "x", None).await.unwrap_or_else(|e| panic!("{key}: {e}"));
                 acked.push((key.into_bytes(), answer.header().unwrap().revision()));
             }
@@ -490,4 +499,117 @@ async fn a_split_off_scope_merges_back_live_and_its_revisions_never_go_backwards
     // The outermost scope has nothing to merge into.
     let err = gw.running.migrator.merge("catch-all").await.unwrap_err();
     assert!(err.to_string().contains("nothing to merge it into"), "{err}");
+}
+
+fn replica_decisions(replica: &aq_tests::etcd::Replica) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(replica.data_dir().join("decisions.log")).unwrap_or_default();
+    text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
+}
+
+/// The scope a split on advice made from `parent`, as `gw` routes now.
+fn split_off(gw: &TestGateway, parent: &str) -> Option<Arc<aq_host::index::Scope>> {
+    let routing = gw.running.gateway.routing();
+    routing.index().scopes().iter().find(|s| s.adapted.split_from.as_deref() == Some(parent)).cloned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hot_scope_splits_onto_a_pool_group_on_advice_and_merges_back_once_it_cools() {
+    let spare = aq_tests::etcd::TestEtcd::start("spare").await;
+    let layout = |main: &aq_tests::etcd::TestEtcd, events: &aq_tests::etcd::TestEtcd| {
+        format!(
+            "{}{}{}\n[adapt]\ncooldown_s = 3\npool = [\"spare\"]\n\n\
+             [[scopes]]\nid = \"catch-all\"\nprefix = \"\"\ngroup = \"main\"\npolicy = \"builtin:open\"\n\n\
+             [[scopes]]\nid = \"events\"\nprefix = \"/registry/events/\"\ngroup = \"events\"\npolicy = \"builtin:ephemeral\"\n\
+             config = {{ split_write_rate = 20, merge_write_rate = 5 }}\n",
+            main.group("main"),
+            events.group("events"),
+            spare.group("spare")
+        )
+    };
+    let fast = |options: &mut aq_host::serve::ServeOptions| options.advise_interval = std::time::Duration::from_millis(200);
+    let gw = TestGateway::start_tuned(layout, fast).await;
+    let replica = gw.replica_with(fast).await;
+
+    // Writers on both replicas make the scope hot; every write must succeed through the split.
+    let stop = Arc::new(AtomicBool::new(false));
+    // Each writer spreads its events over 16 namespaces, as a cluster's components do.
+    let event = |n, i| format!("/registry/events/ns{:02}/w{n}-{i:05}", (i * 7) % 16);
+    let writers = writers_of(event, [gw.endpoint(), replica.running.addr.to_string()], &stop);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    let child = loop {
+        if let Some(child) = split_off(&gw, "events") {
+            break child;
+        }
+        if tokio::time::Instant::now() > deadline {
+            let advice: Vec<_> = gw.decisions().into_iter().chain(replica_decisions(&replica)).filter(|d| d.get("advice").is_some()).collect();
+            panic!("the hot scope was not split; advice: {:?}", &advice[advice.len().saturating_sub(6)..]);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    };
+    // Cold from now on: the parent stays as it is, the new part goes back after its cool-down.
+    stop.store(true, Ordering::Relaxed);
+    let mut acked = Vec::new();
+    for writer in writers {
+        let written = writer.await.unwrap();
+        assert!(written.windows(2).all(|w| w[0].1 < w[1].1), "{written:?}");
+        acked.extend(written);
+    }
+    let at = child.range.start.clone();
+    assert!(acked.iter().any(|(k, _)| *k >= at) && acked.iter().any(|(k, _)| *k < at), "the split key divides the writes");
+    let started = |action: &str, scope: &str| {
+        [&gw.running, &replica.running].iter().map(|r| r.gateway.metrics().adaptations(scope, action, "started")).sum::<u64>()
+    };
+    aq_tests::wait_until("the advising replica counts the split it started", || started("split", "events") == 1).await;
+
+    // The new part moved live to the pool group: its keys are there and nowhere else.
+    let store = gw.running.syncer.store();
+    let moved = loop {
+        let migrations = store.migrations().await.unwrap();
+        if let Some(m) = migrations.iter().find(|m| m.scope == child.id && m.phase.ended()) {
+            break m.clone();
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the split-off part's move ends: {migrations:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    };
+    assert_eq!((moved.to.as_str(), moved.phase, moved.error.as_deref()), ("spare", Phase::Done, None), "{moved:?}");
+    let mut spare_client = spare.client().await;
+    let on_spare = spare_client.get("/registry/events/", Some(GetOptions::new().with_prefix().with_keys_only())).await.unwrap();
+    let expected: std::collections::BTreeSet<&[u8]> = acked.iter().map(|(k, _)| k.as_slice()).filter(|k| *k >= at.as_slice()).collect();
+    let found: std::collections::BTreeSet<&[u8]> = on_spare.kvs().iter().map(|kv| kv.key()).collect();
+    assert_eq!(found, expected, "the moved part is on spare, whole");
+    let mut events = gw.events.client().await;
+    let kept = events.get("/registry/events/", Some(GetOptions::new().with_prefix().with_count_only())).await.unwrap();
+    assert_eq!(kept.count() as usize, acked.len() - expected.len(), "the parent's group keeps only the parent's keys");
+
+    // Once cool, the part merges back into its parent, on the parent's group.
+    let merged = loop {
+        let migrations = store.migrations().await.unwrap();
+        if let Some(m) = migrations.iter().find(|m| m.scope == child.id && m.into.is_some() && m.phase.ended()) {
+            break m.clone();
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the cooled part merges back: {migrations:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    };
+    assert_eq!((merged.to.as_str(), merged.into.as_deref(), merged.phase), ("events", Some("events"), Phase::Done), "{merged:?}");
+    assert!(merged.started_ms >= moved.updated_ms + 2_000, "the merge waited out the cool-down: {moved:?} {merged:?}");
+    for running in [&gw.running, &replica.running] {
+        aq_tests::wait_until("every replica routes without the merged part", || running.gateway.routing().scope(&child.id).is_none()).await;
+    }
+    assert_eq!(split_off(&gw, "events"), None, "a cold parent is not split again");
+    assert_eq!((started("split", "events"), started("merge", &child.id)), (1, 1));
+
+    // Every acknowledged write reads back through aq, and the keys are all on the parent's group.
+    let mut client = gw.client().await;
+    let read = client.get("/registry/events/", Some(GetOptions::new().with_prefix().with_keys_only())).await.unwrap();
+    let keys: std::collections::BTreeSet<&[u8]> = read.kvs().iter().map(|kv| kv.key()).collect();
+    for (key, _) in &acked {
+        assert!(keys.contains(key.as_slice()), "{} was acknowledged and is missing", String::from_utf8_lossy(key));
+    }
+    assert_eq!(read.count() as usize, acked.len());
+    let home = events.get("/registry/events/", Some(GetOptions::new().with_prefix().with_count_only())).await.unwrap();
+    assert_eq!(home.count() as usize, acked.len());
+    let left = spare_client.get("/registry/events/", Some(GetOptions::new().with_prefix().with_count_only())).await.unwrap();
+    assert_eq!(left.count(), 0, "the pool group keeps nothing of a merged part");
+    let after = client.put(at.clone(), "again", None).await.unwrap().header().unwrap().revision();
+    assert!(after > acked.iter().map(|(_, r)| *r).max().unwrap(), "the part's revisions never go backwards");
 }

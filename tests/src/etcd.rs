@@ -163,23 +163,35 @@ impl TestGateway {
 
     /// Starts two etcd groups and aq over them with a layout built from their URLs.
     pub async fn start_with(layout: impl FnOnce(&TestEtcd, &TestEtcd) -> String) -> TestGateway {
-        Self::start_with_options(layout, None).await
+        Self::start_with_options(layout, None, |_| {}).await
     }
 
     /// Starts two etcd groups and aq over them with [`layout`], both APIs over TLS.
     pub async fn start_tls(tls: aq_host::tls::TlsFiles) -> TestGateway {
-        Self::start_with_options(layout, Some(tls)).await
+        Self::start_with_options(layout, Some(tls), |_| {}).await
+    }
+
+    /// Starts two etcd groups and aq over them with a layout built from their URLs, with
+    /// `change` made to aq's options.
+    pub async fn start_tuned(
+        layout: impl FnOnce(&TestEtcd, &TestEtcd) -> String,
+        change: impl FnOnce(&mut ServeOptions),
+    ) -> TestGateway {
+        Self::start_with_options(layout, None, change).await
     }
 
     async fn start_with_options(
         layout: impl FnOnce(&TestEtcd, &TestEtcd) -> String,
         tls: Option<aq_host::tls::TlsFiles>,
+        change: impl FnOnce(&mut ServeOptions),
     ) -> TestGateway {
         let (main, events) = tokio::join!(TestEtcd::start("main"), TestEtcd::start("events"));
         let layout = layout(&main, &events);
         let config = Config::parse(&layout, "test layout").expect("layout parses");
         let data = tempfile::tempdir().unwrap();
-        let running = aq_host::serve::start(config, serve_options(data.path(), tls)).await.expect("aq starts");
+        let mut options = serve_options(data.path(), tls);
+        change(&mut options);
+        let running = aq_host::serve::start(config, options).await.expect("aq starts");
         TestGateway { running, main, events, layout, data }
     }
 

@@ -5,15 +5,22 @@
 //! Every interval the advising replica reads every replica's latest load window of each scope
 //! from the meta group, adds the scope's key count, and asks the scope's policy for advice. The
 //! gate counts and logs each answer (`aq_scope_advice_total`, an advice line in the decision
-//! log). Acting on a split or a merge is the migration's work, not this loop's.
+//! log). Then the loop acts on one piece of advice per round, as [`plan`] rules
+//! (`[adapt]` in the layout): a split makes a new scope and moves it live to the pool group
+//! holding the fewest scopes; a merge folds a scope a split made back into its parent. A scope
+//! that a split, merge or move changed less than the cool-down ago is left alone, and so is
+//! every scope while a migration runs. The migration itself is [`super::migrate`]'s work.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::proto as pb;
 
+use super::migrate::{MigrateError, Migrator};
 use super::stats::stats_of;
+use crate::config::AdaptConfig;
 use crate::gate::{Gateway, ScopeRuntime};
+use crate::index::{Scope, ScopeIndex};
 use crate::meta::MetaStore;
 
 /// The key the advising replica holds, in the meta group.
@@ -30,10 +37,25 @@ pub struct AdvisorGuard {
     _stop: tokio::sync::watch::Sender<()>,
 }
 
+/// What the advise loop carries advice out with.
+pub struct Actor {
+    /// Runs the splits and merges.
+    pub migrator: Arc<Migrator>,
+    /// When to act, and where split-off scopes go.
+    pub settings: AdaptConfig,
+}
+
 /// Runs the advise loop until the returned guard drops (or `gateway` does): campaign, and
-/// while holding the key, advise every `interval`. `replica` names this replica in the key;
-/// `windows_every` is how often replicas publish their load.
-pub fn spawn(gateway: &Arc<Gateway>, replica: String, interval: Duration, windows_every: Duration) -> AdvisorGuard {
+/// while holding the key, advise every `interval` and act through `actor`, if given.
+/// `replica` names this replica in the key; `windows_every` is how often replicas publish
+/// their load.
+pub fn spawn(
+    gateway: &Arc<Gateway>,
+    replica: String,
+    interval: Duration,
+    windows_every: Duration,
+    actor: Option<Actor>,
+) -> AdvisorGuard {
     let (stop, mut stopped) = tokio::sync::watch::channel(());
     let weak = Arc::downgrade(gateway);
     let home = gateway.home().clone();
@@ -55,7 +77,10 @@ pub fn spawn(gateway: &Arc<Gateway>, replica: String, interval: Duration, window
             };
             if lease.is_some() {
                 let fresh = (windows_every * FRESH_INTERVALS).max(interval * FRESH_INTERVALS);
-                advise_all(&gateway, &store, fresh).await;
+                let advice = advise_all(&gateway, &store, fresh).await;
+                if let Some(actor) = &actor {
+                    act(&gateway, &store, actor, advice).await;
+                }
             }
         }
         if let Some(id) = lease {
@@ -115,8 +140,10 @@ async fn hold(store: &MetaStore, replica: &str, lease: Option<i64>, interval: Du
     Ok(None)
 }
 
-/// Asks every scope's policy for advice on its load across replicas.
-async fn advise_all(gateway: &Gateway, store: &MetaStore, fresh: Duration) {
+/// Asks every scope's policy for advice on its load across replicas; answers each scope's
+/// advice that is not `keep`.
+async fn advise_all(gateway: &Gateway, store: &MetaStore, fresh: Duration) -> Vec<(String, aq_sdk::Advice)> {
+    let mut answers = Vec::new();
     let routing = gateway.routing();
     let since_ms = crate::clock::unix_ms().saturating_sub(fresh.as_millis() as u64);
     for scope in routing.index().scopes() {
@@ -142,7 +169,141 @@ async fn advise_all(gateway: &Gateway, store: &MetaStore, fresh: Duration) {
             .update(&crate::clock::unix_ms().to_le_bytes())
             .finalize()
             .as_bytes();
-        gateway.advise(runtime, &stats, seed);
+        match gateway.advise(runtime, &stats, seed) {
+            Some(aq_sdk::Advice::Keep) | None => {}
+            Some(advice) => answers.push((scope.id.clone(), advice)),
+        }
+    }
+    answers
+}
+
+/// What the advising replica does with one scope's advice.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Plan {
+    /// Nothing: the advice does not apply (acting is off, or a merge of a scope no split made).
+    Ignore,
+    /// Not now, for the reason given.
+    Hold(String),
+    /// Split at the key and move the new scope to the group.
+    Split {
+        /// The split key.
+        at: Vec<u8>,
+        /// The pool group the new scope moves to.
+        to: String,
+    },
+    /// Merge the scope into its parent.
+    Merge,
+}
+
+/// The rules for acting on `advice` for `scope` of `index` at `now` (Unix seconds):
+///
+/// - with acting off, nothing is done;
+/// - a merge applies only to a scope a split made (the configuration's scopes are the
+///   operator's), and into its parent;
+/// - a scope (or, for a merge, its parent) changed by a split, merge or move less than the
+///   cool-down ago is held;
+/// - a split takes the pool group holding the fewest scopes (by name on a tie) other than the
+///   scope's own; with no such group it is held.
+pub fn plan(index: &ScopeIndex, scope: &Scope, advice: &aq_sdk::Advice, settings: &AdaptConfig, now: u64) -> Plan {
+    if !settings.act {
+        return Plan::Ignore;
+    }
+    let cooling = |s: &Scope| {
+        let age = now.saturating_sub(s.adapted.changed_at);
+        (s.adapted.changed_at != 0 && age < settings.cooldown_s).then(|| {
+            Plan::Hold(format!(
+                "scope {} changed {age} s ago; it is left alone for the cool-down of {} s ([adapt] cooldown_s)",
+                s.id, settings.cooldown_s
+            ))
+        })
+    };
+    match advice {
+        aq_sdk::Advice::Keep => Plan::Ignore,
+        aq_sdk::Advice::Merge => {
+            if scope.adapted.split_from.is_none() {
+                return Plan::Ignore;
+            }
+            let Some(parent) = index.parent_of(&scope.id) else { return Plan::Ignore };
+            cooling(scope).or_else(|| cooling(parent)).unwrap_or(Plan::Merge)
+        }
+        aq_sdk::Advice::Split(at) => {
+            if let Some(held) = cooling(scope) {
+                return held;
+            }
+            let load = |group: &str| index.scopes().iter().filter(|s| s.group == group).count();
+            let to = settings.pool.iter().filter(|g| **g != scope.group).min_by_key(|g| (load(g), g.as_str()));
+            match to {
+                Some(to) => Plan::Split { at: at.0.clone(), to: to.clone() },
+                None => Plan::Hold(format!(
+                    "no group to move a part of scope {} to: [adapt] pool names none but the scope's own group {}; \
+                     add groups to the pool",
+                    scope.id, scope.group
+                )),
+            }
+        }
+    }
+}
+
+/// Acts on the first advice [`plan`] says to carry out; one migration runs at a time, so one
+/// per round.
+async fn act(gateway: &Gateway, store: &MetaStore, actor: &Actor, advice: Vec<(String, aq_sdk::Advice)>) {
+    if advice.is_empty() {
+        return;
+    }
+    let routing = gateway.routing();
+    let index = routing.index();
+    let busy = match store.active_migration().await {
+        Ok(busy) => busy,
+        Err(e) => {
+            tracing::warn!("cannot read whether a migration runs: {e}");
+            return;
+        }
+    };
+    let now = crate::clock::unix_now();
+    for (scope_id, advice) in advice {
+        let Some(scope) = index.get(&scope_id) else { continue };
+        let action = if matches!(advice, aq_sdk::Advice::Merge) { "merge" } else { "split" };
+        let planned = match (plan(index, scope, &advice, &actor.settings, now), &busy) {
+            (Plan::Ignore, _) => continue,
+            (Plan::Hold(_) | Plan::Split { .. } | Plan::Merge, Some(id)) => {
+                Plan::Hold(format!("migration {id} is under way; one runs at a time"))
+            }
+            (planned, None) => planned,
+        };
+        let outcome = match planned {
+            Plan::Ignore => continue,
+            Plan::Hold(why) => {
+                tracing::info!(scope = %scope_id, action, "advice held: {why}");
+                gateway.metrics().adapted(&scope_id, action, "held");
+                continue;
+            }
+            Plan::Split { at, to } => actor.migrator.split(&scope_id, &at, Some(&to), None).await.map(|(id, migration)| {
+                let key = String::from_utf8_lossy(&at).into_owned();
+                let moving = migration.map(|m| m.id).unwrap_or_default();
+                format!("split at {key:?}: scope {id} takes the keys from there and moves to group {to} (migration {moving})")
+            }),
+            Plan::Merge => actor.migrator.merge(&scope_id).await.map(|(into, migration)| match migration {
+                Some(m) => format!("merging into {into} (migration {})", m.id),
+                None => format!("merged into {into}"),
+            }),
+        };
+        match outcome {
+            Ok(what) => {
+                tracing::info!(scope = %scope_id, action, "acting on advice: {what}");
+                gateway.metrics().adapted(&scope_id, action, "started");
+                return;
+            }
+            Err(MigrateError::Busy(id)) => {
+                tracing::info!(scope = %scope_id, action, "advice held: migration {id} is under way");
+                gateway.metrics().adapted(&scope_id, action, "held");
+                return;
+            }
+            // A refusal (a scope with lineage, say) leaves the way to the other scopes' advice.
+            Err(e) => {
+                tracing::warn!(scope = %scope_id, action, "cannot act on advice: {e}");
+                gateway.metrics().adapted(&scope_id, action, "failed");
+            }
+        }
     }
 }
 
@@ -162,4 +323,84 @@ async fn keys_of(gateway: &Gateway, runtime: &ScopeRuntime) -> Result<u64, Strin
         keys += runtime.group.range(request).await.map_err(|s| s.message().to_string())?.count as u64;
     }
     Ok(keys)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::index::{Adapted, KeyRange};
+
+    fn scope(id: &str, prefix: &str, group: &str, split_from: Option<&str>, changed_at: u64) -> Scope {
+        Scope {
+            id: id.into(),
+            range: KeyRange::prefix(prefix.as_bytes()),
+            group: group.into(),
+            labels: Default::default(),
+            revisions: Default::default(),
+            adapted: Adapted { split_from: split_from.map(String::from), changed_at },
+        }
+    }
+
+    fn settings(pool: &[&str]) -> AdaptConfig {
+        AdaptConfig { act: true, cooldown_s: 60, pool: pool.iter().map(|g| g.to_string()).collect() }
+    }
+
+    fn index(scopes: Vec<Scope>) -> ScopeIndex {
+        ScopeIndex::new(scopes).unwrap()
+    }
+
+    fn split() -> aq_sdk::Advice {
+        aq_sdk::Advice::Split(aq_sdk::Bytes(b"/e/m".to_vec()))
+    }
+
+    #[test]
+    fn a_split_takes_the_pool_group_holding_the_fewest_scopes_other_than_its_own() {
+        let layout = index(vec![
+            scope("all", "", "main", None, 0),
+            scope("e", "/e/", "events", None, 0),
+            scope("x", "/x/", "spare-a", None, 0),
+        ]);
+        let e = layout.get("e").unwrap();
+        let planned = plan(&layout, e, &split(), &settings(&["events", "spare-a", "spare-b"]), 1000);
+        assert_eq!(planned, Plan::Split { at: b"/e/m".to_vec(), to: "spare-b".into() });
+        // Ties go by name; the scope's own group is never chosen.
+        let planned = plan(&layout, e, &split(), &settings(&["events", "main", "spare-a"]), 1000);
+        assert_eq!(planned, Plan::Split { at: b"/e/m".to_vec(), to: "main".into() });
+        let Plan::Hold(why) = plan(&layout, e, &split(), &settings(&["events"]), 1000) else { panic!("held") };
+        assert!(why.contains("[adapt] pool"), "{why}");
+    }
+
+    #[test]
+    fn only_a_scope_a_split_made_merges_and_into_its_parent() {
+        let layout = index(vec![
+            scope("all", "", "main", None, 0),
+            scope("e", "/e/", "events", None, 0),
+            scope("e-2", "/e/m", "spare", Some("e"), 0),
+        ]);
+        let merge = aq_sdk::Advice::Merge;
+        assert_eq!(plan(&layout, layout.get("e-2").unwrap(), &merge, &settings(&[]), 1000), Plan::Merge);
+        assert_eq!(plan(&layout, layout.get("e").unwrap(), &merge, &settings(&[]), 1000), Plan::Ignore);
+        let keep = aq_sdk::Advice::Keep;
+        assert_eq!(plan(&layout, layout.get("e-2").unwrap(), &keep, &settings(&[]), 1000), Plan::Ignore);
+    }
+
+    #[test]
+    fn a_scope_or_its_parent_changed_within_the_cool_down_is_left_alone() {
+        let layout = index(vec![
+            scope("all", "", "main", None, 0),
+            scope("e", "/e/", "events", None, 950),
+            scope("e-2", "/e/m", "spare", Some("e"), 900),
+        ]);
+        let merge = aq_sdk::Advice::Merge;
+        // e-2 cooled down at 960, but its parent changed at 950: held until 1010.
+        let Plan::Hold(why) = plan(&layout, layout.get("e-2").unwrap(), &merge, &settings(&[]), 1000) else { panic!("held") };
+        assert!(why.contains("scope e changed 50 s ago") && why.contains("cool-down of 60 s"), "{why}");
+        assert_eq!(plan(&layout, layout.get("e-2").unwrap(), &merge, &settings(&[]), 1010), Plan::Merge);
+        let Plan::Hold(why) = plan(&layout, layout.get("e").unwrap(), &split(), &settings(&["spare-b"]), 1009) else { panic!("held") };
+        assert!(why.contains("scope e changed 59 s ago"), "{why}");
+        assert!(matches!(plan(&layout, layout.get("e").unwrap(), &split(), &settings(&["spare-b"]), 1010), Plan::Split { .. }));
+        // Acting off: nothing at all.
+        let off = AdaptConfig { act: false, ..settings(&["spare-b"]) };
+        assert_eq!(plan(&layout, layout.get("e").unwrap(), &split(), &off, 5000), Plan::Ignore);
+    }
 }

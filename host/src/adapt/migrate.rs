@@ -315,13 +315,16 @@ impl Migrator {
             changed_at: crate::clock::unix_now(),
         };
         self.store.write_binding(&id, &record, stale).await.map_err(failed)?;
+        let now = crate::clock::unix_now();
         let mut scopes: Vec<_> = before.scopes().iter().map(|s| (**s).clone()).collect();
+        scopes.iter_mut().find(|s| s.id == parent.id).expect("indexed").adapted.changed_at = now;
         let child = crate::index::Scope {
             id: id.clone(),
             range: KeyRange { start: at.to_vec(), end: parent.range.end.clone() },
             group: parent.group.clone(),
             labels: parent.labels.clone(),
             revisions: parent.revisions,
+            adapted: crate::index::Adapted { split_from: Some(parent.id.clone()), changed_at: now },
         };
         scopes.push(child);
         let after = ScopeIndex::new(scopes).map_err(|e| MigrateError::Invalid(format!("cannot split there: {e}")))?;
@@ -373,7 +376,8 @@ impl Migrator {
                 parent.id, parent.group
             )));
         }
-        let scopes: Vec<_> = before.scopes().iter().filter(|s| s.id != scope.id).map(|s| (**s).clone()).collect();
+        let mut scopes: Vec<_> = before.scopes().iter().filter(|s| s.id != scope.id).map(|s| (**s).clone()).collect();
+        scopes.iter_mut().find(|s| s.id == parent.id).expect("indexed").adapted.changed_at = crate::clock::unix_now();
         let after = ScopeIndex::new(scopes).map_err(|e| MigrateError::Failed(e.to_string()))?;
         let reason = format!("scope {scope_id} merged into {}", parent.id);
         let record = layout.changed(&after, reason);
@@ -647,7 +651,9 @@ impl Migrator {
                     ));
                 }
                 let shift = RevisionShift { floor: p.floor.max(p.up(cut)), handed, ..p };
-                scopes.iter_mut().find(|s| s.id == parent.id).expect("indexed").revisions = shift;
+                let taker = scopes.iter_mut().find(|s| s.id == parent.id).expect("indexed");
+                taker.revisions = shift;
+                taker.adapted.changed_at = crate::clock::unix_now();
                 let reason =
                     format!("migration {}: scope {} merged into {} on group {}", work.migration.id, work.migration.scope, parent.id, work.migration.to);
                 (shift, reason)
@@ -660,7 +666,9 @@ impl Migrator {
                     }
                     None => RevisionShift { offset: last_seen - cut, base: last_seen + 1, floor: last_seen + 1, handed: 0 },
                 };
-                scopes.iter_mut().find(|s| s.id == work.migration.scope).expect("indexed").revisions = shift;
+                let moved = scopes.iter_mut().find(|s| s.id == work.migration.scope).expect("indexed");
+                moved.revisions = shift;
+                moved.adapted.changed_at = crate::clock::unix_now();
                 let reason =
                     format!("migration {}: scope {} moved from group {from} to {}", work.migration.id, work.migration.scope, work.migration.to);
                 (shift, reason)

@@ -276,7 +276,7 @@ mod tests {
     use super::*;
 
     fn scope() -> Scope {
-        Scope { id: "s".into(), range: KeyRange::prefix(b"/registry/"), group: "main".into(), labels: Default::default(), revisions: Default::default() }
+        Scope { id: "s".into(), range: KeyRange::prefix(b"/registry/"), group: "main".into(), labels: Default::default(), revisions: Default::default(), adapted: Default::default() }
     }
 
     fn put(key: &str) -> KeyRange {

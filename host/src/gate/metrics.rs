@@ -24,11 +24,16 @@ pub struct GateMetrics {
     backend_errors: Family<Labels, Counter>,
     swaps: Family<Labels, Counter>,
     advice: Family<Labels, Counter>,
+    adaptations: Family<Labels, Counter>,
     decision_lines_dropped: Counter,
 }
 
 fn scope(id: &str) -> Labels {
     vec![("scope".to_string(), id.to_string())]
+}
+
+fn adaptation(id: &str, action: &str, outcome: &str) -> Labels {
+    vec![("scope".to_string(), id.to_string()), ("action".to_string(), action.to_string()), ("outcome".to_string(), outcome.to_string())]
 }
 
 impl Default for GateMetrics {
@@ -42,6 +47,7 @@ impl Default for GateMetrics {
         let backend_errors = Family::<Labels, Counter>::default();
         let swaps = Family::<Labels, Counter>::default();
         let advice = Family::<Labels, Counter>::default();
+        let adaptations = Family::<Labels, Counter>::default();
         let decision_lines_dropped = Counter::default();
         registry.register("policy_evaluations", "Policy evaluations by scope and verdict", evaluations.clone());
         registry.register(
@@ -60,6 +66,11 @@ impl Default for GateMetrics {
             advice.clone(),
         );
         registry.register(
+            "scope_adaptations",
+            "What the advising replica did with split and merge advice, by action (split, merge) and outcome (started, held, failed)",
+            adaptations.clone(),
+        );
+        registry.register(
             "decision_lines_dropped",
             "Decision log lines dropped because the log writer fell behind",
             decision_lines_dropped.clone(),
@@ -74,6 +85,7 @@ impl Default for GateMetrics {
             backend_errors,
             swaps,
             advice,
+            adaptations,
             decision_lines_dropped,
         }
     }
@@ -129,6 +141,17 @@ impl GateMetrics {
         let mut labels = scope(scope_id);
         labels.push(("advice".to_string(), advice.to_string()));
         self.advice.get_or_create(&labels).inc();
+    }
+
+    /// Counts what became of a scope's `action` advice (`split`, `merge`): `outcome` is
+    /// `started`, `held` or `failed`.
+    pub fn adapted(&self, scope_id: &str, action: &str, outcome: &str) {
+        self.adaptations.get_or_create(&adaptation(scope_id, action, outcome)).inc();
+    }
+
+    /// How often a scope's `action` advice had `outcome`, on this replica.
+    pub fn adaptations(&self, scope_id: &str, action: &str, outcome: &str) -> u64 {
+        self.adaptations.get_or_create(&adaptation(scope_id, action, outcome)).get()
     }
 
     /// Answers `advice` of a scope's policy so far, on this replica.

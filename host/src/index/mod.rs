@@ -122,6 +122,18 @@ pub struct Scope {
     pub labels: BTreeMap<String, String>,
     /// How its revisions as clients see them follow its group's.
     pub revisions: RevisionShift,
+    /// What splits, merges and moves did to it.
+    pub adapted: Adapted,
+}
+
+/// What the adaptive changes did to a scope, which the advise loop's rules read: only a scope
+/// a split made merges on advice, and one changed a moment ago is left alone for a cool-down.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Adapted {
+    /// The scope it was split from; `None` for a scope of the configuration.
+    pub split_from: Option<String>,
+    /// When a split, merge or move last changed it (Unix seconds); 0: never.
+    pub changed_at: u64,
 }
 
 /// How a scope's revisions, as clients see them, follow its group's. A scope that never moved
@@ -341,6 +353,7 @@ mod tests {
             group: "g".into(),
             labels: BTreeMap::new(),
             revisions: Default::default(),
+            adapted: Default::default(),
         }
     }
 

@@ -68,6 +68,16 @@ pub struct LayoutScope {
     /// After a merge into the scope, the merged scope's old group's revision at its hand-off.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub revision_handed: i64,
+    /// The scope a split made it from ([`crate::index::Adapted`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub split_from: Option<String>,
+    /// When a split, merge or move last changed it (Unix seconds).
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub adapted_at: u64,
+}
+
+fn is_zero_u64(value: &u64) -> bool {
+    *value == 0
 }
 
 fn is_zero(value: &i64) -> bool {
@@ -118,6 +128,8 @@ impl LayoutScope {
             revision_floor: scope.revisions.floor,
             revision_base: scope.revisions.base,
             revision_handed: scope.revisions.handed,
+            split_from: scope.adapted.split_from.clone(),
+            adapted_at: scope.adapted.changed_at,
         }
     }
 
@@ -134,7 +146,8 @@ impl LayoutScope {
             ));
         }
         let revisions = crate::index::RevisionShift { offset, floor, base, handed };
-        Ok(Scope { id: self.id.clone(), range, group: self.group.clone(), labels: self.labels.clone(), revisions })
+        let adapted = crate::index::Adapted { split_from: self.split_from.clone(), changed_at: self.adapted_at };
+        Ok(Scope { id: self.id.clone(), range, group: self.group.clone(), labels: self.labels.clone(), revisions, adapted })
     }
 }
 
@@ -226,6 +239,7 @@ mod tests {
                     group: group.to_string(),
                     labels: Default::default(),
                     revisions: Default::default(),
+                    adapted: Default::default(),
                 })
                 .collect(),
         )

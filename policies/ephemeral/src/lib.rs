@@ -1,14 +1,17 @@
 //! `ephemeral`: for short-lived, high-volume keys such as Kubernetes events and leases.
 //!
 //! Allows writes without lineage and advises a split when the scope's write rate passes a
-//! threshold, so a hot event stream gets an etcd cluster of its own. Scopes bound to it are
-//! usually configured fail-open: losing governance of events briefly is better than losing them.
+//! threshold, so a hot event stream gets an etcd cluster of its own, and a merge when it falls
+//! below a lower one, so a cooled-down part goes back (aq merges only scopes a split made). The
+//! gap between the two thresholds keeps a scope from flapping. Scopes bound to it are usually
+//! configured fail-open: losing governance of events briefly is better than losing them.
 //!
 //! Configuration (JSON):
 //!
 //! | field               | type    | default  | meaning                                              |
 //! |---------------------|---------|----------|------------------------------------------------------|
 //! | `split_write_rate`  | number  | required | writes per second above which to advise a split      |
+//! | `merge_write_rate`  | number  | a quarter of `split_write_rate` | writes per second below which to advise a merge |
 //! | `min_keys_to_split` | integer | `0`      | never split a scope holding fewer keys               |
 //! | `require_lease`     | bool    | `false`  | deny puts that attach no lease (keys must expire)    |
 
@@ -20,6 +23,10 @@ use aq_sdk::{Advice, Context, Decision, Policy, ScopeStats};
 pub struct Config {
     /// Writes per second above which a split is advised.
     pub split_write_rate: f64,
+    /// Writes per second below which a merge is advised; a quarter of `split_write_rate`
+    /// when absent.
+    #[serde(default)]
+    pub merge_write_rate: Option<f64>,
     /// Scopes with fewer keys are never split.
     #[serde(default)]
     pub min_keys_to_split: u64,
@@ -41,6 +48,15 @@ impl Policy for Ephemeral {
                 config.split_write_rate
             ));
         }
+        if let Some(merge) = config.merge_write_rate
+            && !(merge.is_finite() && merge >= 0.0 && merge < config.split_write_rate)
+        {
+            return Err(format!(
+                "merge_write_rate must be at least 0 and below split_write_rate ({}), got {merge}: \
+                 a scope between the two thresholds is left as it is",
+                config.split_write_rate
+            ));
+        }
         Ok(())
     }
 
@@ -59,6 +75,10 @@ impl Policy for Ephemeral {
     }
 
     fn advise(config: &Config, stats: &ScopeStats) -> Advice {
+        let merge_below = config.merge_write_rate.unwrap_or(config.split_write_rate / 4.0);
+        if stats.write_rate < merge_below {
+            return Advice::Merge;
+        }
         if stats.write_rate <= config.split_write_rate || stats.keys < config.min_keys_to_split {
             return Advice::Keep;
         }
@@ -87,5 +107,9 @@ mod tests {
         assert!(missing.to_string().contains("split_write_rate"), "{missing}");
         let zero = aq_sdk::parse_config::<super::Ephemeral>(r#"{"split_write_rate": 0}"#).err().expect("refused");
         assert!(zero.to_string().contains("positive"), "{zero}");
+        let above = aq_sdk::parse_config::<super::Ephemeral>(r#"{"split_write_rate": 10, "merge_write_rate": 10}"#)
+            .err()
+            .expect("refused");
+        assert!(above.to_string().contains("below split_write_rate"), "{above}");
     }
 }
