@@ -42,15 +42,33 @@ pub struct AdaptConfig {
     #[serde(default = "default_cooldown_s")]
     pub cooldown_s: u64,
     /// Groups a scope split on advice may be moved to: the one holding the fewest scopes that
-    /// is not the parent's. With none, a split waits (and says so in the log).
+    /// is not the parent's. With none, a group is started (`start_groups`) or the split waits
+    /// (and says so in the log).
     #[serde(default)]
     pub pool: Vec<String>,
+    /// With no pool group free, start a managed etcd for the new part, when aq manages every
+    /// group itself. On unless turned off.
+    #[serde(default = "yes")]
+    pub start_groups: bool,
+    /// At most this many groups started that way at once.
+    #[serde(default = "default_max_started_groups")]
+    pub max_started_groups: usize,
 }
 
 impl Default for AdaptConfig {
     fn default() -> Self {
-        AdaptConfig { act: true, cooldown_s: default_cooldown_s(), pool: Vec::new() }
+        AdaptConfig {
+            act: true,
+            cooldown_s: default_cooldown_s(),
+            pool: Vec::new(),
+            start_groups: true,
+            max_started_groups: default_max_started_groups(),
+        }
     }
+}
+
+fn default_max_started_groups() -> usize {
+    4
 }
 
 fn default_cooldown_s() -> u64 {

@@ -145,15 +145,10 @@ pub async fn start(config: Config, options: ServeOptions) -> Result<Running, Str
     for group in &config.groups {
         let connected = if group.endpoints.is_empty() {
             let dir = options.data_dir.join("etcd").join(&group.name);
-            let (process, _) = EtcdProcess::start(&options.etcd_binary, &group.name, &dir, READY_TIMEOUT).await?;
-            let secrets = ownership::ManagedSecrets::load_or_create(&dir)?;
-            ownership::secure(&group.name, process.client_url(), &secrets).await?;
-            let connected = Group::connect_lazy(&group.name, &[process.client_url().to_string()])
-                .map_err(|e| e.to_string())?
-                .with_login(secrets.data());
-            admins.insert(group.name.clone(), secrets.admin());
-            managed.insert(group.name.clone(), process);
-            connected
+            let up = crate::backend::managed::start_secured(&options.etcd_binary, &group.name, &dir, READY_TIMEOUT).await?;
+            admins.insert(group.name.clone(), up.admin);
+            managed.insert(group.name.clone(), up.process);
+            up.group
         } else {
             let mut connected = Group::connect_lazy(&group.name, &group.endpoints).map_err(|e| e.to_string())?;
             connected.wait_ready(READY_TIMEOUT).await.map_err(|e| e.to_string())?;
@@ -181,6 +176,26 @@ pub async fn start(config: Config, options: ServeOptions) -> Result<Running, Str
     // the layout there says which scope every other range belongs to.
     if let Some(owners) = owners.get_mut(&home) {
         owners.grant(&KeyRange::prefix(crate::index::RESERVED_PREFIX)).await?;
+    }
+    // Groups this aq started at run time for splits come back with it, from their directories.
+    let started = MetaStore::new(groups[&home].clone())
+        .started_groups()
+        .await
+        .map_err(|e| format!("cannot read the groups started at run time: {e}"))?;
+    for record in &started {
+        if groups.contains_key(&record.name) {
+            continue;
+        }
+        let dir = crate::adapt::groups::group_dir(&options.data_dir, &record.name);
+        if !dir.exists() {
+            tracing::warn!(group = %record.name, replica = %record.replica, "a group started at run time has no data in {}; it was started by another replica", dir.display());
+            continue;
+        }
+        let up = crate::backend::managed::start_secured(&options.etcd_binary, &record.name, &dir, READY_TIMEOUT).await?;
+        owners.insert(record.name.clone(), ownership::Owners::connect(&record.name, up.group.endpoints(), &up.admin).await?);
+        admins.insert(record.name.clone(), up.admin);
+        managed.insert(record.name.clone(), up.process);
+        groups.insert(record.name.clone(), up.group);
     }
     let store = MetaStore::new(groups[&home].clone());
     let (layout, index) = adopt_layout(&store, &config).await?;
@@ -265,7 +280,21 @@ pub async fn start(config: Config, options: ServeOptions) -> Result<Running, Str
         load_every,
         anchor_id.clone(),
     );
-    let actor = crate::adapt::advise::Actor { migrator: migrator.clone(), settings: config.adapt.clone() };
+    let managed = Arc::new(Mutex::new(managed));
+    // An aq that manages every group itself may start more for splits (adapt/groups.rs).
+    let starter = config.groups.iter().all(|g| g.endpoints.is_empty()).then(|| {
+        crate::adapt::groups::Starter::new(
+            options.etcd_binary.clone(),
+            options.data_dir.clone(),
+            managed.clone(),
+            gateway.clone(),
+            migrator.clone(),
+            syncer.store().clone(),
+            anchor_id.clone(),
+            config.adapt.max_started_groups,
+        )
+    });
+    let actor = crate::adapt::advise::Actor { migrator: migrator.clone(), settings: config.adapt.clone(), starter };
     let advisor = crate::adapt::advise::spawn(
         &gateway,
         anchor_id.clone(),
@@ -334,8 +363,7 @@ pub async fn start(config: Config, options: ServeOptions) -> Result<Running, Str
         syncer.store().register_anchor(&identity.principal(), &record).await.map_err(|e| e.to_string())?;
         syncer.reload_principals().await.map_err(|e| format!("cannot read the principals: {e}"))?;
     }
-    let managed = Arc::new(Mutex::new(managed));
-    supervise(managed.clone(), options.etcd_binary.clone(), gateway.groups().clone());
+    supervise(managed.clone(), options.etcd_binary.clone(), gateway.clone());
     Ok(Running {
         addr,
         admin_addr,
@@ -553,13 +581,15 @@ pub async fn publish_load(gateway: &Gateway, replica: &str) {
 
 /// Restarts managed etcd processes that exit, on their data directories. A restarted etcd has
 /// forgotten the tokens it issued, so its group logs in again.
-fn supervise(managed: Arc<Mutex<BTreeMap<String, EtcdProcess>>>, binary: String, groups: BTreeMap<String, Group>) {
+fn supervise(managed: Arc<Mutex<BTreeMap<String, EtcdProcess>>>, binary: String, gateway: Arc<Gateway>) {
+    let gateway = Arc::downgrade(&gateway);
     let weak = Arc::downgrade(&managed);
     drop(managed);
     tokio::spawn(async move {
         loop {
             tokio::time::sleep(Duration::from_millis(500)).await;
-            let Some(managed) = weak.upgrade() else { return };
+            let (Some(managed), Some(gateway)) = (weak.upgrade(), gateway.upgrade()) else { return };
+            let groups = gateway.groups();
             let mut managed = managed.lock().expect("managed etcd lock");
             for (name, process) in managed.iter_mut() {
                 if let Some(status) = process.exited() {
@@ -591,7 +621,7 @@ pub fn describe(running: &Running, data_dir: &Path) -> String {
             out.push_str(&format!("aq: admin token (role admin) in {}; the aq CLI reads it from there\n", token.display()));
         }
     }
-    for (name, group) in running.gateway.groups() {
+    for (name, group) in running.gateway.groups().iter() {
         let managed = running.managed.lock().expect("managed etcd lock").contains_key(name);
         let how = if managed { format!("managed, data in {}", data_dir.join("etcd").join(name).display()) } else { "external".to_string() };
         out.push_str(&format!("aq: group {name}: etcd at {} ({how})\n", group.endpoints().join(",")));

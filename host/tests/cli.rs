@@ -271,6 +271,13 @@ async fn the_cli_moves_a_scope_and_shows_its_migrations() {
     let (_, out, _) = remote(&gw, &["scopes", "ls"]).await;
     let late = out.lines().find(|l| l.trim_start().starts_with("late-pods ")).unwrap_or_else(|| panic!("{out}"));
     assert!(late.contains("main"), "split and moved back: {late}");
+    // aq groups ls names each group's scopes as they are now.
+    let (code, out, _) = remote(&gw, &["groups", "ls"]).await;
+    assert_eq!(code, 0, "{out}");
+    let row = |group: &str| out.lines().find(|l| l.starts_with(&format!("{group} "))).unwrap_or_else(|| panic!("{out}")).to_string();
+    let (main, events) = (row("main"), row("events"));
+    assert!(main.contains("late-pods") && main.contains(gw.main.url()) && main.contains("configured"), "{main}");
+    assert!(events.contains("registry,") && !events.contains("late-pods"), "{events}");
     let mut keys = 0;
     for i in 0..20 {
         let got = client.get(format!("/registry/pods/p{i:02}"), None).await.unwrap();

@@ -426,6 +426,9 @@ async fn a_split_off_scope_merges_back_live_and_its_revisions_never_go_backwards
     let ahead = client.put("/registry/pods/p01", "w", None).await.unwrap().header().unwrap().revision();
     let parent = client.put("/registry/configmaps/w0/first", "", None).await.unwrap().header().unwrap().revision();
     assert!(ahead > parent + 200, "the new scope at {ahead}, its parent at {parent}");
+    // A leased key of the scope keeps its lease through the merge.
+    let lease = client.lease_grant(600, None).await.unwrap().id();
+    client.put("/registry/pods/leased", "l", Some(PutOptions::new().with_lease(lease))).await.unwrap();
 
     let mut watches = Vec::new();
     for endpoint in [gw.endpoint(), replica.running.addr.to_string()] {
@@ -472,9 +475,12 @@ async fn a_split_off_scope_merges_back_live_and_its_revisions_never_go_backwards
         let mut client = client.clone();
         async move { client.get(prefix, Some(GetOptions::new().with_prefix().with_count_only())).await.unwrap().count() }
     };
-    assert_eq!(count(&mut main, "/registry/pods/").await, 320);
+    assert_eq!(count(&mut main, "/registry/pods/").await, 321);
     assert_eq!(count(&mut events, "/registry/pods/").await, 0);
     assert_eq!(count(&mut events, "/registry/configmaps/").await, 0);
+    assert_eq!(main.get("/registry/pods/leased", None).await.unwrap().kvs()[0].lease(), lease, "the merged key keeps its lease");
+    client.lease_revoke(lease).await.unwrap();
+    assert_eq!(client.get("/registry/pods/leased", None).await.unwrap().count(), 0, "revoking the lease deletes the merged key");
 
     // A revision a client held from before the merge no longer matches (the key has a new
     // one, above it), and history from before it answers as compacted.
@@ -508,7 +514,12 @@ fn replica_decisions(replica: &aq_tests::etcd::Replica) -> Vec<serde_json::Value
 
 /// The scope a split on advice made from `parent`, as `gw` routes now.
 fn split_off(gw: &TestGateway, parent: &str) -> Option<Arc<aq_host::index::Scope>> {
-    let routing = gw.running.gateway.routing();
+    split_off_of(&gw.running, parent)
+}
+
+/// The scope a split on advice made from `parent`, as `running` routes now.
+fn split_off_of(running: &aq_host::serve::Running, parent: &str) -> Option<Arc<aq_host::index::Scope>> {
+    let routing = running.gateway.routing();
     routing.index().scopes().iter().find(|s| s.adapted.split_from.as_deref() == Some(parent)).cloned()
 }
 
@@ -612,4 +623,104 @@ async fn a_hot_scope_splits_onto_a_pool_group_on_advice_and_merges_back_once_it_
     assert_eq!(left.count(), 0, "the pool group keeps nothing of a merged part");
     let after = client.put(at.clone(), "again", None).await.unwrap().header().unwrap().revision();
     assert!(after > acked.iter().map(|(_, r)| *r).max().unwrap(), "the part's revisions never go backwards");
+}
+
+/// GET `path` from `running`'s admin router with the admin token in `data`.
+async fn admin_get(running: &aq_host::serve::Running, data: &std::path::Path, path: &str) -> serde_json::Value {
+    use tower::ServiceExt;
+    let token = std::fs::read_to_string(aq_host::serve::admin_token_path(data)).unwrap();
+    let request = axum::http::Request::builder()
+        .uri(path)
+        .header("authorization", format!("Bearer {}", token.trim()))
+        .body(axum::body::Body::empty())
+        .unwrap();
+    let answer = aq_host::admin::router(running.admin.clone()).oneshot(request).await.unwrap();
+    assert_eq!(answer.status(), 200, "{path}");
+    let body = axum::body::to_bytes(answer.into_body(), usize::MAX).await.unwrap();
+    serde_json::from_slice(&body).unwrap()
+}
+
+/// Waits (up to 60 s) for a migration record `matching`, ended.
+async fn ended_where(
+    store: &aq_host::meta::MetaStore,
+    what: &str,
+    matching: impl Fn(&aq_host::adapt::migrate::Migration) -> bool,
+) -> aq_host::adapt::migrate::Migration {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let migrations = store.migrations().await.unwrap();
+        if let Some(m) = migrations.iter().find(|m| matching(m) && m.phase.ended()) {
+            return m.clone();
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{what}: {migrations:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_split_on_advice_starts_a_managed_group_that_restarts_with_aq_and_goes_once_merged_away() {
+    // aq manages its one group and has no pool: a split on advice starts a group of its own.
+    let layout = "[[groups]]\nname = \"main\"\n\n[adapt]\ncooldown_s = 6\n\n\
+                  [[scopes]]\nid = \"catch-all\"\nprefix = \"\"\ngroup = \"main\"\npolicy = \"builtin:open\"\n\n\
+                  [[scopes]]\nid = \"events\"\nprefix = \"/registry/events/\"\ngroup = \"main\"\npolicy = \"builtin:ephemeral\"\n\
+                  config = { split_write_rate = 20, merge_write_rate = 5 }\n";
+    let data = tempfile::tempdir().unwrap();
+    let start = || async {
+        let config = aq_host::config::Config::parse(layout, "test layout").unwrap();
+        let mut options = aq_tests::etcd::serve_options(data.path(), None);
+        options.advise_interval = std::time::Duration::from_millis(200);
+        aq_host::serve::start(config, options).await.expect("aq starts")
+    };
+    let running = start().await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let event = |n, i| format!("/registry/events/ns{:02}/w{n}-{i:05}", (i * 7) % 16);
+    let writers = writers_of(event, [running.addr.to_string(), running.addr.to_string()], &stop);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    let child = loop {
+        if let Some(child) = split_off_of(&running, "events") {
+            break child;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the hot scope was not split");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    };
+    stop.store(true, Ordering::Relaxed);
+    let mut acked = Vec::new();
+    for writer in writers {
+        acked.extend(writer.await.unwrap());
+    }
+    let store = running.syncer.store().clone();
+    let moved = ended_where(&store, "the new part's move ends", |m| m.scope == child.id && m.into.is_none()).await;
+    assert_eq!((moved.to.as_str(), moved.phase, moved.error.as_deref()), ("auto-1", Phase::Done, None), "{moved:?}");
+    let dir = data.path().join("etcd").join("auto-1");
+    assert!(dir.join("credentials.json").exists() && running.managed.lock().unwrap().contains_key("auto-1"));
+    let started = store.started_groups().await.unwrap();
+    assert_eq!(started.iter().map(|g| g.name.as_str()).collect::<Vec<_>>(), ["auto-1"]);
+    let listed = admin_get(&running, data.path(), "/v1/groups").await;
+    let auto = listed["groups"].as_array().unwrap().iter().find(|g| g["name"] == "auto-1").unwrap_or_else(|| panic!("{listed}"));
+    assert_eq!((auto["started"].as_bool(), auto["scopes"].clone()), (Some(true), serde_json::json!([child.id])), "{listed}");
+
+    // The started group comes back with aq, and the part is still routed there.
+    drop(running);
+    let running = start().await;
+    assert_eq!(running.gateway.routing().scope(&child.id).map(|r| r.group.name().to_string()).as_deref(), Some("auto-1"));
+    let mut client = etcd_client::Client::connect([running.addr.to_string()], None).await.unwrap();
+    let read = client.get("/registry/events/", Some(GetOptions::new().with_prefix().with_count_only())).await.unwrap();
+    assert_eq!(read.count() as usize, acked.len(), "every acknowledged write reads back after the restart");
+
+    // Cold, the part merges back after its cool-down, and the group it leaves empty goes.
+    let store = running.syncer.store().clone();
+    let merged = ended_where(&store, "the cooled part merges back", |m| m.scope == child.id && m.into.is_some()).await;
+    assert_eq!((merged.from.as_str(), merged.to.as_str(), merged.phase), ("auto-1", "main", Phase::Done), "{merged:?}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while running.gateway.groups().contains_key("auto-1") || dir.exists() {
+        assert!(std::time::Instant::now() < deadline, "the emptied group was not stopped and removed");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert!(!running.managed.lock().unwrap().contains_key("auto-1"));
+    assert_eq!(store.started_groups().await.unwrap(), Vec::new());
+    let read = client.get("/registry/events/", Some(GetOptions::new().with_prefix().with_keys_only())).await.unwrap();
+    let keys: std::collections::BTreeSet<&[u8]> = read.kvs().iter().map(|kv| kv.key()).collect();
+    for (key, _) in &acked {
+        assert!(keys.contains(key.as_slice()), "{} was acknowledged and is missing", String::from_utf8_lossy(key));
+    }
 }

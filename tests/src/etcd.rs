@@ -107,7 +107,7 @@ pub struct TestGateway {
 
 /// Options for an in-process aq with its data in `data`; decisions, allows included, are
 /// logged to `<data>/decisions.log`.
-fn serve_options(data: &std::path::Path, tls: Option<aq_host::tls::TlsFiles>) -> ServeOptions {
+pub fn serve_options(data: &std::path::Path, tls: Option<aq_host::tls::TlsFiles>) -> ServeOptions {
     ServeOptions {
         listen: "127.0.0.1:0".parse().unwrap(),
         admin_listen: Some("127.0.0.1:0".parse().unwrap()),

@@ -43,6 +43,8 @@ pub struct Actor {
     pub migrator: Arc<Migrator>,
     /// When to act, and where split-off scopes go.
     pub settings: AdaptConfig,
+    /// Starts groups for splits when the pool has none, on an aq that manages its groups.
+    pub starter: Option<super::groups::Starter>,
 }
 
 /// Runs the advise loop until the returned guard drops (or `gateway` does): campaign, and
@@ -188,8 +190,8 @@ pub enum Plan {
     Split {
         /// The split key.
         at: Vec<u8>,
-        /// The pool group the new scope moves to.
-        to: String,
+        /// The pool group the new scope moves to; `None`: a group started for it.
+        to: Option<String>,
     },
     /// Merge the scope into its parent.
     Merge,
@@ -203,8 +205,8 @@ pub enum Plan {
 /// - a scope (or, for a merge, its parent) changed by a split, merge or move less than the
 ///   cool-down ago is held;
 /// - a split takes the pool group holding the fewest scopes (by name on a tie) other than the
-///   scope's own; with no such group it is held.
-pub fn plan(index: &ScopeIndex, scope: &Scope, advice: &aq_sdk::Advice, settings: &AdaptConfig, now: u64) -> Plan {
+///   scope's own; with no such group, a group started for it when `can_start`; else it is held.
+pub fn plan(index: &ScopeIndex, scope: &Scope, advice: &aq_sdk::Advice, settings: &AdaptConfig, now: u64, can_start: bool) -> Plan {
     if !settings.act {
         return Plan::Ignore;
     }
@@ -233,9 +235,11 @@ pub fn plan(index: &ScopeIndex, scope: &Scope, advice: &aq_sdk::Advice, settings
             let load = |group: &str| index.scopes().iter().filter(|s| s.group == group).count();
             let to = settings.pool.iter().filter(|g| **g != scope.group).min_by_key(|g| (load(g), g.as_str()));
             match to {
-                Some(to) => Plan::Split { at: at.0.clone(), to: to.clone() },
+                Some(to) => Plan::Split { at: at.0.clone(), to: Some(to.clone()) },
+                None if can_start => Plan::Split { at: at.0.clone(), to: None },
                 None => Plan::Hold(format!(
-                    "no group to move a part of scope {} to: [adapt] pool names none but the scope's own group {}; \
+                    "no group to move a part of scope {} to: [adapt] pool names none but the scope's own group {}, \
+                     and aq starts groups only when it manages every group itself (and below [adapt] max_started_groups); \
                      add groups to the pool",
                     scope.id, scope.group
                 )),
@@ -247,11 +251,14 @@ pub fn plan(index: &ScopeIndex, scope: &Scope, advice: &aq_sdk::Advice, settings
 /// Acts on the first advice [`plan`] says to carry out; one migration runs at a time, so one
 /// per round.
 async fn act(gateway: &Gateway, store: &MetaStore, actor: &Actor, advice: Vec<(String, aq_sdk::Advice)>) {
+    let routing = gateway.routing();
+    let index = routing.index();
+    if let Some(starter) = &actor.starter {
+        starter.reap(index).await;
+    }
     if advice.is_empty() {
         return;
     }
-    let routing = gateway.routing();
-    let index = routing.index();
     let busy = match store.active_migration().await {
         Ok(busy) => busy,
         Err(e) => {
@@ -260,10 +267,17 @@ async fn act(gateway: &Gateway, store: &MetaStore, actor: &Actor, advice: Vec<(S
         }
     };
     let now = crate::clock::unix_now();
+    let can_start = match &actor.starter {
+        Some(starter) if actor.settings.start_groups => starter.can_start().await.unwrap_or_else(|e| {
+            tracing::warn!("cannot read the groups started at run time: {e}");
+            false
+        }),
+        _ => false,
+    };
     for (scope_id, advice) in advice {
         let Some(scope) = index.get(&scope_id) else { continue };
         let action = if matches!(advice, aq_sdk::Advice::Merge) { "merge" } else { "split" };
-        let planned = match (plan(index, scope, &advice, &actor.settings, now), &busy) {
+        let planned = match (plan(index, scope, &advice, &actor.settings, now, can_start), &busy) {
             (Plan::Ignore, _) => continue,
             (Plan::Hold(_) | Plan::Split { .. } | Plan::Merge, Some(id)) => {
                 Plan::Hold(format!("migration {id} is under way; one runs at a time"))
@@ -277,11 +291,21 @@ async fn act(gateway: &Gateway, store: &MetaStore, actor: &Actor, advice: Vec<(S
                 gateway.metrics().adapted(&scope_id, action, "held");
                 continue;
             }
-            Plan::Split { at, to } => actor.migrator.split(&scope_id, &at, Some(&to), None).await.map(|(id, migration)| {
-                let key = String::from_utf8_lossy(&at).into_owned();
-                let moving = migration.map(|m| m.id).unwrap_or_default();
-                format!("split at {key:?}: scope {id} takes the keys from there and moves to group {to} (migration {moving})")
-            }),
+            Plan::Split { at, to } => {
+                let to = match (to, &actor.starter) {
+                    (Some(to), _) => Ok(to),
+                    (None, Some(starter)) => starter.start().await.map_err(MigrateError::Failed),
+                    (None, None) => Err(MigrateError::Failed("no group to start".into())),
+                };
+                match to {
+                    Ok(to) => actor.migrator.split(&scope_id, &at, Some(&to), None).await.map(|(id, migration)| {
+                        let key = String::from_utf8_lossy(&at).into_owned();
+                        let moving = migration.map(|m| m.id).unwrap_or_default();
+                        format!("split at {key:?}: scope {id} takes the keys from there and moves to group {to} (migration {moving})")
+                    }),
+                    Err(e) => Err(e),
+                }
+            }
             Plan::Merge => actor.migrator.merge(&scope_id).await.map(|(into, migration)| match migration {
                 Some(m) => format!("merging into {into} (migration {})", m.id),
                 None => format!("merged into {into}"),
@@ -342,7 +366,7 @@ mod tests {
     }
 
     fn settings(pool: &[&str]) -> AdaptConfig {
-        AdaptConfig { act: true, cooldown_s: 60, pool: pool.iter().map(|g| g.to_string()).collect() }
+        AdaptConfig { pool: pool.iter().map(|g| g.to_string()).collect(), cooldown_s: 60, ..AdaptConfig::default() }
     }
 
     fn index(scopes: Vec<Scope>) -> ScopeIndex {
@@ -361,13 +385,16 @@ mod tests {
             scope("x", "/x/", "spare-a", None, 0),
         ]);
         let e = layout.get("e").unwrap();
-        let planned = plan(&layout, e, &split(), &settings(&["events", "spare-a", "spare-b"]), 1000);
-        assert_eq!(planned, Plan::Split { at: b"/e/m".to_vec(), to: "spare-b".into() });
+        let planned = plan(&layout, e, &split(), &settings(&["events", "spare-a", "spare-b"]), 1000, false);
+        assert_eq!(planned, Plan::Split { at: b"/e/m".to_vec(), to: Some("spare-b".into()) });
         // Ties go by name; the scope's own group is never chosen.
-        let planned = plan(&layout, e, &split(), &settings(&["events", "main", "spare-a"]), 1000);
-        assert_eq!(planned, Plan::Split { at: b"/e/m".to_vec(), to: "main".into() });
-        let Plan::Hold(why) = plan(&layout, e, &split(), &settings(&["events"]), 1000) else { panic!("held") };
+        let planned = plan(&layout, e, &split(), &settings(&["events", "main", "spare-a"]), 1000, false);
+        assert_eq!(planned, Plan::Split { at: b"/e/m".to_vec(), to: Some("main".into()) });
+        let Plan::Hold(why) = plan(&layout, e, &split(), &settings(&["events"]), 1000, false) else { panic!("held") };
         assert!(why.contains("[adapt] pool"), "{why}");
+        // Without a pool group, a group is started where aq may start one.
+        assert_eq!(plan(&layout, e, &split(), &settings(&["events"]), 1000, true), Plan::Split { at: b"/e/m".to_vec(), to: None });
+        assert!(matches!(plan(&layout, e, &split(), &settings(&["spare-a"]), 1000, true), Plan::Split { to: Some(_), .. }));
     }
 
     #[test]
@@ -378,10 +405,10 @@ mod tests {
             scope("e-2", "/e/m", "spare", Some("e"), 0),
         ]);
         let merge = aq_sdk::Advice::Merge;
-        assert_eq!(plan(&layout, layout.get("e-2").unwrap(), &merge, &settings(&[]), 1000), Plan::Merge);
-        assert_eq!(plan(&layout, layout.get("e").unwrap(), &merge, &settings(&[]), 1000), Plan::Ignore);
+        assert_eq!(plan(&layout, layout.get("e-2").unwrap(), &merge, &settings(&[]), 1000, false), Plan::Merge);
+        assert_eq!(plan(&layout, layout.get("e").unwrap(), &merge, &settings(&[]), 1000, false), Plan::Ignore);
         let keep = aq_sdk::Advice::Keep;
-        assert_eq!(plan(&layout, layout.get("e-2").unwrap(), &keep, &settings(&[]), 1000), Plan::Ignore);
+        assert_eq!(plan(&layout, layout.get("e-2").unwrap(), &keep, &settings(&[]), 1000, false), Plan::Ignore);
     }
 
     #[test]
@@ -393,14 +420,14 @@ mod tests {
         ]);
         let merge = aq_sdk::Advice::Merge;
         // e-2 cooled down at 960, but its parent changed at 950: held until 1010.
-        let Plan::Hold(why) = plan(&layout, layout.get("e-2").unwrap(), &merge, &settings(&[]), 1000) else { panic!("held") };
+        let Plan::Hold(why) = plan(&layout, layout.get("e-2").unwrap(), &merge, &settings(&[]), 1000, false) else { panic!("held") };
         assert!(why.contains("scope e changed 50 s ago") && why.contains("cool-down of 60 s"), "{why}");
-        assert_eq!(plan(&layout, layout.get("e-2").unwrap(), &merge, &settings(&[]), 1010), Plan::Merge);
-        let Plan::Hold(why) = plan(&layout, layout.get("e").unwrap(), &split(), &settings(&["spare-b"]), 1009) else { panic!("held") };
+        assert_eq!(plan(&layout, layout.get("e-2").unwrap(), &merge, &settings(&[]), 1010, false), Plan::Merge);
+        let Plan::Hold(why) = plan(&layout, layout.get("e").unwrap(), &split(), &settings(&["spare-b"]), 1009, false) else { panic!("held") };
         assert!(why.contains("scope e changed 59 s ago"), "{why}");
-        assert!(matches!(plan(&layout, layout.get("e").unwrap(), &split(), &settings(&["spare-b"]), 1010), Plan::Split { .. }));
+        assert!(matches!(plan(&layout, layout.get("e").unwrap(), &split(), &settings(&["spare-b"]), 1010, false), Plan::Split { .. }));
         // Acting off: nothing at all.
         let off = AdaptConfig { act: false, ..settings(&["spare-b"]) };
-        assert_eq!(plan(&layout, layout.get("e").unwrap(), &split(), &off, 5000), Plan::Ignore);
+        assert_eq!(plan(&layout, layout.get("e").unwrap(), &split(), &off, 5000, true), Plan::Ignore);
     }
 }

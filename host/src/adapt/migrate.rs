@@ -200,7 +200,7 @@ pub struct Migrator {
     gateway: Arc<Gateway>,
     store: MetaStore,
     /// Root credentials of each group whose ownership aq manages.
-    admins: BTreeMap<String, Credentials>,
+    admins: std::sync::RwLock<BTreeMap<String, Credentials>>,
     /// This replica's name, recorded in the migrations it runs.
     replica: String,
     /// The id of the migration this replica runs now.
@@ -237,7 +237,17 @@ impl Migrator {
     /// A migrator over `gateway`, with the root credentials of every managed or administered
     /// group, on the replica named `replica`.
     pub fn new(gateway: Arc<Gateway>, store: MetaStore, admins: BTreeMap<String, Credentials>, replica: String) -> Self {
-        Migrator { gateway, store, admins, replica, running: std::sync::Mutex::new(None) }
+        Migrator { gateway, store, admins: std::sync::RwLock::new(admins), replica, running: std::sync::Mutex::new(None) }
+    }
+
+    /// Gives the migrator the root credentials of a group added at run time.
+    pub fn add_admin(&self, group: &str, admin: Credentials) {
+        self.admins.write().expect("admins lock").insert(group.to_string(), admin);
+    }
+
+    /// The root credentials of `group`, if aq has them.
+    fn admin(&self, group: &str) -> Option<Credentials> {
+        self.admins.read().expect("admins lock").get(group).cloned()
     }
 
     /// Checks and claims a move of `scope` to group `to`, and runs it in the background.
@@ -410,9 +420,8 @@ impl Migrator {
     async fn refuse_lineage(&self, scope: &crate::index::Scope) -> Result<(), MigrateError> {
         let records = crate::lineage::records_prefix(&scope.id);
         let (key, range_end) = KeyRange::prefix(&records).to_request();
-        let group = self
-            .gateway
-            .groups()
+        let groups = self.gateway.groups();
+        let group = groups
             .get(&scope.group)
             .ok_or_else(|| MigrateError::Failed(format!("this replica has no connection to group {}", scope.group)))?;
         let kept = group
@@ -442,14 +451,14 @@ impl Migrator {
             return Err(MigrateError::Invalid(format!("there is no group {to}; the groups are {}", known.join(", "))));
         }
         let admin = |group: &str| {
-            self.admins.get(group).ok_or_else(|| {
+            self.admin(group).ok_or_else(|| {
                 MigrateError::Invalid(format!(
                     "aq holds no root credentials for group {group}, so it cannot move ownership there; give the \
                      group an admin user and password in the layout"
                 ))
             })
         };
-        let (from_admin, to_admin) = (admin(&from)?, admin(to)?);
+        let (from_admin, to_admin) = (&admin(&from)?, &admin(to)?);
         let connect = |group: &str, admin: &Credentials| {
             let endpoints = groups[group].endpoints().to_vec();
             let (group, admin) = (group.to_string(), admin.clone());
@@ -816,9 +825,9 @@ impl Migrator {
 
     /// An administrator's connection to `group`'s roles.
     async fn owners(&self, group: &str) -> Result<Owners, String> {
-        let admin = self.admins.get(group).ok_or_else(|| format!("aq holds no root credentials for group {group}"))?;
+        let admin = self.admin(group).ok_or_else(|| format!("aq holds no root credentials for group {group}"))?;
         let endpoints = self.gateway.groups().get(group).ok_or_else(|| format!("there is no group {group}"))?.endpoints().to_vec();
-        Owners::connect(group, &endpoints, admin).await
+        Owners::connect(group, &endpoints, &admin).await
     }
 
     /// Waits until every live replica routes by layout `epoch` (or later), within

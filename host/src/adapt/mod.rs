@@ -3,6 +3,7 @@
 //! ([`advise`], which runs above the gate).
 
 pub mod advise;
+pub mod groups;
 pub mod migrate;
 pub mod split;
 pub mod stats;

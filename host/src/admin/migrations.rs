@@ -137,3 +137,30 @@ pub(super) async fn get(State(admin): State<Arc<Admin>>, headers: HeaderMap, Pat
         None => Err(ApiError::not_found(format!("no migration {id:?}; GET /v1/migrations lists them"))),
     }
 }
+
+#[utoipa::path(
+    get, path = "/v1/groups", tag = "scopes",
+    responses((status = 200, description = "`{\"groups\": [{name, endpoints, scopes, started}]}` by name: each etcd group this replica routes to, the scopes it holds, and whether aq started it at run time for a split", body = serde_json::Value)),
+    security(("bearer" = ["reader"]))
+)]
+pub(super) async fn groups(State(admin): State<Arc<Admin>>, headers: HeaderMap) -> Result<Response, ApiError> {
+    admin.auth.check(&headers, Role::Reader)?;
+    let started = admin.syncer.store().started_groups().await?;
+    let routing = admin.gateway.routing();
+    let groups: Vec<serde_json::Value> = admin
+        .gateway
+        .groups()
+        .iter()
+        .map(|(name, group)| {
+            let scopes: Vec<&str> =
+                routing.index().scopes().iter().filter(|s| &s.group == name).map(|s| s.id.as_str()).collect();
+            json!({
+                "name": name,
+                "endpoints": group.endpoints(),
+                "scopes": scopes,
+                "started": started.iter().any(|g| &g.name == name),
+            })
+        })
+        .collect();
+    Ok(axum::Json(json!({ "groups": groups })).into_response())
+}

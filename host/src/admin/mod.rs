@@ -195,6 +195,7 @@ pub fn router(admin: Arc<Admin>) -> Router {
         .route("/v1/scopes/{scope}/move", post(migrations::move_scope))
         .route("/v1/scopes/{scope}/split", post(migrations::split_scope))
         .route("/v1/scopes/{scope}/merge", post(migrations::merge_scope))
+        .route("/v1/groups", get(migrations::groups))
         .route("/v1/migrations", get(migrations::list))
         .route("/v1/migrations/{id}", get(migrations::get))
         .fallback(not_found)
@@ -216,7 +217,7 @@ pub(crate) async fn healthz() -> Response {
 pub(crate) async fn readyz(State(admin): State<Arc<Admin>>) -> Result<Response, ApiError> {
     let mut groups = serde_json::Map::new();
     let mut down = Vec::new();
-    for (name, group) in admin.gateway.groups() {
+    for (name, group) in admin.gateway.groups().iter() {
         let state = match tokio::time::timeout(READY_TIMEOUT, group.status()).await {
             Ok(Ok(_)) => "ok".to_string(),
             Ok(Err(status)) => format!("error: {}", status.message()),

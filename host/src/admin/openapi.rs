@@ -54,6 +54,7 @@ impl utoipa::Modify for BearerTokens {
         migrations::split_scope,
         migrations::merge_scope,
         migrations::list,
+        migrations::groups,
         migrations::get,
     ),
     modifiers(&BearerTokens),

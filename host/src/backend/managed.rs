@@ -55,11 +55,36 @@ fn stop_leftover(data_dir: &Path) {
     }
 }
 
+/// A managed group brought up: its process, aq's connection (as its data user) and the
+/// credentials of its administrator.
+pub struct Secured {
+    /// The etcd process.
+    pub process: EtcdProcess,
+    /// The connection requests go through.
+    pub group: Group,
+    /// Its root user.
+    pub admin: super::Credentials,
+}
+
+/// Starts the managed etcd of group `name` on `dir` (its data, log and credentials), turns
+/// its auth on with credentials of aq's own (made at its first start) and connects to it as
+/// aq's user. Safe on every start of the same directory.
+pub async fn start_secured(binary: &str, name: &str, dir: &Path, timeout: Duration) -> Result<Secured, String> {
+    let (process, _) = EtcdProcess::start(binary, name, dir, timeout).await?;
+    let secrets = super::ownership::ManagedSecrets::load_or_create(dir)?;
+    super::ownership::secure(name, process.client_url(), &secrets).await?;
+    let group = Group::connect_lazy(name, &[process.client_url().to_string()]).map_err(|e| e.to_string())?.with_login(secrets.data());
+    Ok(Secured { process, group, admin: secrets.admin() })
+}
+
 /// One single-member etcd cluster, killed when dropped.
 #[derive(Debug)]
 pub struct EtcdProcess {
     child: Child,
     name: String,
+    /// This process's etcd member name: the group's name and a tag of this start, which tells
+    /// it apart from another etcd answering on its port.
+    member: String,
     client_url: String,
     data_dir: PathBuf,
     ports: (u16, u16),
@@ -92,7 +117,7 @@ impl EtcdProcess {
             let group = Group::connect_lazy(name, &[process.client_url.clone()]).map_err(|e| e.to_string())?;
             let deadline = Instant::now() + timeout;
             loop {
-                if group.wait_ready(Duration::from_millis(500)).await.is_ok() {
+                if group.wait_ready(Duration::from_millis(500)).await.is_ok() && process.answers(&group).await {
                     return Ok((process, group));
                 }
                 if process.exited().is_some() {
@@ -112,6 +137,18 @@ impl EtcdProcess {
         Err(format!("etcd {name} exited at start three times\nlast etcd log:\n{last_log}"))
     }
 
+    /// Whether the etcd answering on this process's client port is this process: another
+    /// etcd (of another aq, or a test) may have taken the port between its pick and this one
+    /// binding it, and then this one exits while the other answers. Its member carries this
+    /// start's name once it has published itself.
+    async fn answers(&mut self, group: &Group) -> bool {
+        let ours = match group.member_list().await {
+            Ok(members) => members.members.iter().any(|m| m.name == self.member),
+            Err(_) => false,
+        };
+        ours && self.exited().is_none()
+    }
+
     /// Starts a process again after it exited: same name, data and ports, so clients
     /// reconnect to the same URL.
     pub fn respawn(binary: &str, previous: &EtcdProcess) -> Result<Self, SpawnError> {
@@ -124,17 +161,20 @@ impl EtcdProcess {
         stop_leftover(data_dir);
         let (client, peer) = ports;
         let client_url = format!("http://127.0.0.1:{client}");
+        let mut tag = [0u8; 4];
+        getrandom::fill(&mut tag).map_err(|e| setup(std::io::Error::other(e.to_string())))?;
+        let member = format!("{name}-{}", hex::encode(tag));
         let peer_url = format!("http://127.0.0.1:{peer}");
         let log = std::fs::OpenOptions::new().create(true).append(true).open(data_dir.join("etcd.log")).map_err(setup)?;
         let log_err = log.try_clone().map_err(setup)?;
         let child = Command::new(binary)
-            .arg(format!("--name={name}"))
+            .arg(format!("--name={member}"))
             .arg(format!("--data-dir={}", data_dir.join("member-data").display()))
             .arg(format!("--listen-client-urls={client_url}"))
             .arg(format!("--advertise-client-urls={client_url}"))
             .arg(format!("--listen-peer-urls={peer_url}"))
             .arg(format!("--initial-advertise-peer-urls={peer_url}"))
-            .arg(format!("--initial-cluster={name}={peer_url}"))
+            .arg(format!("--initial-cluster={member}={peer_url}"))
             .arg("--initial-cluster-state=new")
             // aq's etcd passwords are 192 random bits, which no hash strength makes harder to
             // guess; the lowest bcrypt cost keeps each login (one per connection) cheap.
@@ -149,7 +189,7 @@ impl EtcdProcess {
         // Recorded so that an aq killed without cleaning up (SIGKILL, OOM) can stop this process
         // when it starts again: otherwise it would hold the data directory's lock forever.
         std::fs::write(data_dir.join(PID_FILE), child.id().to_string()).map_err(setup)?;
-        Ok(EtcdProcess { child, name: name.to_string(), client_url, data_dir: data_dir.to_path_buf(), ports })
+        Ok(EtcdProcess { child, name: name.to_string(), member, client_url, data_dir: data_dir.to_path_buf(), ports })
     }
 
     /// The member name.

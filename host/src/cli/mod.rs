@@ -37,6 +37,9 @@ enum Command {
     /// Live moves of scopes between groups.
     #[command(subcommand)]
     Migrations(MigrationsCommand),
+    /// The etcd groups of a running aq.
+    #[command(subcommand)]
+    Groups(GroupsCommand),
     /// Dry-run a mutation against a scope's active policy on a running aq; exit 1 unless it
     /// is allowed.
     Eval {
@@ -166,6 +169,15 @@ enum ScopesCommand {
         /// Return once the move has started.
         #[arg(long)]
         detach: bool,
+        #[command(flatten)]
+        remote: remote::Remote,
+    },
+}
+
+#[derive(Subcommand)]
+enum GroupsCommand {
+    /// Every group, its endpoints and scopes, and whether aq started it for a split.
+    Ls {
         #[command(flatten)]
         remote: remote::Remote,
     },
@@ -473,6 +485,7 @@ pub fn main() -> ExitCode {
             remote::split_scope(&remote, &scope, &at, to.as_deref(), id.as_deref(), detach)
         }
         Command::Migrations(MigrationsCommand::Ls { remote }) => remote::list_migrations(&remote),
+        Command::Groups(GroupsCommand::Ls { remote }) => remote::list_groups(&remote),
         Command::Migrations(MigrationsCommand::Show { id, remote }) => remote::show_migration(&remote, &id),
         Command::Eval { scope, puts, deletes, remote } => remote::eval(&remote, &scope, &puts, &deletes),
         Command::Token { name, role } => remote::token(&name, &role),

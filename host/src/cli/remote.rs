@@ -376,6 +376,29 @@ pub(super) fn list_migrations(remote: &Remote) -> Result<(), CliError> {
     Ok(())
 }
 
+/// `aq groups ls`.
+pub(super) fn list_groups(remote: &Remote) -> Result<(), CliError> {
+    let body = remote.call("GET", "/v1/groups", None, &[])?;
+    if remote.print_json(&body) {
+        return Ok(());
+    }
+    let text = |v: &Value| -> String {
+        v.as_array().map(Vec::as_slice).unwrap_or_default().iter().filter_map(Value::as_str).collect::<Vec<_>>().join(",")
+    };
+    let rows = body["groups"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+        .iter()
+        .map(|g| {
+            let how = if g["started"].as_bool().unwrap_or_default() { "started for a split" } else { "configured" };
+            vec![g["name"].as_str().unwrap_or_default().to_string(), text(&g["endpoints"]), text(&g["scopes"]), how.to_string()]
+        })
+        .collect();
+    table(&["GROUP", "ENDPOINTS", "SCOPES", "ORIGIN"], rows);
+    Ok(())
+}
+
 /// `aq migrations show`.
 pub(super) fn show_migration(remote: &Remote, id: &str) -> Result<(), CliError> {
     let body = remote.call("GET", &format!("/v1/migrations/{id}"), None, &[])?;

@@ -616,7 +616,7 @@ impl Session {
             .map(|(_, p)| p)
             .next()
             .unwrap_or_else(|| range.clone());
-        let Some(old_group) = self.gate.replayer(from).cloned() else { return true };
+        let Some(old_group) = self.gate.replayer(from) else { return true };
         let name = format!("{from}{REPLAY}");
         let drain_id = self.open(&name, &old_group, request, &whole, seen + 1, true).await;
         let until = tokio::time::Instant::now() + DRAIN_FOR;

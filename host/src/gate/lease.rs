@@ -59,8 +59,8 @@ impl Gateway {
     }
 
     /// The groups other than home.
-    pub fn other_groups(&self) -> impl Iterator<Item = &Group> {
-        self.groups.values().filter(|g| g.name() != self.home.name())
+    pub fn other_groups(&self) -> Vec<Group> {
+        self.groups.load().values().filter(|g| g.name() != self.home.name()).cloned().collect()
     }
 
     /// etcd `LeaseGrant`, on the home group.

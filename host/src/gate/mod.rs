@@ -166,8 +166,9 @@ pub struct Gateway {
     rerouted: tokio::sync::watch::Sender<u64>,
     /// Per group, a connection as its etcd administrator, which can still read ranges the
     /// group handed off: watches replay a moved scope's old copy through it.
-    replayers: std::sync::OnceLock<BTreeMap<String, Group>>,
-    groups: BTreeMap<String, Group>,
+    replayers: arc_swap::ArcSwap<BTreeMap<String, Group>>,
+    /// The backend groups by name; a group started at run time is added ([`Gateway::add_group`]).
+    groups: arc_swap::ArcSwap<BTreeMap<String, Group>>,
     /// The group where leases are granted and which answers for aq itself (status).
     home: Group,
     engine: Arc<Engine>,
@@ -196,8 +197,8 @@ impl Gateway {
         Ok(Gateway {
             routing: arc_swap::ArcSwap::from_pointee(routing),
             rerouted: tokio::sync::watch::Sender::new(0),
-            replayers: std::sync::OnceLock::new(),
-            groups,
+            replayers: arc_swap::ArcSwap::from_pointee(BTreeMap::new()),
+            groups: arc_swap::ArcSwap::from_pointee(groups),
             home,
             engine,
             registry,
@@ -219,7 +220,7 @@ impl Gateway {
     /// started with. Every scope of `index` needs a binding and a configured group. The
     /// ownership of ranges on the groups is not changed here: see [`crate::backend::ownership`].
     pub fn reroute(&self, index: ScopeIndex) -> Result<(), String> {
-        let routing = Routing::build(index, &self.groups, &self.registry, &self.stats)?;
+        let routing = Routing::build(index, &self.groups.load(), &self.registry, &self.stats)?;
         self.routing.store(Arc::new(routing));
         self.rerouted.send_modify(|n| *n += 1);
         Ok(())
@@ -230,16 +231,46 @@ impl Gateway {
         self.rerouted.subscribe()
     }
 
-    /// Gives the gateway its groups' administrator connections (see [`Gateway::replayer`]);
-    /// only the first call counts.
+    /// Gives the gateway its groups' administrator connections (see [`Gateway::replayer`]).
     pub fn set_replayers(&self, replayers: BTreeMap<String, Group>) {
-        let _ = self.replayers.set(replayers);
+        self.replayers.store(Arc::new(replayers));
+    }
+
+    /// Adds a group started or joined at run time, with its administrator's connection if aq
+    /// has one. Scopes route to it from the next [`Gateway::reroute`] that names it.
+    pub fn add_group(&self, name: &str, group: Group, replayer: Option<Group>) {
+        self.groups.rcu(|groups| {
+            let mut groups = BTreeMap::clone(groups);
+            groups.insert(name.to_string(), group.clone());
+            groups
+        });
+        if let Some(replayer) = replayer {
+            self.replayers.rcu(|replayers| {
+                let mut replayers = BTreeMap::clone(replayers);
+                replayers.insert(name.to_string(), replayer.clone());
+                replayers
+            });
+        }
+    }
+
+    /// Forgets a group no scope is routed to any longer (a managed group a merge emptied).
+    pub fn remove_group(&self, name: &str) {
+        self.groups.rcu(|groups| {
+            let mut groups = BTreeMap::clone(groups);
+            groups.remove(name);
+            groups
+        });
+        self.replayers.rcu(|replayers| {
+            let mut replayers = BTreeMap::clone(replayers);
+            replayers.remove(name);
+            replayers
+        });
     }
 
     /// The connection that reads what `group` handed off: its administrator's where aq has
     /// one, otherwise the group's own (which etcd then does not restrict to the group's ranges).
-    pub fn replayer(&self, group: &str) -> Option<&Group> {
-        self.replayers.get().and_then(|r| r.get(group)).or_else(|| self.groups.get(group))
+    pub fn replayer(&self, group: &str) -> Option<Group> {
+        self.replayers.load().get(group).cloned().or_else(|| self.groups.load().get(group).cloned())
     }
 
     /// Every scope's load on this replica.
@@ -247,9 +278,9 @@ impl Gateway {
         &self.stats
     }
 
-    /// The backend groups.
-    pub fn groups(&self) -> &BTreeMap<String, Group> {
-        &self.groups
+    /// The backend groups, as they are now.
+    pub fn groups(&self) -> Arc<BTreeMap<String, Group>> {
+        self.groups.load_full()
     }
 
     /// The request path's metrics.

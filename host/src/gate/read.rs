@@ -111,7 +111,7 @@ impl Gateway {
         let mut first_error = None;
         let mut last = None;
         let mut compacted_any = false;
-        for group in self.groups.values() {
+        for group in self.groups.load_full().values() {
             let current = group.status().await?.header.map(|h| h.revision).unwrap_or(0);
             let held = routing
                 .index()

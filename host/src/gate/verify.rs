@@ -59,7 +59,7 @@ impl Gateway {
     /// per group, from the first nonce key up to those expiring now.
     pub async fn sweep_nonces(&self) {
         let expired_before = nonce_expiry_bound(crate::clock::unix_now());
-        for group in self.groups.values() {
+        for group in self.groups.load_full().values() {
             let request = pb::PbDeleteRequest { key: nonce_prefix(), range_end: expired_before.clone(), prev_kv: false };
             if let Err(e) = group.delete_range(request).await {
                 tracing::warn!(group = group.name(), "cannot sweep expired nonces: {}", e.message());

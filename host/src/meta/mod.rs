@@ -104,6 +104,23 @@ pub fn migration_key(id: &str) -> Vec<u8> {
     key(&[b"migration/", id.as_bytes()])
 }
 
+/// The record of group `name`, a managed etcd aq started at run time for a split.
+pub fn started_group_key(name: &str) -> Vec<u8> {
+    key(&[b"started-group/", name.as_bytes()])
+}
+
+/// A managed etcd group aq started at run time: started again with aq, under its data
+/// directory, until a merge leaves it without scopes.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StartedGroup {
+    /// The group's name.
+    pub name: String,
+    /// The replica that started it, whose data directory holds it.
+    pub replica: String,
+    /// Unix milliseconds it was started.
+    pub started_ms: u64,
+}
+
 /// Holds the id of the migration under way, so that one runs at a time across replicas.
 pub fn migration_lock_key() -> Vec<u8> {
     key(&[b"migration-active"])
@@ -707,6 +724,25 @@ impl MetaStore {
     pub async fn put_migration(&self, migration: &crate::adapt::migrate::Migration) -> Result<(), MetaError> {
         let value = serde_json::to_vec(migration).expect("JSON");
         self.group.put(pb::PbPutRequest { key: migration_key(&migration.id), value, ..Default::default() }).await?;
+        Ok(())
+    }
+
+    /// Records a group started at run time.
+    pub async fn put_started_group(&self, group: &StartedGroup) -> Result<(), MetaError> {
+        let value = serde_json::to_vec(group).expect("JSON");
+        self.group.put(pb::PbPutRequest { key: started_group_key(&group.name), value, ..Default::default() }).await?;
+        Ok(())
+    }
+
+    /// Every group started at run time, by name.
+    pub async fn started_groups(&self) -> Result<Vec<StartedGroup>, MetaError> {
+        let response = self.range(KeyRange::prefix(&started_group_key(""))).await?;
+        response.kvs.iter().map(|kv| parse(&kv.key, &kv.value)).collect()
+    }
+
+    /// Forgets a group started at run time, once it is stopped.
+    pub async fn delete_started_group(&self, name: &str) -> Result<(), MetaError> {
+        self.group.delete_range(pb::PbDeleteRequest { key: started_group_key(name), ..Default::default() }).await?;
         Ok(())
     }
 
