@@ -44,6 +44,18 @@ fn writers_of(
     writers
 }
 
+/// Waits for `writers` (stopped already) and answers every key they wrote; each writer's
+/// revisions must keep increasing, through whatever happened to the scope meanwhile.
+async fn acked_by(writers: Vec<tokio::task::JoinHandle<Acked>>) -> Acked {
+    let mut acked = Vec::new();
+    for writer in writers {
+        let written = writer.await.unwrap();
+        assert!(written.windows(2).all(|w| w[0].1 < w[1].1), "{written:?}");
+        acked.extend(written);
+    }
+    acked
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_scope_moves_live_to_another_group_and_loses_no_acknowledged_write() {
     let gw = TestGateway::start().await;
@@ -91,13 +103,7 @@ async fn a_scope_moves_live_to_another_group_and_loses_no_acknowledged_write() {
     for reader in readers {
         assert!(reader.await.unwrap() > 0);
     }
-    let mut acked = Vec::new();
-    for writer in writers {
-        let written = writer.await.unwrap();
-        // Each writer's revisions keep increasing through the cut-over.
-        assert!(written.windows(2).all(|w| w[0].1 < w[1].1), "{written:?}");
-        acked.extend(written);
-    }
+    let acked = acked_by(writers).await;
 
     // Every acknowledged write is on the new group, none is left on the old one.
     let mut events = gw.events.client().await;
@@ -171,10 +177,7 @@ async fn a_watch_open_across_a_move_sees_every_event_once_in_order_and_none_of_t
     let migration = gw.running.migrator.run_to_end("registry", "events").await.unwrap();
     assert_eq!((migration.phase, migration.error.as_deref()), (Phase::Done, None), "{migration:?}");
     stop.store(true, Ordering::Relaxed);
-    let mut acked = Vec::new();
-    for writer in writers {
-        acked.extend(writer.await.unwrap());
-    }
+    let mut acked = acked_by(writers).await;
     let end = client.put("/registry/configmaps/zz-end", "", None).await.unwrap().header().unwrap().revision();
     acked.push((b"/registry/configmaps/zz-end".to_vec(), end));
     acked.sort_by_key(|(_, revision)| *revision);
@@ -322,10 +325,7 @@ async fn a_scope_splits_and_its_new_part_moves_live_while_watches_and_writers_ru
         .await;
     }
     stop.store(true, Ordering::Relaxed);
-    let mut acked = Vec::new();
-    for writer in writers {
-        acked.extend(writer.await.unwrap());
-    }
+    let mut acked = acked_by(writers).await;
     let end = client.put("/registry/configmaps/zz-end", "", None).await.unwrap().header().unwrap().revision();
     acked.push((b"/registry/configmaps/zz-end".to_vec(), end));
     acked.sort_by_key(|(_, revision)| *revision);
@@ -448,13 +448,7 @@ async fn a_split_off_scope_merges_back_live_and_its_revisions_never_go_backwards
         aq_tests::wait_until("every replica routes without the merged scope", || running.gateway.routing().scope(&id).is_none()).await;
     }
     stop.store(true, Ordering::Relaxed);
-    let mut acked = Vec::new();
-    for writer in writers {
-        let written = writer.await.unwrap();
-        // The merged scope's writer included: its revisions keep increasing into its parent's.
-        assert!(written.windows(2).all(|w| w[0].1 < w[1].1), "{written:?}");
-        acked.extend(written);
-    }
+    let mut acked = acked_by(writers).await;
     let end = client.put("/registry/configmaps/zz-end", "", None).await.unwrap().header().unwrap().revision();
     acked.push((b"/registry/configmaps/zz-end".to_vec(), end));
     acked.sort_by_key(|(_, revision)| *revision);
@@ -559,12 +553,7 @@ async fn a_hot_scope_splits_onto_a_pool_group_on_advice_and_merges_back_once_it_
     };
     // Cold from now on: the parent stays as it is, the new part goes back after its cool-down.
     stop.store(true, Ordering::Relaxed);
-    let mut acked = Vec::new();
-    for writer in writers {
-        let written = writer.await.unwrap();
-        assert!(written.windows(2).all(|w| w[0].1 < w[1].1), "{written:?}");
-        acked.extend(written);
-    }
+    let acked = acked_by(writers).await;
     let at = child.range.start.clone();
     assert!(acked.iter().any(|(k, _)| *k >= at) && acked.iter().any(|(k, _)| *k < at), "the split key divides the writes");
     let started = |action: &str, scope: &str| {
@@ -684,10 +673,7 @@ async fn a_split_on_advice_starts_a_managed_group_that_restarts_with_aq_and_goes
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     };
     stop.store(true, Ordering::Relaxed);
-    let mut acked = Vec::new();
-    for writer in writers {
-        acked.extend(writer.await.unwrap());
-    }
+    let acked = acked_by(writers).await;
     let store = running.syncer.store().clone();
     let moved = ended_where(&store, "the new part's move ends", |m| m.scope == child.id && m.into.is_none()).await;
     assert_eq!((moved.to.as_str(), moved.phase, moved.error.as_deref()), ("auto-1", Phase::Done, None), "{moved:?}");
