@@ -328,12 +328,30 @@ pub(super) fn merge_scope(remote: &Remote, scope: &str, detach: bool) -> Result<
 
 /// Prints each phase migration `id` reaches until it ends; exit 1 unless it is done cleanly.
 fn follow_migration(remote: &Remote, id: &str) -> Result<(), CliError> {
+    use std::io::IsTerminal;
+    // On a terminal (stderr, where the bar draws), a bar of the keys copied and their rate under
+    // a line per phase; a line per phase alone otherwise; only the final record with --json.
+    let bar = (!remote.json && std::io::stderr().is_terminal()).then(|| {
+        let style = indicatif::ProgressStyle::with_template("{prefix} {msg:9} [{bar:30}] {pos}/{len} keys, {per_sec}, {elapsed}")
+            .expect("a valid template")
+            .progress_chars("=> ");
+        indicatif::ProgressBar::new(0).with_style(style).with_prefix(id.to_string())
+    });
     let mut last_phase = String::new();
     let migration = loop {
         let migration = remote.call("GET", &format!("/v1/migrations/{id}"), None, &[])?;
         let phase = migration["phase"].as_str().unwrap_or_default().to_string();
+        let line = format!("{id}: {phase} ({} of {} keys copied)", migration["keys_copied"], migration["keys_total"]);
+        if let Some(bar) = &bar {
+            bar.set_length(migration["keys_total"].as_u64().unwrap_or_default());
+            bar.set_position(migration["keys_copied"].as_u64().unwrap_or_default());
+            bar.set_message(phase.clone());
+        }
         if phase != last_phase && !remote.json {
-            println!("{id}: {phase} ({} of {} keys copied)", migration["keys_copied"], migration["keys_total"]);
+            match &bar {
+                Some(bar) => bar.println(&line),
+                None => println!("{line}"),
+            }
             last_phase = phase.clone();
         }
         if phase == "done" || phase == "rolled-back" {
@@ -341,6 +359,9 @@ fn follow_migration(remote: &Remote, id: &str) -> Result<(), CliError> {
         }
         std::thread::sleep(std::time::Duration::from_millis(200));
     };
+    if let Some(bar) = bar {
+        bar.finish();
+    }
     remote.print_json(&migration);
     match (migration["phase"].as_str(), migration["error"].as_str()) {
         (Some("done"), None) => Ok(()),
