@@ -297,4 +297,18 @@ mod tests {
             assert!(error.contains("must be non-empty"), "{id}: {error}");
         }
     }
+
+    #[test]
+    fn adapt_defaults_to_acting_and_its_pool_must_name_groups() {
+        let default = Config::default_layout().adapt;
+        assert!(default.act && default.start_groups && default.pool.is_empty());
+        assert_eq!((default.cooldown_s, default.max_started_groups), (300, 4));
+        let layout = |adapt: &str| format!("[[groups]]\nname = \"g\"\n[[groups]]\nname = \"spare\"\n[adapt]\n{adapt}\n");
+        let parsed = Config::parse(&layout("pool = [\"spare\"]\ncooldown_s = 0\nact = false"), "t").unwrap().adapt;
+        assert_eq!((parsed.pool, parsed.cooldown_s, parsed.act), (vec!["spare".to_string()], 0, false));
+        let error = Config::parse(&layout("pool = [\"nowhere\"]"), "t").unwrap_err();
+        assert!(error.contains("[adapt] pool names group nowhere, which is not in [[groups]]"), "{error}");
+        let error = Config::parse(&layout("cool_down = 5"), "t").unwrap_err();
+        assert!(error.contains("unknown field") && error.contains("cool_down"), "{error}");
+    }
 }
