@@ -684,6 +684,9 @@ async fn a_split_on_advice_starts_a_managed_group_that_restarts_with_aq_and_goes
     let listed = admin_get(&running, data.path(), "/v1/groups").await;
     let auto = listed["groups"].as_array().unwrap().iter().find(|g| g["name"] == "auto-1").unwrap_or_else(|| panic!("{listed}"));
     assert_eq!((auto["started"].as_bool(), auto["scopes"].clone()), (Some(true), serde_json::json!([child.id])), "{listed}");
+    let part = admin_get(&running, data.path(), &format!("/v1/scopes/{}", child.id)).await;
+    assert_eq!((part["split_from"].as_str(), part["group"].as_str()), (Some("events"), Some("auto-1")), "{part}");
+    assert!(part["adapted_at"].as_u64().is_some_and(|at| (at + 1) * 1000 > moved.started_ms), "the cut-over set it: {part}");
 
     // The started group comes back with aq, and the part is still routed there.
     drop(running);

@@ -62,6 +62,9 @@ fn scope_json(admin: &Admin, scope: &Scope, stored: Option<&(BindingRecord, i64)
         "range": { "start": text(&scope.range.start), "end": text(&scope.range.end) },
         "group": scope.group,
         "labels": scope.labels,
+        // Which scope a split made it from, and when a split, merge or move last changed it.
+        "split_from": scope.adapted.split_from,
+        "adapted_at": (scope.adapted.changed_at != 0).then_some(scope.adapted.changed_at),
         "binding": active,
         "stored": stored,
         "counters": {
