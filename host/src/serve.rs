@@ -294,7 +294,8 @@ pub async fn start(config: Config, options: ServeOptions) -> Result<Running, Str
             config.adapt.max_started_groups,
         )
     });
-    let actor = crate::adapt::advise::Actor { migrator: migrator.clone(), settings: config.adapt.clone(), starter };
+    let actor =
+        crate::adapt::advise::Actor { migrator: migrator.clone(), settings: config.adapt.clone(), starter, failed: Default::default() };
     let advisor = crate::adapt::advise::spawn(
         &gateway,
         anchor_id.clone(),

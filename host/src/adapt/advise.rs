@@ -45,6 +45,10 @@ pub struct Actor {
     pub settings: AdaptConfig,
     /// Starts groups for splits when the pool has none, on an aq that manages its groups.
     pub starter: Option<super::groups::Starter>,
+    /// Per scope, when acting on its advice last failed (Unix seconds): it is not tried again
+    /// within the cool-down, so a refusal (a scope with lineage, say) is not retried, and
+    /// logged, every round.
+    pub failed: std::sync::Mutex<std::collections::HashMap<String, u64>>,
 }
 
 /// Runs the advise loop until the returned guard drops (or `gateway` does): campaign, and
@@ -277,6 +281,11 @@ async fn act(gateway: &Gateway, store: &MetaStore, actor: &Actor, advice: Vec<(S
     for (scope_id, advice) in advice {
         let Some(scope) = index.get(&scope_id) else { continue };
         let action = if matches!(advice, aq_sdk::Advice::Merge) { "merge" } else { "split" };
+        let failed_at = actor.failed.lock().expect("failed lock").get(&scope_id).copied();
+        if failed_at.is_some_and(|at| now.saturating_sub(at) < actor.settings.cooldown_s) {
+            gateway.metrics().adapted(&scope_id, action, "held");
+            continue;
+        }
         let planned = match (plan(index, scope, &advice, &actor.settings, now, can_start), &busy) {
             (Plan::Ignore, _) => continue,
             (Plan::Hold(_) | Plan::Split { .. } | Plan::Merge, Some(id)) => {
@@ -294,7 +303,11 @@ async fn act(gateway: &Gateway, store: &MetaStore, actor: &Actor, advice: Vec<(S
             Plan::Split { at, to } => {
                 let to = match (to, &actor.starter) {
                     (Some(to), _) => Ok(to),
-                    (None, Some(starter)) => starter.start().await.map_err(MigrateError::Failed),
+                    // A group is started only for a split that can happen.
+                    (None, Some(starter)) => match actor.migrator.check_split(&scope_id, &at).await {
+                        Ok(_) => starter.start().await.map_err(MigrateError::Failed),
+                        Err(e) => Err(e),
+                    },
                     (None, None) => Err(MigrateError::Failed("no group to start".into())),
                 };
                 match to {
@@ -315,6 +328,7 @@ async fn act(gateway: &Gateway, store: &MetaStore, actor: &Actor, advice: Vec<(S
             Ok(what) => {
                 tracing::info!(scope = %scope_id, action, "acting on advice: {what}");
                 gateway.metrics().adapted(&scope_id, action, "started");
+                actor.failed.lock().expect("failed lock").remove(&scope_id);
                 return;
             }
             Err(MigrateError::Busy(id)) => {
@@ -324,8 +338,14 @@ async fn act(gateway: &Gateway, store: &MetaStore, actor: &Actor, advice: Vec<(S
             }
             // A refusal (a scope with lineage, say) leaves the way to the other scopes' advice.
             Err(e) => {
-                tracing::warn!(scope = %scope_id, action, "cannot act on advice: {e}");
+                tracing::warn!(
+                    scope = %scope_id,
+                    action,
+                    "cannot act on advice: {e}; not tried again for {} s ([adapt] cooldown_s)",
+                    actor.settings.cooldown_s
+                );
                 gateway.metrics().adapted(&scope_id, action, "failed");
+                actor.failed.lock().expect("failed lock").insert(scope_id.clone(), now);
             }
         }
     }

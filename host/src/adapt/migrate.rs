@@ -280,27 +280,7 @@ impl Migrator {
     ) -> Result<(String, Option<Migration>), MigrateError> {
         let failed = |e: crate::meta::MetaError| MigrateError::Failed(e.to_string());
         let key = String::from_utf8_lossy(at).into_owned();
-        let (layout, layout_revision, before, parent) = self.stored(scope_id).await?;
-        if at == parent.range.start.as_slice() || !parent.range.contains(at) {
-            return Err(MigrateError::Invalid(format!(
-                "{key:?} does not split scope {scope_id}: it must sort after the scope's first key and before its end"
-            )));
-        }
-        match before.lookup(at) {
-            crate::index::Owner::Scope(owner) if owner.id == parent.id => {}
-            crate::index::Owner::Scope(owner) => {
-                return Err(MigrateError::Invalid(format!(
-                    "{key:?} belongs to scope {}, nested in {scope_id}; split that scope, or pick a key of {scope_id}'s own",
-                    owner.id
-                )));
-            }
-            _ => return Err(MigrateError::Invalid(format!("{key:?} is reserved to aq; pick another key"))),
-        }
-        // A split changes the layout a running move's cut-over is guarded by; one at a time.
-        if let Some(active) = self.store.active_migration().await.map_err(failed)? {
-            return Err(MigrateError::Busy(active));
-        }
-        self.refuse_lineage(&parent).await?;
+        let (layout, layout_revision, before, parent) = self.check_split(scope_id, at).await?;
         let id = match id {
             Some(id) if before.get(id).is_some() => {
                 return Err(MigrateError::Invalid(format!("there is a scope {id} already; pick another id")));
@@ -353,6 +333,40 @@ impl Migrator {
         }
         let started = self.start(&id, to).await?;
         Ok((id, Some(started)))
+    }
+
+    /// Whether scope `scope_id` can split at `at` now: the key is the scope's own and not its
+    /// first, no migration runs, and the scope keeps no lineage. Answers the stored layout,
+    /// its revision and index, and the scope.
+    pub async fn check_split(
+        &self,
+        scope_id: &str,
+        at: &[u8],
+    ) -> Result<(crate::meta::layout::LayoutRecord, i64, ScopeIndex, Arc<crate::index::Scope>), MigrateError> {
+        let failed = |e: crate::meta::MetaError| MigrateError::Failed(e.to_string());
+        let key = String::from_utf8_lossy(at).into_owned();
+        let (layout, layout_revision, before, parent) = self.stored(scope_id).await?;
+        if at == parent.range.start.as_slice() || !parent.range.contains(at) {
+            return Err(MigrateError::Invalid(format!(
+                "{key:?} does not split scope {scope_id}: it must sort after the scope's first key and before its end"
+            )));
+        }
+        match before.lookup(at) {
+            crate::index::Owner::Scope(owner) if owner.id == parent.id => {}
+            crate::index::Owner::Scope(owner) => {
+                return Err(MigrateError::Invalid(format!(
+                    "{key:?} belongs to scope {}, nested in {scope_id}; split that scope, or pick a key of {scope_id}'s own",
+                    owner.id
+                )));
+            }
+            _ => return Err(MigrateError::Invalid(format!("{key:?} is reserved to aq; pick another key"))),
+        }
+        // A split changes the layout a running move's cut-over is guarded by; one at a time.
+        if let Some(active) = self.store.active_migration().await.map_err(failed)? {
+            return Err(MigrateError::Busy(active));
+        }
+        self.refuse_lineage(&parent).await?;
+        Ok((layout, layout_revision, before, parent))
     }
 
     /// Merges `scope` back into its parent, the innermost scope holding its range, which owns
