@@ -681,6 +681,7 @@ async fn a_split_on_advice_starts_a_managed_group_that_restarts_with_aq_and_goes
     assert!(dir.join("credentials.json").exists() && running.managed.lock().unwrap().contains_key("auto-1"));
     let started = store.started_groups().await.unwrap();
     assert_eq!(started.iter().map(|g| g.name.as_str()).collect::<Vec<_>>(), ["auto-1"]);
+    assert_eq!(running.gateway.metrics().groups_started(), 1);
     let listed = admin_get(&running, data.path(), "/v1/groups").await;
     let auto = listed["groups"].as_array().unwrap().iter().find(|g| g["name"] == "auto-1").unwrap_or_else(|| panic!("{listed}"));
     assert_eq!((auto["started"].as_bool(), auto["scopes"].clone()), (Some(true), serde_json::json!([child.id])), "{listed}");
@@ -712,4 +713,35 @@ async fn a_split_on_advice_starts_a_managed_group_that_restarts_with_aq_and_goes
     for (key, _) in &acked {
         assert!(keys.contains(key.as_slice()), "{} was acknowledged and is missing", String::from_utf8_lossy(key));
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn advice_that_cannot_be_carried_out_starts_no_group_and_waits_out_the_cool_down() {
+    // The guest keeps lineage and advises a split every round: the split is refused.
+    let layout = format!(
+        "[[groups]]\nname = \"main\"\n\n[adapt]\ncooldown_s = 3600\n\n\
+         [[scopes]]\nid = \"catch-all\"\nprefix = \"\"\ngroup = \"main\"\npolicy = \"builtin:open\"\n\n\
+         [[scopes]]\nid = \"audited\"\nprefix = \"/audit/\"\ngroup = \"main\"\npolicy = {:?}\nconfig = {{ at = \"/audit/m\" }}\n",
+        aq_tests::guests::SPLIT_LINEAGE
+    );
+    let data = tempfile::tempdir().unwrap();
+    let config = aq_host::config::Config::parse(&layout, "test layout").unwrap();
+    let mut options = aq_tests::etcd::serve_options(data.path(), None);
+    options.advise_interval = std::time::Duration::from_millis(100);
+    let running = aq_host::serve::start(config, options).await.expect("aq starts");
+    let mut client = etcd_client::Client::connect([running.addr.to_string()], None).await.unwrap();
+    client.put("/audit/a", "recorded", None).await.unwrap();
+
+    let metrics = running.gateway.metrics().clone();
+    aq_tests::wait_until("the refused split is counted", || metrics.adaptations("audited", "split", "failed") == 1).await;
+    let advised = metrics.advice("audited", "split");
+    aq_tests::wait_until("five more rounds advise the split", || metrics.advice("audited", "split") >= advised + 5).await;
+    assert_eq!(metrics.adaptations("audited", "split", "failed"), 1, "tried once within the cool-down");
+    assert!(metrics.adaptations("audited", "split", "held") >= 4);
+    assert_eq!(metrics.adaptations("audited", "split", "started"), 0);
+    assert_eq!(metrics.groups_started(), 0, "no group was started for it");
+    assert_eq!(running.syncer.store().started_groups().await.unwrap(), Vec::new());
+    assert!(!data.path().join("etcd").join("auto-1").exists());
+    assert!(running.gateway.routing().index().get("audited-2").is_none());
+    assert_eq!(client.get("/audit/a", None).await.unwrap().kvs()[0].value(), b"recorded");
 }

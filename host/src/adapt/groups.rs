@@ -90,6 +90,7 @@ impl Starter {
         self.gateway.add_group(&name, up.group, Some(replayer));
         let Some(managed) = self.managed.upgrade() else { return Err("aq is stopping".into()) };
         managed.lock().expect("managed etcd lock").insert(name.clone(), up.process);
+        self.gateway.metrics().group_started();
         tracing::info!(group = %name, dir = %dir.display(), "started a managed etcd group for a split");
         Ok(name)
     }

@@ -25,6 +25,7 @@ pub struct GateMetrics {
     swaps: Family<Labels, Counter>,
     advice: Family<Labels, Counter>,
     adaptations: Family<Labels, Counter>,
+    groups_started: Counter,
     decision_lines_dropped: Counter,
 }
 
@@ -48,6 +49,7 @@ impl Default for GateMetrics {
         let swaps = Family::<Labels, Counter>::default();
         let advice = Family::<Labels, Counter>::default();
         let adaptations = Family::<Labels, Counter>::default();
+        let groups_started = Counter::default();
         let decision_lines_dropped = Counter::default();
         registry.register("policy_evaluations", "Policy evaluations by scope and verdict", evaluations.clone());
         registry.register(
@@ -70,6 +72,7 @@ impl Default for GateMetrics {
             "What the advising replica did with split and merge advice, by action (split, merge) and outcome (started, held, failed)",
             adaptations.clone(),
         );
+        registry.register("groups_started", "Managed etcd groups started at run time for splits", groups_started.clone());
         registry.register(
             "decision_lines_dropped",
             "Decision log lines dropped because the log writer fell behind",
@@ -86,6 +89,7 @@ impl Default for GateMetrics {
             swaps,
             advice,
             adaptations,
+            groups_started,
             decision_lines_dropped,
         }
     }
@@ -147,6 +151,16 @@ impl GateMetrics {
     /// `started`, `held` or `failed`.
     pub fn adapted(&self, scope_id: &str, action: &str, outcome: &str) {
         self.adaptations.get_or_create(&adaptation(scope_id, action, outcome)).inc();
+    }
+
+    /// Counts a group started at run time.
+    pub fn group_started(&self) {
+        self.groups_started.inc();
+    }
+
+    /// Groups started at run time by this replica.
+    pub fn groups_started(&self) -> u64 {
+        self.groups_started.get()
     }
 
     /// How often a scope's `action` advice had `outcome`, on this replica.
