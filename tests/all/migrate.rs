@@ -649,7 +649,7 @@ async fn ended_where(
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_split_on_advice_starts_a_managed_group_that_restarts_with_aq_and_goes_once_merged_away() {
     // aq manages its one group and has no pool: a split on advice starts a group of its own.
-    let layout = "[[groups]]\nname = \"main\"\n\n[adapt]\ncooldown_s = 6\n\n\
+    let layout = "[[groups]]\nname = \"main\"\n\n[adapt]\ncooldown_s = 10\n\n\
                   [[scopes]]\nid = \"catch-all\"\nprefix = \"\"\ngroup = \"main\"\npolicy = \"builtin:open\"\n\n\
                   [[scopes]]\nid = \"events\"\nprefix = \"/registry/events/\"\ngroup = \"main\"\npolicy = \"builtin:ephemeral\"\n\
                   config = { split_write_rate = 20, merge_write_rate = 5 }\n";
@@ -661,6 +661,22 @@ async fn a_split_on_advice_starts_a_managed_group_that_restarts_with_aq_and_goes
         aq_host::serve::start(config, options).await.expect("aq starts")
     };
     let running = start().await;
+    // A leased key of the part, kept alive through one stream opened before the group exists.
+    let mut client = etcd_client::Client::connect([running.addr.to_string()], None).await.unwrap();
+    let lease = client.lease_grant(2, None).await.unwrap().id();
+    client.put("/registry/events/zz-leased", "l", Some(PutOptions::new().with_lease(lease))).await.unwrap();
+    let (mut keeper, mut kept) = client.lease_keep_alive(lease).await.unwrap();
+    let keeping = Arc::new(AtomicBool::new(true));
+    let keep = {
+        let keeping = keeping.clone();
+        tokio::spawn(async move {
+            while keeping.load(Ordering::Relaxed) {
+                keeper.keep_alive().await.unwrap();
+                assert!(kept.message().await.unwrap().unwrap().ttl() > 0, "the lease is kept alive");
+                tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            }
+        })
+    };
     let stop = Arc::new(AtomicBool::new(false));
     let event = |n, i| format!("/registry/events/ns{:02}/w{n}-{i:05}", (i * 7) % 16);
     let writers = writers_of(event, [running.addr.to_string(), running.addr.to_string()], &stop);
@@ -682,6 +698,14 @@ async fn a_split_on_advice_starts_a_managed_group_that_restarts_with_aq_and_goes
     let started = store.started_groups().await.unwrap();
     assert_eq!(started.iter().map(|g| g.name.as_str()).collect::<Vec<_>>(), ["auto-1"]);
     assert_eq!(running.gateway.metrics().groups_started(), 1);
+    // Kept alive through the stream opened before auto-1 existed, the lease's copy there
+    // outlives twice its TTL (2 s) after the move: what this waits for is time itself.
+    tokio::time::sleep(std::time::Duration::from_secs(4)).await;
+    keeping.store(false, Ordering::Relaxed);
+    keep.await.unwrap();
+    let leased = client.get("/registry/events/zz-leased", None).await.unwrap();
+    assert_eq!(leased.kvs().first().map(|kv| kv.lease()), Some(lease), "the leased key outlived its TTL on auto-1");
+    assert_eq!(running.gateway.routing().scope(&child.id).map(|r| r.group.name().to_string()).as_deref(), Some("auto-1"));
     let listed = admin_get(&running, data.path(), "/v1/groups").await;
     let auto = listed["groups"].as_array().unwrap().iter().find(|g| g["name"] == "auto-1").unwrap_or_else(|| panic!("{listed}"));
     assert_eq!((auto["started"].as_bool(), auto["scopes"].clone()), (Some(true), serde_json::json!([child.id])), "{listed}");
@@ -695,7 +719,9 @@ async fn a_split_on_advice_starts_a_managed_group_that_restarts_with_aq_and_goes
     assert_eq!(running.gateway.routing().scope(&child.id).map(|r| r.group.name().to_string()).as_deref(), Some("auto-1"));
     let mut client = etcd_client::Client::connect([running.addr.to_string()], None).await.unwrap();
     let read = client.get("/registry/events/", Some(GetOptions::new().with_prefix().with_count_only())).await.unwrap();
-    assert_eq!(read.count() as usize, acked.len(), "every acknowledged write reads back after the restart");
+    // The leased key went with its lease when the old aq's keep-alive stream ended, or is still there.
+    let leased = client.get("/registry/events/zz-leased", Some(GetOptions::new().with_count_only())).await.unwrap().count() as usize;
+    assert_eq!(read.count() as usize - leased, acked.len(), "every acknowledged write reads back after the restart");
 
     // Cold, the part merges back after its cool-down, and the group it leaves empty goes.
     let store = running.syncer.store().clone();

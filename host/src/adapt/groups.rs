@@ -75,6 +75,7 @@ impl Starter {
             .find(|name| !groups.contains_key(name) && !group_dir(&self.data_dir, name).exists())
             .expect("a free name");
         let dir = group_dir(&self.data_dir, &name);
+        let Some(managed) = self.managed.upgrade() else { return Err("aq is stopping".into()) };
         // Recorded first: a start cut short leaves a record whose directory a reap removes.
         let record = StartedGroup { name: name.clone(), replica: self.replica.clone(), started_ms: crate::clock::unix_ms() };
         self.store.put_started_group(&record).await.map_err(|e| e.to_string())?;
@@ -88,7 +89,6 @@ impl Starter {
         let replayer = Group::connect_lazy(&name, up.group.endpoints()).map_err(|e| e.to_string())?.with_login(up.admin.clone());
         self.migrator.add_admin(&name, up.admin);
         self.gateway.add_group(&name, up.group, Some(replayer));
-        let Some(managed) = self.managed.upgrade() else { return Err("aq is stopping".into()) };
         managed.lock().expect("managed etcd lock").insert(name.clone(), up.process);
         self.gateway.metrics().group_started();
         tracing::info!(group = %name, dir = %dir.display(), "started a managed etcd group for a split");

@@ -77,23 +77,16 @@ impl pb::PbLeaseService for Lease {
                 }
             }
         });
-        let mut to_others = Vec::new();
-        for group in self.gate.other_groups() {
-            let (tx, rx) = mpsc::channel(KEEP_ALIVE_BUFFER);
-            let group = group.clone();
-            // A copy's TTL is not the client's business; its answers are only drained.
-            tokio::spawn(async move {
-                if let Ok(mut answers) = group.lease_keep_alive(ReceiverStream::new(rx)).await {
-                    while let Ok(Some(_)) = answers.message().await {}
-                }
-            });
-            to_others.push(tx);
-        }
+        // Every other group holds copies of leases its keys use; a group added at run time
+        // (started for a split) gets its keep-alive stream with the next request after it.
+        let gate = self.gate.clone();
         tokio::spawn(async move {
+            let mut copies = Copies::default();
             loop {
                 match inbound.message().await {
                     Ok(Some(request)) => {
-                        for other in &to_others {
+                        copies.follow(&gate);
+                        for other in copies.streams.values() {
                             // A slow copy must not hold up the client's lease.
                             let _ = other.try_send(request);
                         }
@@ -120,5 +113,39 @@ impl pb::PbLeaseService for Lease {
         _: Request<pb::PbLeaseLeasesRequest>,
     ) -> Result<Response<pb::PbLeaseLeasesResponse>, Status> {
         Ok(Response::new(self.gate.lease_leases().await?))
+    }
+}
+
+/// One client keep-alive stream's streams to the groups other than home, by group.
+#[derive(Default)]
+struct Copies {
+    /// The gateway's groups they were opened for.
+    groups: Option<Arc<std::collections::BTreeMap<String, crate::backend::Group>>>,
+    streams: std::collections::BTreeMap<String, mpsc::Sender<pb::PbLeaseKeepAliveRequest>>,
+}
+
+impl Copies {
+    /// Opens a stream to each group added since the last call, and drops those of groups gone.
+    fn follow(&mut self, gate: &Gateway) {
+        let groups = gate.groups();
+        if self.groups.as_ref().is_some_and(|seen| Arc::ptr_eq(seen, &groups)) {
+            return;
+        }
+        self.streams.retain(|name, _| groups.contains_key(name));
+        for (name, group) in groups.iter().filter(|(name, _)| *name != gate.home().name()) {
+            if self.streams.contains_key(name) {
+                continue;
+            }
+            let (tx, rx) = mpsc::channel(KEEP_ALIVE_BUFFER);
+            let group = group.clone();
+            // A copy's TTL is not the client's business; its answers are only drained.
+            tokio::spawn(async move {
+                if let Ok(mut answers) = group.lease_keep_alive(ReceiverStream::new(rx)).await {
+                    while let Ok(Some(_)) = answers.message().await {}
+                }
+            });
+            self.streams.insert(name.clone(), tx);
+        }
+        self.groups = Some(groups);
     }
 }
