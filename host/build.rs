@@ -5,6 +5,7 @@ include!("build/wasm_build.rs");
 const BUILTINS: [&str; 4] = ["open", "ephemeral", "critical", "quota"];
 
 fn main() {
+    compile_protos();
     let packages: Vec<String> = BUILTINS.iter().map(|name| format!("aq-policy-{name}")).collect();
     let packages: Vec<&str> = packages.iter().map(String::as_str).collect();
     let built = build_wasm_components(&packages);
@@ -23,4 +24,16 @@ fn main() {
     out.push_str("];\n");
     let out_path = std::path::PathBuf::from(std::env::var("OUT_DIR").unwrap()).join("builtin.rs");
     std::fs::write(out_path, out).expect("write builtin.rs");
+}
+
+/// The lock and election services: messages and server traits generated from `proto/`, with
+/// etcd's header and key-value taken from etcd-client so answers carry its types.
+fn compile_protos() {
+    println!("cargo:rerun-if-changed=proto");
+    tonic_prost_build::configure()
+        .build_client(false)
+        .extern_path(".etcdserverpb.ResponseHeader", "::etcd_client::proto::PbResponseHeader")
+        .extern_path(".mvccpb.KeyValue", "::etcd_client::proto::PbKeyValue")
+        .compile_protos(&["proto/v3lock.proto", "proto/v3election.proto"], &["proto"])
+        .expect("the lock and election protos compile (is protobuf-compiler installed?)");
 }

@@ -319,7 +319,11 @@ pub async fn start(config: Config, options: ServeOptions) -> Result<Running, Str
         .add_service(pb::PbWatchServer::new(front::Watch::new(gateway.clone())))
         .add_service(pb::PbLeaseServer::new(front::Lease::new(gateway.clone())))
         .add_service(pb::PbMaintenanceServer::new(front::Maintenance::new(gateway.clone(), addr)))
-        .add_service(pb::PbClusterServer::new(front::Cluster::new(gateway.clone(), addr)));
+        .add_service(pb::PbClusterServer::new(front::Cluster::new(gateway.clone(), addr)))
+        .add_service(front::concurrency::proto::lock::lock_server::LockServer::new(front::Lock::new(gateway.clone())))
+        .add_service(front::concurrency::proto::election::election_server::ElectionServer::new(front::Election::new(
+            gateway.clone(),
+        )));
     // The builder's tcp_nodelay applies only to listeners tonic binds itself: without it here,
     // an answer written in two segments waits for the client's delayed ACK (about 40 ms).
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));

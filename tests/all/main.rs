@@ -2,11 +2,13 @@
 
 mod admin;
 mod builtins;
+mod concurrency;
 mod gateway;
 mod hostile;
 mod hotswap;
 mod lineage;
 mod linearizable;
+mod maintenance;
 mod migrate;
 mod revisions;
 mod swap;

@@ -369,28 +369,49 @@ impl Drop for EtcdctlStream {
     }
 }
 
+impl EtcdctlStream {
+    /// The next output line if one is there already, without waiting.
+    pub fn try_line(&self) -> Option<String> {
+        self.lines.try_recv().ok()
+    }
+
+    /// Interrupts etcdctl (SIGINT), as Ctrl-C does: `lock` and `elect` then give up what they hold.
+    pub fn interrupt(&self) {
+        // SAFETY: kill(2) on the pid of a child this value owns and has not yet reaped.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGINT);
+        }
+    }
+}
+
 impl TestGateway {
     /// Starts `etcdctl` (e.g. `watch`) against aq and streams its standard output.
     pub fn etcdctl_stream(&self, args: &[&str]) -> EtcdctlStream {
-        use std::io::BufRead;
-        let mut child = Command::new("etcdctl")
-            .env("ETCDCTL_API", "3")
-            .arg(format!("--endpoints={}", self.endpoint()))
-            .args(args)
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("etcdctl runs");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, lines) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stdout).lines() {
-                let Ok(line) = line else { return };
-                if tx.send(line).is_err() {
-                    return;
-                }
-            }
-        });
-        EtcdctlStream { child, lines }
+        etcdctl_stream_at(&self.endpoint(), args)
     }
+}
+
+/// Starts `etcdctl` against the etcd API at `endpoint` (an aq replica) and streams its standard
+/// output.
+pub fn etcdctl_stream_at(endpoint: &str, args: &[&str]) -> EtcdctlStream {
+    use std::io::BufRead;
+    let mut child = Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .arg(format!("--endpoints={endpoint}"))
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("etcdctl runs");
+    let stdout = child.stdout.take().unwrap();
+    let (tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { return };
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    EtcdctlStream { child, lines }
 }

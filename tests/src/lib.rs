@@ -42,3 +42,13 @@ pub async fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
 }
+
+/// Waits until the asynchronous `condition` holds, checking every 10 ms; panics naming `what`
+/// after 10 s.
+pub async fn wait_until_async<F: std::future::Future<Output = bool>>(what: &str, mut condition: impl FnMut() -> F) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !condition().await {
+        assert!(std::time::Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}

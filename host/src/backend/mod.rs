@@ -139,6 +139,8 @@ mod path {
     pub const TXN: &str = "/etcdserverpb.KV/Txn";
     pub const COMPACT: &str = "/etcdserverpb.KV/Compact";
     pub const STATUS: &str = "/etcdserverpb.Maintenance/Status";
+    pub const ALARM: &str = "/etcdserverpb.Maintenance/Alarm";
+    pub const DEFRAGMENT: &str = "/etcdserverpb.Maintenance/Defragment";
     pub const MEMBER_LIST: &str = "/etcdserverpb.Cluster/MemberList";
     pub const LEASE_GRANT: &str = "/etcdserverpb.Lease/LeaseGrant";
     pub const LEASE_REVOKE: &str = "/etcdserverpb.Lease/LeaseRevoke";
@@ -411,6 +413,27 @@ impl Group {
     /// etcd `Maintenance.Status` of the endpoint the channel picks.
     pub async fn status(&self) -> Result<pb::PbStatusResponse, Status> {
         self.unary(path::STATUS, pb::PbStatusRequest {}).await
+    }
+
+    /// etcd `Maintenance.Alarm`.
+    pub async fn alarm(&self, request: pb::PbAlarmRequest) -> Result<pb::PbAlarmResponse, Status> {
+        self.unary(path::ALARM, request).await
+    }
+
+    /// etcd `Maintenance.Defragment` of the member the channel picks: one member's, through
+    /// [`Group::member`].
+    pub async fn defragment(&self) -> Result<pb::PbDefragmentResponse, Status> {
+        self.unary(path::DEFRAGMENT, pb::PbDefragmentRequest {}).await
+    }
+
+    /// The same group reached at `endpoint` alone, logging in as this one does: for requests
+    /// etcd answers per member.
+    pub fn member(&self, endpoint: &str) -> Result<Group, BackendError> {
+        let single = Group::connect_lazy(&self.name, &[endpoint.to_string()])?;
+        Ok(match &self.login {
+            Some(login) => single.with_login(login.credentials.clone()),
+            None => single,
+        })
     }
 
     /// etcd `Cluster.MemberList`.

@@ -1,7 +1,9 @@
-//! The etcd v3 gRPC front: KV, Maintenance and Cluster services over the gate. Translation
+//! The etcd v3 gRPC front: KV, Watch, Lease, Lock, Election, Maintenance and Cluster services over the gate. Translation
 //! only: every decision is the gate's.
 
+pub mod concurrency;
 mod lease;
+mod maintenance;
 mod watch;
 
 use std::sync::Arc;
@@ -36,7 +38,10 @@ impl From<GateError> for Status {
     }
 }
 
+pub use concurrency::{Election, Lock};
 pub use lease::Lease;
+pub use maintenance::Maintenance;
+use maintenance::member_id;
 pub use watch::Watch;
 
 /// The KV service.
@@ -117,76 +122,6 @@ fn caller(metadata: &tonic::metadata::MetadataMap) -> Result<Caller, Status> {
 
 fn unimplemented(what: &str) -> Status {
     Status::unimplemented(format!("{what} is not available through aq; run it against the etcd groups directly"))
-}
-
-/// The Maintenance service: `Status` answers for aq itself; operations on members are for the
-/// backend groups, not the gateway.
-pub struct Maintenance {
-    gate: Arc<Gateway>,
-    addr: std::net::SocketAddr,
-}
-
-impl Maintenance {
-    /// Maintenance over `gate`, served at `addr`.
-    pub fn new(gate: Arc<Gateway>, addr: std::net::SocketAddr) -> Self {
-        Maintenance { gate, addr }
-    }
-}
-
-/// A stable member id for this gateway, derived from its address.
-fn member_id(addr: &std::net::SocketAddr) -> u64 {
-    let digest = blake3::hash(addr.to_string().as_bytes());
-    u64::from_le_bytes(digest.as_bytes()[..8].try_into().expect("8 bytes"))
-}
-
-#[tonic::async_trait]
-impl pb::PbMaintenanceService for Maintenance {
-    async fn alarm(&self, _: Request<pb::PbAlarmRequest>) -> Result<Response<pb::PbAlarmResponse>, Status> {
-        Err(unimplemented("Alarm"))
-    }
-
-    async fn status(&self, _: Request<pb::PbStatusRequest>) -> Result<Response<pb::PbStatusResponse>, Status> {
-        let mut status = self.gate.home().status().await?;
-        let id = member_id(&self.addr);
-        status.version = REPORTED_ETCD_VERSION.to_string();
-        status.leader = id;
-        if let Some(header) = status.header.as_mut() {
-            header.member_id = id;
-        }
-        Ok(Response::new(status))
-    }
-
-    async fn defragment(
-        &self,
-        _: Request<pb::PbDefragmentRequest>,
-    ) -> Result<Response<pb::PbDefragmentResponse>, Status> {
-        Err(unimplemented("Defragment"))
-    }
-
-    async fn hash(&self, _: Request<pb::PbHashRequest>) -> Result<Response<pb::PbHashResponse>, Status> {
-        Err(unimplemented("Hash"))
-    }
-
-    async fn hash_kv(&self, _: Request<pb::PbHashKvRequest>) -> Result<Response<pb::PbHashKvResponse>, Status> {
-        Err(unimplemented("HashKV"))
-    }
-
-    type SnapshotStream = tokio_stream::Empty<Result<pb::PbSnapshotResponse, Status>>;
-
-    async fn snapshot(&self, _: Request<pb::PbSnapshotRequest>) -> Result<Response<Self::SnapshotStream>, Status> {
-        Err(unimplemented("Snapshot"))
-    }
-
-    async fn move_leader(
-        &self,
-        _: Request<pb::PbMoveLeaderRequest>,
-    ) -> Result<Response<pb::PbMoveLeaderResponse>, Status> {
-        Err(unimplemented("MoveLeader"))
-    }
-
-    async fn downgrade(&self, _: Request<pb::PbDowngradeRequest>) -> Result<Response<pb::PbDowngradeResponse>, Status> {
-        Err(unimplemented("Downgrade"))
-    }
 }
 
 /// The Cluster service: aq presents itself as a one-member cluster at its own address.

@@ -22,6 +22,7 @@ pub use approvals::ApprovalError;
 pub(crate) use approvals::decode_request;
 pub(crate) use model::model_of;
 mod decide;
+pub mod hash;
 pub mod decisions;
 mod lease;
 pub mod metrics;

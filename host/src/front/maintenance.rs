@@ -1,0 +1,187 @@
+//! The Maintenance service over every group aq holds. aq is not an etcd member: `Status`
+//! answers for the keyspace (sizes summed over the groups, each group's errors named by group),
+//! `Alarm` lists and disarms the groups' alarms by their own member IDs, `Defragment` runs on
+//! each member of each group in turn, and `Hash`/`HashKV` hash what clients can read (see
+//! `gate/hash.rs`). `MoveLeader` belongs to a group's own members.
+
+use std::sync::Arc;
+
+use etcd_client::proto as pb;
+use tonic::{Request, Response, Status};
+
+use super::{REPORTED_ETCD_VERSION, unimplemented};
+use crate::backend::Group;
+use crate::gate::Gateway;
+
+/// etcd's `AlarmRequest.action` numbers.
+const ALARM_GET: i32 = 0;
+const ALARM_ACTIVATE: i32 = 1;
+const ALARM_DEACTIVATE: i32 = 2;
+
+/// The Maintenance service.
+pub struct Maintenance {
+    gate: Arc<Gateway>,
+    addr: std::net::SocketAddr,
+}
+
+impl Maintenance {
+    /// Maintenance over `gate`, served at `addr`.
+    pub fn new(gate: Arc<Gateway>, addr: std::net::SocketAddr) -> Self {
+        Maintenance { gate, addr }
+    }
+
+    /// Each group with the connection that may maintain it: as its etcd root where aq has
+    /// those credentials (managed groups; external ones with `admin_user`), else aq's own user.
+    fn maintainers(&self) -> Vec<(String, Group)> {
+        self.gate
+            .groups()
+            .iter()
+            .map(|(name, group)| (name.clone(), self.gate.replayer(name).unwrap_or_else(|| group.clone())))
+            .collect()
+    }
+
+    /// A header as this gateway answers it: the home group's, with aq's own member id.
+    fn header(&self, header: Option<pb::PbResponseHeader>) -> Option<pb::PbResponseHeader> {
+        header.map(|mut header| {
+            header.member_id = member_id(&self.addr);
+            header
+        })
+    }
+
+    /// The group one of whose members has `member`'s id.
+    async fn group_of_member(&self, member: u64) -> Result<(String, Group), Status> {
+        for (name, group) in self.maintainers() {
+            let members = group.member_list().await.map_err(|s| in_group(&name, s))?;
+            if members.members.iter().any(|m| m.id == member) {
+                return Ok((name, group));
+            }
+        }
+        Err(Status::invalid_argument(format!(
+            "no etcd group of aq has a member with id {member:x}; `etcdctl alarm list` through aq names the members \
+             that have alarms, and `aq groups ls` lists each group's endpoints"
+        )))
+    }
+}
+
+/// A group's refusal, saying which group refused.
+fn in_group(group: &str, status: Status) -> Status {
+    Status::new(status.code(), format!("etcd group {group}: {}", status.message()))
+}
+
+/// A stable member id for this gateway, derived from its address.
+pub(super) fn member_id(addr: &std::net::SocketAddr) -> u64 {
+    let digest = blake3::hash(addr.to_string().as_bytes());
+    u64::from_le_bytes(digest.as_bytes()[..8].try_into().expect("8 bytes"))
+}
+
+#[tonic::async_trait]
+impl pb::PbMaintenanceService for Maintenance {
+    async fn alarm(&self, request: Request<pb::PbAlarmRequest>) -> Result<Response<pb::PbAlarmResponse>, Status> {
+        let request = request.into_inner();
+        let mut answer = pb::PbAlarmResponse::default();
+        match request.action {
+            ALARM_GET => {
+                for (name, group) in self.maintainers() {
+                    let listed = group.alarm(request).await.map_err(|s| in_group(&name, s))?;
+                    answer.header = answer.header.or(listed.header);
+                    answer.alarms.extend(listed.alarms);
+                }
+            }
+            ALARM_ACTIVATE | ALARM_DEACTIVATE => {
+                let (name, group) = self.group_of_member(request.member_id).await?;
+                let changed = group.alarm(request).await.map_err(|s| in_group(&name, s))?;
+                answer.header = changed.header;
+                answer.alarms = changed.alarms;
+            }
+            other => {
+                return Err(Status::invalid_argument(format!(
+                    "unknown alarm action {other}; use GET (0), ACTIVATE (1) or DEACTIVATE (2)"
+                )));
+            }
+        }
+        answer.header = self.header(answer.header);
+        Ok(Response::new(answer))
+    }
+
+    async fn status(&self, _: Request<pb::PbStatusRequest>) -> Result<Response<pb::PbStatusResponse>, Status> {
+        let home = self.gate.home().name().to_string();
+        let mut status = self.gate.home().status().await.map_err(|s| in_group(&home, s))?;
+        status.errors = status.errors.iter().map(|e| format!("group {home}: {e}")).collect();
+        for (name, group) in self.gate.groups().iter() {
+            if *name == home {
+                continue;
+            }
+            match group.status().await {
+                Ok(other) => {
+                    status.db_size += other.db_size;
+                    status.db_size_in_use += other.db_size_in_use;
+                    status.errors.extend(other.errors.iter().map(|e| format!("group {name}: {e}")));
+                }
+                Err(refused) => status.errors.push(format!("group {name}: unreachable: {}", refused.message())),
+            }
+        }
+        let id = member_id(&self.addr);
+        status.version = REPORTED_ETCD_VERSION.to_string();
+        status.leader = id;
+        status.header = self.header(status.header);
+        Ok(Response::new(status))
+    }
+
+    async fn defragment(
+        &self,
+        _: Request<pb::PbDefragmentRequest>,
+    ) -> Result<Response<pb::PbDefragmentResponse>, Status> {
+        // One member at a time: a member being defragmented answers nothing until it is done.
+        let mut header = None;
+        for (name, group) in self.maintainers() {
+            for endpoint in group.endpoints() {
+                let member = group.member(endpoint).map_err(|e| Status::internal(e.to_string()))?;
+                let done = member
+                    .defragment()
+                    .await
+                    .map_err(|s| in_group(&name, Status::new(s.code(), format!("defragmenting {endpoint}: {}", s.message()))))?;
+                header = header.or(done.header);
+            }
+        }
+        Ok(Response::new(pb::PbDefragmentResponse { header: self.header(header) }))
+    }
+
+    async fn hash(&self, _: Request<pb::PbHashRequest>) -> Result<Response<pb::PbHashResponse>, Status> {
+        let hashed = self.gate.hash_kv(0).await?;
+        let header = self.header(self.gate.home().status().await?.header);
+        Ok(Response::new(pb::PbHashResponse { header, hash: hashed.hash }))
+    }
+
+    async fn hash_kv(&self, request: Request<pb::PbHashKvRequest>) -> Result<Response<pb::PbHashKvResponse>, Status> {
+        let revision = request.into_inner().revision;
+        if revision < 0 {
+            return Err(Status::invalid_argument(format!("revision {revision} is negative; give 0 for the latest")));
+        }
+        let hashed = self.gate.hash_kv(revision).await?;
+        let mut header = self.header(self.gate.home().status().await?.header);
+        if let Some(header) = header.as_mut() {
+            header.revision = hashed.revision;
+        }
+        Ok(Response::new(pb::PbHashKvResponse { header, hash: hashed.hash, compact_revision: 0, hash_revision: hashed.revision }))
+    }
+
+    type SnapshotStream = tokio_stream::Empty<Result<pb::PbSnapshotResponse, Status>>;
+
+    async fn snapshot(&self, _: Request<pb::PbSnapshotRequest>) -> Result<Response<Self::SnapshotStream>, Status> {
+        Err(unimplemented("Snapshot"))
+    }
+
+    async fn move_leader(
+        &self,
+        _: Request<pb::PbMoveLeaderRequest>,
+    ) -> Result<Response<pb::PbMoveLeaderResponse>, Status> {
+        Err(Status::failed_precondition(
+            "aq is not a Raft member, so it has no leadership to move; move an etcd group's leader with \
+             `etcdctl move-leader` against that group's endpoints (`aq groups ls` lists them)",
+        ))
+    }
+
+    async fn downgrade(&self, _: Request<pb::PbDowngradeRequest>) -> Result<Response<pb::PbDowngradeResponse>, Status> {
+        Err(unimplemented("Downgrade"))
+    }
+}

@@ -1,0 +1,108 @@
+//! The Maintenance service through aq with scopes on two groups: alarms, defragment, status,
+//! hash-kv and move-leader, with stock etcdctl and checked against each group's own etcd.
+
+use aq_tests::etcd::TestGateway;
+use etcd_client::{AlarmAction, AlarmOptions, AlarmType, PutOptions};
+
+/// A group's own status, asked of its etcd directly.
+async fn status_of(etcd: &aq_tests::etcd::TestEtcd) -> etcd_client::StatusResponse {
+    etcd.client().await.status().await.expect("the group's status")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_alarm_on_one_group_stops_only_its_scopes_and_etcdctl_disarms_it_through_aq() {
+    let gw = TestGateway::start().await;
+    let (ok, out, err) = gw.etcdctl(&["alarm", "list"]);
+    assert!(ok && out.trim().is_empty(), "no alarm yet: {out}{err}");
+
+    // The events group runs out of space (its etcd raises NOSPACE for its member).
+    let member = status_of(&gw.events).await.header().expect("a header").member_id();
+    let mut options = AlarmOptions::new();
+    options.with_member(member);
+    gw.events.client().await.alarm(AlarmAction::Activate, AlarmType::Nospace, Some(options)).await.expect("an alarm");
+
+    let (ok, out, err) = gw.etcdctl(&["alarm", "list"]);
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), format!("memberID:{member} alarm:NOSPACE"), "the group's alarm, by its own member id");
+    let (ok, out, _) = gw.etcdctl(&["endpoint", "status", "-w", "json"]);
+    assert!(ok && out.contains("group events: ") && out.contains("NOSPACE"), "status names the group with the alarm: {out}");
+
+    let mut client = gw.client().await;
+    let refused = client.put("/registry/events/ns/e1", "x", None).await.expect_err("the events group is out of space");
+    assert!(refused.to_string().contains("database space exceeded"), "{refused}");
+    client.put("/registry/pods/ns/p1", "x", None).await.expect("scopes on the main group still take writes");
+
+    let (ok, out, err) = gw.etcdctl(&["alarm", "disarm"]);
+    assert!(ok && out.contains("alarm:NOSPACE"), "{out}{err}");
+    assert!(gw.etcdctl(&["alarm", "list"]).1.trim().is_empty());
+    client.put("/registry/events/ns/e1", "x", None).await.expect("writes go through once disarmed");
+
+    // An alarm for a member no group has is refused with what to do.
+    let mut options = AlarmOptions::new();
+    options.with_member(12345);
+    let unknown = client.alarm(AlarmAction::Deactivate, AlarmType::Nospace, Some(options)).await.expect_err("no such member");
+    assert!(unknown.to_string().contains("no etcd group of aq has a member with id 3039"), "{unknown}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn etcdctl_defrag_through_aq_defragments_every_group_and_status_sums_them() {
+    let gw = TestGateway::start().await;
+    let mut client = gw.client().await;
+    // Room to reclaim on both groups: written, deleted and compacted away.
+    let lease = client.lease_grant(600, None).await.unwrap().id();
+    let value = "v".repeat(8 * 1024);
+    for i in 0..300 {
+        client.put(format!("/registry/pods/ns/p{i:03}"), value.clone(), None).await.unwrap();
+        client.put(format!("/registry/events/ns/e{i:03}"), value.clone(), Some(PutOptions::new().with_lease(lease))).await.unwrap();
+    }
+    client.delete("/registry/pods/", Some(etcd_client::DeleteOptions::new().with_prefix())).await.unwrap();
+    let deleted = client.delete("/registry/events/", Some(etcd_client::DeleteOptions::new().with_prefix())).await.unwrap();
+    let revision = deleted.header().unwrap().revision();
+    client.compact(revision, Some(etcd_client::CompactionOptions::new().with_physical())).await.unwrap();
+
+    let before = [status_of(&gw.main).await.db_size(), status_of(&gw.events).await.db_size()];
+    let (ok, out, _) = gw.etcdctl(&["endpoint", "status", "-w", "json"]);
+    assert!(ok && out.contains(&format!("\"dbSize\":{}", before[0] + before[1])), "status sums the groups' sizes {before:?}: {out}");
+
+    let (ok, out, err) = gw.etcdctl(&["defrag"]);
+    assert!(ok && out.contains("Finished defragmenting etcd member"), "{out}{err}");
+    let after = [status_of(&gw.main).await.db_size(), status_of(&gw.events).await.db_size()];
+    assert!(after[0] < before[0] && after[1] < before[1], "each group shrank: {before:?} -> {after:?}");
+
+    let (ok, _, err) = gw.etcdctl(&["move-leader", "1"]);
+    assert!(!ok && err.contains("aq is not a Raft member"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hash_kv_covers_what_clients_read_and_agrees_across_replicas() {
+    let gw = TestGateway::start().await;
+    let replica = gw.replica().await;
+    let mut client = gw.client().await;
+    client.put("/registry/pods/ns/a", "1", None).await.unwrap();
+    client.put("/registry/events/ns/e", "1", None).await.unwrap();
+
+    let hash_at = |endpoint: String| async move {
+        let mut client = etcd_client::Client::connect([endpoint], None).await.unwrap();
+        client.hash_kv(0).await.unwrap().hash()
+    };
+    let first = hash_at(gw.endpoint()).await;
+    assert_eq!(first, hash_at(replica.running.addr.to_string()).await, "two replicas hash one keyspace alike");
+
+    // aq's own records (reserved keys) change without clients seeing it: the hash stays.
+    gw.running.gateway.home().put(etcd_client::proto::PbPutRequest {
+        key: b"\xffaq/meta/test-note".to_vec(),
+        value: b"x".to_vec(),
+        ..Default::default()
+    })
+    .await
+    .expect("aq's own write");
+    assert_eq!(hash_at(gw.endpoint()).await, first);
+
+    // A client write on either group changes it, on both replicas.
+    client.put("/registry/events/ns/e", "2", None).await.unwrap();
+    let second = hash_at(gw.endpoint()).await;
+    assert_ne!(second, first);
+    assert_eq!(second, hash_at(replica.running.addr.to_string()).await);
+    let (ok, out, err) = gw.etcdctl(&["endpoint", "hashkv"]);
+    assert!(ok && out.contains(&format!(", {second}")), "{out}{err}");
+}
