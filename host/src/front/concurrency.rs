@@ -392,8 +392,14 @@ impl epb::election_server::Election for Election {
         let (sender, receiver) = mpsc::channel(16);
         let gate = self.gate.clone();
         tokio::spawn(async move {
-            if let Err(status) = observe(&gate, &prefix, &sender).await {
-                let _ = sender.send(Err(status)).await;
+            // A client that goes away ends the observation at once, not at the next event.
+            tokio::select! {
+                _ = sender.closed() => {}
+                observed = observe(&gate, &prefix, &sender) => {
+                    if let Err(status) = observed {
+                        let _ = sender.send(Err(status)).await;
+                    }
+                }
             }
         });
         Ok(Response::new(ReceiverStream::new(receiver)))
