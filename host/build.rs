@@ -26,14 +26,14 @@ fn main() {
     std::fs::write(out_path, out).expect("write builtin.rs");
 }
 
-/// The lock and election services: messages and server traits generated from `proto/`, with
-/// etcd's header and key-value taken from etcd-client so answers carry its types.
+/// The lock, election and auth services: messages and server traits generated from `proto/`,
+/// with etcd's header and key-value taken from etcd-client so answers carry its types.
 fn compile_protos() {
     println!("cargo:rerun-if-changed=proto");
     tonic_prost_build::configure()
         .build_client(false)
         .extern_path(".etcdserverpb.ResponseHeader", "::etcd_client::proto::PbResponseHeader")
         .extern_path(".mvccpb.KeyValue", "::etcd_client::proto::PbKeyValue")
-        .compile_protos(&["proto/v3lock.proto", "proto/v3election.proto"], &["proto"])
-        .expect("the lock and election protos compile (is protobuf-compiler installed?)");
+        .compile_protos(&["proto/v3lock.proto", "proto/v3election.proto", "proto/v3auth.proto"], &["proto"])
+        .expect("the lock, election and auth protos compile (is protobuf-compiler installed?)");
 }

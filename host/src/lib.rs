@@ -4,6 +4,7 @@
 //! and the command line (`cli`). See ARCHITECTURE.md for the map.
 
 pub mod adapt;
+pub mod auth;
 pub mod admin;
 pub mod backend;
 pub mod builtin;

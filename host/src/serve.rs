@@ -57,6 +57,8 @@ pub struct ServeOptions {
     pub warm_instances: usize,
     /// How often the advising replica asks every scope's policy for advice.
     pub advise_interval: Duration,
+    /// How long a token from the etcd API's `Authenticate` is good for.
+    pub auth_token_ttl: Duration,
 }
 
 /// A running gateway. Dropping it stops the server and the managed etcd processes.
@@ -226,7 +228,10 @@ pub async fn start(config: Config, options: ServeOptions) -> Result<Running, Str
         .map(|h| h.cluster_id)
         .unwrap_or_default();
     let trust = Arc::new(Trust::new(cluster_id));
-    let syncer = Arc::new(Syncer::new(store, engine.clone(), registry.clone(), metrics.clone(), trust.clone(), layout));
+    // aq's own etcd users and roles, shared by replicas through the meta group.
+    let etcd_auth = Arc::new(crate::auth::Auth::new(store.clone(), options.auth_token_ttl));
+    etcd_auth.reload().await.map_err(|e| format!("cannot read aq's etcd users and roles: {e}"))?;
+    let syncer = Arc::new(Syncer::new(store, engine.clone(), registry.clone(), metrics.clone(), trust.clone(), layout, etcd_auth.clone()));
     syncer.reload_principals().await.map_err(|e| format!("cannot read the principals: {e}"))?;
     for scope in index.scopes() {
         match config.scopes.iter().find(|s| s.id == scope.id) {
@@ -315,14 +320,23 @@ pub async fn start(config: Config, options: ServeOptions) -> Result<Running, Str
         builder = builder.tls_config(tls.tonic_config()?).map_err(|e| format!("TLS setup of the etcd API failed: {e}"))?;
     }
     let router = builder
-        .add_service(pb::PbKvServer::new(front::Kv::new(gateway.clone())))
-        .add_service(pb::PbWatchServer::new(front::Watch::new(gateway.clone())))
-        .add_service(pb::PbLeaseServer::new(front::Lease::new(gateway.clone())))
-        .add_service(pb::PbMaintenanceServer::new(front::Maintenance::new(gateway.clone(), addr)))
+        .add_service(pb::PbKvServer::new(front::Kv::new(gateway.clone(), etcd_auth.clone())))
+        .add_service(pb::PbWatchServer::new(front::Watch::new(gateway.clone(), etcd_auth.clone())))
+        .add_service(pb::PbLeaseServer::new(front::Lease::new(gateway.clone(), etcd_auth.clone())))
+        .add_service(pb::PbMaintenanceServer::new(front::Maintenance::new(gateway.clone(), etcd_auth.clone(), addr)))
         .add_service(pb::PbClusterServer::new(front::Cluster::new(gateway.clone(), addr)))
-        .add_service(front::concurrency::proto::lock::lock_server::LockServer::new(front::Lock::new(gateway.clone())))
+        .add_service(front::concurrency::proto::lock::lock_server::LockServer::new(front::Lock::new(
+            gateway.clone(),
+            etcd_auth.clone(),
+        )))
         .add_service(front::concurrency::proto::election::election_server::ElectionServer::new(front::Election::new(
             gateway.clone(),
+            etcd_auth.clone(),
+        )))
+        .add_service(front::auth::proto::etcdserverpb::auth_server::AuthServer::new(front::auth::AuthService::new(
+            gateway.clone(),
+            etcd_auth.clone(),
+            addr,
         )));
     // The builder's tcp_nodelay applies only to listeners tonic binds itself: without it here,
     // an answer written in two segments waits for the client's delayed ACK (about 40 ms).

@@ -345,6 +345,7 @@ async fn managed_etcd_is_restarted_after_a_crash() {
         checkpoint_interval: std::time::Duration::from_secs(1),
         warm_instances: aq_host::engine::EngineConfig::default().warm_per_binding,
         advise_interval: std::time::Duration::from_secs(10),
+        auth_token_ttl: aq_host::auth::DEFAULT_TOKEN_TTL,
     };
     let running = aq_host::serve::start(config, options).await.expect("aq starts with managed etcd");
     let mut client = etcd_client::Client::connect([running.addr.to_string()], None).await.unwrap();

@@ -121,6 +121,7 @@ pub fn serve_options(data: &std::path::Path, tls: Option<aq_host::tls::TlsFiles>
         checkpoint_interval: Duration::from_secs(1),
         warm_instances: aq_host::engine::EngineConfig::default().warm_per_binding,
         advise_interval: Duration::from_secs(10),
+        auth_token_ttl: aq_host::auth::DEFAULT_TOKEN_TTL,
     }
 }
 

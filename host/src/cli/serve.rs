@@ -67,6 +67,10 @@ pub(super) struct ServeArgs {
     /// scope's policy for advice on its load (e.g. `10s`).
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     advise_interval: std::time::Duration,
+    /// How long a token from the etcd API's Authenticate stays good, in seconds, once etcd
+    /// auth is enabled through aq (`etcdctl auth enable`); clients then log in again.
+    #[arg(long, default_value_t = crate::auth::DEFAULT_TOKEN_TTL.as_secs(), value_parser = clap::value_parser!(u64).range(1..))]
+    auth_token_ttl: u64,
 }
 
 pub(super) fn run(args: ServeArgs) -> Result<(), CliError> {
@@ -85,6 +89,7 @@ pub(super) fn run(args: ServeArgs) -> Result<(), CliError> {
         checkpoint_interval,
         warm_instances,
         advise_interval,
+        auth_token_ttl,
     } = args;
     let tls = tls_cert.zip(tls_key).map(|(cert, key)| crate::tls::TlsFiles { cert, key });
     let config = match config {
@@ -113,6 +118,7 @@ pub(super) fn run(args: ServeArgs) -> Result<(), CliError> {
             checkpoint_interval,
             warm_instances,
             advise_interval,
+            auth_token_ttl: std::time::Duration::from_secs(auth_token_ttl),
         };
         let mut running = start(config, options).await.map_err(CliError::Input)?;
         // Watch for signals before saying ready: a supervisor may stop aq as soon as it reads it.

@@ -20,6 +20,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::caller;
+use crate::auth::{Auth, Need, Who};
 use crate::backend::compare::{RESULT_EQUAL, TARGET_CREATE};
 use crate::backend::watch_request;
 use crate::gate::{Caller, Gateway};
@@ -59,25 +60,45 @@ const MISSING_LEADER: &str = "\"leader\" field must be provided";
 /// The Lock service.
 pub struct Lock {
     gate: Arc<Gateway>,
+    auth: Arc<Auth>,
 }
 
 impl Lock {
-    /// Lock over `gate`.
-    pub fn new(gate: Arc<Gateway>) -> Self {
-        Lock { gate }
+    /// Lock over `gate`, with etcd users' permissions from `auth`.
+    pub fn new(gate: Arc<Gateway>, auth: Arc<Auth>) -> Self {
+        Lock { gate, auth }
     }
 }
 
 /// The Election service.
 pub struct Election {
     gate: Arc<Gateway>,
+    auth: Arc<Auth>,
 }
 
 impl Election {
-    /// Election over `gate`.
-    pub fn new(gate: Arc<Gateway>) -> Self {
-        Election { gate }
+    /// Election over `gate`, with etcd users' permissions from `auth`.
+    pub fn new(gate: Arc<Gateway>, auth: Arc<Auth>) -> Self {
+        Election { gate, auth }
     }
+}
+
+/// The user of a request that needs `needs` on every key under `prefix` (a lock's or an
+/// election's waiters: etcd's recipe reads and writes there with the caller's token).
+async fn user_under<T>(auth: &Auth, request: &Request<T>, prefix: &[u8], needs: &[Need]) -> Result<Who, Status> {
+    let who = auth.who(request.metadata()).await?;
+    let (key, range_end) = KeyRange::prefix(prefix).to_request();
+    for need in needs {
+        auth.require(&who, *need, &key, &range_end)?;
+    }
+    Ok(who)
+}
+
+/// The user of a request that changes the one key `key`.
+async fn user_writing<T>(auth: &Auth, request: &Request<T>, key: &[u8]) -> Result<Who, Status> {
+    let who = auth.who(request.metadata()).await?;
+    auth.require(&who, Need::Write, key, b"")?;
+    Ok(who)
 }
 
 /// `<name>/`, under which each waiter's key goes.
@@ -304,10 +325,11 @@ impl KeyWatch {
 #[tonic::async_trait]
 impl lpb::lock_server::Lock for Lock {
     async fn lock(&self, request: Request<lpb::LockRequest>) -> Result<Response<lpb::LockResponse>, Status> {
-        let caller = caller(request.metadata())?;
+        let prefix = waiters_prefix(&request.get_ref().name);
+        let who = user_under(&self.auth, &request, &prefix, &[Need::Read, Need::Write]).await?;
+        let caller = caller(request.metadata(), &who)?;
         let request = request.into_inner();
         let lease = lease_for(&self.gate, request.lease).await?;
-        let prefix = waiters_prefix(&request.name);
         let key = waiter_key(&prefix, lease);
         let (response, created) = enqueue(&self.gate, &prefix, &key, b"", lease, &caller).await?;
         let first = range_kvs(&response, 1).first().map(|kv| kv.create_revision);
@@ -326,7 +348,8 @@ impl lpb::lock_server::Lock for Lock {
     }
 
     async fn unlock(&self, request: Request<lpb::UnlockRequest>) -> Result<Response<lpb::UnlockResponse>, Status> {
-        let caller = caller(request.metadata())?;
+        let who = user_writing(&self.auth, &request, &request.get_ref().key).await?;
+        let caller = caller(request.metadata(), &who)?;
         let key = request.into_inner().key;
         let deleted = self.gate.delete_range(pb::PbDeleteRequest { key, ..Default::default() }, &caller).await?;
         Ok(Response::new(lpb::UnlockResponse { header: deleted.header }))
@@ -353,10 +376,11 @@ impl Election {
 #[tonic::async_trait]
 impl epb::election_server::Election for Election {
     async fn campaign(&self, request: Request<epb::CampaignRequest>) -> Result<Response<epb::CampaignResponse>, Status> {
-        let caller = caller(request.metadata())?;
+        let prefix = waiters_prefix(&request.get_ref().name);
+        let who = user_under(&self.auth, &request, &prefix, &[Need::Read, Need::Write]).await?;
+        let caller = caller(request.metadata(), &who)?;
         let request = request.into_inner();
         let lease = lease_for(&self.gate, request.lease).await?;
-        let prefix = waiters_prefix(&request.name);
         let key = waiter_key(&prefix, lease);
         let (response, created) = enqueue(&self.gate, &prefix, &key, &request.value, lease, &caller).await?;
         let leader = epb::LeaderKey { name: request.name.clone(), key: key.clone(), rev: created, lease };
@@ -371,7 +395,9 @@ impl epb::election_server::Election for Election {
     }
 
     async fn proclaim(&self, request: Request<epb::ProclaimRequest>) -> Result<Response<epb::ProclaimResponse>, Status> {
-        let caller = caller(request.metadata())?;
+        let key = request.get_ref().leader.as_ref().map(|l| l.key.clone()).ok_or_else(|| Status::unknown(MISSING_LEADER))?;
+        let who = user_writing(&self.auth, &request, &key).await?;
+        let caller = caller(request.metadata(), &who)?;
         let request = request.into_inner();
         let leader = request.leader.ok_or_else(|| Status::unknown(MISSING_LEADER))?;
         let response = self.proclaim_as(&leader, &request.value, &caller).await?;
@@ -379,7 +405,8 @@ impl epb::election_server::Election for Election {
     }
 
     async fn leader(&self, request: Request<epb::LeaderRequest>) -> Result<Response<epb::LeaderResponse>, Status> {
-        let prefix = waiters_prefix(&request.into_inner().name);
+        let prefix = waiters_prefix(&request.get_ref().name);
+        user_under(&self.auth, &request, &prefix, &[Need::Read]).await?;
         let mut first = self.gate.range(first_or_last(&prefix, true, 0)).await?;
         let kv = first.kvs.pop().ok_or_else(|| Status::unknown(NO_LEADER))?;
         Ok(Response::new(epb::LeaderResponse { header: first.header, kv: Some(kv) }))
@@ -388,7 +415,8 @@ impl epb::election_server::Election for Election {
     type ObserveStream = ReceiverStream<Result<epb::LeaderResponse, Status>>;
 
     async fn observe(&self, request: Request<epb::LeaderRequest>) -> Result<Response<Self::ObserveStream>, Status> {
-        let prefix = waiters_prefix(&request.into_inner().name);
+        let prefix = waiters_prefix(&request.get_ref().name);
+        user_under(&self.auth, &request, &prefix, &[Need::Read]).await?;
         let (sender, receiver) = mpsc::channel(16);
         let gate = self.gate.clone();
         tokio::spawn(async move {
@@ -406,7 +434,9 @@ impl epb::election_server::Election for Election {
     }
 
     async fn resign(&self, request: Request<epb::ResignRequest>) -> Result<Response<epb::ResignResponse>, Status> {
-        let caller = caller(request.metadata())?;
+        let key = request.get_ref().leader.as_ref().map(|l| l.key.clone()).ok_or_else(|| Status::unknown(MISSING_LEADER))?;
+        let who = user_writing(&self.auth, &request, &key).await?;
+        let caller = caller(request.metadata(), &who)?;
         let leader = request.into_inner().leader.ok_or_else(|| Status::unknown(MISSING_LEADER))?;
         let response = delete_if_created(&self.gate, &leader.key, leader.rev, &caller).await?;
         Ok(Response::new(epb::ResignResponse { header: response.header }))

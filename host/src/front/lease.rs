@@ -8,20 +8,29 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::auth::{Auth, Need};
 use crate::gate::Gateway;
 
 /// Buffered keep-alive messages per stream.
 const KEEP_ALIVE_BUFFER: usize = 64;
 
-/// The Lease service.
+/// The Lease service. With aq's etcd auth on, every call needs a user, and a revoke needs
+/// WRITE on each key the lease holds (the keys it deletes), as in etcd.
 pub struct Lease {
     gate: Arc<Gateway>,
+    auth: Arc<Auth>,
 }
 
 impl Lease {
-    /// Lease over `gate`.
-    pub fn new(gate: Arc<Gateway>) -> Self {
-        Lease { gate }
+    /// Lease over `gate`, with etcd users' permissions from `auth`.
+    pub fn new(gate: Arc<Gateway>, auth: Arc<Auth>) -> Self {
+        Lease { gate, auth }
+    }
+
+    async fn user<T>(&self, request: &Request<T>) -> Result<crate::auth::Who, Status> {
+        let who = self.auth.who(request.metadata()).await?;
+        self.auth.require_user(&who)?;
+        Ok(who)
     }
 }
 
@@ -31,6 +40,7 @@ impl pb::PbLeaseService for Lease {
         &self,
         request: Request<pb::PbLeaseGrantRequest>,
     ) -> Result<Response<pb::PbLeaseGrantResponse>, Status> {
+        self.user(&request).await?;
         Ok(Response::new(self.gate.lease_grant(request.into_inner()).await?))
     }
 
@@ -38,6 +48,15 @@ impl pb::PbLeaseService for Lease {
         &self,
         request: Request<pb::PbLeaseRevokeRequest>,
     ) -> Result<Response<pb::PbLeaseRevokeResponse>, Status> {
+        let who = self.user(&request).await?;
+        if who.user().is_some() {
+            let attached = pb::PbLeaseTimeToLiveRequest { id: request.get_ref().id, keys: true };
+            if let Ok(held) = self.gate.lease_time_to_live(attached).await {
+                for key in &held.keys {
+                    self.auth.require(&who, Need::Write, key, b"")?;
+                }
+            }
+        }
         Ok(Response::new(self.gate.lease_revoke(request.into_inner()).await?))
     }
 
@@ -47,6 +66,7 @@ impl pb::PbLeaseService for Lease {
         &self,
         request: Request<Streaming<pb::PbLeaseKeepAliveRequest>>,
     ) -> Result<Response<Self::LeaseKeepAliveStream>, Status> {
+        self.user(&request).await?;
         let mut inbound = request.into_inner();
         let (to_client, from_aq) = mpsc::channel(KEEP_ALIVE_BUFFER);
 
@@ -105,13 +125,15 @@ impl pb::PbLeaseService for Lease {
         &self,
         request: Request<pb::PbLeaseTimeToLiveRequest>,
     ) -> Result<Response<pb::PbLeaseTimeToLiveResponse>, Status> {
+        self.user(&request).await?;
         Ok(Response::new(self.gate.lease_time_to_live(request.into_inner()).await?))
     }
 
     async fn lease_leases(
         &self,
-        _: Request<pb::PbLeaseLeasesRequest>,
+        request: Request<pb::PbLeaseLeasesRequest>,
     ) -> Result<Response<pb::PbLeaseLeasesResponse>, Status> {
+        self.user(&request).await?;
         Ok(Response::new(self.gate.lease_leases().await?))
     }
 }

@@ -10,6 +10,7 @@ use etcd_client::proto as pb;
 use tonic::{Request, Response, Status};
 
 use super::{REPORTED_ETCD_VERSION, unimplemented};
+use crate::auth::Auth;
 use crate::backend::Group;
 use crate::gate::Gateway;
 
@@ -18,16 +19,23 @@ const ALARM_GET: i32 = 0;
 const ALARM_ACTIVATE: i32 = 1;
 const ALARM_DEACTIVATE: i32 = 2;
 
-/// The Maintenance service.
+/// The Maintenance service. With aq's etcd auth on, `Status` is open (health checks),
+/// listing alarms needs a user, and everything else the root role.
 pub struct Maintenance {
     gate: Arc<Gateway>,
+    auth: Arc<Auth>,
     addr: std::net::SocketAddr,
 }
 
 impl Maintenance {
-    /// Maintenance over `gate`, served at `addr`.
-    pub fn new(gate: Arc<Gateway>, addr: std::net::SocketAddr) -> Self {
-        Maintenance { gate, addr }
+    /// Maintenance over `gate`, with etcd users from `auth`, served at `addr`.
+    pub fn new(gate: Arc<Gateway>, auth: Arc<Auth>, addr: std::net::SocketAddr) -> Self {
+        Maintenance { gate, auth, addr }
+    }
+
+    async fn admin<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        let who = self.auth.who(request.metadata()).await?;
+        self.auth.require_admin(&who)
     }
 
     /// Each group with the connection that may maintain it: as its etcd root where aq has
@@ -77,6 +85,12 @@ pub(super) fn member_id(addr: &std::net::SocketAddr) -> u64 {
 #[tonic::async_trait]
 impl pb::PbMaintenanceService for Maintenance {
     async fn alarm(&self, request: Request<pb::PbAlarmRequest>) -> Result<Response<pb::PbAlarmResponse>, Status> {
+        let who = self.auth.who(request.metadata()).await?;
+        if request.get_ref().action == ALARM_GET {
+            self.auth.require_user(&who)?;
+        } else {
+            self.auth.require_admin(&who)?;
+        }
         let request = request.into_inner();
         let mut answer = pb::PbAlarmResponse::default();
         match request.action {
@@ -129,8 +143,9 @@ impl pb::PbMaintenanceService for Maintenance {
 
     async fn defragment(
         &self,
-        _: Request<pb::PbDefragmentRequest>,
+        request: Request<pb::PbDefragmentRequest>,
     ) -> Result<Response<pb::PbDefragmentResponse>, Status> {
+        self.admin(&request).await?;
         // One member at a time: a member being defragmented answers nothing until it is done.
         let mut header = None;
         for (name, group) in self.maintainers() {
@@ -146,13 +161,15 @@ impl pb::PbMaintenanceService for Maintenance {
         Ok(Response::new(pb::PbDefragmentResponse { header: self.header(header) }))
     }
 
-    async fn hash(&self, _: Request<pb::PbHashRequest>) -> Result<Response<pb::PbHashResponse>, Status> {
+    async fn hash(&self, request: Request<pb::PbHashRequest>) -> Result<Response<pb::PbHashResponse>, Status> {
+        self.admin(&request).await?;
         let hashed = self.gate.hash_kv(0).await?;
         let header = self.header(self.gate.home().status().await?.header);
         Ok(Response::new(pb::PbHashResponse { header, hash: hashed.hash }))
     }
 
     async fn hash_kv(&self, request: Request<pb::PbHashKvRequest>) -> Result<Response<pb::PbHashKvResponse>, Status> {
+        self.admin(&request).await?;
         let revision = request.into_inner().revision;
         if revision < 0 {
             return Err(Status::invalid_argument(format!("revision {revision} is negative; give 0 for the latest")));

@@ -1,6 +1,8 @@
-//! The etcd v3 gRPC front: KV, Watch, Lease, Lock, Election, Maintenance and Cluster services over the gate. Translation
-//! only: every decision is the gate's.
+//! The etcd v3 gRPC front: KV, Watch, Lease, Lock, Election, Maintenance, Cluster and Auth
+//! services over the gate. Translation only: every decision is the gate's, apart from etcd's
+//! own user permissions (`auth.rs`), which each service checks before it passes a request on.
 
+pub mod auth;
 pub mod concurrency;
 mod lease;
 mod maintenance;
@@ -11,6 +13,7 @@ use std::sync::Arc;
 use etcd_client::proto as pb;
 use tonic::{Request, Response, Status};
 
+use crate::auth::{Auth, Need, Who};
 use crate::gate::{Caller, GateError, Gateway};
 use crate::trust::SignedRequest;
 
@@ -47,23 +50,29 @@ pub use watch::Watch;
 /// The KV service.
 pub struct Kv {
     gate: Arc<Gateway>,
+    auth: Arc<Auth>,
 }
 
 impl Kv {
-    /// KV over `gate`.
-    pub fn new(gate: Arc<Gateway>) -> Self {
-        Kv { gate }
+    /// KV over `gate`, with etcd users' permissions from `auth`.
+    pub fn new(gate: Arc<Gateway>, auth: Arc<Auth>) -> Self {
+        Kv { gate, auth }
     }
 }
 
 #[tonic::async_trait]
 impl pb::PbKvService for Kv {
     async fn range(&self, request: Request<pb::PbRangeRequest>) -> Result<Response<pb::PbRangeResponse>, Status> {
-        Ok(Response::new(self.gate.range(request.into_inner()).await?))
+        let who = self.auth.who(request.metadata()).await?;
+        let range = request.into_inner();
+        self.auth.require(&who, Need::Read, &range.key, &range.range_end)?;
+        Ok(Response::new(self.gate.range(range).await?))
     }
 
     async fn put(&self, request: Request<pb::PbPutRequest>) -> Result<Response<pb::PbPutResponse>, Status> {
-        let caller = caller(request.metadata())?;
+        let who = self.auth.who(request.metadata()).await?;
+        auth::check_put(&self.auth, &who, request.get_ref())?;
+        let caller = caller(request.metadata(), &who)?;
         Ok(Response::new(self.gate.put(request.into_inner(), &caller).await?))
     }
 
@@ -71,12 +80,16 @@ impl pb::PbKvService for Kv {
         &self,
         request: Request<pb::PbDeleteRequest>,
     ) -> Result<Response<pb::PbDeleteResponse>, Status> {
-        let caller = caller(request.metadata())?;
+        let who = self.auth.who(request.metadata()).await?;
+        auth::check_delete(&self.auth, &who, request.get_ref())?;
+        let caller = caller(request.metadata(), &who)?;
         Ok(Response::new(self.gate.delete_range(request.into_inner(), &caller).await?))
     }
 
     async fn txn(&self, request: Request<pb::PbTxnRequest>) -> Result<Response<pb::PbTxnResponse>, Status> {
-        let caller = caller(request.metadata())?;
+        let who = self.auth.who(request.metadata()).await?;
+        auth::check_txn(&self.auth, &who, request.get_ref())?;
+        let caller = caller(request.metadata(), &who)?;
         Ok(Response::new(self.gate.txn(request.into_inner(), &caller).await?))
     }
 
@@ -84,6 +97,8 @@ impl pb::PbKvService for Kv {
         &self,
         request: Request<pb::PbCompactionRequest>,
     ) -> Result<Response<pb::PbCompactionResponse>, Status> {
+        let who = self.auth.who(request.metadata()).await?;
+        self.auth.require_user(&who)?;
         Ok(Response::new(self.gate.compact(request.into_inner()).await?))
     }
 
@@ -98,8 +113,8 @@ impl pb::PbKvService for Kv {
 }
 
 /// What a request carries in its metadata: signatures (see [`crate::trust`] for the headers)
-/// and how long it waits for approvals.
-fn caller(metadata: &tonic::metadata::MetadataMap) -> Result<Caller, Status> {
+/// and how long it waits for approvals; and the etcd user `who` it comes from.
+fn caller(metadata: &tonic::metadata::MetadataMap, who: &Who) -> Result<Caller, Status> {
     use crate::trust::{NONCE_HEADER, NOT_AFTER_HEADER, SIGNATURE_HEADER, WAIT_HEADER};
     let text = |name: &str| metadata.get(name).and_then(|v| v.to_str().ok());
     let signatures = metadata.get_all(SIGNATURE_HEADER).iter().filter_map(|v| v.to_str().ok());
@@ -117,7 +132,7 @@ fn caller(metadata: &tonic::metadata::MetadataMap) -> Result<Caller, Status> {
         ),
         None => None,
     };
-    Ok(Caller { signed, wait })
+    Ok(Caller { signed, wait, user: who.user().map(str::to_string) })
 }
 
 fn unimplemented(what: &str) -> Status {

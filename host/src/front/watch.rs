@@ -20,6 +20,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::auth::{Auth, Need, Who};
 use crate::backend::Group;
 use crate::backend::watch_request as build;
 use crate::gate::Gateway;
@@ -41,12 +42,13 @@ const FILTERS: std::ops::RangeInclusive<i32> = 0..=1;
 /// The Watch service.
 pub struct Watch {
     gate: Arc<Gateway>,
+    auth: Arc<Auth>,
 }
 
 impl Watch {
-    /// Watch over `gate`.
-    pub fn new(gate: Arc<Gateway>) -> Self {
-        Watch { gate }
+    /// Watch over `gate`, with etcd users' permissions from `auth`.
+    pub fn new(gate: Arc<Gateway>, auth: Arc<Auth>) -> Self {
+        Watch { gate, auth }
     }
 }
 
@@ -58,10 +60,13 @@ impl pb::PbWatchService for Watch {
         &self,
         request: Request<Streaming<pb::PbWatchRequest>>,
     ) -> Result<Response<Self::WatchStream>, Status> {
+        let who = self.auth.who(request.metadata()).await?;
         let (to_client, responses) = mpsc::channel(BUFFER);
         let (from_backends, backend_responses) = mpsc::channel(BUFFER);
         let session = Session {
             gate: self.gate.clone(),
+            auth: self.auth.clone(),
+            who,
             to_client,
             from_backends,
             backends: HashMap::new(),
@@ -118,6 +123,9 @@ enum PartState {
 
 struct Session {
     gate: Arc<Gateway>,
+    auth: Arc<Auth>,
+    /// The etcd user of the stream: each watch it creates needs READ on its keys.
+    who: Who,
     to_client: mpsc::Sender<Result<pb::PbWatchResponse, Status>>,
     from_backends: mpsc::Sender<(String, Result<pb::PbWatchResponse, Status>)>,
     backends: HashMap<String, Backend>,
@@ -267,6 +275,10 @@ impl Session {
         let id = if watch_id != 0 { watch_id } else { self.next_free_id() };
         if self.watches.contains_key(&id) {
             return self.refuse(id, "etcdserver: duplicate watch ID".into()).await;
+        }
+        if let Err(refused) = self.auth.require(&self.who, Need::Read, &key, &range_end) {
+            // etcd cancels it with the error's text as grpc-go prints it.
+            return self.refuse(id, format!("rpc error: code = {:?} desc = {}", refused.code(), refused.message())).await;
         }
         let range = KeyRange::from_request(&key, &range_end);
         let parts: Vec<(Group, KeyRange, RevisionShift, String)> = self

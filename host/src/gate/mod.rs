@@ -141,6 +141,9 @@ pub struct Caller {
     pub signed: Option<SignedRequest>,
     /// Wait this long for a proposal's outcome instead of answering with its id at once.
     pub wait: Option<std::time::Duration>,
+    /// The etcd user the request authenticated as (aq's own etcd auth), which policies see
+    /// as the transport identity.
+    pub user: Option<String>,
 }
 
 /// A write whose signatures fall short of its policy's approval rule.

@@ -66,6 +66,7 @@ impl Gateway {
         caller: &Caller,
     ) -> Result<(pb::PbTxnOpResponse, Option<pb::PbResponseHeader>), GateError> {
         let mut context = self.context(runtime, ops, compares);
+        context.transport.etcd_user = caller.user.clone();
         self.verify(runtime, &mut context, caller).await?;
         // Anchors that did not co-sign, once they were asked.
         let mut unanchored: Option<Vec<String>> = None;
@@ -158,12 +159,15 @@ impl Gateway {
             let part = pb::PbDeleteRequest { key, range_end, prev_kv: request.prev_kv };
             let op = delete_op(&part);
             // Proposals cover one scope: a delete over several that needs approval is refused.
-            self.evaluate(runtime, &mut self.context(runtime, vec![op], Vec::new()))?;
+            let mut context = self.context(runtime, vec![op], Vec::new());
+            context.transport.etcd_user = caller.user.clone();
+            self.evaluate(runtime, &mut context)?;
             planned.push((runtime, part));
         }
         let mut merged = pb::PbDeleteResponse::default();
+        let part_caller = Caller { user: caller.user.clone(), ..Caller::default() };
         for (runtime, part) in planned {
-            let response = self.delete_part(runtime, part, &Caller::default()).await?;
+            let response = self.delete_part(runtime, part, &part_caller).await?;
             merged.header = merged.header.or(response.header);
             merged.deleted += response.deleted;
             merged.prev_kvs.extend(response.prev_kvs);

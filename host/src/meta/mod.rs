@@ -10,6 +10,7 @@
 //! | `\xffaq/meta/principal/<id>`          | [`crate::trust::Principal`] (JSON)          |
 //! | `\xffaq/meta/proposal/<id>`           | [`crate::trust::proposal::Proposal`] (JSON) |
 //! | `\xffaq/meta/layout`                  | [`layout::LayoutRecord`] (JSON)              |
+//! | `\xffaq/meta/auth`                    | [`crate::auth::AuthRecord`] (JSON)          |
 //! | `\xffaq/meta/load/<scope>/<replica>`  | [`crate::adapt::stats::Window`] (JSON)      |
 //! | `\xffaq/meta/migration/<id>`          | [`crate::adapt::migrate::Migration`] (JSON) |
 //! | `\xffaq/meta/migration-active`        | the id of the migration under way           |
@@ -136,6 +137,11 @@ pub fn routed_key(replica: &str) -> Vec<u8> {
 /// The key of the scope layout, which every replica routes by.
 pub fn layout_key() -> Vec<u8> {
     key(&[b"layout"])
+}
+
+/// The key of aq's etcd users and roles ([`crate::auth::AuthRecord`]).
+pub fn auth_key() -> Vec<u8> {
+    key(&[b"auth"])
 }
 
 /// A stored policy component.
@@ -677,6 +683,32 @@ impl MetaStore {
         }
         let epoch = self.layout().await?.map(|(stored, _)| stored.epoch).unwrap_or_default();
         Err(MetaError::LayoutConflict(epoch))
+    }
+
+    /// aq's users and roles and the record's mod revision.
+    pub async fn auth(&self) -> Result<Option<(crate::auth::AuthRecord, i64)>, MetaError> {
+        match self.get(auth_key()).await? {
+            Some(kv) => Ok(Some((parse(&kv.key, &kv.value)?, kv.mod_revision))),
+            None => Ok(None),
+        }
+    }
+
+    /// Writes the users and roles if the record is still at `expected` (its mod revision; 0:
+    /// absent). Returns the revision of the write; [`MetaError::Conflict`] when it moved.
+    pub async fn write_auth(&self, record: &crate::auth::AuthRecord, expected: i64) -> Result<i64, MetaError> {
+        let value = serde_json::to_vec(record).expect("JSON");
+        let response = self
+            .group
+            .txn(pb::PbTxnRequest {
+                compare: vec![compare_unchanged(auth_key(), expected)],
+                success: vec![put_op(auth_key(), value)],
+                failure: Vec::new(),
+            })
+            .await?;
+        if response.succeeded {
+            return Ok(response.header.map(|h| h.revision).unwrap_or_default());
+        }
+        Err(MetaError::Conflict("the users and roles".into()))
     }
 
     /// Takes the migration lock for `id`; false when another migration holds it.

@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::{
-    BindingRecord, BindingSource, BindingSpec, MetaError, MetaStore, PolicyRecord, binding_prefix, layout_key,
+    BindingRecord, BindingSource, BindingSpec, MetaError, MetaStore, PolicyRecord, auth_key, binding_prefix, layout_key,
     policy_prefix, principal_prefix,
 };
 use super::layout::LayoutRecord;
@@ -67,6 +67,8 @@ pub struct Syncer {
     latest: tokio::sync::watch::Sender<i64>,
     /// Principals and signature checks, refreshed from the meta group.
     trust: Arc<Trust>,
+    /// aq's etcd users and roles, refreshed from the meta group.
+    auth: Arc<crate::auth::Auth>,
 }
 
 impl Syncer {
@@ -78,6 +80,7 @@ impl Syncer {
         metrics: Arc<GateMetrics>,
         trust: Arc<Trust>,
         layout: Arc<LayoutRecord>,
+        auth: Arc<crate::auth::Auth>,
     ) -> Self {
         let scopes = layout.scopes.iter().map(|s| s.id.clone()).collect();
         Syncer {
@@ -91,6 +94,7 @@ impl Syncer {
             applied: Mutex::default(),
             latest: tokio::sync::watch::Sender::new(0),
             trust,
+            auth,
         }
     }
 
@@ -292,6 +296,7 @@ impl Syncer {
     /// returns the revision read at.
     async fn catch_up(&self) -> Result<i64, SyncError> {
         self.reload_principals().await?;
+        self.auth.reload().await?;
         if let Some((layout, _)) = self.store.layout().await? {
             self.adopt_layout(layout).await;
         }
@@ -344,11 +349,13 @@ impl Syncer {
 
     /// One watch stream from `from`; returns the revision to resume at when it ends.
     async fn watch_once(self: &Arc<Self>, from: i64) -> Result<i64, String> {
-        let (requests, rx) = mpsc::channel(4);
-        let ranges = [binding_prefix(), policy_prefix(), principal_prefix()]
+        let ranges: Vec<(Vec<u8>, Vec<u8>)> = [binding_prefix(), policy_prefix(), principal_prefix()]
             .map(|prefix| KeyRange::prefix(&prefix).to_request())
             .into_iter()
-            .chain(std::iter::once((layout_key(), Vec::new())));
+            .chain([(layout_key(), Vec::new()), (auth_key(), Vec::new())])
+            .collect();
+        // Room for every create: they are queued before the stream is opened.
+        let (requests, rx) = mpsc::channel(ranges.len());
         for (key, range_end) in ranges {
             let create = watch_request(pb::PbWatchRequestUnion::CreateRequest, |c| {
                 c.key = key;
@@ -366,6 +373,7 @@ impl Syncer {
         let policy_prefix = policy_prefix();
         let principal_prefix = principal_prefix();
         let layout_key = layout_key();
+        let auth_key = auth_key();
         loop {
             let response = match stream.message().await {
                 Ok(Some(response)) => response,
@@ -378,12 +386,16 @@ impl Syncer {
             if response.canceled {
                 return Err(format!("the watch was cancelled: {}", response.cancel_reason));
             }
-            let mut principals_changed = false;
+            let (mut principals_changed, mut auth_changed) = (false, false);
             for event in response.events {
                 let Some(kv) = event.kv else { continue };
                 next = next.max(kv.mod_revision + 1);
                 if kv.key.starts_with(&principal_prefix) {
                     principals_changed = true;
+                    continue;
+                }
+                if kv.key == auth_key {
+                    auth_changed = true;
                     continue;
                 }
                 if event.r#type != 0 {
@@ -419,6 +431,9 @@ impl Syncer {
             }
             if principals_changed {
                 self.reload_principals().await.map_err(|e| e.to_string())?;
+            }
+            if auth_changed {
+                self.auth.reload().await.map_err(|e| e.to_string())?;
             }
         }
     }
