@@ -151,28 +151,107 @@ impl Gateway {
             let scopes = parts.iter().map(|(scope, _)| scope.id.clone()).collect();
             return Err(GateError::CrossScope(scopes));
         }
-        // Evaluate every part first, so a deny anywhere deletes nothing.
-        let mut planned = Vec::new();
-        for (scope, part) in &parts {
-            let runtime = routing.runtime(scope);
-            let (key, range_end) = part.to_request();
-            let part = pb::PbDeleteRequest { key, range_end, prev_kv: request.prev_kv };
-            let op = delete_op(&part);
+        let parts: Vec<(&ScopeRuntime, pb::PbDeleteRequest)> = parts
+            .iter()
+            .map(|(scope, part)| {
+                let (key, range_end) = part.to_request();
+                (routing.runtime(scope), pb::PbDeleteRequest { key, range_end, prev_kv: request.prev_kv })
+            })
+            .collect();
+        let groups: std::collections::BTreeSet<&str> = parts.iter().map(|(runtime, _)| runtime.group.name()).collect();
+        if groups.len() == 1 {
+            match self.delete_together(&parts, caller).await {
+                // A hand-off under way: part by part below, each following its scope's move.
+                Err(GateError::NotOwner { scope, group, .. }) => {
+                    tracing::info!(%scope, %group, "a multi-scope delete meets a hand-off; deleting part by part");
+                }
+                other => return other,
+            }
+        }
+        // Parts on several groups: evaluate every part first, so a deny anywhere deletes
+        // nothing, then delete each part on its group (not atomic across groups).
+        for (runtime, part) in &parts {
             // Proposals cover one scope: a delete over several that needs approval is refused.
-            let mut context = self.context(runtime, vec![op], Vec::new());
-            context.transport.etcd_user = caller.user.clone();
-            self.evaluate(runtime, &mut context)?;
-            planned.push((runtime, part));
+            self.evaluate(runtime, &mut self.part_context(runtime, part, caller))?;
         }
         let mut merged = pb::PbDeleteResponse::default();
         let part_caller = Caller { user: caller.user.clone(), ..Caller::default() };
-        for (runtime, part) in planned {
+        for (runtime, part) in parts {
             let response = self.delete_part(runtime, part, &part_caller).await?;
             merged.header = merged.header.or(response.header);
             merged.deleted += response.deleted;
             merged.prev_kvs.extend(response.prev_kvs);
         }
         Ok(merged)
+    }
+
+    /// What a part's policy sees of a multi-scope delete.
+    fn part_context(&self, runtime: &ScopeRuntime, part: &pb::PbDeleteRequest, caller: &Caller) -> m::Context {
+        let mut context = self.context(runtime, vec![delete_op(part)], Vec::new());
+        context.transport.etcd_user = caller.user.clone();
+        context
+    }
+
+    /// A delete over several scopes of one group as one Txn: every part's policy decides,
+    /// then the parts go together with each part's lineage record, guarded by every policy's
+    /// reads, so the delete is atomic and takes one revision, as in etcd. A moved policy read
+    /// decides every part again. Each part's answer is in its scope's revisions; the header in
+    /// the first part's.
+    async fn delete_together(
+        &self,
+        parts: &[(&ScopeRuntime, pb::PbDeleteRequest)],
+        caller: &Caller,
+    ) -> Result<pb::PbDeleteResponse, GateError> {
+        let (first, _) = parts[0];
+        for _ in 0..MAX_ATTEMPTS {
+            let mut guards = Vec::new();
+            let mut success = Vec::new();
+            for (runtime, part) in parts {
+                let mut context = self.part_context(runtime, part, caller);
+                let evaluated = self.evaluate(runtime, &mut context)?;
+                guards.extend(evaluated.guards);
+                if let Some(draft) = Draft::of(&context, evaluated.lineage, evaluated.policy, RecordKind::Mutation) {
+                    let record = draft.record(&runtime.scope.id);
+                    success.push(super::send::put(record.key(), record.encode()));
+                }
+            }
+            let records = success.len();
+            success.extend(parts.iter().map(|(_, part)| pb::PbTxnRequestOp {
+                request: Some(pb::PbTxnOpRequest::RequestDeleteRange(part.clone())),
+            }));
+            let guarded = !guards.is_empty();
+            let txn = pb::PbTxnRequest { compare: guards, success, failure: Vec::new() };
+            let mut response =
+                first.group.txn(txn).await.map_err(|s| self.backend_failure(first, GateError::Backend(s)))?;
+            if !response.succeeded {
+                for (runtime, _) in parts {
+                    runtime.stats.guarded(true);
+                    self.metrics.guard_retry(&runtime.scope.id);
+                }
+                continue;
+            }
+            let mut merged = pb::PbDeleteResponse::default();
+            for ((runtime, part), answer) in parts.iter().zip(response.responses.drain(records..)) {
+                let Some(mut answer) = answer.response else {
+                    return Err(GateError::Backend(tonic::Status::internal("etcd returned an empty txn response")));
+                };
+                runtime.scope.revisions.response_op(&mut answer);
+                let pb::PbTxnOpResponse::ResponseDeleteRange(deleted) = answer else {
+                    return Err(unexpected("delete", &answer));
+                };
+                merged.deleted += deleted.deleted;
+                merged.prev_kvs.extend(deleted.prev_kvs);
+                if guarded {
+                    runtime.stats.guarded(false);
+                }
+                self.metrics.routed(&runtime.scope.id, "write");
+                count_write(runtime, &pb::PbTxnOpRequest::RequestDeleteRange(part.clone()));
+            }
+            merged.header = response.header;
+            first.scope.revisions.header(&mut merged.header);
+            return Ok(merged);
+        }
+        Err(GateError::Contended(first.scope.id.clone()))
     }
 
     pub(super) async fn delete_part(
