@@ -72,6 +72,46 @@ async fn kube_style_watch_from_rev_plus_one_with_progress() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn request_progress_over_two_groups_tells_each_watch_its_own_groups_revision() {
+    let gw = TestGateway::start().await;
+    let mut client = gw.client().await;
+    // Take main's revisions well ahead of events', so a mix-up shows.
+    for i in 0..10 {
+        client.put(format!("/registry/pods/ns/p{i}"), "v", None).await.unwrap();
+    }
+    client.put("/registry/events/ns/e", "v", None).await.unwrap();
+    let pods_rev = client.get("/registry/pods/", Some(GetOptions::new().with_prefix())).await.unwrap().header().unwrap().revision();
+    let events_rev = client.get("/registry/events/", Some(GetOptions::new().with_prefix())).await.unwrap().header().unwrap().revision();
+    assert!(pods_rev > events_rev + 5, "main {pods_rev}, events {events_rev}");
+
+    // Three watches on one stream: pods (main), events (events) and one over both.
+    let mut stream = client.watch("/registry/pods/", Some(WatchOptions::new().with_prefix())).await.unwrap();
+    let pods = created(&mut stream).await;
+    stream.watch("/registry/events/", Some(WatchOptions::new().with_prefix())).await.unwrap();
+    let events = created(&mut stream).await;
+    stream.watch("/registry/", Some(WatchOptions::new().with_prefix())).await.unwrap();
+    let both = created(&mut stream).await;
+
+    stream.request_progress().await.unwrap();
+    let mut heard = std::collections::BTreeMap::new();
+    while heard.len() < 2 {
+        let message = tokio::time::timeout(std::time::Duration::from_secs(20), stream.message()).await.unwrap().unwrap().unwrap();
+        assert!(message.events().is_empty() && !message.created() && !message.canceled(), "{message:?}");
+        assert_ne!(message.watch_id(), -1, "no stream-wide revision exists over two groups");
+        assert!(heard.insert(message.watch_id(), message.header().unwrap().revision()).is_none(), "one notice per watch");
+    }
+    assert_eq!(heard.keys().copied().collect::<Vec<_>>(), [pods, events]);
+    assert_eq!(heard[&events], events_rev);
+    // aq's own records in the meta group (on main) may move main's revision meanwhile.
+    assert!(heard[&pods] >= pods_rev, "{heard:?}");
+    assert!(!heard.contains_key(&both), "a watch over two groups has no one revision");
+    // The stream goes on: the next event after the notices is the next write.
+    client.put("/registry/pods/ns/later", "v", None).await.unwrap();
+    let next = next_events(&mut stream).await;
+    assert!([pods, both].contains(&next.watch_id()), "{next:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn one_watch_spans_scopes_on_two_groups_and_never_sees_reserved_keys() {
     let gw = TestGateway::start().await;
     let mut client = gw.client().await;

@@ -73,6 +73,7 @@ impl pb::PbWatchService for Watch {
             parts: HashMap::new(),
             watches: HashMap::new(),
             next_id: 0,
+            progress: None,
         };
         tokio::spawn(session.run(request.into_inner(), backend_responses));
         Ok(Response::new(ReceiverStream::new(responses)))
@@ -133,6 +134,9 @@ struct Session {
     parts: HashMap<(String, i64), Part>,
     watches: HashMap<i64, ClientWatch>,
     next_id: i64,
+    /// A RequestProgress over backends on several groups: the groups yet to answer, and the
+    /// answers so far.
+    progress: Option<(std::collections::BTreeSet<String>, HashMap<String, pb::PbWatchResponse>)>,
 }
 
 impl Session {
@@ -254,6 +258,12 @@ impl Session {
                 true
             }
             Some(pb::PbWatchRequestUnion::ProgressRequest(progress)) => {
+                if self.backends.len() > 1 {
+                    if self.progress.is_some() {
+                        return true; // the answers under way cover this request too
+                    }
+                    self.progress = Some((self.backends.keys().cloned().collect(), HashMap::new()));
+                }
                 for backend in self.backends.values() {
                     let _ = backend
                         .requests
@@ -386,6 +396,9 @@ impl Session {
                     .map(|(id, _)| *id)
                     .collect();
                 self.backends.remove(&group);
+                if self.progress.is_some() && !self.progress_answered(&group, None).await {
+                    return false;
+                }
                 for id in affected {
                     self.forget(id);
                     let canceled = pb::PbWatchResponse {
@@ -406,6 +419,9 @@ impl Session {
         // While a moved scope's old copy replays, the new group's progress would run ahead of
         // events not yet given: such answers are dropped (the client may ask again).
         if response.watch_id < 0 {
+            if self.progress.is_some() {
+                return self.progress_answered(&group, Some(response)).await;
+            }
             if self.parts.values().any(|part| !matches!(part.state, PartState::Live)) {
                 return true;
             }
@@ -434,6 +450,54 @@ impl Session {
             }
             PartState::Draining { .. } => self.replay(key, response).await,
         }
+    }
+
+    /// Notes a group's answer to a RequestProgress over several groups (`None`: the group's
+    /// stream failed). Once every group answered, each client watch whose parts are all on one
+    /// group hears that group's progress as its own (watch id, its scope's revisions): groups
+    /// keep unrelated revisions, so no one stream-wide revision would be true. A watch over
+    /// scopes on several groups has no one revision and hears none. False ends the session.
+    async fn progress_answered(&mut self, group: &str, answer: Option<pb::PbWatchResponse>) -> bool {
+        let Some((waiting, answers)) = self.progress.as_mut() else { return true };
+        waiting.remove(group);
+        if let Some(answer) = answer {
+            answers.insert(group.to_string(), answer);
+        }
+        if !waiting.is_empty() {
+            return true;
+        }
+        let (_, answers) = self.progress.take().expect("a progress request under way");
+        // While a moved scope's old copy replays, progress would run ahead of events not yet
+        // given: dropped, as for one group (the client may ask again).
+        if self.parts.values().any(|part| !matches!(part.state, PartState::Live)) {
+            return true;
+        }
+        let mut notices = Vec::new();
+        for (id, watch) in &self.watches {
+            if watch.canceling {
+                continue;
+            }
+            let groups: std::collections::BTreeSet<&str> = watch.parts.iter().map(|(g, _)| g.as_str()).collect();
+            let [only] = groups.into_iter().collect::<Vec<_>>()[..] else { continue };
+            let Some(answer) = answers.get(only) else { continue };
+            let shift = watch
+                .parts
+                .iter()
+                .filter_map(|key| self.parts.get(key))
+                .map(|part| part.shift)
+                .min_by_key(|shift| shift.offset)
+                .unwrap_or_default();
+            let mut notice = pb::PbWatchResponse { header: answer.header, watch_id: *id, ..Default::default() };
+            shift.watch_response(&mut notice);
+            notices.push(notice);
+        }
+        notices.sort_by_key(|n| n.watch_id);
+        for notice in notices {
+            if !self.send(notice).await {
+                return false;
+            }
+        }
+        true
     }
 
     /// Passes a live part's answer on to its client watch; false ends the session.
