@@ -21,5 +21,6 @@ pub mod lineage;
 pub mod meta;
 pub mod private_file;
 pub mod serve;
+pub mod snapshot;
 pub mod tls;
 pub mod trust;

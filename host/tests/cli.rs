@@ -564,3 +564,38 @@ fn bench_split_splits_a_loaded_scope_under_writers_and_loses_nothing() {
         assert!(stdout.contains(line), "{line}: {stdout}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aq_snapshot_save_writes_a_verified_archive_and_verify_names_damage() {
+    let gw = aq_tests::etcd::TestGateway::start().await;
+    let mut client = gw.client().await;
+    client.put("/registry/pods/ns/p", "v", None).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("backup.aqsnap");
+    let endpoint = gw.endpoint();
+    let mut save = aq();
+    save.args(["snapshot", "save"]).arg(&path).args(["--endpoints", &endpoint]);
+    let (code, out, err) = tokio::task::spawn_blocking(move || run(&mut save)).await.unwrap();
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.starts_with(&format!("snapshot saved at {}: 2 groups", path.display())), "{out}");
+    assert!(out.contains("  events ") && out.contains("  main "), "{out}");
+    assert!(!dir.path().join("backup.part").exists(), "the partial file was renamed");
+
+    let (code, out, _) = run(aq().args(["snapshot", "verify"]).arg(&path));
+    assert_eq!(code, 0, "{out}");
+    assert!(out.starts_with("ok: "), "{out}");
+    let (code, out, _) = run(aq().args(["snapshot", "verify", "--json"]).arg(&path));
+    assert_eq!(code, 0);
+    let manifest: serde_json::Value = serde_json::from_str(&out).expect("--json prints the manifest");
+    assert_eq!(manifest["format"], "aq-snapshot/1");
+
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes.truncate(bytes.len() - 100);
+    std::fs::write(&path, &bytes).unwrap();
+    let (code, out, _) = run(aq().args(["snapshot", "verify"]).arg(&path));
+    assert_eq!(code, 1, "{out}");
+    assert!(out.starts_with("FAILED: ") && out.contains("truncated"), "{out}");
+    let (code, _, err) = run(aq().args(["snapshot", "verify"]).arg(dir.path().join("absent")));
+    assert_eq!(code, 2);
+    assert!(err.contains("does not exist"), "{err}");
+}

@@ -106,3 +106,41 @@ async fn hash_kv_covers_what_clients_read_and_agrees_across_replicas() {
     let (ok, out, err) = gw.etcdctl(&["endpoint", "hashkv"]);
     assert!(ok && out.contains(&format!(", {second}")), "{out}{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn etcdctl_snapshot_save_through_aq_writes_an_archive_of_both_groups_that_verifies() {
+    let gw = TestGateway::start().await;
+    let mut client = gw.client().await;
+    client.put("/registry/pods/ns/p", "on main", None).await.unwrap();
+    client.put("/registry/events/ns/e", "on events", None).await.unwrap();
+    let main_rev = status_of(&gw.main).await.header().unwrap().revision();
+    let events_rev = status_of(&gw.events).await.header().unwrap().revision();
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("aq.snap");
+    let (ok, out, err) = gw.etcdctl(&["snapshot", "save", path.to_str().unwrap()]);
+    assert!(ok && out.contains("Snapshot saved at"), "{out}{err}");
+    let manifest = aq_host::snapshot::verify(&path).expect("the archive verifies");
+    let groups: Vec<(&str, i64, i64)> = manifest.groups.iter().map(|g| (g.name.as_str(), g.revision_from, g.revision_to)).collect();
+    assert_eq!(groups.len(), 2, "{groups:?}");
+    assert_eq!(groups[0], ("events", events_rev, events_rev), "the quiet events group at the revision it had");
+    // aq's own records (on main, the home group) may have moved main's revision since.
+    assert_eq!(groups[1].0, "main");
+    assert!(groups[1].1 >= main_rev && groups[1].2 >= groups[1].1, "{groups:?}");
+    assert_eq!(manifest.home, "main");
+    let layout = manifest.layout.as_ref().expect("the stored layout");
+    assert!(layout.scopes.iter().any(|s| s.id == "events" && s.group == "events"));
+
+    // Each group's file is that group's etcd snapshot: the key written through aq is in it.
+    let archive = std::fs::read(&path).unwrap();
+    let has = |needle: &[u8]| archive.windows(needle.len()).any(|w| w == needle);
+    assert!(has(b"/registry/events/ns/e") && has(b"/registry/pods/ns/p"));
+
+    // A flipped byte in a group's snapshot is named by verify.
+    let mut damaged = archive.clone();
+    let at = damaged.windows(9).position(|w| w == b"on events").expect("the value is in the archive");
+    damaged[at] ^= 0x20;
+    std::fs::write(&path, &damaged).unwrap();
+    let err = aq_host::snapshot::verify(&path).unwrap_err();
+    assert!(err.contains("the archive is damaged"), "{err}");
+}

@@ -141,6 +141,7 @@ mod path {
     pub const STATUS: &str = "/etcdserverpb.Maintenance/Status";
     pub const ALARM: &str = "/etcdserverpb.Maintenance/Alarm";
     pub const DEFRAGMENT: &str = "/etcdserverpb.Maintenance/Defragment";
+    pub const SNAPSHOT: &str = "/etcdserverpb.Maintenance/Snapshot";
     pub const MEMBER_LIST: &str = "/etcdserverpb.Cluster/MemberList";
     pub const LEASE_GRANT: &str = "/etcdserverpb.Lease/LeaseGrant";
     pub const LEASE_REVOKE: &str = "/etcdserverpb.Lease/LeaseRevoke";
@@ -470,6 +471,12 @@ impl Group {
         requests: impl tokio_stream::Stream<Item = pb::PbLeaseKeepAliveRequest> + Send + 'static,
     ) -> Result<Streaming<pb::PbLeaseKeepAliveResponse>, Status> {
         self.streaming(path::LEASE_KEEP_ALIVE, requests).await
+    }
+
+    /// etcd `Maintenance.Snapshot` of the member the channel picks: its whole store, streamed,
+    /// with the SHA-256 of the rest as its last 32 bytes.
+    pub async fn snapshot(&self) -> Result<Streaming<pb::PbSnapshotResponse>, Status> {
+        self.streaming(path::SNAPSHOT, tokio_stream::once(pb::PbSnapshotRequest {})).await
     }
 
     /// etcd `Watch`, a bidirectional stream.

@@ -10,6 +10,7 @@ mod bench_swap;
 mod policy;
 mod remote;
 mod serve;
+mod snapshot;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -95,6 +96,9 @@ enum Command {
     /// Lineage: export a scope's records and check an export offline.
     #[command(subcommand)]
     Lineage(LineageCommand),
+    /// Backups: one archive of every etcd group, the meta records and the scope layout.
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
     /// Put a key through aq, signed with each --key.
     Put {
         /// The key.
@@ -236,6 +240,31 @@ enum LineageCommand {
         /// Require checkpoints signed by this public key (hex or file); repeatable.
         #[arg(long = "trust")]
         trusted: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum SnapshotCommand {
+    /// Save an archive through aq's etcd API (the Snapshot call `etcdctl snapshot save` makes
+    /// too); it is verified once written.
+    Save {
+        /// Where to write it (written beside it first, then renamed).
+        path: PathBuf,
+        /// aq's etcd API.
+        #[arg(long, default_value = "127.0.0.1:2379")]
+        endpoints: String,
+        /// `name:password` of an etcd user with the root role, once etcd auth is on in aq.
+        #[arg(long)]
+        user: Option<String>,
+    },
+    /// Check an archive offline: its manifest, each group's size and digest, each etcd
+    /// snapshot's own checksum. Exit 1 naming what is wrong.
+    Verify {
+        /// The archive.
+        path: PathBuf,
+        /// Print the manifest as JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -498,6 +527,8 @@ pub fn main() -> ExitCode {
         Command::Proposals(ProposalsCommand::Ls { all, remote }) => remote::list_proposals(&remote, all),
         Command::Lineage(LineageCommand::Export { scope, out, remote }) => remote::lineage_export(&remote, &scope, out.as_deref()),
         Command::Lineage(LineageCommand::Verify { export, trusted }) => remote::lineage_verify(&export, &trusted),
+        Command::Snapshot(SnapshotCommand::Save { path, endpoints, user }) => snapshot::save(&path, &endpoints, user.as_deref()),
+        Command::Snapshot(SnapshotCommand::Verify { path, json }) => snapshot::verify(&path, json),
         Command::Approve { id, key, remote } => remote::approve(&remote, &id, &key),
         Command::Reject { id, reason, remote } => remote::reject(&remote, &id, &reason),
         Command::Put { key, value, signing, remote } => remote::signed_write(&remote, &signing, &key, Some(&value)),

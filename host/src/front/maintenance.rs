@@ -2,7 +2,8 @@
 //! answers for the keyspace (sizes summed over the groups, each group's errors named by group),
 //! `Alarm` lists and disarms the groups' alarms by their own member IDs, `Defragment` runs on
 //! each member of each group in turn, and `Hash`/`HashKV` hash what clients can read (see
-//! `gate/hash.rs`). `MoveLeader` belongs to a group's own members.
+//! `gate/hash.rs`), and `Snapshot` streams aq's archive of every group (`crate::snapshot`).
+//! `MoveLeader` belongs to a group's own members.
 
 use std::sync::Arc;
 
@@ -68,6 +69,18 @@ impl Maintenance {
             "no etcd group of aq has a member with id {member:x}; `etcdctl alarm list` through aq names the members \
              that have alarms, and `aq groups ls` lists each group's endpoints"
         )))
+    }
+}
+
+/// Bytes per Snapshot message.
+const SNAPSHOT_CHUNK: usize = 1 << 20;
+
+/// A directory removed when dropped.
+struct TempDir(std::path::PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
@@ -182,10 +195,45 @@ impl pb::PbMaintenanceService for Maintenance {
         Ok(Response::new(pb::PbHashKvResponse { header, hash: hashed.hash, compact_revision: 0, hash_revision: hashed.revision }))
     }
 
-    type SnapshotStream = tokio_stream::Empty<Result<pb::PbSnapshotResponse, Status>>;
+    type SnapshotStream = tokio_stream::wrappers::ReceiverStream<Result<pb::PbSnapshotResponse, Status>>;
 
-    async fn snapshot(&self, _: Request<pb::PbSnapshotRequest>) -> Result<Response<Self::SnapshotStream>, Status> {
-        Err(unimplemented("Snapshot"))
+    /// aq's snapshot archive (`crate::snapshot`), not one etcd database: every group's
+    /// snapshot and the layout, assembled in a temporary directory first and then streamed.
+    async fn snapshot(&self, request: Request<pb::PbSnapshotRequest>) -> Result<Response<Self::SnapshotStream>, Status> {
+        self.admin(&request).await?;
+        let mut suffix = [0u8; 8];
+        getrandom::fill(&mut suffix).map_err(|e| Status::internal(format!("no randomness: {e}")))?;
+        let dir = TempDir(std::env::temp_dir().join(format!("aq-snapshot-{}", hex::encode(suffix))));
+        std::fs::create_dir_all(&dir.0).map_err(|e| Status::internal(format!("cannot make {}: {e}", dir.0.display())))?;
+        let manifest = crate::snapshot::take(&self.gate, &dir.0, |_, _| {}).await.map_err(Status::failed_precondition)?;
+        let archive = dir.0.join("archive.tar");
+        let file = std::fs::File::create(&archive).map_err(|e| Status::internal(format!("cannot write {}: {e}", archive.display())))?;
+        crate::snapshot::write_archive(&manifest, &dir.0, std::io::BufWriter::new(file))
+            .map_err(|e| Status::internal(format!("cannot write {}: {e}", archive.display())))?;
+        let header = self.header(self.gate.home().status().await?.header);
+        let (sender, receiver) = tokio::sync::mpsc::channel(4);
+        tokio::task::spawn_blocking(move || {
+            let _dir = dir;
+            let sent = (|| {
+                use std::io::Read;
+                let mut file = std::fs::File::open(&archive)?;
+                let mut remaining = file.metadata()?.len();
+                while remaining > 0 {
+                    let mut blob = vec![0u8; SNAPSHOT_CHUNK.min(remaining as usize)];
+                    file.read_exact(&mut blob)?;
+                    remaining -= blob.len() as u64;
+                    let message = pb::PbSnapshotResponse { header, remaining_bytes: remaining, blob, ..Default::default() };
+                    if sender.blocking_send(Ok(message)).is_err() {
+                        break; // the client went away
+                    }
+                }
+                Ok::<(), std::io::Error>(())
+            })();
+            if let Err(e) = sent {
+                let _ = sender.blocking_send(Err(Status::internal(format!("reading the snapshot archive failed: {e}"))));
+            }
+        });
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(receiver)))
     }
 
     async fn move_leader(
