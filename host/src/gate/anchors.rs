@@ -127,6 +127,7 @@ impl Gateway {
             nonce: hex::encode(&nonce),
             not_after,
             client: caller.signed.as_ref().map(ClientSignatures::of),
+            etcd_user: caller.user.clone(),
         };
         let body = Arc::new(serde_json::to_vec(&body).expect("JSON"));
         let header = anchor.identity.call_header(&body);
@@ -222,6 +223,7 @@ impl Gateway {
             )));
         }
         let mut context = self.context(runtime, ops, compares);
+        context.transport.etcd_user = request.etcd_user.clone();
         if let Some(client) = &request.client {
             let signed = client.to_signed().map_err(|e| CosignError::Invalid(e.to_string()))?;
             context.credentials = self

@@ -666,20 +666,26 @@ impl MetaStore {
         }
     }
 
+    /// Puts `value` at `key` if the key is still at `expected` (its mod revision; 0: absent).
+    /// Returns the revision of the write, or `None` when the key moved.
+    async fn put_unchanged(&self, key: Vec<u8>, value: Vec<u8>, expected: i64) -> Result<Option<i64>, MetaError> {
+        let response = self
+            .group
+            .txn(pb::PbTxnRequest {
+                compare: vec![compare_unchanged(key.clone(), expected)],
+                success: vec![put_op(key, value)],
+                failure: Vec::new(),
+            })
+            .await?;
+        Ok(response.succeeded.then(|| response.header.map(|h| h.revision).unwrap_or_default()))
+    }
+
     /// Writes the layout if it is still at `expected` (its mod revision; 0: absent). Returns
     /// the revision of the write; [`MetaError::LayoutConflict`] names the epoch that won.
     pub async fn write_layout(&self, record: &layout::LayoutRecord, expected: i64) -> Result<i64, MetaError> {
         let value = serde_json::to_vec_pretty(record).expect("JSON");
-        let response = self
-            .group
-            .txn(pb::PbTxnRequest {
-                compare: vec![compare_unchanged(layout_key(), expected)],
-                success: vec![put_op(layout_key(), value)],
-                failure: Vec::new(),
-            })
-            .await?;
-        if response.succeeded {
-            return Ok(response.header.map(|h| h.revision).unwrap_or_default());
+        if let Some(revision) = self.put_unchanged(layout_key(), value, expected).await? {
+            return Ok(revision);
         }
         let epoch = self.layout().await?.map(|(stored, _)| stored.epoch).unwrap_or_default();
         Err(MetaError::LayoutConflict(epoch))
@@ -697,18 +703,7 @@ impl MetaStore {
     /// absent). Returns the revision of the write; [`MetaError::Conflict`] when it moved.
     pub async fn write_auth(&self, record: &crate::auth::AuthRecord, expected: i64) -> Result<i64, MetaError> {
         let value = serde_json::to_vec(record).expect("JSON");
-        let response = self
-            .group
-            .txn(pb::PbTxnRequest {
-                compare: vec![compare_unchanged(auth_key(), expected)],
-                success: vec![put_op(auth_key(), value)],
-                failure: Vec::new(),
-            })
-            .await?;
-        if response.succeeded {
-            return Ok(response.header.map(|h| h.revision).unwrap_or_default());
-        }
-        Err(MetaError::Conflict("the users and roles".into()))
+        self.put_unchanged(auth_key(), value, expected).await?.ok_or_else(|| MetaError::Conflict("the users and roles".into()))
     }
 
     /// Takes the migration lock for `id`; false when another migration holds it.

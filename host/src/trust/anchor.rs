@@ -138,6 +138,11 @@ pub struct CosignRequest {
     pub not_after: u64,
     /// The client's own signatures, which the peer verifies itself.
     pub client: Option<ClientSignatures>,
+    /// The etcd user the client authenticated as on the asking replica (aq's etcd auth),
+    /// so the peer's policy sees the same transport identity. Taken on the asking anchor's
+    /// word, which its call signature vouches for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub etcd_user: Option<String>,
 }
 
 /// A peer's co-signature.
