@@ -71,6 +71,16 @@ async fn etcdctl_defrag_through_aq_defragments_every_group_and_status_sums_them(
 
     let (ok, _, err) = gw.etcdctl(&["move-leader", "1"]);
     assert!(!ok && err.contains("aq is not a Raft member"), "{err}");
+    // Downgrade (etcd 3.5's call) is the groups' business too.
+    let client = gw.client().await;
+    let err = client
+        .maintenance_client()
+        .downgrade(etcd_client::DowngradeOptions::Validate("3.4.0".into()))
+        .await
+        .unwrap_err();
+    let etcd_client::Error::GRpcStatus(status) = &err else { panic!("{err}") };
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
+    assert!(status.message().contains("downgrade each group's etcd"), "{}", status.message());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use etcd_client::proto as pb;
 use tonic::{Request, Response, Status};
 
-use super::{REPORTED_ETCD_VERSION, unimplemented};
+use super::REPORTED_ETCD_VERSION;
 use crate::auth::Auth;
 use crate::backend::Group;
 use crate::gate::Gateway;
@@ -246,7 +246,11 @@ impl pb::PbMaintenanceService for Maintenance {
         ))
     }
 
-    async fn downgrade(&self, _: Request<pb::PbDowngradeRequest>) -> Result<Response<pb::PbDowngradeResponse>, Status> {
-        Err(unimplemented("Downgrade"))
+    async fn downgrade(&self, request: Request<pb::PbDowngradeRequest>) -> Result<Response<pb::PbDowngradeResponse>, Status> {
+        self.admin(&request).await?;
+        Err(Status::failed_precondition(
+            "aq is not an etcd member and runs no etcd version of its own; downgrade each group's etcd \
+             against that group's endpoints (`aq groups ls` lists them), one group at a time",
+        ))
     }
 }
