@@ -323,7 +323,9 @@ pub async fn start(config: Config, options: ServeOptions) -> Result<Running, Str
         .add_service(pb::PbKvServer::new(front::Kv::new(gateway.clone(), etcd_auth.clone())))
         .add_service(pb::PbWatchServer::new(front::Watch::new(gateway.clone(), etcd_auth.clone())))
         .add_service(pb::PbLeaseServer::new(front::Lease::new(gateway.clone(), etcd_auth.clone())))
-        .add_service(pb::PbMaintenanceServer::new(front::Maintenance::new(gateway.clone(), etcd_auth.clone(), addr)))
+        .add_service(pb::PbMaintenanceServer::new(
+            front::Maintenance::new(gateway.clone(), etcd_auth.clone(), addr).with_data_dir(options.data_dir.clone()),
+        ))
         .add_service(pb::PbClusterServer::new(front::Cluster::new(gateway.clone(), addr)))
         .add_service(front::concurrency::proto::lock::lock_server::LockServer::new(front::Lock::new(
             gateway.clone(),

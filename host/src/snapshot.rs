@@ -57,6 +57,10 @@ pub struct GroupSnapshot {
     pub revision_from: i64,
     /// See `revision_from`.
     pub revision_to: i64,
+    /// For a group aq manages, the path in the archive of its credentials (aq's etcd users'
+    /// passwords, which the restored etcd still expects) and their BLAKE3.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials: Option<(String, String)>,
 }
 
 /// The size and BLAKE3 of an etcd snapshot read from `reader`, and whether its last 32 bytes
@@ -86,7 +90,13 @@ fn digest_db(mut reader: impl Read) -> std::io::Result<(u64, String, bool)> {
 }
 
 /// Takes every group's snapshot into `dir` (one `<group>.db` each) and returns the manifest.
-pub async fn take(gateway: &Gateway, dir: &Path, mut progress: impl FnMut(&str, u64)) -> Result<Manifest, String> {
+/// With `data_dir`, the credentials of the groups aq manages there go into the archive too.
+pub async fn take(
+    gateway: &Gateway,
+    dir: &Path,
+    data_dir: Option<&Path>,
+    mut progress: impl FnMut(&str, u64),
+) -> Result<Manifest, String> {
     let meta = MetaStore::new(gateway.home().clone());
     let read_layout = async || meta.layout().await.map(|found| found.map(|(record, _)| record)).map_err(|e| e.to_string());
     if let Some(id) = meta.active_migration().await.map_err(|e| e.to_string())? {
@@ -120,7 +130,16 @@ pub async fn take(gateway: &Gateway, dir: &Path, mut progress: impl FnMut(&str, 
             return Err(format!("group {name}'s snapshot does not match its own SHA-256; take it again"));
         }
         let revision_to = revision_of().await?;
-        groups.push(GroupSnapshot { name: name.clone(), file: format!("groups/{name}.db"), bytes, blake3, revision_from, revision_to });
+        let secrets = data_dir.map(|d| crate::backend::ownership::ManagedSecrets::path(&crate::adapt::groups::group_dir(d, name)));
+        let credentials = match secrets.filter(|path| path.exists()) {
+            Some(path) => {
+                let bytes = std::fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+                std::fs::write(dir.join(format!("{name}.credentials.json")), &bytes).map_err(|e| format!("cannot write the archive: {e}"))?;
+                Some((format!("credentials/{name}.json"), blake3::hash(&bytes).to_hex().to_string()))
+            }
+            None => None,
+        };
+        groups.push(GroupSnapshot { name: name.clone(), file: format!("groups/{name}.db"), bytes, blake3, revision_from, revision_to, credentials });
     }
     if read_layout().await?.map(|l| l.epoch) != layout.as_ref().map(|l| l.epoch) {
         return Err("the scope layout changed while the groups were read; take the snapshot again".into());
@@ -161,6 +180,10 @@ pub fn write_archive(manifest: &Manifest, dir: &Path, out: impl Write) -> std::i
     for group in &manifest.groups {
         let mut file = std::fs::File::open(dir.join(format!("{}.db", group.name)))?;
         archive.append_file(&group.file, &mut file)?;
+        if let Some((path, _)) = &group.credentials {
+            let mut secrets = std::fs::File::open(dir.join(format!("{}.credentials.json", group.name)))?;
+            archive.append_file(path, &mut secrets)?;
+        }
     }
     let Hashing { mut inner, sha } = archive.into_inner()?;
     inner.write_all(&sha.finalize())?;
@@ -205,6 +228,18 @@ pub fn verify(path: &Path) -> Result<Manifest, String> {
     for entry in entries {
         let entry = entry.map_err(not_archive)?;
         let name = entry.path().map_err(not_archive)?.to_string_lossy().into_owned();
+        if let Some((_, digest)) = manifest.groups.iter().filter_map(|g| g.credentials.as_ref()).find(|(path, _)| *path == name) {
+            if !seen.insert(name.clone()) {
+                return Err(format!("{name} is in the archive twice"));
+            }
+            let mut bytes = Vec::new();
+            let mut entry = entry;
+            entry.read_to_end(&mut bytes).map_err(not_archive)?;
+            if blake3::hash(&bytes).to_hex().to_string() != *digest {
+                return Err(format!("{name} does not match the manifest: the archive is damaged"));
+            }
+            continue;
+        }
         let group = manifest
             .groups
             .iter()
@@ -224,8 +259,9 @@ pub fn verify(path: &Path) -> Result<Manifest, String> {
             return Err(format!("{name} fails etcd's own SHA-256 checksum: the group's snapshot is damaged"));
         }
     }
-    if let Some(missing) = manifest.groups.iter().find(|g| !seen.contains(&g.file)) {
-        return Err(format!("{} is missing from the archive (truncated?)", missing.file));
+    let expected = manifest.groups.iter().flat_map(|g| std::iter::once(&g.file).chain(g.credentials.as_ref().map(|(p, _)| p)));
+    if let Some(missing) = expected.into_iter().find(|file| !seen.contains(*file)) {
+        return Err(format!("{missing} is missing from the archive (truncated?)"));
     }
     let names: std::collections::BTreeSet<&str> = manifest.groups.iter().map(|g| g.name.as_str()).collect();
     if !names.contains(manifest.home.as_str()) {
@@ -237,6 +273,80 @@ pub fn verify(path: &Path) -> Result<Manifest, String> {
         return Err(format!("scope {} lives on group {}, which the archive has no snapshot of", scope.id, scope.group));
     }
     Ok(manifest)
+}
+
+/// What [`restore`] did with each group.
+#[derive(Debug)]
+pub struct Restored {
+    /// Managed groups rebuilt under the data directory.
+    pub managed: Vec<String>,
+    /// Groups aq does not manage: their snapshots written out for their operators, by path.
+    pub external: Vec<(String, std::path::PathBuf)>,
+}
+
+/// Rebuilds a data directory from an archive: each group aq managed gets its etcd data
+/// (`etcdctl snapshot restore` of its snapshot) and its credentials where `aq serve` looks
+/// for them; the snapshot of a group aq does not manage is written to
+/// `<data_dir>/restore/<group>.db`, to restore into that cluster with etcdctl. Refuses a data
+/// directory that already holds etcd data. `aq serve --data-dir` then starts from it.
+pub fn restore(archive_path: &Path, data_dir: &Path, etcdctl: &str) -> Result<Restored, String> {
+    let manifest = verify(archive_path)?;
+    let etcd_dir = data_dir.join("etcd");
+    if std::fs::read_dir(&etcd_dir).is_ok_and(|mut entries| entries.next().is_some()) {
+        return Err(format!("{} already holds etcd data; restore into an empty data directory", etcd_dir.display()));
+    }
+    let scratch = data_dir.join("restore");
+    std::fs::create_dir_all(&scratch).map_err(|e| format!("cannot create {}: {e}", scratch.display()))?;
+    let size = std::fs::metadata(archive_path).map_err(|e| e.to_string())?.len();
+    let file = std::fs::File::open(archive_path).map_err(|e| format!("cannot read {}: {e}", archive_path.display()))?;
+    let mut archive = tar::Archive::new(std::io::BufReader::new(file.take(size - 32)));
+    let mut restored = Restored { managed: Vec::new(), external: Vec::new() };
+    for entry in archive.entries().map_err(|e| e.to_string())? {
+        let mut entry = entry.map_err(|e| e.to_string())?;
+        let name = entry.path().map_err(|e| e.to_string())?.to_string_lossy().into_owned();
+        if let Some(group) = manifest.groups.iter().find(|g| g.file == name) {
+            let db = scratch.join(format!("{}.db", group.name));
+            entry.unpack(&db).map_err(|e| format!("cannot write {}: {e}", db.display()))?;
+        } else if let Some(group) = manifest.groups.iter().find(|g| g.credentials.as_ref().is_some_and(|(p, _)| *p == name)) {
+            let mut bytes = Vec::new();
+            entry.read_to_end(&mut bytes).map_err(|e| e.to_string())?;
+            let dir = crate::adapt::groups::group_dir(data_dir, &group.name);
+            std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+            crate::private_file::create(&crate::backend::ownership::ManagedSecrets::path(&dir), &bytes)?;
+        }
+    }
+    for group in &manifest.groups {
+        let db = scratch.join(format!("{}.db", group.name));
+        if group.credentials.is_none() {
+            restored.external.push((group.name.clone(), db));
+            continue;
+        }
+        let dir = crate::adapt::groups::group_dir(data_dir, &group.name);
+        let port = crate::backend::managed::free_port().map_err(|e| e.to_string())?;
+        let member = format!("{}-restored", group.name);
+        let peer = format!("http://127.0.0.1:{port}");
+        let output = std::process::Command::new(etcdctl)
+            .env("ETCDCTL_API", "3")
+            .arg("snapshot")
+            .arg("restore")
+            .arg(&db)
+            .arg(format!("--data-dir={}", dir.join("member-data").display()))
+            .arg(format!("--name={member}"))
+            .arg(format!("--initial-cluster={member}={peer}"))
+            .arg(format!("--initial-advertise-peer-urls={peer}"))
+            .output()
+            .map_err(|e| format!("cannot run {etcdctl} (is etcd-client installed?): {e}"))?;
+        if !output.status.success() {
+            return Err(format!(
+                "etcdctl snapshot restore of group {} failed: {}",
+                group.name,
+                String::from_utf8_lossy(&output.stderr).trim()
+            ));
+        }
+        let _ = std::fs::remove_file(&db);
+        restored.managed.push(group.name.clone());
+    }
+    Ok(restored)
 }
 
 #[cfg(test)]
@@ -278,6 +388,7 @@ mod tests {
                 blake3: blake3::hash(&main).to_hex().to_string(),
                 revision_from: 9,
                 revision_to: 9,
+                credentials: None,
             }],
         };
         let path = dir.path().join("archive.tar");

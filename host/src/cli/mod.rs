@@ -257,6 +257,18 @@ enum SnapshotCommand {
         #[arg(long)]
         user: Option<String>,
     },
+    /// Rebuild a data directory from an archive (verified first): each group aq managed gets
+    /// its etcd data and credentials back; `aq serve --data-dir <dir>` then starts from it.
+    Restore {
+        /// The archive.
+        path: PathBuf,
+        /// The data directory to rebuild; it must hold no etcd data yet.
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// Debian's etcdctl, which restores each group's etcd snapshot.
+        #[arg(long, default_value = "etcdctl")]
+        etcdctl: String,
+    },
     /// Check an archive offline: its manifest, each group's size and digest, each etcd
     /// snapshot's own checksum. Exit 1 naming what is wrong.
     Verify {
@@ -529,6 +541,7 @@ pub fn main() -> ExitCode {
         Command::Lineage(LineageCommand::Verify { export, trusted }) => remote::lineage_verify(&export, &trusted),
         Command::Snapshot(SnapshotCommand::Save { path, endpoints, user }) => snapshot::save(&path, &endpoints, user.as_deref()),
         Command::Snapshot(SnapshotCommand::Verify { path, json }) => snapshot::verify(&path, json),
+        Command::Snapshot(SnapshotCommand::Restore { path, data_dir, etcdctl }) => snapshot::restore(&path, &data_dir, &etcdctl),
         Command::Approve { id, key, remote } => remote::approve(&remote, &id, &key),
         Command::Reject { id, reason, remote } => remote::reject(&remote, &id, &reason),
         Command::Put { key, value, signing, remote } => remote::signed_write(&remote, &signing, &key, Some(&value)),

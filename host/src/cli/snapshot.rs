@@ -1,5 +1,5 @@
-//! `aq snapshot save|verify`: aq's backup archive (`crate::snapshot`), saved through aq's own
-//! etcd API and checked offline.
+//! `aq snapshot save|verify|restore`: aq's backup archive (`crate::snapshot`), saved through
+//! aq's own etcd API, checked offline, and rebuilt into a data directory.
 
 use std::io::{IsTerminal, Write};
 use std::path::Path;
@@ -109,4 +109,23 @@ pub(super) fn save(path: &Path, endpoints: &str, user: Option<&str>) -> Result<(
             Err(CliError::Refused(format!("the archive aq sent does not verify: {e}")))
         }
     }
+}
+
+/// `aq snapshot restore`.
+pub(super) fn restore(path: &Path, data_dir: &Path, etcdctl: &str) -> Result<(), CliError> {
+    if !path.exists() {
+        return Err(CliError::Input(format!("{} does not exist", path.display())));
+    }
+    let restored = crate::snapshot::restore(path, data_dir, etcdctl).map_err(CliError::Refused)?;
+    for group in &restored.managed {
+        println!("group {group}: restored under {}", crate::adapt::groups::group_dir(data_dir, group).display());
+    }
+    for (group, db) in &restored.external {
+        println!(
+            "group {group}: aq does not manage it; restore {} into its cluster (etcdctl snapshot restore), then start aq",
+            db.display()
+        );
+    }
+    println!("start aq with: aq serve --data-dir {} (and the same --config)", data_dir.display());
+    Ok(())
 }

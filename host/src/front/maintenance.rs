@@ -26,12 +26,20 @@ pub struct Maintenance {
     gate: Arc<Gateway>,
     auth: Arc<Auth>,
     addr: std::net::SocketAddr,
+    /// Where the managed groups' credentials are, for snapshots.
+    data_dir: Option<std::path::PathBuf>,
 }
 
 impl Maintenance {
     /// Maintenance over `gate`, with etcd users from `auth`, served at `addr`.
     pub fn new(gate: Arc<Gateway>, auth: Arc<Auth>, addr: std::net::SocketAddr) -> Self {
-        Maintenance { gate, auth, addr }
+        Maintenance { gate, auth, addr, data_dir: None }
+    }
+
+    /// Snapshots carry the credentials of the groups aq manages under `data_dir`.
+    pub fn with_data_dir(mut self, data_dir: std::path::PathBuf) -> Self {
+        self.data_dir = Some(data_dir);
+        self
     }
 
     async fn admin<T>(&self, request: &Request<T>) -> Result<(), Status> {
@@ -205,7 +213,9 @@ impl pb::PbMaintenanceService for Maintenance {
         getrandom::fill(&mut suffix).map_err(|e| Status::internal(format!("no randomness: {e}")))?;
         let dir = TempDir(std::env::temp_dir().join(format!("aq-snapshot-{}", hex::encode(suffix))));
         std::fs::create_dir_all(&dir.0).map_err(|e| Status::internal(format!("cannot make {}: {e}", dir.0.display())))?;
-        let manifest = crate::snapshot::take(&self.gate, &dir.0, |_, _| {}).await.map_err(Status::failed_precondition)?;
+        let manifest = crate::snapshot::take(&self.gate, &dir.0, self.data_dir.as_deref(), |_, _| {})
+            .await
+            .map_err(Status::failed_precondition)?;
         let archive = dir.0.join("archive.tar");
         let file = std::fs::File::create(&archive).map_err(|e| Status::internal(format!("cannot write {}: {e}", archive.display())))?;
         crate::snapshot::write_archive(&manifest, &dir.0, std::io::BufWriter::new(file))
