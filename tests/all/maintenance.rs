@@ -14,6 +14,10 @@ async fn an_alarm_on_one_group_stops_only_its_scopes_and_etcdctl_disarms_it_thro
     let gw = TestGateway::start().await;
     let (ok, out, err) = gw.etcdctl(&["alarm", "list"]);
     assert!(ok && out.trim().is_empty(), "no alarm yet: {out}{err}");
+    // Disarming an alarm no member has is a no-op, as in etcd.
+    let mut client = gw.client().await;
+    let disarmed = client.alarm(AlarmAction::Deactivate, AlarmType::None, Some(AlarmOptions::new())).await.expect("a no-op");
+    assert!(disarmed.alarms().is_empty());
 
     // The events group runs out of space (its etcd raises NOSPACE for its member).
     let member = status_of(&gw.events).await.header().expect("a header").member_id();
@@ -37,10 +41,10 @@ async fn an_alarm_on_one_group_stops_only_its_scopes_and_etcdctl_disarms_it_thro
     assert!(gw.etcdctl(&["alarm", "list"]).1.trim().is_empty());
     client.put("/registry/events/ns/e1", "x", None).await.expect("writes go through once disarmed");
 
-    // An alarm for a member no group has is refused with what to do.
+    // Raising an alarm for a member no group has is refused with what to do.
     let mut options = AlarmOptions::new();
     options.with_member(12345);
-    let unknown = client.alarm(AlarmAction::Deactivate, AlarmType::Nospace, Some(options)).await.expect_err("no such member");
+    let unknown = client.alarm(AlarmAction::Activate, AlarmType::Nospace, Some(options)).await.expect_err("no such member");
     assert!(unknown.to_string().contains("no etcd group of aq has a member with id 3039"), "{unknown}");
 }
 
@@ -115,6 +119,12 @@ async fn hash_kv_covers_what_clients_read_and_agrees_across_replicas() {
     assert_eq!(second, hash_at(replica.running.addr.to_string()).await);
     let (ok, out, err) = gw.etcdctl(&["endpoint", "hashkv"]);
     assert!(ok && out.contains(&format!(", {second}")), "{out}{err}");
+
+    // The compaction reported is the one clients made (etcd's -1 before any).
+    assert_eq!(client.hash_kv(0).await.unwrap().compact_version(), -1);
+    let revision = client.put("/registry/pods/ns/a", "2", None).await.unwrap().header().unwrap().revision();
+    client.compact(revision, None).await.unwrap();
+    assert_eq!(client.hash_kv(0).await.unwrap().compact_version(), revision);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -142,6 +142,7 @@ mod path {
     pub const ALARM: &str = "/etcdserverpb.Maintenance/Alarm";
     pub const DEFRAGMENT: &str = "/etcdserverpb.Maintenance/Defragment";
     pub const SNAPSHOT: &str = "/etcdserverpb.Maintenance/Snapshot";
+    pub const HASH_KV: &str = "/etcdserverpb.Maintenance/HashKV";
     pub const MEMBER_LIST: &str = "/etcdserverpb.Cluster/MemberList";
     pub const LEASE_GRANT: &str = "/etcdserverpb.Lease/LeaseGrant";
     pub const LEASE_REVOKE: &str = "/etcdserverpb.Lease/LeaseRevoke";
@@ -471,6 +472,11 @@ impl Group {
         requests: impl tokio_stream::Stream<Item = pb::PbLeaseKeepAliveRequest> + Send + 'static,
     ) -> Result<Streaming<pb::PbLeaseKeepAliveResponse>, Status> {
         self.streaming(path::LEASE_KEEP_ALIVE, requests).await
+    }
+
+    /// etcd `Maintenance.HashKV` of the member the channel picks, at `revision` (0: latest).
+    pub async fn hash_kv(&self, revision: i64) -> Result<pb::PbHashKvResponse, Status> {
+        self.unary(path::HASH_KV, pb::PbHashKvRequest { revision }).await
     }
 
     /// etcd `Maintenance.Snapshot` of the member the channel picks: its whole store, streamed,

@@ -65,6 +65,17 @@ impl Maintenance {
         })
     }
 
+    /// Whether a member of some group has `member`'s id.
+    async fn has_member(&self, member: u64) -> Result<bool, Status> {
+        for (name, group) in self.maintainers() {
+            let members = group.member_list().await.map_err(|s| in_group(&name, s))?;
+            if members.members.iter().any(|m| m.id == member) {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
     /// The group one of whose members has `member`'s id.
     async fn group_of_member(&self, member: u64) -> Result<(String, Group), Status> {
         for (name, group) in self.maintainers() {
@@ -119,8 +130,13 @@ impl pb::PbMaintenanceService for Maintenance {
                 for (name, group) in self.maintainers() {
                     let listed = group.alarm(request).await.map_err(|s| in_group(&name, s))?;
                     answer.header = answer.header.or(listed.header);
-                    answer.alarms.extend(listed.alarms);
+                    // etcd lists every alarm for type NONE, else those of the type asked.
+                    answer.alarms.extend(listed.alarms.into_iter().filter(|a| request.alarm == 0 || a.alarm == request.alarm));
                 }
+            }
+            // Disarming what no member has is a no-op in etcd, not an error.
+            ALARM_DEACTIVATE if !self.has_member(request.member_id).await? => {
+                answer.header = self.gate.home().status().await?.header;
             }
             ALARM_ACTIVATE | ALARM_DEACTIVATE => {
                 let (name, group) = self.group_of_member(request.member_id).await?;
@@ -200,7 +216,11 @@ impl pb::PbMaintenanceService for Maintenance {
         if let Some(header) = header.as_mut() {
             header.revision = hashed.revision;
         }
-        Ok(Response::new(pb::PbHashKvResponse { header, hash: hashed.hash, compact_revision: 0, hash_revision: hashed.revision }))
+        // The compaction clients see is the home group's (aq compacts every group together);
+        // etcd's -1 when it never compacted.
+        let home = self.gate.replayer(self.gate.home().name()).unwrap_or_else(|| self.gate.home().clone());
+        let compact_revision = home.hash_kv(0).await.map(|h| h.compact_revision).unwrap_or(-1);
+        Ok(Response::new(pb::PbHashKvResponse { header, hash: hashed.hash, compact_revision, hash_revision: hashed.revision }))
     }
 
     type SnapshotStream = tokio_stream::wrappers::ReceiverStream<Result<pb::PbSnapshotResponse, Status>>;
