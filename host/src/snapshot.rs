@@ -63,30 +63,50 @@ pub struct GroupSnapshot {
     pub credentials: Option<(String, String)>,
 }
 
-/// The size and BLAKE3 of an etcd snapshot read from `reader`, and whether its last 32 bytes
+/// The size and BLAKE3 of an etcd snapshot fed to it in pieces, and whether its last 32 bytes
 /// are the SHA-256 of the rest (the checksum etcd appends to the snapshots it streams).
+struct DbDigest {
+    blake: blake3::Hasher,
+    sha: sha2::Sha256,
+    /// The last (up to) 32 bytes seen, held back from the SHA-256.
+    tail: Vec<u8>,
+    total: u64,
+}
+
+impl DbDigest {
+    fn new() -> Self {
+        DbDigest { blake: blake3::Hasher::new(), sha: sha2::Sha256::new(), tail: Vec::with_capacity(64), total: 0 }
+    }
+
+    fn update(&mut self, bytes: &[u8]) {
+        self.total += bytes.len() as u64;
+        self.blake.update(bytes);
+        self.tail.extend_from_slice(bytes);
+        if self.tail.len() > 32 {
+            let cut = self.tail.len() - 32;
+            self.sha.update(&self.tail[..cut]);
+            self.tail.drain(..cut);
+        }
+    }
+
+    /// Size, BLAKE3 (hex), and whether the trailing checksum holds.
+    fn finish(self) -> (u64, String, bool) {
+        let checksum_good = self.tail.len() == 32 && self.sha.finalize().as_slice() == self.tail.as_slice();
+        (self.total, self.blake.finalize().to_hex().to_string(), checksum_good)
+    }
+}
+
+/// [`DbDigest`] of everything `reader` holds.
 fn digest_db(mut reader: impl Read) -> std::io::Result<(u64, String, bool)> {
-    let mut blake = blake3::Hasher::new();
-    let mut sha = sha2::Sha256::new();
-    let mut tail: Vec<u8> = Vec::with_capacity(64);
+    let mut digest = DbDigest::new();
     let mut buffer = vec![0u8; 1 << 16];
-    let mut total = 0u64;
     loop {
         let read = reader.read(&mut buffer)?;
         if read == 0 {
-            break;
+            return Ok(digest.finish());
         }
-        total += read as u64;
-        blake.update(&buffer[..read]);
-        tail.extend_from_slice(&buffer[..read]);
-        if tail.len() > 32 {
-            let cut = tail.len() - 32;
-            sha.update(&tail[..cut]);
-            tail.drain(..cut);
-        }
+        digest.update(&buffer[..read]);
     }
-    let checksum_good = tail.len() == 32 && sha.finalize().as_slice() == tail.as_slice();
-    Ok((total, blake.finalize().to_hex().to_string(), checksum_good))
 }
 
 /// Takes every group's snapshot into `dir` (one `<group>.db` each) and returns the manifest.
@@ -95,7 +115,6 @@ pub async fn take(
     gateway: &Gateway,
     dir: &Path,
     data_dir: Option<&Path>,
-    mut progress: impl FnMut(&str, u64),
 ) -> Result<Manifest, String> {
     let meta = MetaStore::new(gateway.home().clone());
     let read_layout = async || meta.layout().await.map(|found| found.map(|(record, _)| record)).map_err(|e| e.to_string());
@@ -117,15 +136,15 @@ pub async fn take(
         let mut stream = group.snapshot().await.map_err(|s| format!("group {name} refused its snapshot: {}", s.message()))?;
         let path = dir.join(format!("{name}.db"));
         let mut file = std::fs::File::create(&path).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        let mut digest = DbDigest::new();
         loop {
             let message = stream.message().await.map_err(|s| format!("group {name}'s snapshot broke off: {}", s.message()))?;
             let Some(message) = message else { break };
             file.write_all(&message.blob).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-            progress(name, message.blob.len() as u64);
+            digest.update(&message.blob);
         }
         file.sync_all().map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-        let opened = std::fs::File::open(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-        let (bytes, blake3, checksum_good) = digest_db(opened).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let (bytes, blake3, checksum_good) = digest.finish();
         if !checksum_good {
             return Err(format!("group {name}'s snapshot does not match its own SHA-256; take it again"));
         }

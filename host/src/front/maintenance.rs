@@ -65,29 +65,15 @@ impl Maintenance {
         })
     }
 
-    /// Whether a member of some group has `member`'s id.
-    async fn has_member(&self, member: u64) -> Result<bool, Status> {
+    /// The group one of whose members has `member`'s id, if any.
+    async fn group_of_member(&self, member: u64) -> Result<Option<(String, Group)>, Status> {
         for (name, group) in self.maintainers() {
             let members = group.member_list().await.map_err(|s| in_group(&name, s))?;
             if members.members.iter().any(|m| m.id == member) {
-                return Ok(true);
+                return Ok(Some((name, group)));
             }
         }
-        Ok(false)
-    }
-
-    /// The group one of whose members has `member`'s id.
-    async fn group_of_member(&self, member: u64) -> Result<(String, Group), Status> {
-        for (name, group) in self.maintainers() {
-            let members = group.member_list().await.map_err(|s| in_group(&name, s))?;
-            if members.members.iter().any(|m| m.id == member) {
-                return Ok((name, group));
-            }
-        }
-        Err(Status::invalid_argument(format!(
-            "no etcd group of aq has a member with id {member:x}; `etcdctl alarm list` through aq names the members \
-             that have alarms, and `aq groups ls` lists each group's endpoints"
-        )))
+        Ok(None)
     }
 }
 
@@ -134,16 +120,22 @@ impl pb::PbMaintenanceService for Maintenance {
                     answer.alarms.extend(listed.alarms.into_iter().filter(|a| request.alarm == 0 || a.alarm == request.alarm));
                 }
             }
-            // Disarming what no member has is a no-op in etcd, not an error.
-            ALARM_DEACTIVATE if !self.has_member(request.member_id).await? => {
-                answer.header = self.gate.home().status().await?.header;
-            }
-            ALARM_ACTIVATE | ALARM_DEACTIVATE => {
-                let (name, group) = self.group_of_member(request.member_id).await?;
-                let changed = group.alarm(request).await.map_err(|s| in_group(&name, s))?;
-                answer.header = changed.header;
-                answer.alarms = changed.alarms;
-            }
+            ALARM_ACTIVATE | ALARM_DEACTIVATE => match self.group_of_member(request.member_id).await? {
+                Some((name, group)) => {
+                    let changed = group.alarm(request).await.map_err(|s| in_group(&name, s))?;
+                    answer.header = changed.header;
+                    answer.alarms = changed.alarms;
+                }
+                // Disarming what no member has is a no-op in etcd, not an error.
+                None if request.action == ALARM_DEACTIVATE => answer.header = self.gate.home().status().await?.header,
+                None => {
+                    return Err(Status::invalid_argument(format!(
+                        "no etcd group of aq has a member with id {:x}; `etcdctl alarm list` through aq names the \
+                         members that have alarms, and `aq groups ls` lists each group's endpoints",
+                        request.member_id
+                    )));
+                }
+            },
             other => {
                 return Err(Status::invalid_argument(format!(
                     "unknown alarm action {other}; use GET (0), ACTIVATE (1) or DEACTIVATE (2)"
@@ -233,7 +225,7 @@ impl pb::PbMaintenanceService for Maintenance {
         getrandom::fill(&mut suffix).map_err(|e| Status::internal(format!("no randomness: {e}")))?;
         let dir = TempDir(std::env::temp_dir().join(format!("aq-snapshot-{}", hex::encode(suffix))));
         std::fs::create_dir_all(&dir.0).map_err(|e| Status::internal(format!("cannot make {}: {e}", dir.0.display())))?;
-        let manifest = crate::snapshot::take(&self.gate, &dir.0, self.data_dir.as_deref(), |_, _| {})
+        let manifest = crate::snapshot::take(&self.gate, &dir.0, self.data_dir.as_deref())
             .await
             .map_err(Status::failed_precondition)?;
         let archive = dir.0.join("archive.tar");

@@ -222,8 +222,7 @@ impl Gateway {
                 COSIGN_VALIDITY.as_secs()
             )));
         }
-        let mut context = self.context(runtime, ops, compares);
-        context.transport.etcd_user = request.etcd_user.clone();
+        let mut context = self.context(runtime, ops, compares, request.etcd_user.as_deref());
         if let Some(client) = &request.client {
             let signed = client.to_signed().map_err(|e| CosignError::Invalid(e.to_string()))?;
             context.credentials = self

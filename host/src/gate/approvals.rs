@@ -365,7 +365,7 @@ impl Gateway {
             return Ok((None, done));
         }
         let (ops, compares, ranges) = model_of(&op);
-        let mut context = self.context(runtime, ops, compares);
+        let mut context = self.context(runtime, ops, compares, None);
         let principals = self.trust.principals_by_id();
         context.credentials = proposal
             .approvals

@@ -119,8 +119,15 @@ impl Gateway {
         answer.ok()
     }
 
-    /// What the scope's policy sees of a mutation; `evaluate` stamps the request time.
-    pub(super) fn context(&self, runtime: &ScopeRuntime, ops: Vec<m::Op>, compares: Vec<m::Compare>) -> m::Context {
+    /// What the scope's policy sees of a mutation from etcd user `user` (aq's etcd auth);
+    /// `evaluate` stamps the request time.
+    pub(super) fn context(
+        &self,
+        runtime: &ScopeRuntime,
+        ops: Vec<m::Op>,
+        compares: Vec<m::Compare>,
+        user: Option<&str>,
+    ) -> m::Context {
         let scope = &runtime.scope;
         m::Context {
             scope: m::ScopeInfo {
@@ -132,7 +139,7 @@ impl Gateway {
             ops,
             compares,
             credentials: Vec::new(),
-            transport: m::TransportIdentity::default(),
+            transport: m::TransportIdentity { tls_name: None, etcd_user: user.map(str::to_string) },
             request_time: m::Timestamp::default(),
         }
     }
@@ -265,7 +272,7 @@ impl Gateway {
         if owner.scope.id != scope_id {
             return Err(GateError::CrossScope(vec![scope_id.to_string(), owner.scope.id.clone()]));
         }
-        let mut context = self.context(runtime, ops, Vec::new());
+        let mut context = self.context(runtime, ops, Vec::new(), None);
         Ok(self.run_policy(runtime, &mut context))
     }
 }

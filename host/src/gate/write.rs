@@ -65,8 +65,7 @@ impl Gateway {
         op: &pb::PbTxnOpRequest,
         caller: &Caller,
     ) -> Result<(pb::PbTxnOpResponse, Option<pb::PbResponseHeader>), GateError> {
-        let mut context = self.context(runtime, ops, compares);
-        context.transport.etcd_user = caller.user.clone();
+        let mut context = self.context(runtime, ops, compares, caller.user.as_deref());
         self.verify(runtime, &mut context, caller).await?;
         // Anchors that did not co-sign, once they were asked.
         let mut unanchored: Option<Vec<String>> = None;
@@ -172,7 +171,7 @@ impl Gateway {
         // nothing, then delete each part on its group (not atomic across groups).
         for (runtime, part) in &parts {
             // Proposals cover one scope: a delete over several that needs approval is refused.
-            self.evaluate(runtime, &mut self.part_context(runtime, part, caller))?;
+            self.evaluate(runtime, &mut self.context(runtime, vec![delete_op(part)], Vec::new(), caller.user.as_deref()))?;
         }
         let mut merged = pb::PbDeleteResponse::default();
         let part_caller = Caller { user: caller.user.clone(), ..Caller::default() };
@@ -183,13 +182,6 @@ impl Gateway {
             merged.prev_kvs.extend(response.prev_kvs);
         }
         Ok(merged)
-    }
-
-    /// What a part's policy sees of a multi-scope delete.
-    fn part_context(&self, runtime: &ScopeRuntime, part: &pb::PbDeleteRequest, caller: &Caller) -> m::Context {
-        let mut context = self.context(runtime, vec![delete_op(part)], Vec::new());
-        context.transport.etcd_user = caller.user.clone();
-        context
     }
 
     /// A delete over several scopes of one group as one Txn: every part's policy decides,
@@ -207,7 +199,7 @@ impl Gateway {
             let mut guards = Vec::new();
             let mut success = Vec::new();
             for (runtime, part) in parts {
-                let mut context = self.part_context(runtime, part, caller);
+                let mut context = self.context(runtime, vec![delete_op(part)], Vec::new(), caller.user.as_deref());
                 let evaluated = self.evaluate(runtime, &mut context)?;
                 guards.extend(evaluated.guards);
                 if let Some(draft) = Draft::of(&context, evaluated.lineage, evaluated.policy, RecordKind::Mutation) {
