@@ -133,9 +133,13 @@ async fn a_scope_moves_live_to_another_group_and_loses_no_acknowledged_write() {
     assert_eq!(gw.running.syncer.store().active_migration().await.unwrap(), None);
 }
 
-/// Reads a watch until it shows `last`, returning every event's (type, key, revision).
-async fn watch_until(mut stream: etcd_client::WatchStream, last: &'static [u8]) -> Vec<(EventType, Vec<u8>, i64)> {
+/// Every event (type, key, revision) `stream` delivers until it has shown each key of
+/// `last`. A watch over scopes on
+/// several groups hears each group's events in order but the groups' relative to each other in
+/// any order, so a watch that ends on several groups needs a last key in each.
+async fn watch_until(mut stream: etcd_client::WatchStream, last: &[&'static [u8]]) -> Vec<(EventType, Vec<u8>, i64)> {
     let mut seen = Vec::new();
+    let mut waiting: Vec<&[u8]> = last.to_vec();
     loop {
         let message = tokio::time::timeout(std::time::Duration::from_secs(60), stream.message())
             .await
@@ -146,7 +150,8 @@ async fn watch_until(mut stream: etcd_client::WatchStream, last: &'static [u8]) 
         for event in message.events() {
             let kv = event.kv().unwrap();
             seen.push((event.event_type(), kv.key().to_vec(), kv.mod_revision()));
-            if kv.key() == last {
+            waiting.retain(|key| *key != kv.key());
+            if waiting.is_empty() {
                 return seen;
             }
         }
@@ -167,10 +172,10 @@ async fn a_watch_open_across_a_move_sees_every_event_once_in_order_and_none_of_t
     for endpoint in [gw.endpoint(), replica.running.addr.to_string()] {
         let mut client = etcd_client::Client::connect([endpoint], None).await.unwrap();
         let stream = client.watch("/registry/configmaps/", Some(WatchOptions::new().with_prefix())).await.unwrap();
-        watches.push(tokio::spawn(watch_until(stream, b"/registry/configmaps/zz-end")));
+        watches.push(tokio::spawn(watch_until(stream, &[b"/registry/configmaps/zz-end"])));
     }
     let single = client.watch("/registry/pods/ns/p001", None).await.unwrap();
-    let single = tokio::spawn(watch_until(single, b"/registry/pods/ns/p001"));
+    let single = tokio::spawn(watch_until(single, &[b"/registry/pods/ns/p001"]));
     let stop = Arc::new(AtomicBool::new(false));
     let writers = writers([gw.endpoint(), replica.running.addr.to_string()], &stop);
 
@@ -298,7 +303,7 @@ async fn a_scope_splits_and_its_new_part_moves_live_while_watches_and_writers_ru
     for endpoint in [gw.endpoint(), replica.running.addr.to_string()] {
         let mut client = etcd_client::Client::connect([endpoint], None).await.unwrap();
         let stream = client.watch("/registry/configmaps/", Some(WatchOptions::new().with_prefix())).await.unwrap();
-        watches.push(tokio::spawn(watch_until(stream, b"/registry/configmaps/zz-end")));
+        watches.push(tokio::spawn(watch_until(stream, &[b"/registry/configmaps/w0/zz-end", b"/registry/configmaps/zz-end"])));
     }
     let stop = Arc::new(AtomicBool::new(false));
     let writers = writers([gw.endpoint(), replica.running.addr.to_string()], &stop);
@@ -326,8 +331,11 @@ async fn a_scope_splits_and_its_new_part_moves_live_while_watches_and_writers_ru
     }
     stop.store(true, Ordering::Relaxed);
     let mut acked = acked_by(writers).await;
-    let end = client.put("/registry/configmaps/zz-end", "", None).await.unwrap().header().unwrap().revision();
-    acked.push((b"/registry/configmaps/zz-end".to_vec(), end));
+    // One last key in each scope: they are on two groups now.
+    for end in ["/registry/configmaps/w0/zz-end", "/registry/configmaps/zz-end"] {
+        let revision = client.put(end, "", None).await.unwrap().header().unwrap().revision();
+        acked.push((end.as_bytes().to_vec(), revision));
+    }
     acked.sort_by_key(|(_, revision)| *revision);
 
     // Each scope's events arrive once each, in its revision order, at the acknowledged
@@ -434,7 +442,7 @@ async fn a_split_off_scope_merges_back_live_and_its_revisions_never_go_backwards
     for endpoint in [gw.endpoint(), replica.running.addr.to_string()] {
         let mut client = etcd_client::Client::connect([endpoint], None).await.unwrap();
         let stream = client.watch("/registry/configmaps/", Some(WatchOptions::new().with_prefix())).await.unwrap();
-        watches.push(tokio::spawn(watch_until(stream, b"/registry/configmaps/zz-end")));
+        watches.push(tokio::spawn(watch_until(stream, &[b"/registry/configmaps/zz-end"])));
     }
     let stop = Arc::new(AtomicBool::new(false));
     let writers = writers([gw.endpoint(), replica.running.addr.to_string()], &stop);
