@@ -95,6 +95,9 @@ pub struct AdminConfig {
     /// ed25519 public keys (hex) whose policy signatures are trusted.
     #[serde(default)]
     pub trusted_publishers: Vec<String>,
+    /// kube-apiserver's `--etcd-prefix`: admission reviews map objects to their keys under it.
+    #[serde(default = "default_kube_etcd_prefix")]
+    pub kube_etcd_prefix: String,
 }
 
 impl Default for AdminConfig {
@@ -105,8 +108,13 @@ impl Default for AdminConfig {
             max_policy_bytes: default_max_policy_bytes(),
             require_signed_policies: false,
             trusted_publishers: Vec::new(),
+            kube_etcd_prefix: default_kube_etcd_prefix(),
         }
     }
+}
+
+fn default_kube_etcd_prefix() -> String {
+    crate::admission::DEFAULT_ETCD_PREFIX.to_string()
 }
 
 fn yes() -> bool {
@@ -123,7 +131,7 @@ fn default_max_policy_bytes() -> usize {
 pub struct TokenConfig {
     /// Who holds it, for logs.
     pub name: String,
-    /// `reader`, `operator` or `admin`.
+    /// `webhook`, `reader`, `operator` or `admin`.
     pub role: String,
     /// `blake3:<hex>` of the token; `aq token` prints it.
     pub hash: String,

@@ -6,6 +6,7 @@
 pub mod adapt;
 pub mod auth;
 pub mod admin;
+pub mod admission;
 pub mod backend;
 pub mod builtin;
 pub mod cli;

@@ -70,7 +70,7 @@ fn bad_inputs_exit_2_with_one_line() {
     let cases: [(&[&str], &str); 5] = [
         (&["policy", "inspect", "/nonexistent/policy.wasm"], "cannot read component /nonexistent/policy.wasm"),
         (&["policy", "inspect", text.to_str().unwrap()], "not a WebAssembly component"),
-        (&["policy", "inspect", OTHER_WORLD], "does not fit world aq:governance/governance@0.1.0: missing export"),
+        (&["policy", "inspect", OTHER_WORLD], "does not fit world aq:governance/governance@0.1.1: missing export"),
         (&["policy", "inspect", "builtin:nope"], "no built-in policy \"nope\""),
         (&["policy", "test", "builtin:open", "/nonexistent/fixture.json"], "fixture /nonexistent/fixture.json does not exist"),
     ];
@@ -91,11 +91,12 @@ fn policy_inspect_describes_every_builtin_component_under_target() {
         assert_eq!(code, 0, "{err}");
         let digest = blake3::hash(&std::fs::read(&path).unwrap()).to_hex().to_string();
         assert!(out.contains(&format!("digest     blake3:{digest}")), "{out}");
-        assert!(out.contains("world      aq:governance/governance@0.1.0"), "{out}");
-        assert!(out.contains("exports\n  aq:governance/policy@0.1.0"), "{out}");
-        assert!(out.contains("imports\n  aq:governance/types@0.1.0"), "{out}");
-        // Only policies that log or read import the host interface.
-        assert_eq!(out.contains("aq:governance/host@0.1.0"), name == "quota", "{out}");
+        assert!(out.contains("world      aq:governance/governance@0.1.1"), "{out}");
+        assert!(out.contains("exports\n  aq:governance/policy@0.1.1"), "{out}");
+        assert!(out.contains("imports\n  aq:governance/types@0.1.1"), "{out}");
+        // The SDK asks the host for an admission review's Kubernetes user, so every Rust policy
+        // imports the host interface.
+        assert!(out.contains("aq:governance/host@0.1.1"), "{out}");
     }
 }
 

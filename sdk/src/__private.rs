@@ -109,7 +109,12 @@ fn context_from_wit(ctx: WitContext) -> m::Context {
             .into_iter()
             .map(|c| m::Credential { principal: c.principal, roles: c.roles })
             .collect(),
-        transport: m::TransportIdentity { tls_name: ctx.transport.tls_name, etcd_user: ctx.transport.etcd_user },
+        transport: m::TransportIdentity {
+            tls_name: ctx.transport.tls_name,
+            etcd_user: ctx.transport.etcd_user,
+            kube_user: wit::aq::governance::host::kube_user()
+                .map(|u| m::KubeUser { username: u.username, uid: u.uid, groups: u.groups }),
+        },
         request_time: m::Timestamp { seconds: ctx.request_time.seconds, nanoseconds: ctx.request_time.nanoseconds },
     }
 }

@@ -223,6 +223,20 @@ pub struct TransportIdentity {
     pub tls_name: Option<String>,
     /// The etcd user the client authenticated as.
     pub etcd_user: Option<String>,
+    /// The Kubernetes user of an admission review (its `userInfo`); `None` through the etcd API.
+    pub kube_user: Option<KubeUser>,
+}
+
+/// The Kubernetes user an admission review is made for, as kube-apiserver authenticated them.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KubeUser {
+    /// `userInfo.username`.
+    pub username: String,
+    /// `userInfo.uid`.
+    pub uid: String,
+    /// `userInfo.groups`.
+    pub groups: Vec<String>,
 }
 
 /// Everything a policy sees about one mutation request.

@@ -156,7 +156,7 @@ async fn policies_are_pushed_listed_read_and_deleted() {
     assert_eq!(status, StatusCode::CREATED, "{body}");
     assert_eq!(body["digest"], digest);
     assert_eq!(body["size"], example.len());
-    assert!(body["exports"].as_array().unwrap().iter().any(|e| e == "aq:governance/policy@0.1.0"), "{body}");
+    assert!(body["exports"].as_array().unwrap().iter().any(|e| e == "aq:governance/policy@0.1.1"), "{body}");
     // Pushing the same bytes again stores nothing new.
     let (status, body) = push(&gw, example.clone()).await;
     assert_eq!((status, &body["created"]), (StatusCode::OK, &json!(false)), "{body}");

@@ -1,6 +1,7 @@
 //! aq's integration tests: one binary, one module per area.
 
 mod admin;
+mod admission;
 mod auth;
 mod builtins;
 mod concurrency;

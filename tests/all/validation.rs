@@ -33,7 +33,7 @@ fn a_truncated_component_is_refused_as_invalid() {
 fn a_component_of_another_world_names_the_missing_export() {
     let err = engine().load(&guests::bytes(OTHER_WORLD)).expect_err("refused");
     let LoadError::WorldMismatch(detail) = &err else { panic!("{err}") };
-    assert!(detail.contains("missing export aq:governance/policy@0.1.0"), "{detail}");
+    assert!(detail.contains("missing export aq:governance/policy@0.1.1"), "{detail}");
     assert!(detail.contains("other:greeter/greet@1.0.0"), "names what it exports instead: {detail}");
 }
 
@@ -90,4 +90,24 @@ fn precompiled_components_are_cached_by_digest_and_survive_corruption() {
     let third = aq_host::engine::Engine::new(config).unwrap();
     assert_eq!(third.load(quota).unwrap().digest(), digest);
     assert!(std::fs::read(&cached[0]).unwrap().len() > 1000, "the entry was rewritten");
+}
+
+#[test]
+fn a_policy_built_against_the_first_0_1_wit_loads_and_decides_unchanged() {
+    use aq_host::engine::EvalRequest;
+    let engine = engine();
+    let module = engine.load(&guests::bytes(guests::ABI_0_1_0)).expect("a 0.1.0 component loads on a 0.1.1 host");
+    assert!(module.exports().iter().any(|e| e == "aq:governance/policy@0.1.0"), "{:?}", module.exports());
+    let binding = engine.bind("old", module, "{}", Limits::default(), FailMode::Closed).expect("its init runs");
+    let decide = |key: &str| {
+        let mut ctx = aq_tests::put_context(key, "v");
+        ctx.transport.etcd_user = Some("carol".into());
+        ctx.transport.kube_user = Some(aq_sdk::KubeUser { username: "k".into(), ..Default::default() });
+        engine.evaluate(&binding, EvalRequest { context: &ctx, seed: [3; 32], reader: None })
+    };
+    let allowed = decide("/old/a");
+    assert_eq!((allowed.decision.verdict.kind(), allowed.failure.is_none()), ("allow", true), "{allowed:?}");
+    let denied = decide("/old/frozen");
+    assert_eq!(denied.decision.verdict, aq_sdk::Verdict::Deny("a 0.1.0 policy refuses carol here".into()), "{denied:?}");
+    assert!(denied.failure.is_none());
 }

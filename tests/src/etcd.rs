@@ -172,6 +172,15 @@ impl TestGateway {
         Self::start_with_options(layout, Some(tls), |_| {}).await
     }
 
+    /// Starts two etcd groups and aq over them with a layout built from their URLs, both APIs
+    /// over TLS.
+    pub async fn start_tls_with(
+        layout: impl FnOnce(&TestEtcd, &TestEtcd) -> String,
+        tls: aq_host::tls::TlsFiles,
+    ) -> TestGateway {
+        Self::start_with_options(layout, Some(tls), |_| {}).await
+    }
+
     /// Starts two etcd groups and aq over them with a layout built from their URLs, with
     /// `change` made to aq's options.
     pub async fn start_tuned(

@@ -1,6 +1,6 @@
 //! Bearer-token authentication of the admin API. Tokens are random strings; aq keeps only their
 //! blake3 hashes. Each token has a role, and roles are ordered: an admin may do what an operator
-//! may, an operator what a reader may.
+//! may, an operator what a reader may, a reader what a webhook may.
 
 use std::path::Path;
 
@@ -13,6 +13,8 @@ use crate::config::TokenConfig;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Role {
+    /// Ask for admission decisions (`/v1/admission/`) and nothing else: kube-apiserver's token.
+    Webhook,
     /// Read policies, scopes and bindings.
     Reader,
     /// Also push, bind, roll back and dry-run policies.
@@ -22,19 +24,21 @@ pub enum Role {
 }
 
 impl Role {
-    /// Parses `reader`, `operator` or `admin`.
+    /// Parses `webhook`, `reader`, `operator` or `admin`.
     pub fn parse(text: &str) -> Result<Role, String> {
         match text {
+            "webhook" => Ok(Role::Webhook),
             "reader" => Ok(Role::Reader),
             "operator" => Ok(Role::Operator),
             "admin" => Ok(Role::Admin),
-            other => Err(format!("unknown role {other:?}; use reader, operator or admin")),
+            other => Err(format!("unknown role {other:?}; use webhook, reader, operator or admin")),
         }
     }
 
     /// The role's name.
     pub fn name(self) -> &'static str {
         match self {
+            Role::Webhook => "webhook",
             Role::Reader => "reader",
             Role::Operator => "operator",
             Role::Admin => "admin",

@@ -4,6 +4,7 @@
 //! metrics and the OpenAPI document are open, as is conventional for scrapers and load
 //! balancers.
 
+mod admission;
 mod anchors;
 pub mod auth;
 mod lineage;
@@ -46,6 +47,8 @@ pub struct Admin {
     checkpointer: Arc<crate::lineage::store::Checkpointer>,
     /// Moves scopes between groups, when this replica holds the groups' root credentials.
     migrator: Option<Arc<crate::adapt::migrate::Migrator>>,
+    /// kube-apiserver's storage prefix, for admission reviews.
+    kube_etcd_prefix: String,
 }
 
 impl Admin {
@@ -69,6 +72,12 @@ impl Admin {
                     .map_err(|e| format!("trusted publisher key {key}: not a valid ed25519 public key: {e}"))?,
             );
         }
+        if !config.kube_etcd_prefix.starts_with('/') {
+            return Err(format!(
+                "[admin] kube_etcd_prefix {:?} must start with '/', as kube-apiserver's --etcd-prefix does (default /registry)",
+                config.kube_etcd_prefix
+            ));
+        }
         if config.require_signed_policies && publishers.is_empty() {
             return Err("require_signed_policies is set but [admin] trusted_publishers is empty; add the publishers' public keys".into());
         }
@@ -81,6 +90,7 @@ impl Admin {
             publishers,
             checkpointer,
             migrator,
+            kube_etcd_prefix: config.kube_etcd_prefix.clone(),
         })
     }
 }
@@ -175,6 +185,7 @@ pub fn router(admin: Arc<Admin>) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/v1/openapi.json", get(openapi::document))
+        .route("/v1/admission/validate", post(admission::validate))
         .route("/v1/anchors/cosign", post(anchors::cosign))
         .route("/v1/policies", post(policies::push).get(policies::list))
         .route("/v1/policies/{digest}", get(policies::get).delete(policies::delete))

@@ -5,7 +5,7 @@ use axum::response::{IntoResponse, Response};
 use utoipa::OpenApi;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 
-use super::{anchors, lineage, migrations, policies, principals, proposals, scopes};
+use super::{admission, anchors, lineage, migrations, policies, principals, proposals, scopes};
 
 /// Adds the bearer token scheme the `/v1/` routes require.
 struct BearerTokens;
@@ -15,7 +15,7 @@ impl utoipa::Modify for BearerTokens {
         let components = openapi.components.get_or_insert_with(Default::default);
         let mut scheme = Http::new(HttpAuthScheme::Bearer);
         scheme.description = Some(
-            "An aq admin token. Roles are ordered reader < operator < admin; each operation names the least role it needs. \
+            "An aq admin token. Roles are ordered webhook < reader < operator < admin; each operation names the least role it needs. \
              The default run writes an admin token to <data-dir>/admin-token."
                 .into(),
         );
@@ -30,6 +30,7 @@ impl utoipa::Modify for BearerTokens {
         super::healthz,
         super::readyz,
         super::metrics,
+        admission::validate,
         anchors::cosign,
         lineage::export,
         lineage::checkpoint,
@@ -59,6 +60,7 @@ impl utoipa::Modify for BearerTokens {
     ),
     modifiers(&BearerTokens),
     tags(
+        (name = "admission", description = "aq as a Kubernetes validating admission webhook"),
         (name = "anchors", description = "Replicas co-signing writes whose policy names them as voters"),
         (name = "lineage", description = "Tamper-evident records of governed writes: exports, checkpoints, inclusion proofs"),
         (name = "policies", description = "Stored policy components, content-addressed by blake3"),

@@ -60,7 +60,7 @@ enum Command {
         /// Who will hold it.
         #[arg(long)]
         name: String,
-        /// reader, operator or admin.
+        /// webhook, reader, operator or admin.
         #[arg(long, default_value = "operator")]
         role: String,
     },

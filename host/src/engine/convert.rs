@@ -28,6 +28,10 @@ pub(super) fn context(ctx: &m::Context) -> t::Context {
     }
 }
 
+pub(super) fn kube_user(user: &m::KubeUser) -> t::KubeUserInfo {
+    t::KubeUserInfo { username: user.username.clone(), uid: user.uid.clone(), groups: user.groups.clone() }
+}
+
 fn op(op: &m::Op) -> t::Op {
     match op {
         m::Op::Put(p) => t::Op::Put(t::PutOp {

@@ -25,7 +25,7 @@ use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Store, Trap};
 
 use generated::{Governance, GovernancePre};
-pub use generated::{POLICY_FUNCTIONS, POLICY_INTERFACE, WORLD};
+pub use generated::{POLICY_FUNCTIONS, POLICY_INTERFACE, POLICY_INTERFACE_0_1, WORLD};
 pub use registry::{Registry, RegistryError, ScopeSlot};
 use sandbox::{HostState, ReadScope, SandboxSetup};
 pub use sandbox::{ObservedRead, ScopeReader};
@@ -468,7 +468,10 @@ impl Engine {
         let ty = component.component_type();
         let exports: Vec<String> = ty.exports(&self.engine).map(|(name, _)| name.to_string()).collect();
         let imports: Vec<String> = ty.imports(&self.engine).map(|(name, _)| name.to_string()).collect();
-        let policy = ty.exports(&self.engine).find(|(name, _)| *name == POLICY_INTERFACE).map(|(_, item)| item.ty);
+        let policy = ty
+            .exports(&self.engine)
+            .find(|(name, _)| name.strip_prefix(POLICY_INTERFACE_0_1).is_some_and(|patch| patch.parse::<u32>().is_ok()))
+            .map(|(_, item)| item.ty);
         match policy {
             Some(ComponentItem::ComponentInstance(instance)) => {
                 let missing: Vec<&str> = POLICY_FUNCTIONS
@@ -539,6 +542,7 @@ impl Engine {
             start: ctx.scope.key_start.0.clone(),
             end: ctx.scope.key_end.0.clone(),
             reader: request.reader,
+            kube_user: ctx.transport.kube_user.as_ref().map(convert::kube_user),
         };
         let wit_ctx = convert::context(ctx);
         let limit = binding.limits.max_result_bytes;

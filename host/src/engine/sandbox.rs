@@ -12,7 +12,7 @@ use wasmtime::ResourceLimiter;
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{HostMonotonicClock, HostWallClock, WasiCtx, WasiCtxView, WasiView};
 
-use super::generated::{HostImports, LogLevel, TypesHost, WitReadError, WitStoredValue};
+use super::generated::{HostImports, LogLevel, TypesHost, WitKubeUser, WitReadError, WitStoredValue};
 
 /// Lines a policy may log per evaluation; more are dropped.
 const LOG_LINES_PER_CALL: u32 = 32;
@@ -175,11 +175,13 @@ impl rand_core::TryRng for SeededRandom {
     }
 }
 
-/// Where the evaluation runs: its scope range (to keep reads inside it) and its reader.
+/// Where the evaluation runs: its scope range (to keep reads inside it) and its reader; and
+/// the Kubernetes user it runs for, when it decides an admission review.
 pub(super) struct ReadScope {
     pub(super) start: Vec<u8>,
     pub(super) end: Vec<u8>,
     pub(super) reader: Option<Arc<dyn ScopeReader>>,
+    pub(super) kube_user: Option<WitKubeUser>,
 }
 
 /// Everything a store holds for one call.
@@ -316,5 +318,9 @@ impl HostImports for HostState {
             self.in_scope(&prefix, |scope_end| scope_end.is_empty() || (!end.is_empty() && end.as_slice() <= scope_end))?;
         let reader = scope.reader.as_ref().ok_or(WitReadError::Unavailable)?;
         reader.count(&prefix).map_err(read_error)
+    }
+
+    fn kube_user(&mut self) -> Option<WitKubeUser> {
+        self.read_scope.as_ref().and_then(|scope| scope.kube_user.clone())
     }
 }

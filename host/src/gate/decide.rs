@@ -24,6 +24,15 @@ pub(crate) struct Evaluated {
     pub(super) policy: crate::engine::PolicyDigest,
 }
 
+/// A decision on a write aq does not make ([`Gateway::decide`]).
+#[derive(Debug)]
+pub struct Decided {
+    /// The scope that decided.
+    pub scope: String,
+    /// Its policy's evaluation: the decision, the version that made it, how it failed if it did.
+    pub evaluation: crate::engine::Evaluation,
+}
+
 /// A lineage record, to be written with its write.
 #[derive(Clone)]
 pub(crate) struct Draft {
@@ -139,7 +148,7 @@ impl Gateway {
             ops,
             compares,
             credentials: Vec::new(),
-            transport: m::TransportIdentity { tls_name: None, etcd_user: user.map(str::to_string) },
+            transport: m::TransportIdentity { etcd_user: user.map(str::to_string), ..Default::default() },
             request_time: m::Timestamp::default(),
         }
     }
@@ -148,16 +157,7 @@ impl Gateway {
     /// compares that guard the write on what the policy read.
     pub(super) fn evaluate(&self, runtime: &ScopeRuntime, context: &mut m::Context) -> Result<Evaluated, GateError> {
         let scope = &runtime.scope;
-        let evaluation = self.run_policy(runtime, context);
-        let verdict = evaluation.decision.verdict.kind();
-        self.metrics.evaluated(&scope.id, verdict, evaluation.elapsed.as_secs_f64());
-        if let Some(failure) = &evaluation.failure {
-            self.metrics.policy_failed(&scope.id, failure.kind());
-            tracing::warn!(scope = %scope.id, policy = ?evaluation.digest, kind = failure.kind(), "policy failed: {failure}");
-        }
-        if self.decisions.wants(verdict) {
-            self.log_decision(context, &evaluation);
-        }
+        let evaluation = self.judge(runtime, context);
         match evaluation.decision.verdict {
             m::Verdict::Allow => {}
             m::Verdict::Deny(reason) => return Err(GateError::Denied { reason }),
@@ -205,6 +205,41 @@ impl Gateway {
         Ok(Evaluated { guards, lineage: evaluation.decision.lineage, policy: evaluation.digest })
     }
 
+    /// Runs the scope's active policy on `context` and counts and logs the decision.
+    fn judge(&self, runtime: &ScopeRuntime, context: &mut m::Context) -> crate::engine::Evaluation {
+        let scope = &runtime.scope;
+        let evaluation = self.run_policy(runtime, context);
+        let verdict = evaluation.decision.verdict.kind();
+        self.metrics.evaluated(&scope.id, verdict, evaluation.elapsed.as_secs_f64());
+        if let Some(failure) = &evaluation.failure {
+            self.metrics.policy_failed(&scope.id, failure.kind());
+            tracing::warn!(scope = %scope.id, policy = ?evaluation.digest, kind = failure.kind(), "policy failed: {failure}");
+        }
+        if self.decisions.wants(verdict) {
+            self.log_decision(context, &evaluation);
+        }
+        evaluation
+    }
+
+    /// Decides on a write that is not made through aq: an admission review's (see
+    /// [`crate::admission`]). Routed to the scope that owns its keys and decided by that scope's
+    /// active policy as the same write through the etcd API would be, so counted and logged
+    /// alike; nothing is written, and no approval can be gathered for it.
+    pub fn decide(
+        &self,
+        ops: Vec<m::Op>,
+        compares: Vec<m::Compare>,
+        transport: m::TransportIdentity,
+    ) -> Result<Decided, GateError> {
+        let routing = self.routing();
+        let ranges: Vec<KeyRange> = ops.iter().map(op_range).collect();
+        let runtime = routing.route_write(&ranges)?;
+        let mut context = self.context(runtime, ops, compares, None);
+        context.transport = transport;
+        let evaluation = self.judge(runtime, &mut context);
+        Ok(Decided { scope: runtime.scope.id.clone(), evaluation })
+    }
+
     /// Runs the scope's active policy on `context`, stamped with the current time.
     pub(super) fn run_policy(&self, runtime: &ScopeRuntime, context: &mut m::Context) -> crate::engine::Evaluation {
         let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
@@ -240,7 +275,11 @@ impl Gateway {
             Some(m::Op::DeleteRange(d)) => &d.key.0,
             None => &Vec::new(),
         };
-        let transport = context.transport.tls_name.as_deref().or(context.transport.etcd_user.as_deref());
+        let transport = context.transport.tls_name.as_deref().or(context.transport.etcd_user.as_deref()).or(context
+            .transport
+            .kube_user
+            .as_ref()
+            .map(|u| u.username.as_str()));
         self.decisions.record(&decisions::DecisionLine {
             time: decisions::now_rfc3339(),
             scope: &context.scope.id,
@@ -261,19 +300,21 @@ impl Gateway {
     pub fn dry_run(&self, scope_id: &str, ops: Vec<m::Op>) -> Result<crate::engine::Evaluation, GateError> {
         let routing = self.routing();
         let runtime = routing.scope(scope_id).ok_or_else(|| GateError::Unowned(format!("(scope {scope_id})")))?;
-        let ranges: Vec<KeyRange> = ops
-            .iter()
-            .map(|op| match op {
-                m::Op::Put(p) => KeyRange::from_request(&p.key, &[]),
-                m::Op::DeleteRange(d) => KeyRange::from_request(&d.key, &d.range_end),
-            })
-            .collect();
+        let ranges: Vec<KeyRange> = ops.iter().map(op_range).collect();
         let owner = routing.route_write(&ranges)?;
         if owner.scope.id != scope_id {
             return Err(GateError::CrossScope(vec![scope_id.to_string(), owner.scope.id.clone()]));
         }
         let mut context = self.context(runtime, ops, Vec::new(), None);
         Ok(self.run_policy(runtime, &mut context))
+    }
+}
+
+/// The keys an op writes.
+fn op_range(op: &m::Op) -> KeyRange {
+    match op {
+        m::Op::Put(p) => KeyRange::from_request(&p.key, &[]),
+        m::Op::DeleteRange(d) => KeyRange::from_request(&d.key, &d.range_end),
     }
 }
 

@@ -53,7 +53,7 @@ pub struct DecisionLine<'a> {
     pub reason: Option<&'a str>,
     /// The verified principals of the request; empty when it carried none.
     pub principals: Vec<&'a str>,
-    /// The transport identity (mTLS name or etcd user), when known.
+    /// The transport identity (mTLS name, etcd user, or an admission review's Kubernetes user), when known.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub transport: Option<&'a str>,
     /// The first key the request touches.

@@ -27,6 +27,8 @@ pub struct GateMetrics {
     adaptations: Family<Labels, Counter>,
     groups_started: Counter,
     decision_lines_dropped: Counter,
+    admission_reviews: Family<Labels, Counter>,
+    admission_review_seconds: Histogram,
 }
 
 fn scope(id: &str) -> Labels {
@@ -51,6 +53,8 @@ impl Default for GateMetrics {
         let adaptations = Family::<Labels, Counter>::default();
         let groups_started = Counter::default();
         let decision_lines_dropped = Counter::default();
+        let admission_reviews = Family::<Labels, Counter>::default();
+        let admission_review_seconds = evaluation_histogram();
         registry.register("policy_evaluations", "Policy evaluations by scope and verdict", evaluations.clone());
         registry.register(
             "policy_evaluation_seconds",
@@ -78,6 +82,16 @@ impl Default for GateMetrics {
             "Decision log lines dropped because the log writer fell behind",
             decision_lines_dropped.clone(),
         );
+        registry.register(
+            "admission_reviews",
+            "Kubernetes admission reviews answered, by operation and whether they were allowed",
+            admission_reviews.clone(),
+        );
+        registry.register(
+            "admission_review_seconds",
+            "Time to answer an admission review, from its parsed body to the answer",
+            admission_review_seconds.clone(),
+        );
         GateMetrics {
             registry,
             evaluations,
@@ -91,6 +105,8 @@ impl Default for GateMetrics {
             adaptations,
             groups_started,
             decision_lines_dropped,
+            admission_reviews,
+            admission_review_seconds,
         }
     }
 }
@@ -108,6 +124,19 @@ impl GateMetrics {
         self.evaluation_seconds.get_or_create(&labels).observe(seconds);
         labels.push(("verdict".to_string(), verdict.to_string()));
         self.evaluations.get_or_create(&labels).inc();
+    }
+
+    /// Counts an admission review answered in `seconds`.
+    pub fn admission_reviewed(&self, operation: &str, allowed: bool, seconds: f64) {
+        let labels = vec![("operation".to_string(), operation.to_string()), ("allowed".to_string(), allowed.to_string())];
+        self.admission_reviews.get_or_create(&labels).inc();
+        self.admission_review_seconds.observe(seconds);
+    }
+
+    /// Admission reviews of `operation` answered so far with `allowed`.
+    pub fn admission_reviews(&self, operation: &str, allowed: bool) -> u64 {
+        let labels = vec![("operation".to_string(), operation.to_string()), ("allowed".to_string(), allowed.to_string())];
+        self.admission_reviews.get_or_create(&labels).get()
     }
 
     pub(super) fn policy_failed(&self, scope_id: &str, kind: &str) {
