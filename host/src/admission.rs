@@ -283,6 +283,30 @@ pub struct Verdict {
     pub audit: Vec<(String, String)>,
 }
 
+/// The answer to a review that scope `scope` decided with `evaluation`: its verdict, the
+/// policy's reason, and the scope and policy digest for the audit log. A `require-approval`
+/// verdict is a denial, since a review carries no signatures to approve with.
+pub fn verdict(scope: &str, evaluation: &crate::engine::Evaluation) -> Verdict {
+    let mut audit = vec![("scope".to_string(), scope.to_string()), ("policy".to_string(), evaluation.digest.to_hex())];
+    if let Some(failure) = &evaluation.failure {
+        audit.push(("policy-failure".to_string(), failure.kind().to_string()));
+    }
+    match &evaluation.decision.verdict {
+        m::Verdict::Allow => Verdict { allowed: true, message: None, audit },
+        m::Verdict::Deny(reason) => Verdict { allowed: false, message: Some(reason.clone()), audit },
+        m::Verdict::RequireApproval(rule) => Verdict {
+            allowed: false,
+            message: Some(format!(
+                "writes to scope {scope} need approvals of weight {} from {}; an admission review carries no signatures, \
+                 so make this change as a signed write through aq's etcd API",
+                rule.threshold,
+                rule.voters.iter().map(|v| format!("{} (weight {})", v.principal, v.weight)).collect::<Vec<_>>().join(", ")
+            )),
+            audit,
+        },
+    }
+}
+
 /// The AdmissionReview answering `review` with `verdict`: a denial carries HTTP status 403, as
 /// Kubernetes' own admission plugins give.
 pub fn answer(review: &Review, verdict: &Verdict) -> Value {

@@ -12,6 +12,7 @@ pub mod builtin;
 pub mod cli;
 pub mod client;
 pub mod clock;
+pub mod embed;
 pub mod config;
 pub mod engine;
 pub mod fixtures;

@@ -46,27 +46,7 @@ pub(super) async fn validate(State(admin): State<Arc<Admin>>, headers: HeaderMap
     let transport = m::TransportIdentity { kube_user: Some(review.user.clone()), ..Default::default() };
     // Like the write path, a policy read blocks this worker in place while etcd answers.
     let verdict = match admin.gateway.decide(review.ops.clone(), review.compares.clone(), transport) {
-        Ok(decided) => {
-            let mut audit = vec![("scope".to_string(), decided.scope.clone()), ("policy".to_string(), decided.evaluation.digest.to_hex())];
-            if let Some(failure) = &decided.evaluation.failure {
-                audit.push(("policy-failure".to_string(), failure.kind().to_string()));
-            }
-            match decided.evaluation.decision.verdict {
-                m::Verdict::Allow => Verdict { allowed: true, message: None, audit },
-                m::Verdict::Deny(reason) => Verdict { allowed: false, message: Some(reason), audit },
-                m::Verdict::RequireApproval(rule) => Verdict {
-                    allowed: false,
-                    message: Some(format!(
-                        "writes to scope {} need approvals of weight {} from {}; an admission review carries no signatures, \
-                         so make this change as a signed write through aq's etcd API",
-                        decided.scope,
-                        rule.threshold,
-                        rule.voters.iter().map(|v| format!("{} (weight {})", v.principal, v.weight)).collect::<Vec<_>>().join(", ")
-                    )),
-                    audit,
-                },
-            }
-        }
+        Ok(decided) => admission::verdict(&decided.scope, &decided.evaluation),
         // A key no scope owns cannot be written through aq either.
         Err(e @ (GateError::Unowned(_) | GateError::Reserved(_))) => Verdict { allowed: false, message: Some(e.to_string()), audit: Vec::new() },
         Err(other) => {

@@ -216,7 +216,7 @@ impl Gateway {
             tracing::warn!(scope = %scope.id, policy = ?evaluation.digest, kind = failure.kind(), "policy failed: {failure}");
         }
         if self.decisions.wants(verdict) {
-            self.log_decision(context, &evaluation);
+            self.decisions.record_evaluation(context, &evaluation);
         }
         evaluation
     }
@@ -259,42 +259,6 @@ impl Gateway {
         evaluation
     }
 
-    /// Queues the decision log line of an evaluation.
-    pub(super) fn log_decision(&self, context: &m::Context, evaluation: &crate::engine::Evaluation) {
-        let reason = match &evaluation.decision.verdict {
-            m::Verdict::Allow => None,
-            m::Verdict::Deny(reason) => Some(reason.clone()),
-            m::Verdict::RequireApproval(rule) => Some(format!(
-                "approvals of weight {} needed from {}",
-                rule.threshold,
-                rule.voters.iter().map(|v| format!("{} ({})", v.principal, v.weight)).collect::<Vec<_>>().join(", ")
-            )),
-        };
-        let key = match context.ops.first() {
-            Some(m::Op::Put(p)) => &p.key.0,
-            Some(m::Op::DeleteRange(d)) => &d.key.0,
-            None => &Vec::new(),
-        };
-        let transport = context.transport.tls_name.as_deref().or(context.transport.etcd_user.as_deref()).or(context
-            .transport
-            .kube_user
-            .as_ref()
-            .map(|u| u.username.as_str()));
-        self.decisions.record(&decisions::DecisionLine {
-            time: decisions::now_rfc3339(),
-            scope: &context.scope.id,
-            policy: evaluation.digest.to_hex(),
-            verdict: evaluation.decision.verdict.kind(),
-            reason: reason.as_deref(),
-            principals: context.credentials.iter().map(|c| c.principal.as_str()).collect(),
-            transport,
-            key: String::from_utf8_lossy(key).into_owned(),
-            ops: context.ops.len(),
-            failure: evaluation.failure.as_ref().map(|f| f.kind()),
-            annotations: &evaluation.decision.annotations,
-        });
-    }
-
     /// Evaluates `ops` against a scope's active policy without writing anything: the admin
     /// API's dry run. Every key must belong to the scope. Not counted in metrics or logged.
     pub fn dry_run(&self, scope_id: &str, ops: Vec<m::Op>) -> Result<crate::engine::Evaluation, GateError> {
@@ -321,7 +285,7 @@ fn op_range(op: &m::Op) -> KeyRange {
 /// The seed of a policy's randomness: a digest of the scope, the request time and the ops (keys,
 /// values, leases), so the same request at the same time draws the same bytes everywhere. The
 /// trust layer's canonical request digest will take its place.
-pub(super) fn request_seed(context: &m::Context, now: std::time::Duration) -> [u8; 32] {
+pub(crate) fn request_seed(context: &m::Context, now: std::time::Duration) -> [u8; 32] {
     let mut hasher = blake3::Hasher::new_derive_key("aq request seed 2026-11");
     hasher.update(context.scope.id.as_bytes()).update(&now.as_nanos().to_le_bytes());
     for op in &context.ops {

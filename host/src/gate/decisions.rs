@@ -16,9 +16,10 @@ use serde::Serialize;
 const QUEUE: usize = 16 * 1024;
 
 /// Where decision lines go.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub enum DecisionSink {
     /// Nowhere.
+    #[default]
     Off,
     /// Standard output.
     Stdout,
@@ -94,12 +95,23 @@ pub struct DecisionLog {
     queue: Option<SyncSender<Vec<u8>>>,
     log_allows: bool,
     dropped: Counter,
+    /// The thread writing the lines; joined on drop, so the last lines are written.
+    writer: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for DecisionLog {
+    fn drop(&mut self) {
+        self.queue = None;
+        if let Some(writer) = self.writer.take() {
+            let _ = writer.join();
+        }
+    }
 }
 
 impl DecisionLog {
     /// A log that writes nothing.
     pub fn off() -> Self {
-        DecisionLog { queue: None, log_allows: false, dropped: Counter::default() }
+        DecisionLog { queue: None, log_allows: false, dropped: Counter::default(), writer: None }
     }
 
     /// Opens `sink`; `log_allows` also logs allowed requests; lines dropped are counted in
@@ -115,8 +127,8 @@ impl DecisionLog {
             }
         };
         let (queue, lines) = mpsc::sync_channel::<Vec<u8>>(QUEUE);
-        std::thread::Builder::new().name("aq-decision-log".into()).spawn(move || write_lines(out, lines))?;
-        Ok(DecisionLog { queue: Some(queue), log_allows, dropped })
+        let writer = std::thread::Builder::new().name("aq-decision-log".into()).spawn(move || write_lines(out, lines))?;
+        Ok(DecisionLog { queue: Some(queue), log_allows, dropped, writer: Some(writer) })
     }
 
     /// Whether a decision with `verdict` is logged.
@@ -127,6 +139,42 @@ impl DecisionLog {
     /// Queues a line.
     pub fn record(&self, line: &DecisionLine<'_>) {
         self.queue_line(line);
+    }
+
+    /// Queues the line of a policy's evaluation of `context` (callers check [`Self::wants`]).
+    pub fn record_evaluation(&self, context: &aq_sdk::Context, evaluation: &crate::engine::Evaluation) {
+        let reason = match &evaluation.decision.verdict {
+            aq_sdk::Verdict::Allow => None,
+            aq_sdk::Verdict::Deny(reason) => Some(reason.clone()),
+            aq_sdk::Verdict::RequireApproval(rule) => Some(format!(
+                "approvals of weight {} needed from {}",
+                rule.threshold,
+                rule.voters.iter().map(|v| format!("{} ({})", v.principal, v.weight)).collect::<Vec<_>>().join(", ")
+            )),
+        };
+        let key = match context.ops.first() {
+            Some(aq_sdk::Op::Put(p)) => &p.key.0,
+            Some(aq_sdk::Op::DeleteRange(d)) => &d.key.0,
+            None => &Vec::new(),
+        };
+        let transport = context.transport.tls_name.as_deref().or(context.transport.etcd_user.as_deref()).or(context
+            .transport
+            .kube_user
+            .as_ref()
+            .map(|u| u.username.as_str()));
+        self.record(&DecisionLine {
+            time: now_rfc3339(),
+            scope: &context.scope.id,
+            policy: evaluation.digest.to_hex(),
+            verdict: evaluation.decision.verdict.kind(),
+            reason: reason.as_deref(),
+            principals: context.credentials.iter().map(|c| c.principal.as_str()).collect(),
+            transport,
+            key: String::from_utf8_lossy(key).into_owned(),
+            ops: context.ops.len(),
+            failure: evaluation.failure.as_ref().map(|f| f.kind()),
+            annotations: &evaluation.decision.annotations,
+        });
     }
 
     /// Queues an advice line; every advice is logged.

@@ -20,6 +20,7 @@ pub mod anchors;
 mod approvals;
 pub use approvals::ApprovalError;
 pub use decide::Decided;
+pub(crate) use decide::request_seed;
 pub(crate) use approvals::decode_request;
 pub(crate) use model::model_of;
 mod decide;
