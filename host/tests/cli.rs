@@ -606,3 +606,50 @@ async fn aq_snapshot_save_writes_a_verified_archive_and_verify_names_damage() {
     assert_eq!(code, 2);
     assert!(err.contains("does not exist"), "{err}");
 }
+
+/// `aq policy new` in every language: the project builds with its own script and passes its own
+/// fixtures on the built component, and `aq policy inspect` reads it.
+#[test]
+fn policy_new_scaffolds_a_project_that_builds_and_passes_its_fixtures_in_every_language() {
+    let root = workspace_root();
+    let tools = root.join("target").join("tools");
+    let dir = tempfile::tempdir().unwrap();
+    let builders = [
+        ("python", "COMPONENTIZE_PY", tools.join("python").join("bin").join("componentize-py")),
+        ("js", "COMPONENTIZE_JS", tools.join("js").join("node_modules").join(".bin").join("componentize-js")),
+        ("rust", "CARGO_TARGET_DIR", root.join("target").join("scaffolded")),
+    ];
+    for (language, variable, value) in builders {
+        let project = dir.path().join(format!("my-{language}-policy"));
+        let (code, out, err) = run(aq().args(["policy", "new", "--lang", language]).arg(&project));
+        assert_eq!(code, 0, "{language}: {out}{err}");
+        assert!(out.contains("created"), "{out}");
+        let mut build = Command::new(project.join("build.sh"));
+        build.env(variable, &value);
+        for leaked in ["RUSTFLAGS", "CARGO_ENCODED_RUSTFLAGS", "CARGO_BUILD_TARGET"] {
+            build.env_remove(leaked);
+        }
+        let (code, out, err) = run(&mut build);
+        assert_eq!(code, 0, "{language} build: {out}{err}");
+        let component = project.join("policy.wasm");
+        let (code, out, err) = run(aq()
+            .args(["policy", "test"])
+            .arg(&component)
+            .arg("--config")
+            .arg(project.join("config.json"))
+            .arg(project.join("fixtures")));
+        assert_eq!(code, 0, "{language} fixtures: {out}{err}");
+        assert!(out.contains("3 passed, 0 failed"), "{language}: {out}");
+        let (code, out, err) = run(aq().args(["policy", "inspect"]).arg(&component));
+        assert_eq!(code, 0, "{language} inspect: {out}{err}");
+        assert!(out.contains("aq:governance/policy@0.1.1"), "{language}: {out}");
+    }
+    // A directory that holds something, and a name that cannot name a package, are refused.
+    let taken = dir.path().join("my-python-policy");
+    let (code, _, err) = run(aq().args(["policy", "new", "--lang", "js"]).arg(&taken));
+    assert_eq!(code, 2);
+    assert!(err.contains("already exists and is not empty"), "{err}");
+    let (code, _, err) = run(aq().args(["policy", "new", "--lang", "js"]).arg(dir.path().join("Bad_Name")));
+    assert_eq!(code, 2);
+    assert!(err.contains("use lowercase letters, digits and '-'"), "{err}");
+}

@@ -74,7 +74,14 @@ pub trait Policy {
 /// Parses and validates a configuration as the exported `init` does.
 pub fn parse_config<P: Policy>(text: &str) -> Result<P::Config, ConfigError> {
     let text = if text.trim().is_empty() { "{}" } else { text };
-    let config: P::Config = serde_json::from_str(text).map_err(|e| ConfigError::Malformed(e.to_string()))?;
+    let mut json = serde_json::Deserializer::from_str(text);
+    let config: P::Config = serde_path_to_error::deserialize(&mut json).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        // The path is `.` when the problem is the document itself (not JSON, not an object).
+        ConfigError::Malformed(if path == "." { inner.to_string() } else { format!("{path}: {inner}") })
+    })?;
+    json.end().map_err(|e| ConfigError::Malformed(e.to_string()))?;
     P::validate(&config).map_err(ConfigError::Invalid)?;
     Ok(config)
 }

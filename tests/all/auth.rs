@@ -141,6 +141,7 @@ async fn the_rust_client_is_held_to_its_roles_in_watches_txns_and_leases_and_ren
     assert!(answer.canceled(), "{answer:?}");
     assert!(answer.cancel_reason().contains("etcdserver: permission denied"), "{}", answer.cancel_reason());
     let mut pods = carol.watch("/registry/pods/", Some(WatchOptions::new().with_prefix())).await.unwrap();
+    assert!(pods.message().await.unwrap().expect("an answer").created(), "the watch exists before the put");
     carol.put("/registry/pods/ns/p", "1", None).await.unwrap();
     let event = loop {
         let answer = pods.message().await.unwrap().expect("an answer");

@@ -384,6 +384,9 @@ async fn a_delete_across_scopes_of_one_group_is_one_write_at_one_revision() {
     let mut main = gw.main.client().await;
     let before = main.get("/r1", None).await.unwrap().header().unwrap().revision();
     let mut watch = client.watch("/r", Some(etcd_client::WatchOptions::new().with_range("/registry/apps0"))).await.unwrap();
+    // The client library returns before the watch exists; it exists once created is answered.
+    let created = tokio::time::timeout(std::time::Duration::from_secs(20), watch.message()).await.unwrap().unwrap().unwrap();
+    assert!(created.created(), "{created:?}");
     let deleted = client
         .delete("/r", Some(etcd_client::DeleteOptions::new().with_range("/registry/apps0").with_prev_key()))
         .await

@@ -138,3 +138,54 @@ fn hostile_guests_in_parallel_do_not_disturb_each_other() {
     });
     assert_still_serving(&engine);
 }
+
+#[test]
+fn python_and_javascript_guests_are_stopped_at_their_deadline_and_memory_cap() {
+    use aq_tests::guests::HOSTILE_SCRIPTS;
+    use aq_tests::{shared_engine, shared_module};
+    // Room for an interpreter: a scope's memory limit sized for its policy, not every scope's.
+    let limits = Limits { timeout: Duration::from_millis(200), memory_bytes: 96 << 20, max_result_bytes: 4096 };
+    let engine = shared_engine();
+    let languages: Vec<&str> = HOSTILE_SCRIPTS.iter().map(|(language, _)| *language).collect();
+    assert_eq!(languages, ["python", "js"]);
+    for (language, path) in HOSTILE_SCRIPTS {
+        for (mode, expected) in [
+            ("allow", None),
+            ("spin", Some(PolicyFailure::Timeout { limit: limits.timeout })),
+            ("grow", Some(PolicyFailure::Memory { limit: limits.memory_bytes })),
+        ] {
+            let binding = engine
+                .bind("hostile", shared_module(path), &format!("{mode:?}"), limits, FailMode::Closed)
+                .unwrap_or_else(|e| panic!("{language} binds: {e}"));
+            let ctx = put_context("/k", "v");
+            let evaluation = engine.evaluate(&binding, EvalRequest { context: &ctx, seed: [5; 32], reader: None });
+            assert_eq!(evaluation.failure, expected, "{language} {mode}: {evaluation:?}");
+            assert!(evaluation.elapsed < limits.timeout * 3, "{language} {mode} stopped late: {:?}", evaluation.elapsed);
+            if expected.is_some() {
+                assert!(deny_reason(&evaluation).contains(&evaluation.digest.short()), "{language} {mode}");
+            } else {
+                assert!(evaluation.decision.is_allow(), "{language}: {evaluation:?}");
+            }
+        }
+    }
+    assert_still_serving(engine);
+}
+
+#[test]
+fn a_component_too_large_for_its_scope_is_refused_at_bind_naming_the_size_it_needs() {
+    use aq_host::engine::BindError;
+    use aq_tests::guests::NAMESPACES;
+    let (_, python) = NAMESPACES.iter().find(|(language, _)| *language == "python").unwrap();
+    let small = Limits { memory_bytes: 4 << 20, ..Limits::default() };
+    let engine = aq_tests::shared_engine();
+    let refused = engine.bind("tiny", aq_tests::shared_module(python), "{}", small, FailMode::Closed).unwrap_err();
+    let BindError::TooLarge { needed, limit, .. } = &refused else { panic!("{refused:?}") };
+    assert_eq!(*limit, 4 << 20);
+    assert!(*needed > *limit, "{refused}");
+    let message = refused.to_string();
+    let mib = needed.div_ceil(1 << 20);
+    assert!(message.contains(&format!("bind it with a memory limit of at least {mib} MiB")), "{message}");
+    // With that much it binds.
+    let enough = Limits { memory_bytes: mib << 20, ..Limits::default() };
+    engine.bind("tiny", aq_tests::shared_module(python), "{}", enough, FailMode::Closed).unwrap_or_else(|e| panic!("{e}"));
+}

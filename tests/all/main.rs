@@ -5,6 +5,7 @@ mod admission;
 mod auth;
 mod builtins;
 mod concurrency;
+mod conformance;
 mod gateway;
 mod hostile;
 mod hotswap;

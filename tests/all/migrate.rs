@@ -133,6 +133,18 @@ async fn a_scope_moves_live_to_another_group_and_loses_no_acknowledged_write() {
     assert_eq!(gw.running.syncer.store().active_migration().await.unwrap(), None);
 }
 
+/// `stream` once aq has answered that its watch is created: the client library returns before
+/// that, and a write made earlier may come before the watch exists and go unseen.
+async fn created(mut stream: etcd_client::WatchStream) -> etcd_client::WatchStream {
+    let message = tokio::time::timeout(std::time::Duration::from_secs(20), stream.message())
+        .await
+        .expect("the watch is created in time")
+        .unwrap()
+        .expect("the watch is open");
+    assert!(message.created(), "{message:?}");
+    stream
+}
+
 /// Every event (type, key, revision) `stream` delivers until it has shown each key of
 /// `last`. A watch over scopes on
 /// several groups hears each group's events in order but the groups' relative to each other in
@@ -171,10 +183,10 @@ async fn a_watch_open_across_a_move_sees_every_event_once_in_order_and_none_of_t
     let mut watches = Vec::new();
     for endpoint in [gw.endpoint(), replica.running.addr.to_string()] {
         let mut client = etcd_client::Client::connect([endpoint], None).await.unwrap();
-        let stream = client.watch("/registry/configmaps/", Some(WatchOptions::new().with_prefix())).await.unwrap();
+        let stream = created(client.watch("/registry/configmaps/", Some(WatchOptions::new().with_prefix())).await.unwrap()).await;
         watches.push(tokio::spawn(watch_until(stream, &[b"/registry/configmaps/zz-end"])));
     }
-    let single = client.watch("/registry/pods/ns/p001", None).await.unwrap();
+    let single = created(client.watch("/registry/pods/ns/p001", None).await.unwrap()).await;
     let single = tokio::spawn(watch_until(single, &[b"/registry/pods/ns/p001"]));
     let stop = Arc::new(AtomicBool::new(false));
     let writers = writers([gw.endpoint(), replica.running.addr.to_string()], &stop);
@@ -302,7 +314,7 @@ async fn a_scope_splits_and_its_new_part_moves_live_while_watches_and_writers_ru
     let mut watches = Vec::new();
     for endpoint in [gw.endpoint(), replica.running.addr.to_string()] {
         let mut client = etcd_client::Client::connect([endpoint], None).await.unwrap();
-        let stream = client.watch("/registry/configmaps/", Some(WatchOptions::new().with_prefix())).await.unwrap();
+        let stream = created(client.watch("/registry/configmaps/", Some(WatchOptions::new().with_prefix())).await.unwrap()).await;
         watches.push(tokio::spawn(watch_until(stream, &[b"/registry/configmaps/w0/zz-end", b"/registry/configmaps/zz-end"])));
     }
     let stop = Arc::new(AtomicBool::new(false));
@@ -441,7 +453,7 @@ async fn a_split_off_scope_merges_back_live_and_its_revisions_never_go_backwards
     let mut watches = Vec::new();
     for endpoint in [gw.endpoint(), replica.running.addr.to_string()] {
         let mut client = etcd_client::Client::connect([endpoint], None).await.unwrap();
-        let stream = client.watch("/registry/configmaps/", Some(WatchOptions::new().with_prefix())).await.unwrap();
+        let stream = created(client.watch("/registry/configmaps/", Some(WatchOptions::new().with_prefix())).await.unwrap()).await;
         watches.push(tokio::spawn(watch_until(stream, &[b"/registry/configmaps/zz-end"])));
     }
     let stop = Arc::new(AtomicBool::new(false));

@@ -21,6 +21,26 @@ pub fn engine() -> aq_host::engine::Engine {
     aq_host::engine::Engine::new(aq_host::engine::EngineConfig::default()).expect("engine")
 }
 
+/// One engine for the tests that load Python and JavaScript components, each compiled once per
+/// test run: cranelift takes seconds over their embedded interpreters.
+pub fn shared_engine() -> &'static aq_host::engine::Engine {
+    static ENGINE: std::sync::OnceLock<aq_host::engine::Engine> = std::sync::OnceLock::new();
+    ENGINE.get_or_init(engine)
+}
+
+/// The component at `path` loaded into [`shared_engine`], compiled the first time only.
+pub fn shared_module(path: &str) -> std::sync::Arc<aq_host::engine::PolicyModule> {
+    static MODULES: std::sync::Mutex<Vec<(String, std::sync::Arc<aq_host::engine::PolicyModule>)>> =
+        std::sync::Mutex::new(Vec::new());
+    let mut modules = MODULES.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some((_, module)) = modules.iter().find(|(p, _)| p == path) {
+        return module.clone();
+    }
+    let module = shared_engine().load(&guests::bytes(path)).unwrap_or_else(|e| panic!("{path} loads: {e}"));
+    modules.push((path.to_string(), module.clone()));
+    module
+}
+
 /// A one-put request in scope `test` covering the whole keyspace.
 pub fn put_context(key: &str, value: &str) -> aq_sdk::Context {
     aq_sdk::Context {

@@ -30,14 +30,47 @@ pub(super) fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[index]
 }
 
+fn mib(bytes: usize) -> String {
+    format!("{:.1}", bytes as f64 / f64::from(1 << 20))
+}
+
 fn micros(d: Duration) -> String {
     format!("{:.1}", d.as_secs_f64() * 1e6)
 }
 
-pub(super) fn policy(iterations: u32) -> Result<(), CliError> {
+/// A policy to measure: its name, component and configuration.
+struct Measured {
+    name: String,
+    component: Vec<u8>,
+    config: String,
+}
+
+/// The built-ins, then each `NAME=PATH` of `components` bound with `config`.
+fn measured(components: &[String], config: Option<&std::path::Path>) -> Result<Vec<Measured>, CliError> {
+    let mut all: Vec<Measured> = crate::builtin::BUILTINS
+        .iter()
+        .map(|b| Measured { name: b.name.to_string(), component: b.component.to_vec(), config: b.example_config.to_string() })
+        .collect();
+    let config = match config {
+        Some(path) => std::fs::read_to_string(path)
+            .map_err(|e| CliError::Input(format!("cannot read --component-config {}: {e}", path.display())))?,
+        None => "{}".to_string(),
+    };
+    for given in components {
+        let Some((name, path)) = given.split_once('=') else {
+            return Err(CliError::Input(format!("--component {given}: give NAME=PATH, e.g. python=policy.wasm")));
+        };
+        let component = std::fs::read(path).map_err(|e| CliError::Input(format!("cannot read component {path}: {e}")))?;
+        all.push(Measured { name: name.to_string(), component, config: config.clone() });
+    }
+    Ok(all)
+}
+
+pub(super) fn policy(iterations: u32, components: &[String], component_config: Option<&std::path::Path>) -> Result<(), CliError> {
     if iterations == 0 {
         return Err(CliError::Input("--iterations must be at least 1".into()));
     }
+    let policies = measured(components, component_config)?;
     // As `aq serve` runs it: the caller makes ready instances between requests.
     let ready = Engine::new(EngineConfig { refill: crate::engine::Refill::Caller, ..EngineConfig::default() })
         .map_err(|e| CliError::Input(e.to_string()))?;
@@ -47,16 +80,19 @@ pub(super) fn policy(iterations: u32) -> Result<(), CliError> {
     println!("{iterations} evaluations per policy and kind, on one thread; each instance serves one evaluation");
     println!("ready: the instance was instantiated and init'ed ahead of the request, between requests on the");
     println!("same thread (as `aq serve` does while a write is at etcd); cold: instantiated on the request");
+    println!("memory: the instance's linear memory once instantiated (its largest memory)");
     println!(
-        "{:<10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>16}",
-        "policy", "ready p50", "ready p99", "ready mean", "cold p50", "cold p99", "cold mean", "instantiate p50"
+        "{:<12} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>16} {:>9} {:>9}",
+        "policy", "ready p50", "ready p99", "ready mean", "cold p50", "cold p99", "cold mean", "instantiate p50", "memory", "size"
     );
-    for builtin in crate::builtin::BUILTINS {
-        let run = |engine: &Engine, wait_ready: bool| -> Result<(Vec<Duration>, Vec<Duration>), CliError> {
-            let module = engine.load(builtin.component).map_err(|e| CliError::Input(e.to_string()))?;
+    for policy in &policies {
+        let mut memory = 0;
+        let mut run = |engine: &Engine, wait_ready: bool| -> Result<(Vec<Duration>, Vec<Duration>), CliError> {
+            let module = engine.load(&policy.component).map_err(|e| CliError::Input(format!("{}: {e}", policy.name)))?;
             let binding = engine
-                .bind("bench", module, builtin.example_config, Limits::default(), FailMode::Closed)
-                .map_err(|e| CliError::Input(e.to_string()))?;
+                .bind("bench", module, &policy.config, Limits::default(), FailMode::Closed)
+                .map_err(|e| CliError::Input(format!("{}: {e}", policy.name)))?;
+            memory = engine.memory_at_start(&binding).unwrap_or(0);
             let mut evals = Vec::with_capacity(iterations as usize);
             let mut instantiations = Vec::new();
             let warmup = 1000.min(iterations);
@@ -67,7 +103,7 @@ pub(super) fn policy(iterations: u32) -> Result<(), CliError> {
                         engine.replenish(&binding);
                     }
                     if binding.ready_instances() == 0 {
-                        return Err(CliError::Input(format!("{} made no ready instance", builtin.name)));
+                        return Err(CliError::Input(format!("{} made no ready instance", policy.name)));
                     }
                 }
                 let mut seed = [0u8; 32];
@@ -76,7 +112,7 @@ pub(super) fn policy(iterations: u32) -> Result<(), CliError> {
                 let evaluation = engine.evaluate(&binding, EvalRequest { context: &ctx, seed, reader: None });
                 let took = started.elapsed();
                 if let Some(failure) = evaluation.failure {
-                    return Err(CliError::Input(format!("{} failed during the benchmark: {failure}", builtin.name)));
+                    return Err(CliError::Input(format!("{} failed during the benchmark: {failure}", policy.name)));
                 }
                 if i >= warmup {
                     evals.push(took);
@@ -93,8 +129,8 @@ pub(super) fn policy(iterations: u32) -> Result<(), CliError> {
         let (fresh, instantiations) = run(&cold, false)?;
         let mean = |d: &[Duration]| d.iter().sum::<Duration>() / d.len() as u32;
         println!(
-            "{:<10} {:>7} µs {:>7} µs {:>7} µs {:>7} µs {:>7} µs {:>7} µs {:>13} µs",
-            builtin.name,
+            "{:<12} {:>7} µs {:>7} µs {:>7} µs {:>7} µs {:>7} µs {:>7} µs {:>13} µs {:>5} MiB {:>5} MiB",
+            policy.name,
             micros(percentile(&warm, 0.5)),
             micros(percentile(&warm, 0.99)),
             micros(mean(&warm)),
@@ -102,6 +138,8 @@ pub(super) fn policy(iterations: u32) -> Result<(), CliError> {
             micros(percentile(&fresh, 0.99)),
             micros(mean(&fresh)),
             micros(percentile(&instantiations, 0.5)),
+            mib(memory),
+            mib(policy.component.len()),
         );
     }
     Ok(())

@@ -9,6 +9,7 @@ mod bench_split;
 mod bench_swap;
 mod policy;
 mod remote;
+mod scaffold;
 mod serve;
 mod snapshot;
 
@@ -333,6 +334,17 @@ enum KeysCommand {
 
 #[derive(Subcommand)]
 enum PolicyCommand {
+    /// Create a policy project (source, fixtures, configuration, build script) to start from.
+    New {
+        /// The language to write it in.
+        #[arg(long, value_enum)]
+        lang: scaffold::Language,
+        /// The directory to create; its name is the policy's.
+        dir: PathBuf,
+        /// aq's sdk/ directory, for Rust projects; default: the one aq was built from.
+        #[arg(long)]
+        sdk: Option<PathBuf>,
+    },
     /// Evaluate fixture files on a component and compare with their expected outcomes.
     Test {
         /// The component: a `.wasm` file, or `builtin:<name>`.
@@ -403,11 +415,18 @@ enum PolicyCommand {
 
 #[derive(Subcommand)]
 enum BenchCommand {
-    /// Evaluation latency of each built-in policy, a fresh instance per call.
+    /// Evaluation latency of each built-in policy (and of components given with --component),
+    /// a fresh instance per call.
     Policy {
         /// Evaluations per policy.
         #[arg(long, default_value_t = 20_000)]
         iterations: u32,
+        /// Also measure a component: NAME=PATH (repeatable), bound with --component-config.
+        #[arg(long = "component")]
+        components: Vec<String>,
+        /// The configuration (JSON file) the --component policies are bound with; default {}.
+        #[arg(long)]
+        component_config: Option<PathBuf>,
     },
     /// Puts through aq, directly to etcd and through etcd's grpc-proxy, in one run.
     Put {
@@ -504,6 +523,7 @@ pub fn main() -> ExitCode {
             policy::test(&component, config.as_deref(), &fixtures)
         }
         Command::Policy(PolicyCommand::Inspect { component }) => policy::inspect(&component),
+        Command::Policy(PolicyCommand::New { lang, dir, sdk }) => scaffold::new_policy(lang, &dir, sdk.as_deref()),
         Command::Policy(PolicyCommand::Push { component, sign_key, remote }) => {
             remote::push(&remote, &component, sign_key.as_deref())
         }
@@ -546,7 +566,9 @@ pub fn main() -> ExitCode {
         Command::Reject { id, reason, remote } => remote::reject(&remote, &id, &reason),
         Command::Put { key, value, signing, remote } => remote::signed_write(&remote, &signing, &key, Some(&value)),
         Command::Del { key, signing, remote } => remote::signed_write(&remote, &signing, &key, None),
-        Command::Bench(BenchCommand::Policy { iterations }) => bench::policy(iterations),
+        Command::Bench(BenchCommand::Policy { iterations, components, component_config }) => {
+            bench::policy(iterations, &components, component_config.as_deref())
+        }
         Command::Bench(BenchCommand::Put { seconds, clients, etcd, workload, pin }) => {
             bench_put::put(seconds, &clients, &etcd, workload == "kube", pin)
         }

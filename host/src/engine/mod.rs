@@ -103,6 +103,11 @@ impl Default for EngineConfig {
 /// `HostState::insecure_seed`); the version wasmtime-wasi links.
 const INSECURE_SEED_INTERFACE: &str = "wasi:random/insecure-seed@0.2.12";
 
+/// Most core instances, memories and tables one component may hold (see `Engine::new`).
+const CORE_INSTANCES_PER_COMPONENT: u32 = 32;
+const MEMORIES_PER_COMPONENT: u32 = 4;
+const TABLES_PER_COMPONENT: u32 = 32;
+
 /// Linear memory kept mapped per pool slot between evaluations: covers a Rust policy's stack,
 /// data and the heap a typical evaluation touches.
 const RESIDENT_MEMORY_BYTES: usize = 2 << 20;
@@ -242,6 +247,22 @@ pub enum BindError {
         /// How it failed.
         failure: PolicyFailure,
     },
+    /// The component needs more memory than the scope's limit as soon as it starts.
+    #[error(
+        "policy {digest:?} needs {} MiB of linear memory as soon as it starts, over the scope's memory limit of {} MiB; \
+         bind it with a memory limit of at least {} MiB (memory_mib; the engine allows up to {} MiB)",
+        needed.div_ceil(1 << 20), limit >> 20, needed.div_ceil(1 << 20), ceiling >> 20
+    )]
+    TooLarge {
+        /// The policy.
+        digest: PolicyDigest,
+        /// Bytes its memory takes at instantiation.
+        needed: usize,
+        /// The scope's limit in bytes.
+        limit: usize,
+        /// The engine's ceiling in bytes.
+        ceiling: usize,
+    },
     /// The limits exceed what the engine allows.
     #[error("memory limit of {requested} bytes exceeds the engine's ceiling of {ceiling} bytes")]
     Limits {
@@ -377,13 +398,17 @@ impl Engine {
     /// granted.
     pub fn new(config: EngineConfig) -> Result<Self, EngineError> {
         let mut pool = wasmtime::PoolingAllocationConfig::new();
+        // Per-component counts admit the largest guests aq knows: a Python component
+        // (componentize-py) holds 14 core instances, several memories and tables; a Rust one
+        // 2 or 3. The totals bound what live evaluations hold together; a slot costs address
+        // space, not memory, until a guest touches it.
         pool.total_component_instances(config.max_concurrent)
-            .total_core_instances(config.max_concurrent * 8)
-            .max_core_instances_per_component(8)
-            .total_memories(config.max_concurrent * 2)
-            .max_memories_per_component(2)
-            .total_tables(config.max_concurrent * 8)
-            .max_tables_per_component(8)
+            .total_core_instances(config.max_concurrent * CORE_INSTANCES_PER_COMPONENT)
+            .max_core_instances_per_component(CORE_INSTANCES_PER_COMPONENT)
+            .total_memories(config.max_concurrent * MEMORIES_PER_COMPONENT)
+            .max_memories_per_component(MEMORIES_PER_COMPONENT)
+            .total_tables(config.max_concurrent * TABLES_PER_COMPONENT)
+            .max_tables_per_component(TABLES_PER_COMPONENT)
             .max_memory_size(config.memory_ceiling)
             .total_stacks(0)
             // Reset a finished instance's memory by rewriting only its dirty pages (PAGEMAP_SCAN,
@@ -528,8 +553,27 @@ impl Engine {
                 Ok(Arc::new(binding))
             }
             Err(CallError::Config(error)) => Err(BindError::Config { digest, error }),
+            Err(CallError::Failed(failure @ PolicyFailure::Memory { .. })) => {
+                // A component whose memories are larger than the scope allows as soon as it is
+                // instantiated can never run there: say how much it needs.
+                match self.memory_at_start(&binding) {
+                    Some(needed) if needed > limits.memory_bytes => {
+                        Err(BindError::TooLarge { digest, needed, limit: limits.memory_bytes, ceiling: self.config.memory_ceiling })
+                    }
+                    _ => Err(BindError::Failed { digest, failure }),
+                }
+            }
             Err(CallError::Failed(failure)) => Err(BindError::Failed { digest, failure }),
         }
+    }
+
+    /// The linear memory the binding's module takes when instantiated (its largest memory's
+    /// initial size), measured under the engine's ceiling; `None` if it does not instantiate.
+    pub fn memory_at_start(&self, binding: &Binding) -> Option<usize> {
+        let limits = Limits { memory_bytes: self.config.memory_ceiling, ..binding.limits };
+        let mut store = new_store(&self.engine, self.config.epoch_tick, &limits, &binding.scope, Duration::ZERO, &[0; 32], None);
+        binding.module.pre.instantiate(&mut store).ok()?;
+        Some(store.data().limiter.memory_peak)
     }
 
     /// Evaluates a mutation request on a binding. Never fails: policy failures become the

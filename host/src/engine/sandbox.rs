@@ -46,10 +46,13 @@ pub struct ObservedRead {
 pub(super) struct Limiter {
     pub(super) memory_cap: usize,
     pub(super) memory_cap_hit: bool,
+    /// The largest size any of the instance's memories asked for, granted or not.
+    pub(super) memory_peak: usize,
 }
 
 impl ResourceLimiter for Limiter {
     fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        self.memory_peak = self.memory_peak.max(desired);
         if desired > self.memory_cap {
             self.memory_cap_hit = true;
             return Ok(false);
@@ -230,7 +233,7 @@ impl HostState {
             wasi: builder.build(),
             request,
             table: ResourceTable::new(),
-            limiter: Limiter { memory_cap: setup.memory_cap, memory_cap_hit: false },
+            limiter: Limiter { memory_cap: setup.memory_cap, memory_cap_hit: false, memory_peak: 0 },
             stderr,
             log_lines: 0,
             log_target: setup.log_target,
