@@ -121,8 +121,10 @@ fn yes() -> bool {
     true
 }
 
+/// Room for components that carry an interpreter: a Python policy built with componentize-py is
+/// about 18 MiB, more with the libraries it bundles.
 fn default_max_policy_bytes() -> usize {
-    16 << 20
+    64 << 20
 }
 
 /// One admin API token (`[[admin.tokens]]`).

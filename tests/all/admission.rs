@@ -167,3 +167,40 @@ async fn admission_reviews_over_https_are_decided_by_the_scope_that_owns_the_obj
     let (status, answer) = tokio::task::spawn_blocking(move || post(&agent2, &scopes, Some(WEBHOOK_TOKEN), body)).await.unwrap();
     assert_eq!(status, 403, "{answer}");
 }
+
+/// A Python policy, pushed and bound like any other, decides etcd writes and admission reviews
+/// alike: the namespaces example refuses kube-system through both doors with one reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_python_policy_bound_to_a_scope_decides_etcd_writes_and_admission_reviews_alike() {
+    use axum::http::{Method, StatusCode};
+    let gw = TestGateway::start().await;
+    let (_, python) = aq_tests::guests::NAMESPACES.iter().find(|(language, _)| *language == "python").unwrap();
+    let component = aq_tests::guests::bytes(python);
+    let (status, pushed) = gw.admin_bytes(Method::POST, "/v1/policies", component).await;
+    assert_eq!(status, StatusCode::CREATED, "{pushed}");
+    let mut config: Value = serde_json::from_str(&std::fs::read_to_string(aq_tests::workspace_root().join("examples/namespaces/config.json")).unwrap()).unwrap();
+    // Room for whole objects as reviews carry them.
+    config["max_value_bytes"] = json!(65536);
+    let body = json!({ "digest": pushed["digest"], "config": config });
+    let (status, bound) = gw.admin(Method::PUT, "/v1/scopes/registry/policy", body).await;
+    assert_eq!(status, StatusCode::OK, "{bound}");
+
+    let mut client = gw.client().await;
+    let refused = client.put("/registry/configmaps/kube-system/coredns", "{}", None).await.unwrap_err();
+    let etcd_client::Error::GRpcStatus(status) = refused else { panic!("{refused:?}") };
+    assert_eq!(status.code(), tonic::Code::PermissionDenied);
+    let reason = "/registry/configmaps/kube-system/coredns: namespace kube-system is frozen";
+    assert!(status.message().contains(reason), "{}", status.message());
+    client.put("/registry/configmaps/default/coredns", "{}", None).await.expect("another namespace is writable");
+
+    let alice = ("alice", &["dev", "system:authenticated"][..]);
+    let denied = review("u-1", "CREATE", ("", "configmaps"), "kube-system", "coredns", alice);
+    let (status, answer) = gw.admin_bytes(Method::POST, "/v1/admission/validate", serde_json::to_vec(&denied).unwrap()).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(answer["response"]["allowed"], false, "{answer}");
+    assert!(answer["response"]["status"]["message"].as_str().unwrap().contains(reason), "{answer}");
+    assert_eq!(answer["response"]["auditAnnotations"]["policy"], pushed["digest"]);
+    let allowed = review("u-2", "CREATE", ("", "configmaps"), "team-a", "settings", alice);
+    let (_, answer) = gw.admin_bytes(Method::POST, "/v1/admission/validate", serde_json::to_vec(&allowed).unwrap()).await;
+    assert_eq!(answer["response"]["allowed"], true, "{answer}");
+}

@@ -82,7 +82,7 @@ pub(super) fn policy(iterations: u32, components: &[String], component_config: O
     println!("same thread (as `aq serve` does while a write is at etcd); cold: instantiated on the request");
     println!("memory: the instance's linear memory once instantiated (its largest memory)");
     println!(
-        "{:<12} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>16} {:>9} {:>9}",
+        "{:<18} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>16} {:>9} {:>9}",
         "policy", "ready p50", "ready p99", "ready mean", "cold p50", "cold p99", "cold mean", "instantiate p50", "memory", "size"
     );
     for policy in &policies {
@@ -129,7 +129,7 @@ pub(super) fn policy(iterations: u32, components: &[String], component_config: O
         let (fresh, instantiations) = run(&cold, false)?;
         let mean = |d: &[Duration]| d.iter().sum::<Duration>() / d.len() as u32;
         println!(
-            "{:<12} {:>7} µs {:>7} µs {:>7} µs {:>7} µs {:>7} µs {:>7} µs {:>13} µs {:>5} MiB {:>5} MiB",
+            "{:<18} {:>7} µs {:>7} µs {:>7} µs {:>7} µs {:>7} µs {:>7} µs {:>13} µs {:>5} MiB {:>5} MiB",
             policy.name,
             micros(percentile(&warm, 0.5)),
             micros(percentile(&warm, 0.99)),

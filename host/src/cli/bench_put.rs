@@ -74,6 +74,22 @@ pub(super) struct AqProcess {
 /// Starts `aq serve` (this binary) with `layout_path`, its data in `dir/name`, on free ports,
 /// without a decision log, and waits until its etcd API answers.
 pub(super) async fn serve_process(dir: &std::path::Path, name: &str, layout_path: &std::path::Path) -> Result<AqProcess, CliError> {
+    let (process, port, admin_port, data) = spawn_serve(dir, name, layout_path, &[])?;
+    let url = format!("http://127.0.0.1:{port}");
+    ready(name, &url).await?;
+    let token = admin_token(name, &data)?;
+    Ok(AqProcess { process, url, admin: format!("http://127.0.0.1:{admin_port}"), token })
+}
+
+/// Spawns `aq serve` (this binary) with `layout_path` and `extra` arguments, its data in
+/// `dir/name`, on free ports, without a decision log; answers the process, its etcd API and
+/// admin ports and its data directory.
+pub(super) fn spawn_serve(
+    dir: &std::path::Path,
+    name: &str,
+    layout_path: &std::path::Path,
+    extra: &[std::ffi::OsString],
+) -> Result<(Guard, u16, u16, PathBuf), CliError> {
     let (port, admin_port) = (free_port()?, free_port()?);
     let data = dir.join(name);
     let process = Guard(
@@ -86,15 +102,19 @@ pub(super) async fn serve_process(dir: &std::path::Path, name: &str, layout_path
             .arg(format!("--listen=127.0.0.1:{port}"))
             .arg(format!("--admin-listen=127.0.0.1:{admin_port}"))
             .arg("--decision-log=off")
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()?,
     );
-    let url = format!("http://127.0.0.1:{port}");
-    ready(name, &url).await?;
-    let token = std::fs::read_to_string(crate::serve::admin_token_path(&data))
-        .map_err(|e| CliError::Input(format!("{name} wrote no admin token: {e}")))?;
-    Ok(AqProcess { process, url, admin: format!("http://127.0.0.1:{admin_port}"), token: token.trim().to_string() })
+    Ok((process, port, admin_port, data))
+}
+
+/// The admin token `aq serve` generated under `data`.
+pub(super) fn admin_token(name: &str, data: &std::path::Path) -> Result<String, CliError> {
+    std::fs::read_to_string(crate::serve::admin_token_path(data))
+        .map(|token| token.trim().to_string())
+        .map_err(|e| CliError::Input(format!("{name} wrote no admin token: {e}")))
 }
 
 pub(super) async fn ready(name: &str, url: &str) -> Result<Group, CliError> {

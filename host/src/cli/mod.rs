@@ -3,6 +3,7 @@
 //! world, bad arguments, aq unreachable).
 
 mod bench;
+mod bench_admission;
 mod bench_critical;
 mod bench_put;
 mod bench_split;
@@ -428,6 +429,18 @@ enum BenchCommand {
         #[arg(long)]
         component_config: Option<PathBuf>,
     },
+    /// Kubernetes AdmissionReviews through aq's webhook over HTTPS: round-trip p50 and p99.
+    Admission {
+        /// Reviews per client count.
+        #[arg(long, default_value_t = 2000)]
+        reviews: usize,
+        /// Concurrent clients, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "1,16")]
+        clients: Vec<usize>,
+        /// The etcd binary.
+        #[arg(long, default_value = "etcd")]
+        etcd: String,
+    },
     /// Puts through aq, directly to etcd and through etcd's grpc-proxy, in one run.
     Put {
         /// Seconds per measured configuration.
@@ -572,6 +585,7 @@ pub fn main() -> ExitCode {
         Command::Bench(BenchCommand::Put { seconds, clients, etcd, workload, pin }) => {
             bench_put::put(seconds, &clients, &etcd, workload == "kube", pin)
         }
+        Command::Bench(BenchCommand::Admission { reviews, clients, etcd }) => bench_admission::admission(reviews, &clients, &etcd),
         Command::Bench(BenchCommand::Swap { swaps, clients, etcd }) => bench_swap::swap(swaps, clients, &etcd),
         Command::Bench(BenchCommand::Split { keys, writers, seconds, etcd }) => bench_split::split(keys, writers, seconds, &etcd),
         Command::Bench(BenchCommand::Critical { seconds, clients, etcd }) => bench_critical::critical(seconds, clients, &etcd),

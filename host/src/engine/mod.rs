@@ -108,9 +108,10 @@ const CORE_INSTANCES_PER_COMPONENT: u32 = 32;
 const MEMORIES_PER_COMPONENT: u32 = 4;
 const TABLES_PER_COMPONENT: u32 = 32;
 
-/// Linear memory kept mapped per pool slot between evaluations: covers a Rust policy's stack,
-/// data and the heap a typical evaluation touches.
-const RESIDENT_MEMORY_BYTES: usize = 2 << 20;
+/// Linear memory kept mapped per pool slot between evaluations: a Rust policy touches about
+/// 1 MiB, an interpreter (Python, JavaScript) up to about 12 MiB. Only what an instance's memory
+/// spans is reset, and with PAGEMAP_SCAN only its dirtied pages.
+const RESIDENT_MEMORY_BYTES: usize = 16 << 20;
 /// Table memory kept mapped per pool slot.
 const RESIDENT_TABLE_BYTES: usize = 64 << 10;
 
