@@ -315,11 +315,13 @@ pub async fn start(config: Config, options: ServeOptions) -> Result<Running, Str
         .map_err(|e| format!("cannot listen on {}: {e}; is another etcd or aq running there?", options.listen))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let (shutdown, stop) = tokio::sync::oneshot::channel::<()>();
-    let mut builder = tonic::transport::Server::builder().tcp_nodelay(true);
+    // HTTP/1.1 too: etcd answers /health, /version and /metrics on its client port.
+    let mut builder = tonic::transport::Server::builder().tcp_nodelay(true).accept_http1(true);
     if let Some(tls) = &options.tls {
         builder = builder.tls_config(tls.tonic_config()?).map_err(|e| format!("TLS setup of the etcd API failed: {e}"))?;
     }
-    let router = builder
+    let mut routes = tonic::service::Routes::builder();
+    routes
         .add_service(pb::PbKvServer::new(front::Kv::new(gateway.clone(), etcd_auth.clone())))
         .add_service(pb::PbWatchServer::new(front::Watch::new(gateway.clone(), etcd_auth.clone())))
         .add_service(pb::PbLeaseServer::new(front::Lease::new(gateway.clone(), etcd_auth.clone())))
@@ -340,6 +342,10 @@ pub async fn start(config: Config, options: ServeOptions) -> Result<Running, Str
             etcd_auth.clone(),
             addr,
         )));
+    let mut routes = routes.routes();
+    let http = front::http::routes(gateway.clone());
+    *routes.axum_router_mut() = std::mem::take(routes.axum_router_mut()).merge(http);
+    let router = builder.layer(front::http::HandledLayer::new(gateway.metrics().grpc_handled())).add_routes(routes);
     // The builder's tcp_nodelay applies only to listeners tonic binds itself: without it here,
     // an answer written in two segments waits for the client's delayed ACK (about 40 ms).
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));

@@ -228,3 +228,48 @@ async fn a_snapshot_restores_into_a_new_data_directory_with_every_key_and_revisi
     assert_eq!(ids(&log_after)[..log_before.records.len()], ids(&log_before)[..]);
     again.stop().await;
 }
+
+/// What etcd answers over plain HTTP on its client port, aq answers on its etcd port: /health,
+/// /version, and /metrics with every gRPC call counted by method and status code.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_etcd_port_answers_health_version_and_metrics_over_http_as_etcd_does() {
+    let mut gw = TestGateway::start().await;
+    let mut client = gw.client().await;
+    client.put("/registry/pods/ns/a", "v", None).await.unwrap();
+    client.put("/registry/secrets/ns/s", "v", None).await.expect_err("an unsigned secret write is denied");
+    let base = format!("http://{}", gw.endpoint());
+    let get = |path: &str| {
+        let url = format!("{base}{path}");
+        async move {
+            tokio::task::spawn_blocking(move || {
+                let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+                let mut response = agent.get(&url).call().expect("the etcd port answers HTTP");
+                (response.status().as_u16(), response.body_mut().read_to_string().unwrap())
+            })
+            .await
+            .unwrap()
+        }
+    };
+    let (status, health) = get("/health").await;
+    assert_eq!((status, health.as_str()), (200, r#"{"health":"true","reason":""}"#));
+    let (status, version) = get("/version").await;
+    assert_eq!(status, 200);
+    let version: serde_json::Value = serde_json::from_str(&version).unwrap();
+    assert_eq!(version["etcdserver"], aq_host::front::REPORTED_ETCD_VERSION);
+    let (status, metrics) = get("/metrics").await;
+    assert_eq!(status, 200);
+    for line in [
+        r#"grpc_server_handled_total{grpc_type="unary",grpc_service="etcdserverpb.KV",grpc_method="Put",grpc_code="OK"} 1"#,
+        r#"grpc_server_handled_total{grpc_type="unary",grpc_service="etcdserverpb.KV",grpc_method="Put",grpc_code="PermissionDenied"} 1"#,
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in:\n{metrics}");
+    }
+    assert!(metrics.contains("aq_policy_evaluations_total"), "aq's own metrics too");
+    assert_eq!(metrics.matches("# EOF").count(), 1, "one exposition");
+
+    // With a group down, /health says which.
+    gw.events.stop();
+    let (status, health) = get("/health").await;
+    assert_eq!(status, 503);
+    assert!(health.contains(r#""health":"false""#) && health.contains("group events does not answer"), "{health}");
+}

@@ -1,5 +1,6 @@
 //! `aq policy new`: a policy project to start from, in Rust, Python or JavaScript. Each builds
-//! with one script and passes its own fixtures as made.
+//! with one script and passes its own fixtures as made. Every language's project is the same
+//! policy, read-only key prefixes; the Rust one is `examples/deny-prefix` itself.
 
 use std::path::{Path, PathBuf};
 
@@ -56,7 +57,7 @@ pub(super) fn new_policy(language: Language, dir: &Path, sdk: Option<&Path>) -> 
             let sdk = sdk_path(sdk)?;
             let manifest = include_str!("../../templates/rust/Cargo.toml").replace("{{sdk}}", &sdk.display().to_string());
             files.push(("Cargo.toml".into(), manifest, false));
-            files.push((PathBuf::from("src").join("lib.rs"), include_str!("../../templates/rust/lib.rs").to_string(), false));
+            files.push((PathBuf::from("src").join("lib.rs"), include_str!("../../../examples/deny-prefix/src/lib.rs").to_string(), false));
             let build = include_str!("../../templates/rust/build.sh").replace("{{crate}}", &name.replace('-', "_"));
             files.push(("build.sh".into(), build, true));
         }

@@ -4,6 +4,7 @@
 
 pub mod auth;
 pub mod concurrency;
+pub mod http;
 mod lease;
 mod maintenance;
 mod watch;

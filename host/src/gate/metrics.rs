@@ -6,7 +6,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-type Labels = Vec<(String, String)>;
+/// A metric's labels, as name-value pairs.
+pub type Labels = Vec<(String, String)>;
 
 fn evaluation_histogram() -> Histogram {
     // 1 µs to about 0.5 s.
@@ -29,6 +30,10 @@ pub struct GateMetrics {
     decision_lines_dropped: Counter,
     admission_reviews: Family<Labels, Counter>,
     admission_review_seconds: Histogram,
+    /// Metrics under the names other software gives them, without aq's prefix: gRPC calls
+    /// handled, as go-grpc-prometheus counts them in etcd.
+    unprefixed: Registry,
+    grpc_handled: Family<Labels, Counter>,
 }
 
 fn scope(id: &str) -> Labels {
@@ -92,8 +97,17 @@ impl Default for GateMetrics {
             "Time to answer an admission review, from its parsed body to the answer",
             admission_review_seconds.clone(),
         );
+        let mut unprefixed = Registry::default();
+        let grpc_handled = Family::<Labels, Counter>::default();
+        unprefixed.register(
+            "grpc_server_handled",
+            "gRPC calls of the etcd API completed, by type, service, method and status code, as etcd counts them",
+            grpc_handled.clone(),
+        );
         GateMetrics {
             registry,
+            unprefixed,
+            grpc_handled,
             evaluations,
             evaluation_seconds,
             policy_failures,
@@ -115,8 +129,18 @@ impl GateMetrics {
     /// The Prometheus text exposition of every metric.
     pub fn encode(&self) -> String {
         let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.unprefixed).expect("writing to a String");
+        // One exposition: the first registry's end marker goes.
+        if out.ends_with("# EOF\n") {
+            out.truncate(out.len() - "# EOF\n".len());
+        }
         prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String");
         out
+    }
+
+    /// `grpc_server_handled_total`, which the etcd API's server layer counts into.
+    pub fn grpc_handled(&self) -> Family<Labels, Counter> {
+        self.grpc_handled.clone()
     }
 
     pub(super) fn evaluated(&self, scope_id: &str, verdict: &str, seconds: f64) {
@@ -226,5 +250,65 @@ impl GateMetrics {
         let mut labels = scope(scope_id);
         labels.push(("kind".to_string(), kind.to_string()));
         self.routed.get_or_create(&labels).get()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::GateMetrics;
+
+    /// Metric family names in an exposition (`# TYPE <name> <type>`), with a counter's `_total`.
+    fn families(exposition: &str) -> std::collections::BTreeSet<String> {
+        exposition
+            .lines()
+            .filter_map(|line| line.strip_prefix("# TYPE "))
+            .filter_map(|rest| rest.split_once(' '))
+            .map(|(name, kind)| if kind == "counter" { format!("{name}_total") } else { name.to_string() })
+            .collect()
+    }
+
+    /// `aq_…` and `grpc_…` names a text mentions, a histogram's series folded to its family.
+    fn mentioned(text: &str) -> std::collections::BTreeSet<String> {
+        let mut names = std::collections::BTreeSet::new();
+        for word in text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+            if word.starts_with("aq_") || word.starts_with("grpc_server_") {
+                let name = word.strip_suffix("_bucket").or_else(|| word.strip_suffix("_count")).unwrap_or(word);
+                names.insert(name.to_string());
+            }
+        }
+        names
+    }
+
+    #[test]
+    fn the_readme_table_and_the_grafana_dashboard_name_exactly_the_metrics_aq_serves() {
+        // A family shows in the exposition once it has a series: give each one.
+        let metrics = GateMetrics::default();
+        metrics.evaluated("s", "allow", 1e-6);
+        metrics.admission_reviewed("CREATE", true, 1e-3);
+        metrics.policy_failed("s", "timeout");
+        metrics.routed("s", "write");
+        metrics.guard_retry("s");
+        metrics.backend_error("main");
+        metrics.swapped("s");
+        metrics.advised("s", "keep");
+        metrics.adapted("s", "split", "started");
+        metrics.group_started();
+        metrics.grpc_handled().get_or_create(&vec![("grpc_method".to_string(), "Put".to_string())]).inc();
+        let served = families(&metrics.encode());
+        assert!(served.contains("grpc_server_handled_total") && served.contains("aq_policy_evaluations_total"), "{served:?}");
+        let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+        let readme = std::fs::read_to_string(format!("{root}/README.md")).unwrap();
+        let table: String = readme.lines().filter(|l| l.starts_with("| `aq_") || l.starts_with("| `grpc_")).collect::<Vec<_>>().join("\n");
+        assert_eq!(mentioned(&table), served, "README's metrics table");
+        let dashboard = std::fs::read_to_string(format!("{root}/examples/grafana/aq-dashboard.json")).unwrap();
+        let dashboard: serde_json::Value = serde_json::from_str(&dashboard).unwrap();
+        let exprs: Vec<String> = dashboard["panels"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|p| p["targets"].as_array().unwrap().iter().map(|t| t["expr"].as_str().unwrap().to_string()))
+            .collect();
+        let used = mentioned(&exprs.join("\n"));
+        assert_eq!(used, served, "the dashboard charts every metric, and only those aq serves");
     }
 }
