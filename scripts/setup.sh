@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what a fresh Debian machine lacks to build and test aq: etcd (server and etcdctl),
-# protoc, a C compiler, the wasm32-wasip2 Rust target, and the Python and JavaScript policy
+# protoc, a C compiler, Chromium (the scope map's browser test), the wasm32-wasip2 Rust target,
+# and the Python and JavaScript policy
 # toolchains (componentize-py in a venv, componentize-js in node_modules, both under
 # target/tools). Safe to run again; installs only what is missing.
 set -euo pipefail
@@ -16,6 +17,8 @@ command -v cc >/dev/null 2>&1 || need_apt+=(gcc libc6-dev)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need_apt+=(python3 python3-venv)
 # JavaScript policies: Node.js and npm.
 command -v npm >/dev/null 2>&1 || need_apt+=(nodejs npm)
+# The scope map's browser test: headless Chromium.
+command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
 if [ ${#need_apt[@]} -gt 0 ]; then
   sudo=""
   if [ "$(id -u)" -ne 0 ]; then

@@ -643,6 +643,7 @@ pub fn describe(running: &Running, data_dir: &Path) -> String {
     out.push_str(&format!("aq: this replica is {}\n", running.anchor));
     if let Some(admin) = running.admin_addr {
         out.push_str(&format!("aq: admin API listening on {scheme}://{admin} (/healthz, /readyz, /metrics, /v1/openapi.json)\n"));
+        out.push_str(&format!("aq: scope map at {scheme}://{admin}/ (asks for the admin token)\n"));
         let token = admin_token_path(data_dir);
         if token.exists() {
             out.push_str(&format!("aq: admin token (role admin) in {}; the aq CLI reads it from there\n", token.display()));

@@ -16,5 +16,6 @@ mod migrate;
 mod revisions;
 mod swap;
 mod trust;
+mod ui;
 mod validation;
 mod watch;

@@ -145,6 +145,11 @@ pub(super) async fn get(State(admin): State<Arc<Admin>>, headers: HeaderMap, Pat
 )]
 pub(super) async fn groups(State(admin): State<Arc<Admin>>, headers: HeaderMap) -> Result<Response, ApiError> {
     admin.auth.check(&headers, Role::Reader)?;
+    Ok(axum::Json(json!({ "groups": group_list(&admin).await? })).into_response())
+}
+
+/// The groups as `GET /v1/groups` shows them.
+pub(super) async fn group_list(admin: &Admin) -> Result<serde_json::Value, ApiError> {
     let started = admin.syncer.store().started_groups().await?;
     let routing = admin.gateway.routing();
     let groups: Vec<serde_json::Value> = admin
@@ -162,5 +167,5 @@ pub(super) async fn groups(State(admin): State<Arc<Admin>>, headers: HeaderMap) 
             })
         })
         .collect();
-    Ok(axum::Json(json!({ "groups": groups })).into_response())
+    Ok(serde_json::Value::Array(groups))
 }

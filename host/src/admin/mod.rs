@@ -14,6 +14,7 @@ mod policies;
 mod principals;
 mod proposals;
 mod scopes;
+mod ui;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -49,6 +50,8 @@ pub struct Admin {
     migrator: Option<Arc<crate::adapt::migrate::Migrator>>,
     /// kube-apiserver's storage prefix, for admission reviews.
     kube_etcd_prefix: String,
+    /// The scope map's last counters, from which it works out rates.
+    ui_rates: ui::Rates,
 }
 
 impl Admin {
@@ -91,6 +94,7 @@ impl Admin {
             checkpointer,
             migrator,
             kube_etcd_prefix: config.kube_etcd_prefix.clone(),
+            ui_rates: ui::Rates::default(),
         })
     }
 }
@@ -181,6 +185,9 @@ where
 /// The admin routes.
 pub fn router(admin: Arc<Admin>) -> Router {
     Router::new()
+        .route("/", get(ui::page))
+        .route("/ui", get(ui::page))
+        .route("/v1/ui/stream", get(ui::stream))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))

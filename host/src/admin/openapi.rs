@@ -5,7 +5,7 @@ use axum::response::{IntoResponse, Response};
 use utoipa::OpenApi;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 
-use super::{admission, anchors, lineage, migrations, policies, principals, proposals, scopes};
+use super::{admission, anchors, lineage, migrations, policies, principals, proposals, scopes, ui};
 
 /// Adds the bearer token scheme the `/v1/` routes require.
 struct BearerTokens;
@@ -57,6 +57,7 @@ impl utoipa::Modify for BearerTokens {
         migrations::list,
         migrations::groups,
         migrations::get,
+        ui::stream,
     ),
     modifiers(&BearerTokens),
     tags(

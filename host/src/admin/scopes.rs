@@ -106,7 +106,12 @@ async fn stored_bindings(admin: &Admin) -> Result<std::collections::HashMap<Stri
 )]
 pub(super) async fn list(State(admin): State<Arc<Admin>>, headers: HeaderMap) -> Result<Response, ApiError> {
     admin.auth.check(&headers, Role::Reader)?;
-    let stored = stored_bindings(&admin).await?;
+    Ok(axum::Json(json!({ "scopes": tree(&admin).await? })).into_response())
+}
+
+/// The scope tree as `GET /v1/scopes` shows it.
+pub(super) async fn tree(admin: &Admin) -> Result<Value, ApiError> {
+    let stored = stored_bindings(admin).await?;
     let routing = admin.gateway.routing();
     let scopes = routing.index().scopes();
     fn subtree(admin: &Admin, scopes: &[Arc<Scope>], stored: &std::collections::HashMap<String, (BindingRecord, i64)>, of: Option<&str>) -> Vec<Value> {
@@ -120,7 +125,7 @@ pub(super) async fn list(State(admin): State<Arc<Admin>>, headers: HeaderMap) ->
             })
             .collect()
     }
-    Ok(axum::Json(json!({ "scopes": subtree(&admin, scopes, &stored, None) })).into_response())
+    Ok(Value::Array(subtree(admin, scopes, &stored, None)))
 }
 
 /// One scope, with its parent.

@@ -90,9 +90,15 @@ pub struct AdviceLine<'a> {
     pub failure: Option<String>,
 }
 
+/// How many recent decisions other than allows are kept.
+const RECENT: usize = 20;
+
 /// The decision log of one gateway.
 pub struct DecisionLog {
     queue: Option<SyncSender<Vec<u8>>>,
+    /// The latest decisions other than allows, oldest first, kept whether or not lines are
+    /// written anywhere (the scope map shows them).
+    recent: std::sync::Mutex<std::collections::VecDeque<serde_json::Value>>,
     log_allows: bool,
     dropped: Counter,
     /// The thread writing the lines; joined on drop, so the last lines are written.
@@ -111,7 +117,7 @@ impl Drop for DecisionLog {
 impl DecisionLog {
     /// A log that writes nothing.
     pub fn off() -> Self {
-        DecisionLog { queue: None, log_allows: false, dropped: Counter::default(), writer: None }
+        DecisionLog { queue: None, recent: Default::default(), log_allows: false, dropped: Counter::default(), writer: None }
     }
 
     /// Opens `sink`; `log_allows` also logs allowed requests; lines dropped are counted in
@@ -128,17 +134,30 @@ impl DecisionLog {
         };
         let (queue, lines) = mpsc::sync_channel::<Vec<u8>>(QUEUE);
         let writer = std::thread::Builder::new().name("aq-decision-log".into()).spawn(move || write_lines(out, lines))?;
-        Ok(DecisionLog { queue: Some(queue), log_allows, dropped, writer: Some(writer) })
+        Ok(DecisionLog { queue: Some(queue), recent: Default::default(), log_allows, dropped, writer: Some(writer) })
     }
 
-    /// Whether a decision with `verdict` is logged.
+    /// Whether a decision with `verdict` is recorded: every one that is not an allow (kept
+    /// among the recent ones), allows only when they are logged.
     pub fn wants(&self, verdict: &str) -> bool {
-        self.queue.is_some() && (verdict != "allow" || self.log_allows)
+        verdict != "allow" || (self.queue.is_some() && self.log_allows)
     }
 
-    /// Queues a line.
+    /// Queues a line, and keeps it among the recent ones if it is not an allow.
     pub fn record(&self, line: &DecisionLine<'_>) {
+        if line.verdict != "allow" {
+            let mut recent = self.recent.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            if recent.len() == RECENT {
+                recent.pop_front();
+            }
+            recent.push_back(serde_json::to_value(line).expect("decision lines serialise"));
+        }
         self.queue_line(line);
+    }
+
+    /// The latest decisions other than allows, newest first.
+    pub fn recent(&self) -> Vec<serde_json::Value> {
+        self.recent.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).iter().rev().cloned().collect()
     }
 
     /// Queues the line of a policy's evaluation of `context` (callers check [`Self::wants`]).

@@ -294,6 +294,11 @@ impl Gateway {
         &self.metrics
     }
 
+    /// The latest decisions other than allows, newest first.
+    pub fn recent_decisions(&self) -> Vec<serde_json::Value> {
+        self.decisions.recent()
+    }
+
     /// The group that grants leases and answers status.
     pub fn home(&self) -> &Group {
         &self.home
