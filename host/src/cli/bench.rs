@@ -87,6 +87,14 @@ pub(super) fn policy(iterations: u32, components: &[String], component_config: O
     );
     for policy in &policies {
         let mut memory = 0;
+        // On a terminal, a bar of this policy's evaluations (ready, then cold).
+        let bar = super::progress_bar(
+            2 * u64::from(iterations + 1000.min(iterations)),
+            "{msg:18} [{bar:30}] {pos}/{len} evaluations, {per_sec}",
+        );
+        if let Some(bar) = &bar {
+            bar.set_message(policy.name.clone());
+        }
         let mut run = |engine: &Engine, wait_ready: bool| -> Result<(Vec<Duration>, Vec<Duration>), CliError> {
             let module = engine.load(&policy.component).map_err(|e| CliError::Input(format!("{}: {e}", policy.name)))?;
             let binding = engine
@@ -111,6 +119,9 @@ pub(super) fn policy(iterations: u32, components: &[String], component_config: O
                 let started = Instant::now();
                 let evaluation = engine.evaluate(&binding, EvalRequest { context: &ctx, seed, reader: None });
                 let took = started.elapsed();
+                if let Some(bar) = &bar {
+                    bar.inc(1);
+                }
                 if let Some(failure) = evaluation.failure {
                     return Err(CliError::Input(format!("{} failed during the benchmark: {failure}", policy.name)));
                 }
@@ -127,6 +138,9 @@ pub(super) fn policy(iterations: u32, components: &[String], component_config: O
         };
         let (warm, _) = run(&ready, true)?;
         let (fresh, instantiations) = run(&cold, false)?;
+        if let Some(bar) = bar {
+            bar.finish_and_clear();
+        }
         let mean = |d: &[Duration]| d.iter().sum::<Duration>() / d.len() as u32;
         println!(
             "{:<18} {:>7} µs {:>7} µs {:>7} µs {:>7} µs {:>7} µs {:>7} µs {:>13} µs {:>5} MiB {:>5} MiB",

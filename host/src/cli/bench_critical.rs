@@ -75,7 +75,12 @@ async fn run(duration: Duration, clients: usize, etcd_binary: &str) -> Result<()
 
     let value = Arc::new(vec![b's'; 256]);
     let mut runs = Vec::new();
+    // On a terminal, a bar of the configurations measured.
+    let bar = super::progress_bar(2, "[{bar:30}] {pos}/{len} configurations, {elapsed}: {msg}");
     for target in ["direct etcd", "aq critical"] {
+        if let Some(bar) = &bar {
+            bar.set_message(target);
+        }
         // A short warm-up on the same keys, then the measured run.
         for (length, keep) in [(Duration::from_millis(500), false), (duration, true)] {
             let aq_pid = (target == "aq critical").then(|| aq.process.0.id());
@@ -124,6 +129,12 @@ async fn run(duration: Duration, clients: usize, etcd_binary: &str) -> Result<()
                 runs.push(Run { target, puts: latencies.len(), elapsed, latencies, cpu });
             }
         }
+        if let Some(bar) = &bar {
+            bar.inc(1);
+        }
+    }
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
     }
     let lineage = crate::lineage::store::records(&direct, "secrets").await.map_err(CliError::Input)?.len();
     drop(aq);

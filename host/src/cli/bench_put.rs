@@ -391,6 +391,9 @@ async fn run(duration: Duration, clients: &[usize], etcd_binary: &str, kube: boo
 
     let value = Arc::new(vec![b'v'; 256]);
     let mut runs = Vec::new();
+    // On a terminal, a bar of the configurations measured.
+    let per_count = if kube { 3 } else { 6 };
+    let bar = super::progress_bar((clients.len() * per_count) as u64, "[{bar:30}] {pos}/{len} configurations, {elapsed}: {msg}");
     for &n in clients {
         let target = |name, url, pid, store_pid, shape, login| Target { name, url, pid, store_pid, shape, login };
         let targets = [
@@ -408,6 +411,9 @@ async fn run(duration: Duration, clients: &[usize], etcd_binary: &str, kube: boo
                 (true, _) => continue,
                 (false, shape) => shape,
             };
+            if let Some(bar) = &bar {
+                bar.set_message(format!("{target} at {n} clients"));
+            }
             // A short warm-up on the same keys, then the measured run.
             load(url, n, Duration::from_millis(500), value.clone(), "/registry/configmaps/bench/", shape, login).await?;
             let (aq_before, etcd_before) = (pid.map(cpu_seconds), cpu_seconds(store_pid));
@@ -419,7 +425,13 @@ async fn run(duration: Duration, clients: &[usize], etcd_binary: &str, kube: boo
             };
             let etcd_cpu = cpu_seconds(store_pid) - etcd_before;
             runs.push(Run { target, clients: n, puts, elapsed, latencies, aq_cpu, etcd_cpu });
+            if let Some(bar) = &bar {
+                bar.inc(1);
+            }
         }
+    }
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
     }
     print_table(&runs);
     Ok(())

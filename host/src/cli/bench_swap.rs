@@ -118,6 +118,8 @@ async fn run(swaps: usize, clients: usize, etcd_binary: &str) -> Result<(), CliE
     let bind_url = format!("{}/v1/scopes/registry/policy", a.admin);
     let scope_url = format!("{}/v1/scopes/registry", b.admin);
     let started = Instant::now();
+    // On a terminal, a bar of the swaps made.
+    let bar = super::progress_bar(swaps as u64, "swaps [{bar:30}] {pos}/{len}, {per_sec}, {elapsed}");
     for n in 0..swaps {
         let (digest, body) = if n % 2 == 0 {
             (&open, json!({ "digest": open }))
@@ -146,6 +148,12 @@ async fn run(swaps: usize, clients: usize, etcd_binary: &str) -> Result<(), CliE
         .map_err(CliError::Input)?;
         acked.push(ack);
         seen.push(visible);
+        if let Some(bar) = &bar {
+            bar.inc(1);
+        }
+    }
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
     }
     let elapsed = started.elapsed();
     stop.store(true, Ordering::Relaxed);

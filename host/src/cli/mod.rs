@@ -522,6 +522,16 @@ impl From<std::io::Error> for CliError {
 }
 
 /// Runs the command line.
+/// A progress bar on stderr with `template` over `len` steps, when stderr is a terminal; `None`
+/// otherwise (a pipe, a file, CI), so nothing but the results is printed there.
+pub(super) fn progress_bar(len: u64, template: &str) -> Option<indicatif::ProgressBar> {
+    use std::io::IsTerminal;
+    std::io::stderr().is_terminal().then(|| {
+        let style = indicatif::ProgressStyle::with_template(template).expect("a valid template").progress_chars("=> ");
+        indicatif::ProgressBar::new(len).with_style(style)
+    })
+}
+
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()

@@ -328,15 +328,10 @@ pub(super) fn merge_scope(remote: &Remote, scope: &str, detach: bool) -> Result<
 
 /// Prints each phase migration `id` reaches until it ends; exit 1 unless it is done cleanly.
 fn follow_migration(remote: &Remote, id: &str) -> Result<(), CliError> {
-    use std::io::IsTerminal;
     // On a terminal (stderr, where the bar draws), a bar of the keys copied and their rate under
     // a line per phase; a line per phase alone otherwise; only the final record with --json.
-    let bar = (!remote.json && std::io::stderr().is_terminal()).then(|| {
-        let style = indicatif::ProgressStyle::with_template("{prefix} {msg:9} [{bar:30}] {pos}/{len} keys, {per_sec}, {elapsed}")
-            .expect("a valid template")
-            .progress_chars("=> ");
-        indicatif::ProgressBar::new(0).with_style(style).with_prefix(id.to_string())
-    });
+    let bar = if remote.json { None } else { super::progress_bar(0, "{prefix} {msg:9} [{bar:30}] {pos}/{len} keys, {per_sec}, {elapsed}") }
+        .map(|bar| bar.with_prefix(id.to_string()));
     let mut last_phase = String::new();
     let migration = loop {
         let migration = remote.call("GET", &format!("/v1/migrations/{id}"), None, &[])?;
@@ -685,7 +680,17 @@ pub(super) fn reject(remote: &Remote, id: &str, reason: &str) -> Result<(), CliE
 
 /// `aq lineage export`.
 pub(super) fn lineage_export(remote: &Remote, scope: &str, out: Option<&std::path::Path>) -> Result<(), CliError> {
-    let export = remote.call("GET", &format!("/v1/lineage/{scope}/export"), None, &[])?;
+    // The export is one answer: on a terminal, a spinner with the time it takes.
+    let spinner = super::progress_bar(0, "{spinner} exporting the lineage of {msg}, {elapsed}");
+    if let Some(spinner) = &spinner {
+        spinner.set_message(scope.to_string());
+        spinner.enable_steady_tick(std::time::Duration::from_millis(120));
+    }
+    let export = remote.call("GET", &format!("/v1/lineage/{scope}/export"), None, &[]);
+    if let Some(spinner) = spinner {
+        spinner.finish_and_clear();
+    }
+    let export = export?;
     let text = serde_json::to_string_pretty(&export).expect("JSON");
     match out {
         Some(path) => {
@@ -716,7 +721,16 @@ pub(super) fn lineage_verify(path: &std::path::Path, trusted: &[String]) -> Resu
         };
         keys.push(crate::trust::parse_public_key(&text).map_err(CliError::Input)?);
     }
-    match crate::lineage::log::verify(&export, &keys) {
+    let bar = super::progress_bar(export.records.len() as u64, "verify [{bar:30}] {pos}/{len} records, {per_sec}, {elapsed}");
+    let verified = crate::lineage::log::verify_with_progress(&export, &keys, &mut |done| {
+        if let Some(bar) = &bar {
+            bar.set_position(done);
+        }
+    });
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    match verified {
         Ok(verified) => {
             println!(
                 "ok: scope {}: {} records, {} checkpoints, root log of {}; signed by {}",

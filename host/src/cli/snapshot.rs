@@ -1,7 +1,7 @@
 //! `aq snapshot save|verify|restore`: aq's backup archive (`crate::snapshot`), saved through
 //! aq's own etcd API, checked offline, and rebuilt into a data directory.
 
-use std::io::{IsTerminal, Write};
+use std::io::Write;
 use std::path::Path;
 
 use super::CliError;
@@ -67,12 +67,7 @@ pub(super) fn save(path: &Path, endpoints: &str, user: Option<&str>) -> Result<(
         let mut file = std::fs::File::create(&partial)
             .map_err(|e| CliError::Input(format!("cannot write {}: {e}", partial.display())))?;
         // On a terminal, a bar of the bytes received; nothing otherwise.
-        let bar = std::io::stderr().is_terminal().then(|| {
-            let style = indicatif::ProgressStyle::with_template("snapshot [{bar:30}] {bytes}/{total_bytes}, {bytes_per_sec}, {elapsed}")
-                .expect("a valid template")
-                .progress_chars("=> ");
-            indicatif::ProgressBar::new(0).with_style(style)
-        });
+        let bar = super::progress_bar(0, "snapshot [{bar:30}] {bytes}/{total_bytes}, {bytes_per_sec}, {elapsed}");
         loop {
             let message = match stream.message().await {
                 Ok(Some(message)) => message,
@@ -116,7 +111,17 @@ pub(super) fn restore(path: &Path, data_dir: &Path, etcdctl: &str) -> Result<(),
     if !path.exists() {
         return Err(CliError::Input(format!("{} does not exist", path.display())));
     }
-    let restored = crate::snapshot::restore(path, data_dir, etcdctl).map_err(CliError::Refused)?;
+    // One call per group to etcdctl: on a terminal, a spinner with the time it takes.
+    let spinner = super::progress_bar(0, "{spinner} restoring {msg}, {elapsed}");
+    if let Some(spinner) = &spinner {
+        spinner.set_message(path.display().to_string());
+        spinner.enable_steady_tick(std::time::Duration::from_millis(120));
+    }
+    let restored = crate::snapshot::restore(path, data_dir, etcdctl);
+    if let Some(spinner) = spinner {
+        spinner.finish_and_clear();
+    }
+    let restored = restored.map_err(CliError::Refused)?;
     for group in &restored.managed {
         println!("group {group}: restored under {}", crate::adapt::groups::group_dir(data_dir, group).display());
     }

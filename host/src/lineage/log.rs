@@ -228,9 +228,21 @@ fn fail(record: Option<u64>, message: impl Into<String>) -> VerifyError {
 /// leaves it signed; and the root log. `trusted`, when not empty, are the only keys checkpoints
 /// may be signed by.
 pub fn verify(export: &Export, trusted: &[VerifyingKey]) -> Result<Verified, VerifyError> {
+    verify_with_progress(export, trusted, &mut |_| {})
+}
+
+/// [`verify`], telling `progress` how many records have been read so far.
+pub fn verify_with_progress(
+    export: &Export,
+    trusted: &[VerifyingKey],
+    progress: &mut dyn FnMut(u64),
+) -> Result<Verified, VerifyError> {
     let mut leaves: Vec<Vec<u8>> = Vec::with_capacity(export.records.len());
     for (i, exported) in export.records.iter().enumerate() {
         let i = i as u64;
+        if i.is_multiple_of(256) {
+            progress(i);
+        }
         let record: Record = serde_json::from_str(&exported.record)
             .map_err(|e| fail(Some(i), format!("{}: does not parse as a lineage record: {e}", exported.id)))?;
         if record.id != exported.id || record.scope != export.scope {
@@ -301,6 +313,7 @@ pub fn verify(export: &Export, trusted: &[VerifyingKey]) -> Result<Verified, Ver
     if root.scope != ROOT_LOG || root_leaves.len() as u64 != root.size || root_hex(&root_leaves) != root.root {
         return Err(fail(None, "the root log does not match its checkpoint"));
     }
+    progress(leaves.len() as u64);
     Ok(Verified { records: leaves.len() as u64, checkpoints: export.checkpoints.len(), signers })
 }
 
