@@ -2,14 +2,20 @@
 // compiles workspace crates to wasm32-wasip2 components with a nested cargo, into
 // `target/wasm`, so `cargo build` and `cargo test` alone produce every component.
 
-/// Builds `packages` and returns, per package, the path of its `.wasm` component.
-fn build_wasm_components(packages: &[&str]) -> Vec<(String, std::path::PathBuf)> {
+/// The aq workspace root: the nearest directory above the crate being built with `wit/` and
+/// `sdk/`.
+fn workspace_root() -> std::path::PathBuf {
     let manifest_dir = std::path::PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR"));
-    let workspace = manifest_dir
+    manifest_dir
         .ancestors()
         .find(|dir| dir.join("wit").is_dir() && dir.join("sdk").is_dir())
         .expect("the aq workspace root (a directory with wit/ and sdk/)")
-        .to_path_buf();
+        .to_path_buf()
+}
+
+/// Builds `packages` and returns, per package, the path of its `.wasm` component.
+fn build_wasm_components(packages: &[&str]) -> Vec<(String, std::path::PathBuf)> {
+    let workspace = workspace_root();
     let target_dir = workspace.join("target").join("wasm");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
     let mut cmd = std::process::Command::new(cargo);
@@ -62,11 +68,7 @@ struct ScriptPolicy {
 /// A component newer than its sources, the WIT and the toolchain is not built again.
 #[allow(dead_code)]
 fn build_script_components(policies: &[ScriptPolicy]) -> Vec<std::path::PathBuf> {
-    let workspace = std::path::PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR"))
-        .ancestors()
-        .find(|dir| dir.join("wit").is_dir() && dir.join("sdk").is_dir())
-        .expect("the aq workspace root")
-        .to_path_buf();
+    let workspace = workspace_root();
     let tools = workspace.join("target").join("tools");
     let out_dir = workspace.join("target").join("wasm").join("script");
     std::fs::create_dir_all(&out_dir).expect("create target/wasm/script");

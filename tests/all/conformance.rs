@@ -109,9 +109,6 @@ fn every_language_refuses_the_same_bad_configurations_naming_the_field() {
 /// threads evaluate: every request completes on the version it started with, none fails.
 #[test]
 fn hot_swaps_between_a_rust_and_a_python_policy_fail_no_request() {
-    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-
-    use aq_host::engine::{EvalRequest, Registry};
     use aq_sdk::Verdict;
 
     let engine = shared_engine();
@@ -120,44 +117,14 @@ fn hot_swaps_between_a_rust_and_a_python_policy_fail_no_request() {
     // unconfigured, allows it. The verdict tells which decided.
     let rust = engine.bind("ns", shared_module(edition("rust")), r#"{"max_value_bytes": 1}"#, Limits::default(), FailMode::Closed).unwrap();
     let python = engine.bind("ns", shared_module(edition("python")), "{}", Limits::default(), FailMode::Closed).unwrap();
-    let registry = Registry::new();
-    registry.bind("ns", rust.clone());
-    let slot = registry.slot("ns").unwrap();
-    let stop = AtomicBool::new(false);
-    let (on_rust, on_python) = (AtomicU64::new(0), AtomicU64::new(0));
-    let swaps = std::thread::scope(|s| {
-        for thread in 0..3u8 {
-            let (slot, stop, on_rust, on_python) = (&slot, &stop, &on_rust, &on_python);
-            let (rust, python) = (rust.module.digest(), python.module.digest());
-            s.spawn(move || {
-                let ctx = aq_tests::put_context("/registry/configmaps/team-a/settings", "two bytes");
-                while !stop.load(Ordering::Relaxed) {
-                    let binding = slot.active();
-                    let evaluation = engine.evaluate(&binding, EvalRequest { context: &ctx, seed: [thread; 32], reader: None });
-                    assert!(evaluation.failure.is_none(), "{evaluation:?}");
-                    assert_eq!(evaluation.digest, binding.module.digest(), "decided by the version it started on");
-                    match &evaluation.decision.verdict {
-                        Verdict::Deny(reason) if evaluation.digest == rust => {
-                            assert!(reason.contains("over max_value_bytes = 1"), "{reason}");
-                            on_rust.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Verdict::Allow if evaluation.digest == python => {
-                            on_python.fetch_add(1, Ordering::Relaxed);
-                        }
-                        other => panic!("{other:?} from {:?}", evaluation.digest),
-                    }
-                }
-            });
+    let ctx = aq_tests::put_context("/registry/configmaps/team-a/settings", "two bytes");
+    let swaps = aq_tests::swap_under_load(engine, "ns", &ctx, (&rust, &python), (100, 30), |decision| match &decision.verdict {
+        Verdict::Deny(reason) => {
+            assert!(reason.contains("over max_value_bytes = 1"), "{reason}");
+            true
         }
-        let mut swaps = 0;
-        while swaps < 100 || on_rust.load(Ordering::Relaxed) < 30 || on_python.load(Ordering::Relaxed) < 30 {
-            let next = if swaps % 2 == 0 { python.clone() } else { rust.clone() };
-            registry.bind("ns", next).expect("a binding was active");
-            swaps += 1;
-            std::thread::sleep(std::time::Duration::from_millis(1));
-        }
-        stop.store(true, Ordering::Relaxed);
-        swaps
+        Verdict::Allow => false,
+        other => panic!("{other:?}"),
     });
     assert!(swaps >= 100);
 }

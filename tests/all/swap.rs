@@ -1,7 +1,7 @@
 //! Hot swap, rollback and determinism at the engine and registry level.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use aq_host::engine::{Binding, EvalRequest, FailMode, Limits, Registry, ScopeReader};
 use aq_sdk::{ReadError, StoredValue, Verdict};
@@ -20,50 +20,14 @@ fn every_evaluation_completes_on_exactly_one_version_while_swapping() {
     // `open` allows an unsigned write; `critical` denies it. The decision tells which ran.
     let open = builtin_binding(&engine, "open");
     let critical = builtin_binding(&engine, "critical");
-    let registry = Registry::new();
-    registry.bind("secrets", open.clone());
-    let slot = registry.slot("secrets").unwrap();
-    let stop = AtomicBool::new(false);
-    let (on_open, on_critical) = (AtomicU64::new(0), AtomicU64::new(0));
-    let swaps = std::thread::scope(|s| {
-        for thread in 0..3u8 {
-            let (engine, slot, stop, on_open, on_critical) = (&engine, &slot, &stop, &on_open, &on_critical);
-            let (open, critical) = (open.digest(), critical.digest());
-            s.spawn(move || {
-                let ctx = put_context("/registry/secrets/ns/a", "v");
-                while !stop.load(Ordering::Relaxed) {
-                    let binding = slot.active();
-                    let evaluation = engine.evaluate(&binding, EvalRequest { context: &ctx, seed: [thread; 32], reader: None });
-                    assert!(evaluation.failure.is_none(), "{evaluation:?}");
-                    assert_eq!(evaluation.digest, binding.module.digest(), "decided by the version it started on");
-                    match &evaluation.decision.verdict {
-                        Verdict::Allow => {
-                            assert_eq!(evaluation.digest, open);
-                            on_open.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Verdict::Deny(_) => {
-                            assert_eq!(evaluation.digest, critical);
-                            on_critical.fetch_add(1, Ordering::Relaxed);
-                        }
-                        other => panic!("unexpected {other:?}"),
-                    }
-                }
-            });
-        }
-        let mut swaps = 0;
-        // Swap at least 200 times, and until both versions have decided a good number of requests.
-        while swaps < 200 || on_open.load(Ordering::Relaxed) < 50 || on_critical.load(Ordering::Relaxed) < 50 {
-            let next = if swaps % 2 == 0 { critical.clone() } else { open.clone() };
-            let previous = registry.bind("secrets", next).expect("a binding was active");
-            assert_eq!(previous.module.digest(), if swaps % 2 == 0 { open.digest() } else { critical.digest() });
-            swaps += 1;
-            std::thread::yield_now();
-        }
-        stop.store(true, Ordering::Relaxed);
-        swaps
+    let ctx = put_context("/registry/secrets/ns/a", "v");
+    // Swap at least 200 times, and until both versions have decided 50 requests.
+    let swaps = aq_tests::swap_under_load(&engine, "secrets", &ctx, (&open, &critical), (200, 50), |decision| match &decision.verdict {
+        Verdict::Allow => true,
+        Verdict::Deny(_) => false,
+        other => panic!("unexpected {other:?}"),
     });
     assert!(swaps >= 200);
-    assert!(on_open.into_inner() >= 50 && on_critical.into_inner() >= 50);
 }
 
 #[test]
@@ -84,16 +48,6 @@ fn rollback_returns_to_the_last_known_good_binding() {
     registry.rollback("secrets").unwrap();
     assert_eq!(registry.active("secrets").unwrap().module.digest(), critical.module.digest());
     assert_eq!(registry.scopes(), ["secrets"]);
-}
-
-trait DigestOf {
-    fn digest(&self) -> aq_host::engine::PolicyDigest;
-}
-
-impl DigestOf for Arc<Binding> {
-    fn digest(&self) -> aq_host::engine::PolicyDigest {
-        self.module.digest()
-    }
 }
 
 /// A reader that answers one key, for the probe's reads.

@@ -41,6 +41,55 @@ pub fn shared_module(path: &str) -> std::sync::Arc<aq_host::engine::PolicyModule
     module
 }
 
+/// Swaps `scope`'s binding back and forth between `first` (active at the start) and `second`
+/// while three threads evaluate `ctx` on whichever is active. Every evaluation must succeed on
+/// the version it started with; `decided_by_first` tells from a decision which version made it
+/// (checking it as it likes), and that must be the version whose digest decided. Swaps at least
+/// `swaps` times and until each version decided `each` requests; answers the swaps made.
+pub fn swap_under_load(
+    engine: &aq_host::engine::Engine,
+    scope: &str,
+    ctx: &aq_sdk::Context,
+    (first, second): (&std::sync::Arc<aq_host::engine::Binding>, &std::sync::Arc<aq_host::engine::Binding>),
+    (swaps, each): (usize, u64),
+    decided_by_first: impl Fn(&aq_sdk::Decision) -> bool + Sync,
+) -> usize {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let registry = aq_host::engine::Registry::new();
+    registry.bind(scope, first.clone());
+    let slot = registry.slot(scope).expect("a bound scope");
+    let stop = AtomicBool::new(false);
+    let decided = [AtomicU64::new(0), AtomicU64::new(0)];
+    let (digests, decided_by_first) = ([first.module.digest(), second.module.digest()], &decided_by_first);
+    std::thread::scope(|s| {
+        for thread in 0..3u8 {
+            let (slot, stop, decided) = (&slot, &stop, &decided);
+            s.spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let binding = slot.active();
+                    let request = aq_host::engine::EvalRequest { context: ctx, seed: [thread; 32], reader: None };
+                    let evaluation = engine.evaluate(&binding, request);
+                    assert!(evaluation.failure.is_none(), "{evaluation:?}");
+                    assert_eq!(evaluation.digest, binding.module.digest(), "decided by the version it started on");
+                    let side = if decided_by_first(&evaluation.decision) { 0 } else { 1 };
+                    assert_eq!(evaluation.digest, digests[side], "the decision is the deciding version's");
+                    decided[side].fetch_add(1, Ordering::Relaxed);
+                }
+            });
+        }
+        let mut made = 0;
+        while made < swaps || decided.iter().any(|d| d.load(Ordering::Relaxed) < each) {
+            let (next, now) = if made % 2 == 0 { (second, first) } else { (first, second) };
+            let previous = registry.bind(scope, next.clone()).expect("a binding was active");
+            assert_eq!(previous.module.digest(), now.module.digest());
+            made += 1;
+            std::thread::yield_now();
+        }
+        stop.store(true, Ordering::Relaxed);
+        made
+    })
+}
+
 /// A one-put request in scope `test` covering the whole keyspace.
 pub fn put_context(key: &str, value: &str) -> aq_sdk::Context {
     aq_sdk::Context {

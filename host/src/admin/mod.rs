@@ -235,16 +235,12 @@ pub(crate) async fn healthz() -> Response {
 pub(crate) async fn readyz(State(admin): State<Arc<Admin>>) -> Result<Response, ApiError> {
     let mut groups = serde_json::Map::new();
     let mut down = Vec::new();
-    for (name, group) in admin.gateway.groups().iter() {
-        let state = match tokio::time::timeout(READY_TIMEOUT, group.status()).await {
-            Ok(Ok(_)) => "ok".to_string(),
-            Ok(Err(status)) => format!("error: {}", status.message()),
-            Err(_) => format!("no answer within {READY_TIMEOUT:?}"),
-        };
+    for (name, state) in admin.gateway.group_states(READY_TIMEOUT).await {
+        let state = state.map(|()| "ok".to_string()).unwrap_or_else(|problem| problem);
         if state != "ok" {
             down.push(format!("{name} ({state})"));
         }
-        groups.insert(name.clone(), json!(state));
+        groups.insert(name, json!(state));
     }
     if down.is_empty() {
         Ok(axum::Json(json!({ "ready": true, "groups": groups })).into_response())

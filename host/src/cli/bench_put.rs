@@ -392,8 +392,7 @@ async fn run(duration: Duration, clients: &[usize], etcd_binary: &str, kube: boo
     let value = Arc::new(vec![b'v'; 256]);
     let mut runs = Vec::new();
     // On a terminal, a bar of the configurations measured.
-    let per_count = if kube { 3 } else { 6 };
-    let bar = super::progress_bar((clients.len() * per_count) as u64, "[{bar:30}] {pos}/{len} configurations, {elapsed}: {msg}");
+    let bar = super::progress_bar(0, "[{bar:30}] {pos}/{len} configurations, {elapsed}: {msg}");
     for &n in clients {
         let target = |name, url, pid, store_pid, shape, login| Target { name, url, pid, store_pid, shape, login };
         let targets = [
@@ -404,13 +403,19 @@ async fn run(duration: Duration, clients: &[usize], etcd_binary: &str, kube: boo
             target("aq + policy", aq_url.as_str(), Some(aq.process.0.id()), secured_pid, Shape::Put, None),
             target("grpc-proxy", proxy_url.as_str(), Some(proxy.0.id()), etcd_pid, Shape::Put, None),
         ];
-        for Target { name: target, url, pid, store_pid, shape, login } in targets {
-            // The kube workload runs the rows where it means something: direct, aq, grpc-proxy.
-            let shape = match (kube, shape) {
-                (true, Shape::Put) if target != "direct auth" && target != "direct root" => Shape::Kube,
-                (true, _) => continue,
-                (false, shape) => shape,
-            };
+        // The kube workload runs the rows where it means something: direct, aq, grpc-proxy.
+        let measured: Vec<Target> = targets
+            .into_iter()
+            .filter_map(|t| match (kube, t.shape) {
+                (true, Shape::Put) if t.name != "direct auth" && t.name != "direct root" => Some(Target { shape: Shape::Kube, ..t }),
+                (true, _) => None,
+                (false, _) => Some(t),
+            })
+            .collect();
+        if let Some(bar) = &bar {
+            bar.set_length((clients.len() * measured.len()) as u64);
+        }
+        for Target { name: target, url, pid, store_pid, shape, login } in measured {
             if let Some(bar) = &bar {
                 bar.set_message(format!("{target} at {n} clients"));
             }

@@ -30,12 +30,9 @@ pub fn routes(gateway: Arc<Gateway>) -> axum::Router {
 /// `{"health":"true","reason":""}` when every etcd group answers, as etcd answers for itself;
 /// 503 with the groups that do not otherwise.
 async fn health(axum::extract::State(gateway): axum::extract::State<Arc<Gateway>>) -> Response {
-    let mut down = Vec::new();
-    for (name, group) in gateway.groups().iter() {
-        if !matches!(tokio::time::timeout(std::time::Duration::from_secs(1), group.status()).await, Ok(Ok(_))) {
-            down.push(format!("group {name} does not answer"));
-        }
-    }
+    let states = gateway.group_states(std::time::Duration::from_secs(1)).await;
+    let down: Vec<String> =
+        states.into_iter().filter_map(|(name, state)| state.err().map(|_| format!("group {name} does not answer"))).collect();
     let (status, health) = if down.is_empty() { (StatusCode::OK, "true") } else { (StatusCode::SERVICE_UNAVAILABLE, "false") };
     let body = serde_json::json!({ "health": health, "reason": down.join("; ") });
     (status, axum::Json(body)).into_response()
@@ -55,23 +52,45 @@ async fn metrics(axum::extract::State(gateway): axum::extract::State<Arc<Gateway
         .into_response()
 }
 
-/// Counts each gRPC call when it ends, in `grpc_server_handled_total`.
+/// Counts each gRPC call when it ends, in `grpc_server_handled_total`. A method's counters
+/// are found by its path once; after that a call costs a map lookup and an increment.
 #[derive(Clone)]
 pub struct HandledLayer {
     handled: Family<HandledLabels, Counter>,
+    methods: Arc<std::sync::RwLock<std::collections::HashMap<String, Arc<MethodCounters>>>>,
 }
 
 impl HandledLayer {
     /// Counts into `handled` (the gateway's metrics own it).
     pub fn new(handled: Family<HandledLabels, Counter>) -> Self {
-        HandledLayer { handled }
+        HandledLayer { handled, methods: Default::default() }
+    }
+
+    /// The counters of the gRPC method `path` names (`/etcdserverpb.KV/Range`), or `None` for a
+    /// path that names none.
+    fn method(&self, path: &str) -> Option<Arc<MethodCounters>> {
+        if let Some(found) = self.methods.read().unwrap_or_else(|poisoned| poisoned.into_inner()).get(path) {
+            return Some(found.clone());
+        }
+        let (service, method) = method_of(path)?;
+        let counters = Arc::new(MethodCounters {
+            labels: vec![
+                ("grpc_type".into(), call_type(service, method).into()),
+                ("grpc_service".into(), service.into()),
+                ("grpc_method".into(), method.into()),
+            ],
+            handled: self.handled.clone(),
+            by_code: Default::default(),
+        });
+        let mut methods = self.methods.write().unwrap_or_else(|poisoned| poisoned.into_inner());
+        Some(methods.entry(path.to_string()).or_insert(counters).clone())
     }
 }
 
 impl<S> tower::Layer<S> for HandledLayer {
     type Service = Handled<S>;
     fn layer(&self, inner: S) -> Handled<S> {
-        Handled { inner, handled: self.handled.clone() }
+        Handled { inner, layer: self.clone() }
     }
 }
 
@@ -79,13 +98,43 @@ impl<S> tower::Layer<S> for HandledLayer {
 #[derive(Clone)]
 pub struct Handled<S> {
     inner: S,
+    layer: HandledLayer,
+}
+
+/// gRPC's status codes, 0 to 16, as go-grpc-prometheus names them.
+const CODE_NAMES: [&str; 17] = [
+    "OK", "Canceled", "Unknown", "InvalidArgument", "DeadlineExceeded", "NotFound", "AlreadyExists",
+    "PermissionDenied", "ResourceExhausted", "FailedPrecondition", "Aborted", "OutOfRange",
+    "Unimplemented", "Internal", "Unavailable", "DataLoss", "Unauthenticated",
+];
+/// The index of `Unknown`, for a status that is not one of them or is missing.
+const UNKNOWN: usize = 2;
+
+/// One method's `grpc_server_handled_total` series, each made when its code is first counted.
+struct MethodCounters {
+    /// `grpc_type`, `grpc_service`, `grpc_method`.
+    labels: HandledLabels,
     handled: Family<HandledLabels, Counter>,
+    by_code: [std::sync::OnceLock<Counter>; 17],
+}
+
+impl MethodCounters {
+    fn count(&self, code: usize) {
+        let code = if code < CODE_NAMES.len() { code } else { UNKNOWN };
+        self.by_code[code]
+            .get_or_init(|| {
+                let mut labels = self.labels.clone();
+                labels.push(("grpc_code".into(), CODE_NAMES[code].into()));
+                self.handled.get_or_create(&labels).clone()
+            })
+            .inc();
+    }
 }
 
 /// The gRPC method a path names, `/etcdserverpb.KV/Range` → (`etcdserverpb.KV`, `Range`).
-fn method_of(path: &str) -> Option<(String, String)> {
+fn method_of(path: &str) -> Option<(&str, &str)> {
     let (service, method) = path.strip_prefix('/')?.split_once('/')?;
-    (!service.is_empty() && !method.is_empty() && !method.contains('/')).then(|| (service.to_string(), method.to_string()))
+    (!service.is_empty() && !method.is_empty() && !method.contains('/')).then_some((service, method))
 }
 
 /// go-grpc-prometheus's `grpc_type` of etcd's methods.
@@ -97,32 +146,10 @@ fn call_type(service: &str, method: &str) -> &'static str {
     }
 }
 
-/// The name go-grpc-prometheus gives a gRPC status code.
-fn code_name(code: &str) -> &'static str {
-    match code.trim().parse::<i32>().map(tonic::Code::from) {
-        Ok(tonic::Code::Ok) => "OK",
-        Ok(tonic::Code::Cancelled) => "Canceled",
-        Ok(tonic::Code::InvalidArgument) => "InvalidArgument",
-        Ok(tonic::Code::DeadlineExceeded) => "DeadlineExceeded",
-        Ok(tonic::Code::NotFound) => "NotFound",
-        Ok(tonic::Code::AlreadyExists) => "AlreadyExists",
-        Ok(tonic::Code::PermissionDenied) => "PermissionDenied",
-        Ok(tonic::Code::ResourceExhausted) => "ResourceExhausted",
-        Ok(tonic::Code::FailedPrecondition) => "FailedPrecondition",
-        Ok(tonic::Code::Aborted) => "Aborted",
-        Ok(tonic::Code::OutOfRange) => "OutOfRange",
-        Ok(tonic::Code::Unimplemented) => "Unimplemented",
-        Ok(tonic::Code::Internal) => "Internal",
-        Ok(tonic::Code::Unavailable) => "Unavailable",
-        Ok(tonic::Code::DataLoss) => "DataLoss",
-        Ok(tonic::Code::Unauthenticated) => "Unauthenticated",
-        _ => "Unknown",
-    }
-}
-
-/// The status a header map carries, if it has `grpc-status`.
-fn status_in(headers: &HeaderMap) -> Option<&'static str> {
-    headers.get("grpc-status").and_then(|v| v.to_str().ok()).map(code_name)
+/// The status code a header map carries in `grpc-status`, if any.
+fn status_in(headers: &HeaderMap) -> Option<usize> {
+    let code = headers.get("grpc-status")?;
+    Some(code.to_str().ok().and_then(|c| c.trim().parse().ok()).unwrap_or(UNKNOWN))
 }
 
 impl<S, B> tower::Service<axum::http::Request<B>> for Handled<S>
@@ -142,43 +169,30 @@ where
         let is_grpc = request
             .headers()
             .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|t| t.starts_with("application/grpc"));
-        let method = if is_grpc { method_of(request.uri().path()) } else { None };
-        let handled = self.handled.clone();
+            .is_some_and(|t| t.as_bytes().starts_with(b"application/grpc"));
+        let method = if is_grpc { self.layer.method(request.uri().path()) } else { None };
         let future = self.inner.call(request);
         Box::pin(async move {
             let response = future.await?;
-            let Some((service, method)) = method else { return Ok(response) };
-            let labels: HandledLabels = vec![
-                ("grpc_type".into(), call_type(&service, &method).into()),
-                ("grpc_service".into(), service),
-                ("grpc_method".into(), method),
-            ];
+            let Some(method) = method else { return Ok(response) };
             // A call refused at once answers its status in the headers ("trailers only");
             // otherwise the status comes in the trailers, after the last message.
             if let Some(code) = status_in(response.headers()) {
-                count(&handled, labels, code);
+                method.count(code);
                 return Ok(response);
             }
             let (parts, body) = response.into_parts();
-            let body = Counted { inner: body, handled, labels: Some(labels) };
+            let body = Counted { inner: body, method: Some(method) };
             Ok(axum::http::Response::from_parts(parts, tonic::body::Body::new(body)))
         })
     }
 }
 
-fn count(handled: &Family<HandledLabels, Counter>, mut labels: HandledLabels, code: &str) {
-    labels.push(("grpc_code".into(), code.into()));
-    handled.get_or_create(&labels).inc();
-}
-
 /// A response body that counts its call when its trailers pass (or it ends without any).
 struct Counted {
     inner: tonic::body::Body,
-    handled: Family<HandledLabels, Counter>,
     /// Taken when counted.
-    labels: Option<HandledLabels>,
+    method: Option<Arc<MethodCounters>>,
 }
 
 impl http_body::Body for Counted {
@@ -187,20 +201,15 @@ impl http_body::Body for Counted {
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<http_body::Frame<Bytes>, tonic::Status>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        match &polled {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(code) = frame.trailers_ref().and_then(status_in)
-                    && let Some(labels) = self.labels.take()
-                {
-                    count(&self.handled, labels, code);
-                }
-            }
-            Poll::Ready(None) | Poll::Ready(Some(Err(_))) => {
-                if let Some(labels) = self.labels.take() {
-                    count(&self.handled, labels, "Unknown");
-                }
-            }
-            Poll::Pending => {}
+        let code = match &polled {
+            Poll::Ready(Some(Ok(frame))) => frame.trailers_ref().and_then(status_in),
+            Poll::Ready(None) | Poll::Ready(Some(Err(_))) => Some(UNKNOWN),
+            Poll::Pending => None,
+        };
+        if let Some(code) = code
+            && let Some(method) = self.method.take()
+        {
+            method.count(code);
         }
         polled
     }
@@ -220,13 +229,36 @@ mod tests {
 
     #[test]
     fn paths_name_their_service_and_method_and_codes_their_names() {
-        assert_eq!(method_of("/etcdserverpb.Auth/Authenticate"), Some(("etcdserverpb.Auth".into(), "Authenticate".into())));
+        assert_eq!(method_of("/etcdserverpb.Auth/Authenticate"), Some(("etcdserverpb.Auth", "Authenticate")));
         assert_eq!(method_of("/metrics"), None);
         assert_eq!(method_of("/a/b/c"), None);
         assert_eq!(call_type("etcdserverpb.Watch", "Watch"), "bidi_stream");
         assert_eq!(call_type("etcdserverpb.KV", "Range"), "unary");
-        assert_eq!(code_name("0"), "OK");
-        assert_eq!(code_name("7"), "PermissionDenied");
-        assert_eq!(code_name("99"), "Unknown");
+        let status = |code: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert("grpc-status", code.parse().unwrap());
+            status_in(&headers).map(|c| CODE_NAMES[c])
+        };
+        assert_eq!(status("0"), Some("OK"));
+        assert_eq!(status("7"), Some("PermissionDenied"));
+        assert_eq!(status_in(&HeaderMap::new()), None);
+        // A code outside gRPC's counts as Unknown.
+        let layer = HandledLayer::new(Family::default());
+        let method = layer.method("/etcdserverpb.KV/Put").unwrap();
+        method.count(99);
+        method.count(0);
+        method.count(0);
+        let series = |code: &str| {
+            let labels: HandledLabels = vec![
+                ("grpc_type".into(), "unary".into()),
+                ("grpc_service".into(), "etcdserverpb.KV".into()),
+                ("grpc_method".into(), "Put".into()),
+                ("grpc_code".into(), code.into()),
+            ];
+            layer.handled.get_or_create(&labels).get()
+        };
+        assert_eq!((series("OK"), series("Unknown")), (2, 1));
+        assert!(Arc::ptr_eq(&method, &layer.method("/etcdserverpb.KV/Put").unwrap()), "found once, then reused");
+        assert!(layer.method("/metrics").is_none());
     }
 }

@@ -6,10 +6,12 @@
 
 use std::io::Write;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::mpsc::{self, SyncSender, TrySendError};
 use std::time::SystemTime;
 
 use prometheus_client::metrics::counter::Counter;
+
 use serde::Serialize;
 
 /// Lines queued before new ones are dropped.
@@ -96,9 +98,9 @@ const RECENT: usize = 20;
 /// The decision log of one gateway.
 pub struct DecisionLog {
     queue: Option<SyncSender<Vec<u8>>>,
-    /// The latest decisions other than allows, oldest first, kept whether or not lines are
-    /// written anywhere (the scope map shows them).
-    recent: std::sync::Mutex<std::collections::VecDeque<serde_json::Value>>,
+    /// The latest decisions other than allows, as their lines, oldest first, kept whether or
+    /// not lines are written anywhere (the scope map shows them).
+    recent: std::sync::Mutex<std::collections::VecDeque<Arc<[u8]>>>,
     log_allows: bool,
     dropped: Counter,
     /// The thread writing the lines; joined on drop, so the last lines are written.
@@ -145,19 +147,25 @@ impl DecisionLog {
 
     /// Queues a line, and keeps it among the recent ones if it is not an allow.
     pub fn record(&self, line: &DecisionLine<'_>) {
-        if line.verdict != "allow" {
+        if line.verdict == "allow" {
+            self.queue_line(line);
+            return;
+        }
+        let bytes = line_bytes(line);
+        {
             let mut recent = self.recent.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
             if recent.len() == RECENT {
                 recent.pop_front();
             }
-            recent.push_back(serde_json::to_value(line).expect("decision lines serialise"));
+            recent.push_back(Arc::from(&bytes[..bytes.len() - 1]));
         }
-        self.queue_line(line);
+        self.queue_bytes(bytes);
     }
 
     /// The latest decisions other than allows, newest first.
     pub fn recent(&self) -> Vec<serde_json::Value> {
-        self.recent.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).iter().rev().cloned().collect()
+        let recent: Vec<Arc<[u8]>> = self.recent.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).iter().rev().cloned().collect();
+        recent.iter().map(|line| serde_json::from_slice(line).expect("decision lines are JSON")).collect()
     }
 
     /// Queues the line of a policy's evaluation of `context` (callers check [`Self::wants`]).
@@ -202,9 +210,13 @@ impl DecisionLog {
     }
 
     fn queue_line(&self, line: &impl Serialize) {
+        if self.queue.is_some() {
+            self.queue_bytes(line_bytes(line));
+        }
+    }
+
+    fn queue_bytes(&self, bytes: Vec<u8>) {
         let Some(queue) = &self.queue else { return };
-        let mut bytes = serde_json::to_vec(line).expect("decision lines serialise");
-        bytes.push(b'\n');
         match queue.try_send(bytes) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
@@ -212,6 +224,13 @@ impl DecisionLog {
             }
         }
     }
+}
+
+/// A line as written: JSON and a newline.
+fn line_bytes(line: &impl Serialize) -> Vec<u8> {
+    let mut bytes = serde_json::to_vec(line).expect("decision lines serialise");
+    bytes.push(b'\n');
+    bytes
 }
 
 /// The current time in RFC 3339, for decision lines.

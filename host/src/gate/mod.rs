@@ -294,6 +294,21 @@ impl Gateway {
         &self.metrics
     }
 
+    /// Each group's state, by name: `Ok` if its etcd answers a status request within `wait`,
+    /// else what went wrong. What the health routes of both listeners report.
+    pub async fn group_states(&self, wait: std::time::Duration) -> Vec<(String, Result<(), String>)> {
+        let mut states = Vec::new();
+        for (name, group) in self.groups().iter() {
+            let state = match tokio::time::timeout(wait, group.status()).await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(status)) => Err(format!("error: {}", status.message())),
+                Err(_) => Err(format!("no answer within {wait:?}")),
+            };
+            states.push((name.clone(), state));
+        }
+        states
+    }
+
     /// The latest decisions other than allows, newest first.
     pub fn recent_decisions(&self) -> Vec<serde_json::Value> {
         self.decisions.recent()
