@@ -112,6 +112,14 @@ async fn state(admin: &Admin) -> Result<serde_json::Value, ApiError> {
     }))
 }
 
+/// The stream's next event: the state, or what kept it from being read.
+async fn event(admin: &Admin) -> Event {
+    match state(admin).await {
+        Ok(state) => Event::default().event("state").data(state.to_string()),
+        Err(error) => Event::default().event("error").data(error.detail),
+    }
+}
+
 /// `GET /v1/ui/stream`: a `state` event every second while the client listens; an `error`
 /// event (and the stream goes on) when the state cannot be read.
 #[utoipa::path(
@@ -122,17 +130,18 @@ async fn state(admin: &Admin) -> Result<serde_json::Value, ApiError> {
 pub(super) async fn stream(State(admin): State<Arc<Admin>>, headers: HeaderMap) -> Result<Response, ApiError> {
     admin.auth.check(&headers, Role::Reader)?;
     // A task per listener makes the events; it ends when the listener goes (its send fails).
+    // The first state is read before the answer starts, so a page has its data as soon as it
+    // has the answer's headers.
+    let first = event(&admin).await;
     let (send, receive) = tokio::sync::mpsc::channel::<Result<Event, Infallible>>(1);
     tokio::spawn(async move {
+        let mut next = first;
         loop {
-            let event = match state(&admin).await {
-                Ok(state) => Event::default().event("state").data(state.to_string()),
-                Err(error) => Event::default().event("error").data(error.detail),
-            };
-            if send.send(Ok(event)).await.is_err() {
+            if send.send(Ok(next)).await.is_err() {
                 return;
             }
             tokio::time::sleep(EVERY).await;
+            next = event(&admin).await;
         }
     });
     let events = tokio_stream::wrappers::ReceiverStream::new(receive);
