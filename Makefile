@@ -2,7 +2,7 @@
 
 CARGO ?= cargo
 
-.PHONY: setup build run test bench clean
+.PHONY: setup build run test faults bench clean
 
 setup:
 	@scripts/setup.sh
@@ -15,6 +15,10 @@ run: build
 
 test: setup
 	scripts/test.sh
+
+# The fault suite (also part of `make test`): etcd members and groups killed and paused under load.
+faults: setup
+	scripts/test.sh -p aq-tests --test faults
 
 bench: build
 	./target/release/aq bench policy

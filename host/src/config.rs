@@ -160,9 +160,21 @@ pub struct GroupConfig {
     pub admin_user: Option<String>,
     /// `admin_user`'s password.
     pub admin_password: Option<String>,
+    /// For a managed group: how many etcd members aq starts (1, 3 or 5; default 1). With 3 a
+    /// group keeps serving through the loss of one member, with 5 of two. A group keeps the
+    /// count it was first started with.
+    pub members: Option<usize>,
 }
 
+/// The member counts a managed group may have: odd, so that a majority survives a split.
+pub const MEMBER_COUNTS: [usize; 3] = [1, 3, 5];
+
 impl GroupConfig {
+    /// How many members aq starts for this group when it manages it.
+    pub fn members(&self) -> usize {
+        self.members.unwrap_or(1)
+    }
+
     /// The credentials aq's requests use, when configured.
     pub fn credentials(&self) -> Option<crate::backend::Credentials> {
         Some(crate::backend::Credentials { user: self.user.clone()?, password: self.password.clone()? })
@@ -216,6 +228,17 @@ impl Config {
             ] {
                 if user.is_some() != password.is_some() {
                     return Err(format!("{origin}: group {} must give both {what}, or neither", group.name));
+                }
+            }
+            if let Some(members) = group.members {
+                if !group.endpoints.is_empty() {
+                    return Err(format!(
+                        "{origin}: group {} has endpoints, so its members are the operator's; remove members, or remove endpoints to have aq start the group",
+                        group.name
+                    ));
+                }
+                if !MEMBER_COUNTS.contains(&members) {
+                    return Err(format!("{origin}: group {} has members = {members}; give 1, 3 or 5", group.name));
                 }
             }
             if group.endpoints.is_empty() && (group.user.is_some() || group.admin_user.is_some()) {

@@ -80,7 +80,7 @@ pub struct Running {
     /// This replica's principal id as an anchor, `anchor:<name>`.
     pub anchor: String,
     /// Managed etcd processes, by group.
-    pub managed: Arc<Mutex<BTreeMap<String, EtcdProcess>>>,
+    pub managed: Arc<Mutex<BTreeMap<String, Vec<EtcdProcess>>>>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     /// Stops this replica's advise loop, giving up the advisor role if it holds it.
     _advisor: crate::adapt::advise::AdvisorGuard,
@@ -147,9 +147,9 @@ pub async fn start(config: Config, options: ServeOptions) -> Result<Running, Str
     for group in &config.groups {
         let connected = if group.endpoints.is_empty() {
             let dir = options.data_dir.join("etcd").join(&group.name);
-            let up = crate::backend::managed::start_secured(&options.etcd_binary, &group.name, &dir, READY_TIMEOUT).await?;
+            let up = crate::backend::managed::start_secured(&options.etcd_binary, &group.name, &dir, group.members(), READY_TIMEOUT).await?;
             admins.insert(group.name.clone(), up.admin);
-            managed.insert(group.name.clone(), up.process);
+            managed.insert(group.name.clone(), up.processes);
             up.group
         } else {
             let mut connected = Group::connect_lazy(&group.name, &group.endpoints).map_err(|e| e.to_string())?;
@@ -193,10 +193,10 @@ pub async fn start(config: Config, options: ServeOptions) -> Result<Running, Str
             tracing::warn!(group = %record.name, replica = %record.replica, "a group started at run time has no data in {}; it was started by another replica", dir.display());
             continue;
         }
-        let up = crate::backend::managed::start_secured(&options.etcd_binary, &record.name, &dir, READY_TIMEOUT).await?;
+        let up = crate::backend::managed::start_secured(&options.etcd_binary, &record.name, &dir, 1, READY_TIMEOUT).await?;
         owners.insert(record.name.clone(), ownership::Owners::connect(&record.name, up.group.endpoints(), &up.admin).await?);
         admins.insert(record.name.clone(), up.admin);
-        managed.insert(record.name.clone(), up.process);
+        managed.insert(record.name.clone(), up.processes);
         groups.insert(record.name.clone(), up.group);
     }
     let store = MetaStore::new(groups[&home].clone());
@@ -608,7 +608,7 @@ pub async fn publish_load(gateway: &Gateway, replica: &str) {
 
 /// Restarts managed etcd processes that exit, on their data directories. A restarted etcd has
 /// forgotten the tokens it issued, so its group logs in again.
-fn supervise(managed: Arc<Mutex<BTreeMap<String, EtcdProcess>>>, binary: String, gateway: Arc<Gateway>) {
+fn supervise(managed: Arc<Mutex<BTreeMap<String, Vec<EtcdProcess>>>>, binary: String, gateway: Arc<Gateway>) {
     let gateway = Arc::downgrade(&gateway);
     let weak = Arc::downgrade(&managed);
     drop(managed);
@@ -618,7 +618,7 @@ fn supervise(managed: Arc<Mutex<BTreeMap<String, EtcdProcess>>>, binary: String,
             let (Some(managed), Some(gateway)) = (weak.upgrade(), gateway.upgrade()) else { return };
             let groups = gateway.groups();
             let mut managed = managed.lock().expect("managed etcd lock");
-            for (name, process) in managed.iter_mut() {
+            for (name, process) in managed.iter_mut().flat_map(|(name, members)| members.iter_mut().map(move |p| (name, p))) {
                 if let Some(status) = process.exited() {
                     tracing::error!(group = %name, %status, "managed etcd exited; restarting it\n{}", process.log_tail(5));
                     match EtcdProcess::respawn(&binary, process) {

@@ -178,7 +178,7 @@ async fn managed_etcd_runs_with_auth_and_aqs_credentials_are_private() {
     let (running, data) = aq_tests::etcd::serve_managed(layout).await;
     let mut client = etcd_client::Client::connect([running.addr.to_string()], None).await.unwrap();
     client.put("/through-aq", "1", None).await.unwrap();
-    let url = running.managed.lock().unwrap()["main"].client_url().to_string();
+    let url = running.managed.lock().unwrap()["main"][0].client_url().to_string();
     let mut anonymous = etcd_client::Client::connect([url], None).await.unwrap();
     let err = anonymous.put("/bypass", "x", None).await.unwrap_err();
     assert!(err.to_string().contains("user name is empty"), "{err}");
@@ -352,7 +352,7 @@ async fn managed_etcd_is_restarted_after_a_crash() {
     client.put("/before", "1", None).await.unwrap();
     let old_pid = {
         let mut managed = running.managed.lock().unwrap();
-        let etcd = managed.get_mut("main").expect("a managed group");
+        let etcd = &mut managed.get_mut("main").expect("a managed group")[0];
         assert!(etcd.data_dir().starts_with(data.path()));
         let pid = etcd.pid().unwrap();
         std::process::Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap();
@@ -361,7 +361,7 @@ async fn managed_etcd_is_restarted_after_a_crash() {
     // Wait (up to 30 s) until the supervisor has started a new process and writes work again.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {
-        let restarted = running.managed.lock().unwrap().get_mut("main").unwrap().pid().is_some_and(|p| p != old_pid);
+        let restarted = running.managed.lock().unwrap().get_mut("main").unwrap()[0].pid().is_some_and(|p| p != old_pid);
         if restarted && client.put("/after", "2", None).await.is_ok() {
             break;
         }

@@ -6,7 +6,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use aq_host::backend::managed::EtcdProcess;
+use aq_host::backend::managed::{EtcdProcess, start_cluster};
 use aq_host::backend::ownership::{ManagedSecrets, secure};
 use aq_host::config::Config;
 use aq_host::gate::decisions::DecisionSink;
@@ -15,24 +15,64 @@ use aq_host::serve::{Running, ServeOptions};
 /// How long one etcdctl command may take.
 const ETCDCTL_DEADLINE: Duration = Duration::from_secs(30);
 
-/// A one-member etcd cluster for a test.
+/// An etcd cluster for a test: one member, or several ([`TestEtcd::start_members`]).
 pub struct TestEtcd {
-    process: EtcdProcess,
+    processes: Vec<EtcdProcess>,
     secrets: ManagedSecrets,
     _dir: tempfile::TempDir,
 }
 
 impl TestEtcd {
-    /// Starts etcd with auth on and waits until it answers (started again on fresh ports when
-    /// one was taken).
+    /// Starts a one-member etcd with auth on and waits until it answers (started again on
+    /// fresh ports when one was taken).
     pub async fn start(name: &str) -> TestEtcd {
+        Self::start_members(name, 1).await
+    }
+
+    /// Starts an etcd cluster of `members` members (peers of each other, as aq starts a
+    /// managed group with `members = 3`) with auth on, and waits until every member answers.
+    pub async fn start_members(name: &str, members: usize) -> TestEtcd {
         let dir = tempfile::tempdir().expect("temp dir");
-        let (process, _) = EtcdProcess::start("etcd", name, dir.path(), Duration::from_secs(30))
+        let (processes, _) = start_cluster("etcd", name, dir.path(), members, Duration::from_secs(30))
             .await
             .unwrap_or_else(|e| panic!("etcd {name} does not start (is etcd-server installed?): {e}"));
         let secrets = ManagedSecrets::load_or_create(dir.path()).expect("etcd credentials");
-        secure(name, process.client_url(), &secrets).await.unwrap_or_else(|e| panic!("etcd {name}: {e}"));
-        TestEtcd { process, secrets, _dir: dir }
+        secure(name, processes[0].client_url(), &secrets).await.unwrap_or_else(|e| panic!("etcd {name}: {e}"));
+        TestEtcd { processes, secrets, _dir: dir }
+    }
+
+    /// Every member's client URL.
+    pub fn urls(&self) -> Vec<String> {
+        self.processes.iter().map(|p| p.client_url().to_string()).collect()
+    }
+
+    /// Kills member `index` (SIGKILL); its data stays, for [`TestEtcd::restart_member`].
+    pub fn kill_member(&mut self, index: usize) {
+        self.processes[index].kill();
+    }
+
+    /// Starts member `index` again on its data and ports after [`TestEtcd::kill_member`] or
+    /// [`TestEtcd::stop`].
+    pub fn restart_member(&mut self, index: usize) {
+        let fresh = EtcdProcess::respawn("etcd", &self.processes[index]).expect("etcd starts again");
+        self.processes[index] = fresh;
+    }
+
+    /// The member that leads the cluster now, by index, as the members themselves say.
+    pub async fn leader(&self) -> Option<usize> {
+        let admin = self.secrets.admin();
+        for (i, url) in self.urls().iter().enumerate() {
+            let options = etcd_client::ConnectOptions::new()
+                .with_user(admin.user.clone(), admin.password.clone())
+                .with_timeout(Duration::from_secs(2))
+                .with_connect_timeout(Duration::from_secs(2));
+            let Ok(mut client) = etcd_client::Client::connect([url.as_str()], Some(options)).await else { continue };
+            let Ok(status) = client.status().await else { continue };
+            if status.leader() != 0 && status.leader() == status.header().map(|h| h.member_id()).unwrap_or(0) {
+                return Some(i);
+            }
+        }
+        None
     }
 
     /// This etcd as a `[[groups]]` table named `name`, with the credentials aq logs in with and
@@ -40,8 +80,8 @@ impl TestEtcd {
     pub fn group(&self, name: &str) -> String {
         let (data, admin) = (self.secrets.data(), self.secrets.admin());
         format!(
-            "[[groups]]\nname = \"{name}\"\nendpoints = [\"{}\"]\nuser = {:?}\npassword = {:?}\nadmin_user = {:?}\nadmin_password = {:?}\n",
-            self.url(),
+            "[[groups]]\nname = \"{name}\"\nendpoints = {:?}\nuser = {:?}\npassword = {:?}\nadmin_user = {:?}\nadmin_password = {:?}\n",
+            self.urls(),
             data.user,
             data.password,
             admin.user,
@@ -51,7 +91,7 @@ impl TestEtcd {
 
     /// `http://127.0.0.1:<port>`.
     pub fn url(&self) -> &str {
-        self.process.client_url()
+        self.processes[0].client_url()
     }
 
     /// Pauses the etcd process (SIGSTOP): it holds every request until [`TestEtcd::resume`].
@@ -65,14 +105,25 @@ impl TestEtcd {
     }
 
     fn signal(&mut self, signal: &str) {
-        let pid = self.process.pid().expect("etcd is running").to_string();
-        let status = Command::new("kill").args([signal, &pid]).status().expect("kill runs");
-        assert!(status.success(), "kill {signal} {pid} failed");
+        for process in &mut self.processes {
+            let pid = process.pid().expect("etcd is running").to_string();
+            let status = Command::new("kill").args([signal, &pid]).status().expect("kill runs");
+            assert!(status.success(), "kill {signal} {pid} failed");
+        }
     }
 
-    /// Stops the etcd process (its data stays until the helper drops).
+    /// Stops every etcd process (the data stays until the helper drops).
     pub fn stop(&mut self) {
-        self.process.kill();
+        for process in &mut self.processes {
+            process.kill();
+        }
+    }
+
+    /// Starts every member again on its data and ports after [`TestEtcd::stop`].
+    pub fn restart(&mut self) {
+        for index in 0..self.processes.len() {
+            self.restart_member(index);
+        }
     }
 
     /// etcd's root user here, which grants and revokes aq's ranges.
@@ -84,7 +135,7 @@ impl TestEtcd {
     pub async fn client(&self) -> etcd_client::Client {
         let admin = self.secrets.admin();
         let options = etcd_client::ConnectOptions::new().with_user(admin.user, admin.password);
-        etcd_client::Client::connect([self.url()], Some(options)).await.expect("connect to etcd")
+        etcd_client::Client::connect(self.urls(), Some(options)).await.expect("connect to etcd")
     }
 
     /// A client straight to this etcd without credentials, as any local process could open.
@@ -190,12 +241,27 @@ impl TestGateway {
         Self::start_with_options(layout, None, change).await
     }
 
+    /// Starts aq over the default layout with `main` a cluster of `main_members` members and
+    /// `events` of `events_members`.
+    pub async fn start_members(main_members: usize, events_members: usize) -> TestGateway {
+        Self::start_full((main_members, events_members), layout, None, |_| {}).await
+    }
+
     async fn start_with_options(
         layout: impl FnOnce(&TestEtcd, &TestEtcd) -> String,
         tls: Option<aq_host::tls::TlsFiles>,
         change: impl FnOnce(&mut ServeOptions),
     ) -> TestGateway {
-        let (main, events) = tokio::join!(TestEtcd::start("main"), TestEtcd::start("events"));
+        Self::start_full((1, 1), layout, tls, change).await
+    }
+
+    async fn start_full(
+        members: (usize, usize),
+        layout: impl FnOnce(&TestEtcd, &TestEtcd) -> String,
+        tls: Option<aq_host::tls::TlsFiles>,
+        change: impl FnOnce(&mut ServeOptions),
+    ) -> TestGateway {
+        let (main, events) = tokio::join!(TestEtcd::start_members("main", members.0), TestEtcd::start_members("events", members.1));
         let layout = layout(&main, &events);
         let config = Config::parse(&layout, "test layout").expect("layout parses");
         let data = tempfile::tempdir().unwrap();

@@ -36,7 +36,7 @@ pub struct Starter {
     data_dir: PathBuf,
     /// Every managed etcd of this aq, by group: the supervisor restarts what exits. Held by
     /// the running aq, whose end stops them.
-    managed: std::sync::Weak<Mutex<BTreeMap<String, EtcdProcess>>>,
+    managed: std::sync::Weak<Mutex<BTreeMap<String, Vec<EtcdProcess>>>>,
     gateway: Arc<Gateway>,
     migrator: Arc<Migrator>,
     store: MetaStore,
@@ -52,7 +52,7 @@ impl Starter {
     pub fn new(
         binary: String,
         data_dir: PathBuf,
-        managed: Arc<Mutex<BTreeMap<String, EtcdProcess>>>,
+        managed: Arc<Mutex<BTreeMap<String, Vec<EtcdProcess>>>>,
         gateway: Arc<Gateway>,
         migrator: Arc<Migrator>,
         store: MetaStore,
@@ -79,7 +79,7 @@ impl Starter {
         // Recorded first: a start cut short leaves a record whose directory a reap removes.
         let record = StartedGroup { name: name.clone(), replica: self.replica.clone(), started_ms: crate::clock::unix_ms() };
         self.store.put_started_group(&record).await.map_err(|e| e.to_string())?;
-        let up = match crate::backend::managed::start_secured(&self.binary, &name, &dir, READY_TIMEOUT).await {
+        let up = match crate::backend::managed::start_secured(&self.binary, &name, &dir, 1, READY_TIMEOUT).await {
             Ok(up) => up,
             Err(e) => {
                 self.forget(&name).await;
@@ -89,7 +89,7 @@ impl Starter {
         let replayer = Group::connect_lazy(&name, up.group.endpoints()).map_err(|e| e.to_string())?.with_login(up.admin.clone());
         self.migrator.add_admin(&name, up.admin);
         self.gateway.add_group(&name, up.group, Some(replayer));
-        managed.lock().expect("managed etcd lock").insert(name.clone(), up.process);
+        managed.lock().expect("managed etcd lock").insert(name.clone(), up.processes);
         self.gateway.metrics().group_started();
         tracing::info!(group = %name, dir = %dir.display(), "started a managed etcd group for a split");
         Ok(name)

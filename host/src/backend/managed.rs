@@ -55,29 +55,157 @@ fn stop_leftover(data_dir: &Path) {
     }
 }
 
-/// A managed group brought up: its process, aq's connection (as its data user) and the
-/// credentials of its administrator.
+/// A managed group brought up: its etcd processes (one per member), aq's connection (as its
+/// data user) and the credentials of its administrator.
 pub struct Secured {
-    /// The etcd process.
-    pub process: EtcdProcess,
+    /// The etcd processes, one per member.
+    pub processes: Vec<EtcdProcess>,
     /// The connection requests go through.
     pub group: Group,
     /// Its root user.
     pub admin: super::Credentials,
 }
 
-/// Starts the managed etcd of group `name` on `dir` (its data, log and credentials), turns
-/// its auth on with credentials of aq's own (made at its first start) and connects to it as
-/// aq's user. Safe on every start of the same directory.
-pub async fn start_secured(binary: &str, name: &str, dir: &Path, timeout: Duration) -> Result<Secured, String> {
-    let (process, _) = EtcdProcess::start(binary, name, dir, timeout).await?;
+/// Starts the managed etcd of group `name` on `dir` (its data, logs and credentials) with
+/// `members` members, turns its auth on with credentials of aq's own (made at its first start)
+/// and connects to every member as aq's user. Safe on every start of the same directory.
+pub async fn start_secured(binary: &str, name: &str, dir: &Path, members: usize, timeout: Duration) -> Result<Secured, String> {
+    let (processes, _) = start_cluster(binary, name, dir, members, timeout).await?;
+    let urls: Vec<String> = processes.iter().map(|p| p.client_url().to_string()).collect();
     let secrets = super::ownership::ManagedSecrets::load_or_create(dir)?;
-    super::ownership::secure(name, process.client_url(), &secrets).await?;
-    let group = Group::connect_lazy(name, &[process.client_url().to_string()]).map_err(|e| e.to_string())?.with_login(secrets.data());
-    Ok(Secured { process, group, admin: secrets.admin() })
+    super::ownership::secure(name, &urls[0], &secrets).await?;
+    let group = Group::connect_lazy(name, &urls).map_err(|e| e.to_string())?.with_login(secrets.data());
+    Ok(Secured { processes, group, admin: secrets.admin() })
 }
 
-/// One single-member etcd cluster, killed when dropped.
+/// The directory of member `index` of a managed group of several members in `dir`.
+pub fn member_dir(dir: &Path, index: usize) -> PathBuf {
+    dir.join(format!("member-{index}"))
+}
+
+/// How many members the managed group in `dir` has on disk: a group keeps the member count it
+/// was first started with (0: not started yet).
+pub fn members_on_disk(dir: &Path) -> usize {
+    if dir.join("member-data").exists() {
+        return 1;
+    }
+    (0..).take_while(|&i| member_dir(dir, i).join("member-data").exists()).count()
+}
+
+/// The file in a member's directory holding its ports: a member of several must come back on
+/// the ports its peers know it by.
+const PORTS_FILE: &str = "ports";
+
+/// Starts managed group `name` in `dir` as `members` etcd members (1: one process in `dir`
+/// itself, as [`EtcdProcess::start`]; more: one per [`member_dir`], peers of each other, each
+/// on ports kept in its directory), and waits up to `timeout` until every member answers. A
+/// group already on disk keeps its member count; a different `members` is reported and
+/// ignored. A first start that fails because a port was taken is tried again on fresh ports.
+pub async fn start_cluster(
+    binary: &str,
+    name: &str,
+    dir: &Path,
+    members: usize,
+    timeout: Duration,
+) -> Result<(Vec<EtcdProcess>, Group), String> {
+    let on_disk = members_on_disk(dir);
+    let members = match on_disk {
+        0 => members.max(1),
+        n if n != members => {
+            tracing::warn!(
+                group = name,
+                on_disk = n,
+                layout = members,
+                "the group was created with {n} member(s) and keeps them; a new member count applies to a new group only"
+            );
+            n
+        }
+        n => n,
+    };
+    if members == 1 {
+        let (process, group) = EtcdProcess::start(binary, name, dir, timeout).await?;
+        return Ok((vec![process], group));
+    }
+    let mut last_log = String::new();
+    for _ in 0..3 {
+        let fresh = on_disk == 0;
+        let ports = (0..members)
+            .map(|i| {
+                let saved = std::fs::read_to_string(member_dir(dir, i).join(PORTS_FILE)).ok();
+                match saved.as_deref().and_then(|s| s.trim().split_once(' ')) {
+                    Some((c, p)) if !fresh => Ok((c.parse().map_err(|_| bad_ports(dir, i))?, p.parse().map_err(|_| bad_ports(dir, i))?)),
+                    _ if !fresh => Err(bad_ports(dir, i)),
+                    _ => Ok((free_port().map_err(|e| e.to_string())?, free_port().map_err(|e| e.to_string())?)),
+                }
+            })
+            .collect::<Result<Vec<(u16, u16)>, String>>()?;
+        let names: Vec<String> = (0..members).map(|i| format!("{name}-{i}")).collect();
+        let initial = names
+            .iter()
+            .zip(&ports)
+            .map(|(member, (_, peer))| format!("{member}=http://127.0.0.1:{peer}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut processes = Vec::with_capacity(members);
+        for (i, member) in names.iter().enumerate() {
+            let mdir = member_dir(dir, i);
+            let setup = |error: std::io::Error| format!("cannot prepare etcd {member}: {error}");
+            std::fs::create_dir_all(&mdir).map_err(setup)?;
+            std::fs::write(mdir.join(PORTS_FILE), format!("{} {}\n", ports[i].0, ports[i].1)).map_err(setup)?;
+            let cluster = Some(Cluster { member: member.clone(), initial: initial.clone() });
+            processes.push(EtcdProcess::spawn_on(binary, name, &mdir, ports[i], cluster).map_err(|e| e.to_string())?);
+        }
+        let urls: Vec<String> = processes.iter().map(|p| p.client_url.clone()).collect();
+        let group = Group::connect_lazy(name, &urls).map_err(|e| e.to_string())?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut all = true;
+            for url in &urls {
+                let member = group.member(url).map_err(|e| e.to_string())?;
+                all &= member.wait_ready(Duration::from_millis(300)).await.is_ok();
+            }
+            if all && processes.iter_mut().all(|p| p.exited().is_none()) {
+                return Ok((processes, group));
+            }
+            if let Some(gone) = processes.iter_mut().position(|p| p.exited().is_some()) {
+                last_log = processes[gone].log_tail(20);
+                break;
+            }
+            if Instant::now() > deadline {
+                let logs: Vec<String> =
+                    processes.iter().map(|p| format!("etcd log ({}):\n{}", p.data_dir.join("etcd.log").display(), p.log_tail(10))).collect();
+                return Err(format!("etcd group {name} ({members} members) did not answer within {} s\n{}", timeout.as_secs(), logs.join("\n")));
+            }
+        }
+        drop(processes);
+        if !fresh {
+            break;
+        }
+        // A port of a first start was taken: start over on fresh ports, from nothing.
+        for i in 0..members {
+            let _ = std::fs::remove_dir_all(member_dir(dir, i));
+        }
+    }
+    Err(format!("etcd group {name} ({members} members): a member exited at start\nits log:\n{last_log}"))
+}
+
+fn bad_ports(dir: &Path, index: usize) -> String {
+    format!(
+        "member {index} of the managed etcd in {} has no readable {PORTS_FILE} file (client and peer port); restore it or remove the group's directory",
+        dir.display()
+    )
+}
+
+/// How a member of a group of several is started: its fixed name and the whole cluster's peer
+/// URLs (`name=url,…`).
+#[derive(Clone, Debug)]
+struct Cluster {
+    member: String,
+    initial: String,
+}
+
+/// One etcd process (a one-member cluster, or one member of a managed group of several),
+/// killed when dropped.
 #[derive(Debug)]
 pub struct EtcdProcess {
     child: Child,
@@ -88,6 +216,8 @@ pub struct EtcdProcess {
     client_url: String,
     data_dir: PathBuf,
     ports: (u16, u16),
+    /// For a member of a group of several: its name and its peers.
+    cluster: Option<Cluster>,
 }
 
 /// A free loopback TCP port. Another process may take it before etcd binds it; a start that
@@ -103,7 +233,7 @@ impl EtcdProcess {
     pub fn spawn(binary: &str, name: &str, data_dir: &Path) -> Result<Self, SpawnError> {
         let setup = |error| SpawnError::Setup { name: name.to_string(), error };
         let ports = (free_port().map_err(setup)?, free_port().map_err(setup)?);
-        Self::spawn_on(binary, name, data_dir, ports)
+        Self::spawn_on(binary, name, data_dir, ports, None)
     }
 
     /// Starts etcd as [`EtcdProcess::spawn`] does and waits up to `timeout` until it answers;
@@ -152,10 +282,10 @@ impl EtcdProcess {
     /// Starts a process again after it exited: same name, data and ports, so clients
     /// reconnect to the same URL.
     pub fn respawn(binary: &str, previous: &EtcdProcess) -> Result<Self, SpawnError> {
-        Self::spawn_on(binary, &previous.name, &previous.data_dir, previous.ports)
+        Self::spawn_on(binary, &previous.name, &previous.data_dir, previous.ports, previous.cluster.clone())
     }
 
-    fn spawn_on(binary: &str, name: &str, data_dir: &Path, ports: (u16, u16)) -> Result<Self, SpawnError> {
+    fn spawn_on(binary: &str, name: &str, data_dir: &Path, ports: (u16, u16), cluster: Option<Cluster>) -> Result<Self, SpawnError> {
         let setup = |error| SpawnError::Setup { name: name.to_string(), error };
         std::fs::create_dir_all(data_dir).map_err(setup)?;
         stop_leftover(data_dir);
@@ -163,8 +293,15 @@ impl EtcdProcess {
         let client_url = format!("http://127.0.0.1:{client}");
         let mut tag = [0u8; 4];
         getrandom::fill(&mut tag).map_err(|e| setup(std::io::Error::other(e.to_string())))?;
-        let member = format!("{name}-{}", hex::encode(tag));
         let peer_url = format!("http://127.0.0.1:{peer}");
+        let (member, initial) = match &cluster {
+            Some(cluster) => (cluster.member.clone(), cluster.initial.clone()),
+            None => {
+                let member = format!("{name}-{}", hex::encode(tag));
+                let initial = format!("{member}={peer_url}");
+                (member, initial)
+            }
+        };
         let log = std::fs::OpenOptions::new().create(true).append(true).open(data_dir.join("etcd.log")).map_err(setup)?;
         let log_err = log.try_clone().map_err(setup)?;
         let child = Command::new(binary)
@@ -174,7 +311,7 @@ impl EtcdProcess {
             .arg(format!("--advertise-client-urls={client_url}"))
             .arg(format!("--listen-peer-urls={peer_url}"))
             .arg(format!("--initial-advertise-peer-urls={peer_url}"))
-            .arg(format!("--initial-cluster={member}={peer_url}"))
+            .arg(format!("--initial-cluster={initial}"))
             .arg("--initial-cluster-state=new")
             // aq's etcd passwords are 192 random bits, which no hash strength makes harder to
             // guess; the lowest bcrypt cost keeps each login (one per connection) cheap.
@@ -189,7 +326,7 @@ impl EtcdProcess {
         // Recorded so that an aq killed without cleaning up (SIGKILL, OOM) can stop this process
         // when it starts again: otherwise it would hold the data directory's lock forever.
         std::fs::write(data_dir.join(PID_FILE), child.id().to_string()).map_err(setup)?;
-        Ok(EtcdProcess { child, name: name.to_string(), member, client_url, data_dir: data_dir.to_path_buf(), ports })
+        Ok(EtcdProcess { child, name: name.to_string(), member, client_url, data_dir: data_dir.to_path_buf(), ports, cluster })
     }
 
     /// The member name.

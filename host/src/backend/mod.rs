@@ -127,8 +127,123 @@ pub mod compare {
 pub struct Group {
     name: String,
     endpoints: Vec<String>,
-    channel: Channel,
+    members: Arc<Members>,
     login: Option<Arc<Login>>,
+}
+
+/// A group's members, each on a connection of its own. Requests go to one member at a time (the
+/// current one); a member that cannot be reached is passed over for [`MEMBER_DOWN`] from its
+/// first error, and the next one becomes current. etcd forwards what needs its leader, so any
+/// live member serves every request.
+#[derive(Debug)]
+struct Members {
+    list: Vec<Member>,
+    current: std::sync::atomic::AtomicUsize,
+}
+
+#[derive(Debug)]
+struct Member {
+    channel: Channel,
+    /// Until when (ms since the Unix epoch) this member is passed over.
+    down_until_ms: std::sync::atomic::AtomicU64,
+}
+
+/// How long a member that could not be reached is passed over before it is tried again (while
+/// another member answers; with every member down, each is tried in turn).
+const MEMBER_DOWN: Duration = Duration::from_secs(2);
+
+impl Members {
+    /// The member to send to: the current one unless it is down, else the next that is not
+    /// (with every member down, the current one).
+    fn pick(&self) -> usize {
+        use std::sync::atomic::Ordering::Relaxed;
+        let n = self.list.len();
+        let current = self.current.load(Relaxed) % n;
+        if n == 1 {
+            return 0;
+        }
+        let now = crate::clock::unix_ms();
+        (0..n).map(|step| (current + step) % n).find(|&i| self.list[i].down_until_ms.load(Relaxed) <= now).unwrap_or(current)
+    }
+
+    /// Member `index` could not be reached: pass it over, and move on from it if it is current.
+    fn lost(&self, index: usize) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let n = self.list.len();
+        if n == 1 {
+            return;
+        }
+        self.list[index].down_until_ms.store(crate::clock::unix_ms() + MEMBER_DOWN.as_millis() as u64, Relaxed);
+        let _ = self.current.compare_exchange(index, (index + 1) % n, Relaxed, Relaxed);
+    }
+}
+
+/// How a failed call went, as far as reaching the member goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Reach {
+    /// The member answered (with an error of etcd's own, or the call succeeded).
+    Answered,
+    /// No connection could be made: the request was never sent.
+    NotSent,
+    /// The connection broke with the request on it: etcd may or may not have applied it.
+    Broken,
+}
+
+/// Whether `status` is an answer of etcd's, or a member that could not be reached. tonic gives
+/// transport failures as `Unavailable` (or `Unknown`) with the transport's error as the source;
+/// etcd's own `Unavailable` answers (`etcdserver: leader changed`, …) have none.
+fn reach(status: &Status) -> Reach {
+    if !matches!(status.code(), Code::Unavailable | Code::Unknown | Code::Internal) {
+        return Reach::Answered;
+    }
+    let mut text = status.message().to_string();
+    let mut source = std::error::Error::source(status);
+    let transport = source.is_some();
+    while let Some(error) = source {
+        text.push_str(": ");
+        text.push_str(&error.to_string());
+        source = error.source();
+    }
+    let text = text.to_ascii_lowercase();
+    if text.contains("connect") && (text.contains("refused") || text.contains("error trying to connect") || text.contains("tcp connect")) {
+        return Reach::NotSent;
+    }
+    if transport
+        || ["transport error", "broken pipe", "connection reset", "connection closed", "error reading a body"].iter().any(|t| text.contains(t))
+    {
+        return Reach::Broken;
+    }
+    Reach::Answered
+}
+
+/// A member's transport failure as the client sees it: `Unavailable`, naming the group and the
+/// member, and saying whether the request could have been applied, so a client knows whether
+/// it may simply send it again.
+fn unreachable(group: &str, endpoint: &str, how: Reach, status: Status) -> Status {
+    let outcome = match how {
+        Reach::NotSent => NOT_SENT,
+        _ => "the connection broke with the request on it, so it may or may not have been applied",
+    };
+    Status::unavailable(format!("etcd group {group} unreachable at {endpoint} ({outcome}): {}", status.message()))
+}
+
+/// What an `Unavailable` answer says when aq could not reach any member: nothing was written,
+/// and the request may be sent again as it is.
+pub const NOT_SENT: &str = "not sent, nothing was written";
+
+/// Whether a request on `path` may be sent again after its connection broke: it reads, or
+/// writes nothing a second sending would change.
+fn idempotent(path: &str) -> bool {
+    matches!(
+        path,
+        path::RANGE
+            | path::STATUS
+            | path::MEMBER_LIST
+            | path::HASH_KV
+            | path::LEASE_TIME_TO_LIVE
+            | path::LEASE_LEASES
+            | path::AUTHENTICATE
+    )
 }
 
 /// The gRPC paths of the etcd methods the gateway forwards.
@@ -173,12 +288,12 @@ impl Group {
                 .http2_keep_alive_interval(Duration::from_secs(10));
             parsed.push(e);
         }
-        let channel = if parsed.len() == 1 {
-            parsed.remove(0).connect_lazy()
-        } else {
-            Channel::balance_list(parsed.into_iter())
-        };
-        Ok(Group { name: name.to_string(), endpoints: endpoints.to_vec(), channel, login: None })
+        let list = parsed
+            .into_iter()
+            .map(|endpoint| Member { channel: endpoint.connect_lazy(), down_until_ms: std::sync::atomic::AtomicU64::new(0) })
+            .collect();
+        let members = Arc::new(Members { list, current: std::sync::atomic::AtomicUsize::new(0) });
+        Ok(Group { name: name.to_string(), endpoints: endpoints.to_vec(), members, login: None })
     }
 
     /// The same group, logging in as `credentials` (etcd auth) before its first request.
@@ -239,13 +354,47 @@ impl Group {
         }
     }
 
-    /// A gRPC client on the group's channel, ready to send.
-    async fn grpc(&self) -> Result<tonic::client::Grpc<Channel>, Status> {
+    /// A gRPC client on member `index`'s connection, ready to send.
+    async fn grpc_to(&self, index: usize) -> Result<tonic::client::Grpc<Channel>, Status> {
         // etcd's own client accepts answers up to 2 GiB (MaxCallRecvMsgSize); a large range
         // through aq must not fail where it would succeed against etcd.
-        let mut grpc = tonic::client::Grpc::new(self.channel.clone()).max_decoding_message_size(i32::MAX as usize);
+        let channel = self.members.list[index].channel.clone();
+        let mut grpc = tonic::client::Grpc::new(channel).max_decoding_message_size(i32::MAX as usize);
         grpc.ready().await.map_err(|e| Status::unavailable(format!("etcd group {} unreachable: {e}", self.name)))?;
         Ok(grpc)
+    }
+
+    /// Sends one unary call to the current member; when that member cannot be reached, passes
+    /// it over and sends to the next, as long as the request was not sent or may be sent
+    /// again (`path` is [`idempotent`]). A group of one member sends once.
+    async fn call<C>(
+        &self,
+        path: &'static str,
+        request: impl Fn() -> tonic::Request<C::Encode>,
+    ) -> Result<tonic::Response<C::Decode>, Status>
+    where
+        C: tonic::codec::Codec + Default + Send + 'static,
+        C::Encode: Send + Sync + 'static,
+        C::Decode: Send + Sync + 'static,
+    {
+        let mut tries = 0;
+        loop {
+            let index = self.members.pick();
+            let uri = tonic::codegen::http::uri::PathAndQuery::from_static(path);
+            let sent = self.grpc_to(index).await?.unary(request(), uri, C::default()).await;
+            let Err(status) = sent else { return sent };
+            let how = reach(&status);
+            if how == Reach::Answered {
+                return Err(status);
+            }
+            self.members.lost(index);
+            tries += 1;
+            let again = how == Reach::NotSent || idempotent(path);
+            if !again || tries >= self.members.list.len() {
+                return Err(unreachable(&self.name, &self.endpoints[index], how, status));
+            }
+            tracing::warn!(group = %self.name, endpoint = %self.endpoints[index], "etcd member unreachable; sending to the next: {}", status.message());
+        }
     }
 
     async fn unary<Q, R>(&self, path: &'static str, request: Q) -> Result<R, Status>
@@ -274,15 +423,17 @@ impl Group {
         let (mut retried, mut resent) = (false, 0);
         loop {
             let token = self.token().await?;
-            let mut request = tonic::Request::new(message.clone());
-            for (name, value) in &extra {
-                request.metadata_mut().append(*name, value.clone());
-            }
-            if let Some(token) = &token {
-                request.metadata_mut().insert(wire::TOKEN, (**token).clone());
-            }
-            let path = tonic::codegen::http::uri::PathAndQuery::from_static(path);
-            let sent = self.grpc().await?.unary(request, path, wire::SharedCodec::<Q, R>::default()).await;
+            let request = || {
+                let mut request = tonic::Request::new(message.clone());
+                for (name, value) in &extra {
+                    request.metadata_mut().append(*name, value.clone());
+                }
+                if let Some(token) = &token {
+                    request.metadata_mut().insert(wire::TOKEN, (**token).clone());
+                }
+                request
+            };
+            let sent = self.call::<wire::SharedCodec<Q, R>>(path, request).await;
             match sent {
                 Err(status) if !retried && token.is_some() && token_refused(&status) => {
                     retried = true;
@@ -322,9 +473,12 @@ impl Group {
             name: login.credentials.user.clone(),
             password: login.credentials.password.clone(),
         };
-        let path = tonic::codegen::http::uri::PathAndQuery::from_static(path::AUTHENTICATE);
-        let codec = tonic_prost::ProstCodec::<pb::PbAuthenticateRequest, pb::PbAuthenticateResponse>::default();
-        let answer = self.grpc().await?.unary(tonic::Request::new(request), path, codec).await.map_err(|status| {
+        let answer = self
+            .call::<tonic_prost::ProstCodec<pb::PbAuthenticateRequest, pb::PbAuthenticateResponse>>(path::AUTHENTICATE, || {
+                tonic::Request::new(request.clone())
+            })
+            .await
+            .map_err(|status| {
             Status::new(
                 status.code(),
                 format!(
@@ -384,7 +538,17 @@ impl Group {
         if let Some(token) = self.token().await? {
             request.metadata_mut().insert(wire::TOKEN, (*token).clone());
         }
-        self.grpc().await?.streaming(request, path, codec).await.map(tonic::Response::into_inner)
+        // A stream's requests are sent as they come, so it goes to one member; when that member
+        // cannot be reached, the caller's next stream goes to another.
+        let index = self.members.pick();
+        match self.grpc_to(index).await?.streaming(request, path, codec).await {
+            Ok(answers) => Ok(answers.into_inner()),
+            Err(status) if reach(&status) != Reach::Answered => {
+                self.members.lost(index);
+                Err(unreachable(&self.name, &self.endpoints[index], reach(&status), status))
+            }
+            Err(status) => Err(status),
+        }
     }
 
     /// etcd `Range`.
@@ -491,5 +655,57 @@ impl Group {
         requests: impl tokio_stream::Stream<Item = pb::PbWatchRequest> + Send + 'static,
     ) -> Result<Streaming<pb::PbWatchResponse>, Status> {
         self.streaming(path::WATCH, requests).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A group of three members on loopback ports where nothing listens.
+    async fn three() -> Group {
+        let ports: Vec<u16> = (0..3).map(|_| managed::free_port().unwrap()).collect();
+        let urls: Vec<String> = ports.iter().map(|p| format!("http://127.0.0.1:{p}")).collect();
+        Group::connect_lazy("g", &urls).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_member_lost_is_passed_over_and_the_next_one_becomes_current() {
+        let group = three().await;
+        let members = &group.members;
+        assert_eq!(members.pick(), 0);
+        members.lost(0);
+        assert_eq!(members.pick(), 1, "the next member is current");
+        members.lost(1);
+        assert_eq!(members.pick(), 2);
+        // Every member down: the current one is tried rather than none.
+        members.lost(2);
+        assert_eq!(members.pick(), 0);
+        // A member lost that is not current leaves the current one alone.
+        let fresh = three().await;
+        fresh.members.lost(2);
+        assert_eq!(fresh.members.pick(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_is_reported_as_not_sent_after_every_member_was_tried() {
+        let group = three().await;
+        let refused = group.put(pb::PbPutRequest { key: b"k".to_vec(), value: b"v".to_vec(), ..Default::default() }).await.unwrap_err();
+        assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+        assert!(refused.message().contains("etcd group g unreachable") && refused.message().contains(NOT_SENT), "{}", refused.message());
+        // Each member was tried once and is now passed over.
+        let now = crate::clock::unix_ms();
+        let down = group.members.list.iter().filter(|m| m.down_until_ms.load(std::sync::atomic::Ordering::Relaxed) > now).count();
+        assert_eq!(down, 3);
+    }
+
+    #[test]
+    fn etcds_own_unavailable_answers_are_answers_not_lost_members() {
+        assert_eq!(reach(&Status::unavailable("etcdserver: leader changed")), Reach::Answered);
+        assert_eq!(reach(&Status::invalid_argument("etcdserver: key is not provided")), Reach::Answered);
+        let refused = Status::from_error(Box::new(std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "tcp connect error: Connection refused")));
+        assert_eq!(reach(&refused), Reach::NotSent, "{refused:?}");
+        let reset = Status::from_error(Box::new(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "connection reset by peer")));
+        assert_eq!(reach(&reset), Reach::Broken, "{reset:?}");
     }
 }
