@@ -18,6 +18,7 @@ test: setup
 
 # The fault suite (also part of `make test`): etcd members and groups killed and paused under load.
 faults: setup
+	$(CARGO) build --locked -p aq-host --bin aq
 	scripts/test.sh -p aq-tests --test faults
 
 bench: build

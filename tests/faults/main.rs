@@ -140,7 +140,9 @@ async fn a_paused_group_holds_its_requests_and_answers_them_when_it_resumes() {
     let mut held = gw.client().await;
     let waiting = tokio::spawn(async move { held.put("/registry/events/faults/held", "v", None).await });
     timed_puts(&mut client, "/registry/pods/faults/while-paused-", 100).await;
-    assert!(!waiting.is_finished(), "a write to a paused group is held, not answered");
+    if waiting.is_finished() {
+        panic!("a write to a paused group is held, not answered; it was answered {:?}", waiting.await.unwrap());
+    }
     assert_eq!(load.acked_since(paused_at + Duration::from_millis(100).as_nanos() as u64), 0, "no write to the paused group is answered");
 
     gw.events.resume();
@@ -191,4 +193,97 @@ async fn a_managed_group_of_three_serves_through_a_dead_member_and_aq_starts_it_
     assert_eq!(client.get("/before", None).await.unwrap().kvs()[0].value(), b"1");
     assert_eq!(client.get("/during", None).await.unwrap().kvs()[0].value(), b"2");
     running.stop().await;
+}
+
+/// The `aq` binary the workspace built (`make test` and `make faults` build it first).
+fn aq_binary() -> std::path::PathBuf {
+    let binary = aq_tests::workspace_root().join("target").join("debug").join("aq");
+    assert!(binary.exists(), "{} is missing: build it with cargo build -p aq-host --bin aq (make faults does)", binary.display());
+    binary
+}
+
+/// Starts `aq serve` as a process of its own with `layout` and its data in `dir`; answers the
+/// process and its etcd address once it says it is ready.
+fn spawn_aq(layout: &str, dir: &std::path::Path) -> (std::process::Child, String) {
+    use std::io::BufRead;
+    std::fs::write(dir.join("layout.toml"), layout).unwrap();
+    let port = aq_host::backend::managed::free_port().unwrap();
+    let admin = aq_host::backend::managed::free_port().unwrap();
+    let mut child = std::process::Command::new(aq_binary())
+        .arg("serve")
+        .arg("--config")
+        .arg(dir.join("layout.toml"))
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .arg(format!("--listen=127.0.0.1:{port}"))
+        .arg(format!("--admin-listen=127.0.0.1:{admin}"))
+        .arg("--decision-log=off")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("aq starts");
+    let lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let banner: Vec<String> = lines.map_while(Result::ok).take_while(|line| !line.contains("aq: ready")).collect();
+    assert!(child.try_wait().unwrap().is_none(), "aq exited at start:\n{}", banner.join("\n"));
+    (child, format!("127.0.0.1:{port}"))
+}
+
+fn sigkill(pid: u32) {
+    std::process::Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_aq_replica_killed_mid_write_leaves_the_other_replicas_clients_untouched() {
+    let gw = TestGateway::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (mut doomed, doomed_endpoint) = spawn_aq(&gw.layout(), dir.path());
+    let endpoint = gw.endpoint();
+    let prefix = "/registry/pods/faults/";
+    let clock = Clock::new();
+    let start = next_revision(&endpoint, prefix).await;
+    let watcher = Watcher::start(&endpoint, prefix, start).await;
+    // Clients of both replicas on the same keys.
+    let survivor = Load::start(std::slice::from_ref(&endpoint), prefix, 4, 4, &clock);
+    let victim = Load::start(&[doomed_endpoint], prefix, 2, 4, &clock);
+    victim.wait("50 operations through the replica to be killed", Duration::from_secs(60), |l| l.done() >= 50).await;
+
+    sigkill(doomed.id());
+    doomed.wait().unwrap();
+    let killed_at = clock.now();
+    survivor.wait("100 writes acknowledged after the kill", Duration::from_secs(60), |l| l.acked_since(killed_at) >= 100).await;
+    let mut history = survivor.stop().await;
+    assert!(history.errors.is_empty(), "the other replica's clients saw errors: {:?}", history.errors);
+    let lost = victim.stop().await;
+    println!("{} operations through the killed replica, {} of them ended by the kill", lost.events.len(), lost.errors.len());
+    history.events.extend(lost.events);
+    history.acked.extend(lost.acked);
+    let checked = check(&endpoint, prefix, start, &history, watcher.stop().await).await;
+    println!("{checked} operations through both replicas linearizable");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_aq_takes_its_managed_etcd_with_it_and_a_new_one_starts_on_the_same_data() {
+    let layout = "[[groups]]\nname = \"main\"\n\n[[scopes]]\nid = \"all\"\nprefix = \"\"\ngroup = \"main\"\npolicy = \"builtin:open\"\n";
+    let dir = tempfile::tempdir().unwrap();
+    let (mut aq, endpoint) = spawn_aq(layout, dir.path());
+    let mut client = etcd_client::Client::connect([endpoint.as_str()], None).await.unwrap();
+    client.put("/kept", "1", None).await.unwrap();
+    let pid_file = dir.path().join("data").join("etcd").join("main").join("etcd.pid");
+    let etcd_pid: u32 = std::fs::read_to_string(&pid_file).unwrap().trim().parse().unwrap();
+    assert!(std::path::Path::new(&format!("/proc/{etcd_pid}")).exists(), "the managed etcd runs");
+
+    sigkill(aq.id());
+    aq.wait().unwrap();
+    // No orphan: the kernel ends etcd with aq. (A zombie waits for init; /proc/<pid>/stat says Z.)
+    aq_tests::wait_until("the managed etcd is gone with aq", || {
+        let stat = std::fs::read_to_string(format!("/proc/{etcd_pid}/stat")).unwrap_or_default();
+        stat.is_empty() || stat.split(") ").nth(1).is_some_and(|rest| rest.starts_with('Z'))
+    })
+    .await;
+    // Nothing holds the data directory: a new aq starts on it and serves what was written.
+    let (mut again, endpoint) = spawn_aq(layout, dir.path());
+    let mut client = etcd_client::Client::connect([endpoint.as_str()], None).await.unwrap();
+    assert_eq!(client.get("/kept", None).await.unwrap().kvs()[0].value(), b"1");
+    std::process::Command::new("kill").args(["-TERM", &again.id().to_string()]).status().unwrap();
+    again.wait().unwrap();
 }

@@ -304,7 +304,25 @@ impl EtcdProcess {
         };
         let log = std::fs::OpenOptions::new().create(true).append(true).open(data_dir.join("etcd.log")).map_err(setup)?;
         let log_err = log.try_clone().map_err(setup)?;
-        let child = Command::new(binary)
+        let mut command = Command::new(binary);
+        // etcd goes when aq goes, however aq ends (SIGKILL, OOM): the kernel kills it when the
+        // thread that started it exits, and aq starts etcd only on threads that live as long
+        // as aq (its runtime's). An aq that died before the child set this is detected too.
+        let parent = std::process::id() as libc::pid_t;
+        // SAFETY: the closure runs in the child between fork and exec and calls only
+        // async-signal-safe functions (prctl, getppid).
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut command, move || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if libc::getppid() != parent {
+                    return Err(std::io::Error::other("aq exited while starting etcd"));
+                }
+                Ok(())
+            });
+        }
+        let child = command
             .arg(format!("--name={member}"))
             .arg(format!("--data-dir={}", data_dir.join("member-data").display()))
             .arg(format!("--listen-client-urls={client_url}"))
