@@ -2,6 +2,7 @@
 
 mod admin;
 mod admission;
+mod bad_input;
 mod auth;
 mod builtins;
 mod concurrency;

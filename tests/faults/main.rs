@@ -287,3 +287,37 @@ async fn a_killed_aq_takes_its_managed_etcd_with_it_and_a_new_one_starts_on_the_
     std::process::Command::new("kill").args(["-TERM", &again.id().to_string()]).status().unwrap();
     again.wait().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_aq_replica_paused_leaves_the_other_serving_and_answers_its_own_clients_when_resumed() {
+    let gw = TestGateway::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (mut paused, paused_endpoint) = spawn_aq(&gw.layout(), dir.path());
+    let endpoint = gw.endpoint();
+    let prefix = "/registry/pods/faults/";
+    let clock = Clock::new();
+    let start = next_revision(&endpoint, prefix).await;
+    let watcher = Watcher::start(&endpoint, prefix, start).await;
+    let survivor = Load::start(std::slice::from_ref(&endpoint), prefix, 4, 4, &clock);
+    let sleeper = Load::start(&[paused_endpoint], prefix, 2, 4, &clock);
+    sleeper.wait("50 operations through the replica to be paused", Duration::from_secs(60), |l| l.done() >= 50).await;
+
+    let pid = paused.id().to_string();
+    std::process::Command::new("kill").args(["-STOP", &pid]).status().unwrap();
+    let paused_at = clock.now();
+    survivor.wait("100 writes acknowledged during the pause", Duration::from_secs(60), |l| l.acked_since(paused_at) >= 100).await;
+    let held = sleeper.done();
+    std::process::Command::new("kill").args(["-CONT", &pid]).status().unwrap();
+    let resumed_at = clock.now();
+    sleeper.wait("the paused replica's clients are answered again", Duration::from_secs(60), |l| l.acked_since(resumed_at) >= 20).await;
+    assert!(sleeper.done() > held);
+    let mut history = survivor.stop().await;
+    assert!(history.errors.is_empty(), "the other replica's clients saw errors: {:?}", history.errors);
+    let woken = sleeper.stop().await;
+    history.events.extend(woken.events);
+    history.acked.extend(woken.acked);
+    let checked = check(&endpoint, prefix, start, &history, watcher.stop().await).await;
+    println!("{checked} operations through both replicas, one paused, linearizable");
+    paused.kill().unwrap();
+    paused.wait().unwrap();
+}

@@ -106,12 +106,13 @@ impl Gateway {
     /// lower), since every group keeps its own revisions. A group holding moved scopes is
     /// compacted at the lowest of their backend revisions for `revision`, so no scope loses
     /// history it still shows.
+    /// A revision past every group's current one is refused as etcd refuses a future revision,
+    /// before any group is compacted.
     pub async fn compact(&self, request: pb::PbCompactionRequest) -> Result<pb::PbCompactionResponse, GateError> {
         let routing = self.routing();
-        let mut first_error = None;
-        let mut last = None;
-        let mut compacted_any = false;
-        for group in self.groups.load_full().values() {
+        let groups = self.groups.load_full();
+        let mut plan = Vec::with_capacity(groups.len());
+        for group in groups.values() {
             let current = group.status().await?.header.map(|h| h.revision).unwrap_or(0);
             let held = routing
                 .index()
@@ -121,6 +122,15 @@ impl Gateway {
                 .map(|scope| scope.revisions.bound(request.revision))
                 .min()
                 .unwrap_or(request.revision);
+            plan.push((group, held, current));
+        }
+        if plan.iter().all(|(_, held, current)| held > current) {
+            return Err(GateError::Backend(Status::out_of_range("etcdserver: mvcc: required revision is a future revision")));
+        }
+        let mut first_error = None;
+        let mut last = None;
+        let mut compacted_any = false;
+        for (group, held, current) in plan {
             let revision = held.min(current);
             match group.compact(pb::PbCompactionRequest { revision, physical: request.physical }).await {
                 Ok(response) => {

@@ -1,0 +1,236 @@
+//! Bad input, generated: malformed, truncated, mistyped and oversized requests to the admin API,
+//! hostile names in its paths, mangled components, and absurd or reserved requests on the etcd
+//! front. Each is answered with a client error that says what was wrong (never a 5xx, never a
+//! crash), and the store is the same afterwards.
+
+use aq_tests::etcd::TestGateway;
+use axum::http::{Method, StatusCode};
+use serde_json::json;
+
+/// A small deterministic generator (xorshift64), so a failure names a case that reruns.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.next() as u8).collect()
+    }
+}
+
+/// What the admin API shows of its stored state, and every key clients can read: equal before
+/// and after bad input means nothing was written.
+async fn state(gw: &TestGateway) -> Vec<serde_json::Value> {
+    let mut seen = Vec::new();
+    for path in ["/v1/scopes", "/v1/policies", "/v1/principals", "/v1/migrations", "/v1/proposals"] {
+        let (status, body) = gw.admin(Method::GET, path, serde_json::Value::Null).await;
+        assert_eq!(status, StatusCode::OK, "{path}: {body}");
+        seen.push(strip_live(body));
+    }
+    let mut client = gw.client().await;
+    let all = client.get(vec![0u8], Some(etcd_client::GetOptions::new().with_from_key())).await.unwrap();
+    let kvs: Vec<serde_json::Value> = all
+        .kvs()
+        .iter()
+        .map(|kv| json!([String::from_utf8_lossy(kv.key()), String::from_utf8_lossy(kv.value()), kv.mod_revision()]))
+        .collect();
+    seen.push(json!(kvs));
+    seen
+}
+
+/// Drops what changes by itself as time passes (counters and rates) from an admin answer.
+fn strip_live(mut value: serde_json::Value) -> serde_json::Value {
+    match &mut value {
+        serde_json::Value::Object(map) => {
+            for live in ["counters", "rates", "stats", "load"] {
+                map.remove(live);
+            }
+            for (_, v) in map.iter_mut() {
+                *v = strip_live(v.take());
+            }
+        }
+        serde_json::Value::Array(items) => {
+            for v in items.iter_mut() {
+                *v = strip_live(v.take());
+            }
+        }
+        _ => {}
+    }
+    value
+}
+
+/// Asserts an answer is a client error with aq's error body: a kind and a detail.
+fn assert_clear_refusal(case: &str, status: StatusCode, body: &serde_json::Value) {
+    assert!(status.is_client_error(), "{case}: {status} {body}");
+    let detail = body["detail"].as_str().unwrap_or_default();
+    assert!(!body["error"].as_str().unwrap_or_default().is_empty() && detail.len() > 10, "{case}: {status} gave no clear error: {body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_refuses_malformed_mistyped_and_oversized_bodies_clearly_and_changes_nothing() {
+    let gw = TestGateway::start().await;
+    let before = state(&gw).await;
+    // A well-formed body per route, to truncate, mangle and mistype. Those that would change
+    // something name what does not exist (a policy, a group), so no variant can succeed.
+    let digest = "0".repeat(64);
+    let routes: Vec<(Method, String, serde_json::Value)> = vec![
+        (Method::PUT, "/v1/scopes/registry/policy".into(), json!({"digest": digest, "config": {"tenant_segment": 2}, "fail_mode": "closed"})),
+        (Method::POST, "/v1/scopes/registry/evaluate".into(), json!({"request": {"op": "put", "key": "/registry/pods/a/b", "value": "v"}})),
+        (Method::POST, "/v1/principals".into(), json!({"id": "p", "public_key": "00", "roles": ["r"], "weight": 1})),
+        (Method::POST, "/v1/scopes/registry/move".into(), json!({"to": "nowhere"})),
+        (Method::POST, "/v1/scopes/registry/split".into(), json!({"at": "/registry/pods/m", "to": "nowhere"})),
+        (Method::POST, "/v1/admission/validate".into(), json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {"uid": "u"}})),
+        (Method::POST, "/v1/proposals/none/approve".into(), json!({"principal": "p", "signature": "00"})),
+    ];
+    let mut rng = Rng(0x5eed_0f_ba_d1_u64);
+    let mut cases = 0;
+    for (method, path, good) in &routes {
+        let text = serde_json::to_vec(good).unwrap();
+        let mut bodies: Vec<(String, Vec<u8>)> = Vec::new();
+        // Truncated anywhere.
+        for cut in [1, text.len() / 3, text.len() / 2, text.len() - 1] {
+            bodies.push((format!("truncated at {cut}"), text[..cut].to_vec()));
+        }
+        // Random bytes, and the body with random bytes written over part of it.
+        for n in [1, 7, 64, 512] {
+            bodies.push((format!("{n} random bytes"), rng.bytes(n)));
+            let mut mangled = text.clone();
+            let at = (rng.next() as usize) % mangled.len();
+            let specials = b"{}[]\":,\\\x00\xff";
+            mangled[at] = specials[(rng.next() % specials.len() as u64) as usize];
+            bodies.push((format!("byte {at} replaced"), mangled));
+        }
+        // Every field of the wrong type, and bodies of the wrong shape.
+        for (field, _) in good.as_object().unwrap() {
+            for wrong in [json!(5), json!("x"), json!([1, 2]), json!({"a": {}}), json!(null), json!(-1e300)] {
+                let mut body = good.clone();
+                body[field] = wrong.clone();
+                bodies.push((format!("{field} = {wrong}"), serde_json::to_vec(&body).unwrap()));
+            }
+        }
+        for shape in [json!([]), json!("body"), json!(17), json!(null), json!({})] {
+            bodies.push((format!("body {shape}"), serde_json::to_vec(&shape).unwrap()));
+        }
+        // Deep nesting, and more than the admin API reads.
+        bodies.push(("nested 10000 deep".into(), format!("{}{}", "[".repeat(10_000), "]".repeat(10_000)).into_bytes()));
+        let mut huge = b"{\"x\":\"".to_vec();
+        huge.resize(3 << 20, b'a');
+        huge.extend_from_slice(b"\"}");
+        bodies.push(("3 MiB".into(), huge));
+        for (what, body) in bodies {
+            let (status, answer) = gw.admin_bytes(method.clone(), path, body).await;
+            // A well-typed body may still be a valid request (an evaluation of a mistyped
+            // value, say): then it is answered, and must not have changed the store either.
+            if status.is_success() {
+                continue;
+            }
+            assert_clear_refusal(&format!("{method} {path} with {what}"), status, &answer);
+            cases += 1;
+        }
+    }
+    assert!(cases > 200, "only {cases} refusals");
+    assert_eq!(state(&gw).await, before, "bad input changed the store");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_names_in_admin_paths_are_refused_and_reach_nothing() {
+    let gw = TestGateway::start().await;
+    let before = state(&gw).await;
+    let long = "s".repeat(10_000);
+    let names = ["..", "..%2F..%2Fetc%2Fpasswd", "%2e%2e", "a%00b", "%FF%FE", "%2Fregistry", "registry%20", "%5C..%5C", long.as_str()];
+    for name in names {
+        for (method, path, body) in [
+            (Method::GET, format!("/v1/scopes/{name}"), serde_json::Value::Null),
+            (Method::PUT, format!("/v1/scopes/{name}/policy"), json!({"digest": "00"})),
+            (Method::POST, format!("/v1/scopes/{name}/rollback"), json!({})),
+            (Method::GET, format!("/v1/policies/{name}"), serde_json::Value::Null),
+            (Method::DELETE, format!("/v1/policies/{name}"), serde_json::Value::Null),
+            (Method::GET, format!("/v1/lineage/{name}/export"), serde_json::Value::Null),
+            (Method::DELETE, format!("/v1/principals/{name}"), serde_json::Value::Null),
+            (Method::GET, format!("/v1/migrations/{name}"), serde_json::Value::Null),
+        ] {
+            let (status, answer) = gw.admin(method.clone(), &path, body).await;
+            let shown = &path[..path.len().min(80)];
+            assert!(status.is_client_error(), "{method} {shown}: {status} {answer}");
+        }
+    }
+    assert_eq!(state(&gw).await, before, "hostile names changed the store");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mangled_components_are_refused_with_a_reason_and_nothing_is_stored() {
+    let gw = TestGateway::start().await;
+    let component = aq_host::builtin::find("open").expect("the open policy is built in").component.to_vec();
+    let (_, listed) = gw.admin(Method::GET, "/v1/policies", serde_json::Value::Null).await;
+    let stored_before = listed.to_string();
+    let mut rng = Rng(0xc0_ffee);
+    let mut uploads: Vec<(String, Vec<u8>)> = vec![("nothing".into(), Vec::new()), ("the wasm magic alone".into(), b"\0asm".to_vec())];
+    for n in [1, 100, 4096] {
+        uploads.push((format!("{n} random bytes"), rng.bytes(n)));
+    }
+    for cut in [8, 9, 64, component.len() / 4, component.len() / 2, component.len() - 1] {
+        uploads.push((format!("truncated at {cut}"), component[..cut].to_vec()));
+    }
+    // The header mangled: version, layer and the first section's id and size.
+    for at in [4, 6, 8, 9] {
+        let mut mangled = component.clone();
+        mangled[at] ^= 0x5a;
+        uploads.push((format!("byte {at} flipped"), mangled));
+    }
+    for (what, bytes) in uploads {
+        let (status, answer) = gw.admin_bytes(Method::POST, "/v1/policies", bytes).await;
+        assert_clear_refusal(&format!("a component with {what}"), status, &answer);
+    }
+    let (_, listed) = gw.admin(Method::GET, "/v1/policies", serde_json::Value::Null).await;
+    assert_eq!(listed.to_string(), stored_before, "a refused component was stored");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn absurd_and_reserved_requests_on_the_etcd_front_are_refused_and_never_reach_aqs_own_keys() {
+    let gw = TestGateway::start().await;
+    let mut client = gw.client().await;
+    client.put("/registry/pods/ns/a", "1", None).await.unwrap();
+    let before = state(&gw).await;
+    let current = client.get("/registry/pods/ns/a", None).await.unwrap().header().unwrap().revision();
+
+    // Absurd limits and revisions: etcd's own answers.
+    for limit in [-1, i64::MAX] {
+        let read = client.get("/registry/", Some(etcd_client::GetOptions::new().with_prefix().with_limit(limit))).await;
+        assert_eq!(read.expect("a limit out of range reads everything, as etcd does").kvs().len(), 1, "limit {limit}");
+    }
+    for revision in [current + 1_000_000, i64::MAX] {
+        let refused = client.get("/registry/pods/ns/a", Some(etcd_client::GetOptions::new().with_revision(revision))).await.unwrap_err();
+        assert!(refused.to_string().contains("future revision"), "revision {revision}: {refused}");
+    }
+    let refused = client.get("/registry/pods/ns/a", Some(etcd_client::GetOptions::new().with_revision(-5))).await;
+    assert!(refused.is_err() || refused.unwrap().kvs().len() == 1, "a negative revision reads the latest or is refused");
+    let refused = client.compact(i64::MAX, None).await.unwrap_err();
+    assert!(refused.to_string().contains("future revision"), "{refused}");
+
+    // aq's own keys, in every form a client can name them: never written, read or deleted.
+    let reserved = aq_host::index::RESERVED_PREFIX;
+    let inside: Vec<Vec<u8>> = vec![reserved.to_vec(), [reserved, b"meta/layout".as_slice()].concat(), [reserved, b"\0".as_slice()].concat()];
+    for key in &inside {
+        let shown = String::from_utf8_lossy(key).into_owned();
+        let refused = client.put(key.clone(), "x", None).await.expect_err("a put to aq's keys is refused");
+        assert!(refused.to_string().contains("reserved"), "{shown:?}: {refused}");
+    }
+    // Prefixes that cover them: reads and deletes see none of them.
+    let covering: Vec<Vec<u8>> = [inside.clone(), vec![vec![0xff], b"\xffa".to_vec()]].concat();
+    for key in &covering {
+        let shown = String::from_utf8_lossy(key).into_owned();
+        let read = client.get(key.clone(), Some(etcd_client::GetOptions::new().with_prefix())).await;
+        assert!(read.is_err() || read.unwrap().kvs().is_empty(), "a read of {shown:?} shows none of aq's keys");
+        let deleted = client.delete(key.clone(), Some(etcd_client::DeleteOptions::new().with_prefix())).await;
+        assert!(deleted.is_err() || deleted.unwrap().deleted() == 0, "a delete of {shown:?} deletes none of aq's keys");
+    }
+    // The whole keyspace: aq's keys are not in it.
+    let everything = client.get(vec![0u8], Some(etcd_client::GetOptions::new().with_from_key())).await.unwrap();
+    assert!(everything.kvs().iter().all(|kv| !kv.key().starts_with(reserved)), "a read of everything shows aq's keys");
+    assert_eq!(state(&gw).await, before, "bad requests changed the store");
+}
