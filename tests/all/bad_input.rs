@@ -87,7 +87,7 @@ async fn the_admin_api_refuses_malformed_mistyped_and_oversized_bodies_clearly_a
         (Method::POST, "/v1/admission/validate".into(), json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {"uid": "u"}})),
         (Method::POST, "/v1/proposals/none/approve".into(), json!({"principal": "p", "signature": "00"})),
     ];
-    let mut rng = Rng(0x5eed_0f_ba_d1_u64);
+    let mut rng = Rng(0x005e_ed0f_bad1_u64);
     let mut cases = 0;
     for (method, path, good) in &routes {
         let text = serde_json::to_vec(good).unwrap();
