@@ -18,6 +18,38 @@ fn run(cmd: &mut Command) -> (i32, String, String) {
     (status.code().unwrap_or(-1), String::from_utf8_lossy(&stdout).into_owned(), String::from_utf8_lossy(&stderr).into_owned())
 }
 
+/// Runs `aq <args> FILE` on generated damage of the valid file `good` (empty, truncated at
+/// several points, random bytes): each is refused (exit 1 for a file that is wrong, 2 for one
+/// that cannot be read as the format) with a short message, never accepted and never a panic.
+fn refuses_damaged(args: &[&str], good: &[u8], dir: &std::path::Path) {
+    let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+    let mut random = |n: usize| -> Vec<u8> {
+        (0..n)
+            .map(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                seed as u8
+            })
+            .collect()
+    };
+    let mut inputs: Vec<(String, Vec<u8>)> = vec![("an empty file".into(), Vec::new())];
+    for cut in [1, good.len() / 10, good.len() / 3, good.len() / 2, good.len() - 1] {
+        inputs.push((format!("the file cut at byte {cut}"), good[..cut].to_vec()));
+    }
+    for n in [1, 100, 10_000] {
+        inputs.push((format!("{n} random bytes"), random(n)));
+    }
+    let path = dir.join("damaged");
+    for (what, bytes) in inputs {
+        std::fs::write(&path, &bytes).unwrap();
+        let (code, out, err) = run(aq().args(args).arg(&path));
+        let said = format!("{out}{err}");
+        assert!(code == 1 || code == 2, "aq {} on {what}: exit {code}\n{said}", args.join(" "));
+        assert!(!said.contains("panicked") && !said.trim().is_empty() && said.lines().count() <= 3, "aq {} on {what}:\n{said}", args.join(" "));
+    }
+}
+
 #[test]
 fn policy_test_passes_on_the_builtin_fixtures() {
     for name in ["open", "ephemeral", "critical", "quota"] {
@@ -440,6 +472,7 @@ async fn lineage_export_and_offline_verify_through_the_cli() {
     let (code, out, _) = run(aq().args(["lineage", "verify"]).arg(&export));
     assert_eq!(code, 1, "{out}");
     assert!(out.starts_with("FAILED: scope secrets: record 0:"), "{out}");
+    refuses_damaged(&["lineage", "verify"], &std::fs::read(&export).unwrap(), dir.path());
 }
 
 /// Waits until an etcd API at `endpoint` answers a read, up to 30 s.
@@ -580,6 +613,7 @@ async fn aq_snapshot_save_writes_a_verified_archive_and_verify_names_damage() {
     assert!(out.contains("group main: aq does not manage it"), "{out}");
     assert!(target.join("restore/events.db").exists() && target.join("restore/main.db").exists());
 
+    refuses_damaged(&["snapshot", "verify"], &std::fs::read(&path).unwrap(), dir.path());
     let mut bytes = std::fs::read(&path).unwrap();
     bytes.truncate(bytes.len() - 100);
     std::fs::write(&path, &bytes).unwrap();
@@ -636,4 +670,17 @@ fn policy_new_scaffolds_a_project_that_builds_and_passes_its_fixtures_in_every_l
     let (code, _, err) = run(aq().args(["policy", "new", "--lang", "js"]).arg(dir.path().join("Bad_Name")));
     assert_eq!(code, 2);
     assert!(err.contains("use lowercase letters, digits and '-'"), "{err}");
+}
+
+#[test]
+fn bench_soak_prints_every_interval_survives_its_faults_and_levels_off() {
+    let (code, out, err) = run(aq().args(["bench", "soak", "--minutes", "0.3", "--clients", "4", "--fault-every", "6"]));
+    assert_eq!(code, 0, "{out}{err}");
+    let rows: Vec<&str> = out.lines().filter(|l| l.trim_start().starts_with(|c: char| c.is_ascii_digit())).collect();
+    assert!(rows.len() >= 3, "a sample every 5 s:\n{out}");
+    let faults: u64 = rows.last().unwrap().split_whitespace().last().unwrap().parse().unwrap();
+    assert!(faults >= 2, "a managed etcd killed every 6 s:\n{out}");
+    let ops: f64 = rows.last().unwrap().split_whitespace().nth(1).unwrap().parse().unwrap();
+    assert!(ops > 0.0, "aq serves after the faults:\n{out}");
+    assert!(out.contains("ok: aq's memory levelled off"), "{out}");
 }

@@ -234,3 +234,99 @@ async fn absurd_and_reserved_requests_on_the_etcd_front_are_refused_and_never_re
     assert!(everything.kvs().iter().all(|kv| !kv.key().starts_with(reserved)), "a read of everything shows aq's keys");
     assert_eq!(state(&gw).await, before, "bad requests changed the store");
 }
+
+/// A gRPC codec that sends and receives bytes as they are: a client that frames gRPC but
+/// writes whatever protobuf it likes.
+#[derive(Clone, Copy, Default)]
+struct Raw;
+
+impl tonic::codec::Codec for Raw {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = Raw;
+    type Decoder = Raw;
+
+    fn encoder(&mut self) -> Raw {
+        Raw
+    }
+
+    fn decoder(&mut self) -> Raw {
+        Raw
+    }
+}
+
+impl tonic::codec::Encoder for Raw {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn encode(&mut self, item: Vec<u8>, buf: &mut tonic::codec::EncodeBuf<'_>) -> Result<(), tonic::Status> {
+        prost::bytes::BufMut::put_slice(buf, &item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for Raw {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn decode(&mut self, buf: &mut tonic::codec::DecodeBuf<'_>) -> Result<Option<Vec<u8>>, tonic::Status> {
+        let n = prost::bytes::Buf::remaining(buf);
+        Ok(Some(prost::bytes::Buf::copy_to_bytes(buf, n).to_vec()))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_and_oversized_grpc_messages_are_refused_and_aq_serves_on() {
+    let gw = TestGateway::start().await;
+    let mut client = gw.client().await;
+    client.put("/registry/pods/ns/a", "1", None).await.unwrap();
+    let before = state(&gw).await;
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", gw.endpoint())).unwrap().connect().await.unwrap();
+    // Protobuf no decoder accepts: a length past the end, a varint of eleven bytes, wire types
+    // 6 and 7, field number 0, a group never closed, a length of 4 GiB.
+    let malformed: Vec<(&str, Vec<u8>)> = vec![
+        ("a length past the end", vec![0x0a, 0x64, b'a']),
+        ("an eleven-byte varint", [vec![0x08], vec![0xff; 10], vec![0x01]].concat()),
+        ("wire type 7", vec![0x0f, 0x01]),
+        ("wire type 6", vec![0x0e, 0x01]),
+        ("field number 0", vec![0x00, 0x00]),
+        ("an unclosed group", vec![0x0b, 0x08, 0x01]),
+        ("a 4 GiB length", vec![0x0a, 0xff, 0xff, 0xff, 0xff, 0x0f]),
+    ];
+    let paths = [
+        "/etcdserverpb.KV/Put",
+        "/etcdserverpb.KV/Range",
+        "/etcdserverpb.KV/DeleteRange",
+        "/etcdserverpb.KV/Txn",
+        "/etcdserverpb.KV/Compact",
+        "/etcdserverpb.Lease/LeaseGrant",
+        "/etcdserverpb.Lease/LeaseRevoke",
+        "/etcdserverpb.Auth/Authenticate",
+        "/v3lockpb.Lock/Lock",
+    ];
+    for path in paths {
+        for (what, bytes) in &malformed {
+            let mut grpc = tonic::client::Grpc::new(channel.clone());
+            grpc.ready().await.unwrap();
+            let path_and_query = tonic::codegen::http::uri::PathAndQuery::from_static(path);
+            let refused = grpc.unary(tonic::Request::new(bytes.clone()), path_and_query, Raw).await.expect_err(what);
+            // grpc-go (etcd) answers Internal for a request it cannot unmarshal; so does aq.
+            assert!(
+                matches!(refused.code(), tonic::Code::Internal | tonic::Code::InvalidArgument) && refused.message().contains("decode"),
+                "{path} with {what}: {refused:?}"
+            );
+        }
+    }
+    // More than etcd takes in one request (1.5 MiB) and more than a gRPC message may be here.
+    for size in [2 << 20, 5 << 20] {
+        let refused = client.put("/oversized", vec![b'x'; size], None).await.expect_err("an oversized put");
+        let etcd_client::Error::GRpcStatus(status) = refused else { panic!("{refused}") };
+        assert!(
+            matches!(status.code(), tonic::Code::InvalidArgument | tonic::Code::ResourceExhausted | tonic::Code::OutOfRange),
+            "{size} bytes: {status:?}"
+        );
+        assert!(!status.message().is_empty());
+    }
+    assert_eq!(client.get("/registry/pods/ns/a", None).await.unwrap().kvs()[0].value(), b"1", "aq serves on");
+    assert_eq!(state(&gw).await, before, "bad messages changed the store");
+}

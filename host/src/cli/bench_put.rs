@@ -147,7 +147,7 @@ enum Shape {
 
 /// kube-apiserver's Txn for `key`: create it when `known` is 0 (`create_revision == 0`),
 /// otherwise update it if it is still at `known` (`mod_revision == known`); read it otherwise.
-fn kube_txn(key: Vec<u8>, value: Vec<u8>, known: i64) -> pb::PbTxnRequest {
+pub(super) fn kube_txn(key: Vec<u8>, value: Vec<u8>, known: i64) -> pb::PbTxnRequest {
     use crate::backend::compare::{RESULT_EQUAL, TARGET_CREATE, TARGET_MOD};
     let (target, union) = if known == 0 {
         (TARGET_CREATE, pb::PbTargetUnion::CreateRevision(0))

@@ -6,6 +6,7 @@ mod bench;
 mod bench_admission;
 mod bench_critical;
 mod bench_put;
+mod bench_soak;
 mod bench_split;
 mod bench_swap;
 mod policy;
@@ -490,6 +491,23 @@ enum BenchCommand {
         #[arg(long, default_value = "etcd")]
         etcd: String,
     },
+    /// aq with managed etcd under mixed Kubernetes-shaped load for minutes, a managed etcd
+    /// killed now and then: throughput, p99, errors, aq's memory and descriptors over time;
+    /// exit 1 when memory or descriptors keep growing instead of levelling off.
+    Soak {
+        /// How long to run, in minutes.
+        #[arg(long, default_value_t = 10.0)]
+        minutes: f64,
+        /// Concurrent clients.
+        #[arg(long, default_value_t = 16)]
+        clients: usize,
+        /// Seconds between faults (a managed group's etcd killed, in turn).
+        #[arg(long, default_value_t = 60)]
+        fault_every: u64,
+        /// The etcd binary.
+        #[arg(long, default_value = "etcd")]
+        etcd: String,
+    },
     /// How fast a policy swap on one replica is enforced by another, under write load.
     Swap {
         /// Swaps to make.
@@ -597,6 +615,7 @@ pub fn main() -> ExitCode {
         }
         Command::Bench(BenchCommand::Admission { reviews, clients, etcd }) => bench_admission::admission(reviews, &clients, &etcd),
         Command::Bench(BenchCommand::Swap { swaps, clients, etcd }) => bench_swap::swap(swaps, clients, &etcd),
+        Command::Bench(BenchCommand::Soak { minutes, clients, fault_every, etcd }) => bench_soak::soak(minutes, clients, fault_every, &etcd),
         Command::Bench(BenchCommand::Split { keys, writers, seconds, etcd }) => bench_split::split(keys, writers, seconds, &etcd),
         Command::Bench(BenchCommand::Critical { seconds, clients, etcd }) => bench_critical::critical(seconds, clients, &etcd),
     };
