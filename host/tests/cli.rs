@@ -22,17 +22,8 @@ fn run(cmd: &mut Command) -> (i32, String, String) {
 /// several points, random bytes): each is refused (exit 1 for a file that is wrong, 2 for one
 /// that cannot be read as the format) with a short message, never accepted and never a panic.
 fn refuses_damaged(args: &[&str], good: &[u8], dir: &std::path::Path) {
-    let mut seed = 0x2545_f491_4f6c_dd1d_u64;
-    let mut random = |n: usize| -> Vec<u8> {
-        (0..n)
-            .map(|_| {
-                seed ^= seed << 13;
-                seed ^= seed >> 7;
-                seed ^= seed << 17;
-                seed as u8
-            })
-            .collect()
-    };
+    let mut rng = aq_tests::Rng(0x2545_f491_4f6c_dd1d_u64);
+    let mut random = |n: usize| rng.bytes(n);
     let mut inputs: Vec<(String, Vec<u8>)> = vec![("an empty file".into(), Vec::new())];
     for cut in [1, good.len() / 10, good.len() / 3, good.len() / 2, good.len() - 1] {
         inputs.push((format!("the file cut at byte {cut}"), good[..cut].to_vec()));

@@ -3,25 +3,10 @@
 //! front. Each is answered with a client error that says what was wrong (never a 5xx, never a
 //! crash), and the store is the same afterwards.
 
+use aq_tests::Rng;
 use aq_tests::etcd::TestGateway;
 use axum::http::{Method, StatusCode};
 use serde_json::json;
-
-/// A small deterministic generator (xorshift64), so a failure names a case that reruns.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        (0..n).map(|_| self.next() as u8).collect()
-    }
-}
 
 /// What the admin API shows of its stored state, and every key clients can read: equal before
 /// and after bad input means nothing was written.
@@ -100,9 +85,9 @@ async fn the_admin_api_refuses_malformed_mistyped_and_oversized_bodies_clearly_a
         for n in [1, 7, 64, 512] {
             bodies.push((format!("{n} random bytes"), rng.bytes(n)));
             let mut mangled = text.clone();
-            let at = (rng.next() as usize) % mangled.len();
+            let at = (rng.next_u64() as usize) % mangled.len();
             let specials = b"{}[]\":,\\\x00\xff";
-            mangled[at] = specials[(rng.next() % specials.len() as u64) as usize];
+            mangled[at] = specials[(rng.next_u64() % specials.len() as u64) as usize];
             bodies.push((format!("byte {at} replaced"), mangled));
         }
         // Every field of the wrong type, and bodies of the wrong shape.

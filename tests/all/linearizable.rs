@@ -26,13 +26,8 @@ async fn a_concurrent_history_through_two_replicas_is_linearizable() {
             let mut client = etcd_client::Client::connect([endpoint], None).await.unwrap();
             let now = || origin.elapsed().as_nanos() as u64;
             // A small deterministic generator per client: which key, which operation.
-            let mut seed = 0x9e37_79b9_7f4a_7c15u64 ^ (c as u64 + 1);
-            let mut next = move || {
-                seed ^= seed << 13;
-                seed ^= seed >> 7;
-                seed ^= seed << 17;
-                seed
-            };
+            let mut rng = aq_tests::Rng(0x9e37_79b9_7f4a_7c15u64 ^ (c as u64 + 1));
+            let mut next = move || rng.next_u64();
             let mut last_seen = [0i64; KEYS];
             let mut events = Vec::new();
             for n in 0..OPS {

@@ -86,13 +86,8 @@ impl Load {
                 let connect = etcd_client::Client::connect([endpoint], None);
                 let mut client = tokio::time::timeout(OP_DEADLINE, connect).await.expect("a client connects in time").expect("a client connects to aq");
                 // A small deterministic generator per client: which key, which operation.
-                let mut seed = 0x9e37_79b9_7f4a_7c15u64 ^ (c as u64 + 1);
-                let mut next = move || {
-                    seed ^= seed << 13;
-                    seed ^= seed >> 7;
-                    seed ^= seed << 17;
-                    seed
-                };
+                let mut rng = aq_tests::Rng(0x9e37_79b9_7f4a_7c15u64 ^ (c as u64 + 1));
+                let mut next = move || rng.next_u64();
                 let mut last_seen = vec![0i64; keys];
                 let mut events = Vec::new();
                 let mut n = 0;
@@ -113,7 +108,11 @@ impl Load {
                     };
                     // An error that says nothing was written leaves the operation out, as a
                     // failed read is: it did not happen.
-                    let not_sent = |status: &etcd_client::Error| status.to_string().contains(aq_host::backend::NOT_SENT);
+                    // So does one whose client could not connect to aq at all.
+                    let not_sent = |status: &etcd_client::Error| {
+                        let said = format!("{status:?}");
+                        said.contains(aq_host::backend::NOT_SENT) || said.contains("tcp connect error") || said.contains("ConnectionRefused")
+                    };
                     let op = match kind {
                         0 => match tokio::time::timeout(OP_DEADLINE, client.put(key.as_str(), value.as_str(), None)).await {
                             Ok(Ok(answer)) => Some(Op::Put { value, revision: Some(answer.header().unwrap().revision()) }),

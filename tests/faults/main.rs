@@ -43,6 +43,18 @@ async fn check(endpoint: &str, prefix: &str, start: i64, history: &load::History
     history.events.len()
 }
 
+/// A watcher through `endpoint` of keys under `prefix` and `clients` clients on `keys` of
+/// them, once 50 operations are done: what every case runs while it breaks something.
+/// Answers the clock, the revision the watch started at, the watcher and the load.
+async fn under_load(endpoint: &str, prefix: &str, clients: usize, keys: usize) -> (Clock, i64, Watcher, Load) {
+    let clock = Clock::new();
+    let start = next_revision(endpoint, prefix).await;
+    let watcher = Watcher::start(endpoint, prefix, start).await;
+    let load = Load::start(&[endpoint.to_string()], prefix, clients, keys, &clock);
+    load.wait("50 operations before the fault", Duration::from_secs(60), |l| l.done() >= 50).await;
+    (clock, start, watcher, load)
+}
+
 /// Sequential puts under `prefix` through `client`, each timed.
 async fn timed_puts(client: &mut etcd_client::Client, prefix: &str, n: usize) -> Vec<Duration> {
     let mut samples = Vec::with_capacity(n);
@@ -60,11 +72,7 @@ async fn the_leader_of_a_three_member_group_killed_under_load_loses_no_acknowled
     let mut gw = TestGateway::start_members(3, 1).await;
     let endpoint = gw.endpoint();
     let prefix = "/registry/pods/faults/";
-    let clock = Clock::new();
-    let start = next_revision(&endpoint, prefix).await;
-    let watcher = Watcher::start(&endpoint, prefix, start).await;
-    let load = Load::start(std::slice::from_ref(&endpoint), prefix, 6, 4, &clock);
-    load.wait("100 operations before the fault", Duration::from_secs(60), |l| l.done() >= 100).await;
+    let (clock, start, watcher, load) = under_load(&endpoint, prefix, 6, 4).await;
 
     let leader = gw.main.leader().await.expect("main has a leader");
     let killed_at = clock.now();
@@ -91,11 +99,7 @@ async fn a_whole_group_down_fails_only_its_scopes_and_they_serve_again_when_it_r
     let mut before = timed_puts(&mut client, "/registry/pods/faults/before-", 200).await;
 
     let prefix = "/registry/events/faults/";
-    let clock = Clock::new();
-    let start = next_revision(&endpoint, prefix).await;
-    let watcher = Watcher::start(&endpoint, prefix, start).await;
-    let load = Load::start(std::slice::from_ref(&endpoint), prefix, 4, 3, &clock);
-    load.wait("50 operations before the fault", Duration::from_secs(60), |l| l.done() >= 50).await;
+    let (clock, start, watcher, load) = under_load(&endpoint, prefix, 4, 3).await;
 
     gw.events.stop();
     // Its scopes: a clear Unavailable naming the group.
@@ -128,11 +132,7 @@ async fn a_paused_group_holds_its_requests_and_answers_them_when_it_resumes() {
     let endpoint = gw.endpoint();
     let mut client = gw.client().await;
     let prefix = "/registry/events/faults/";
-    let clock = Clock::new();
-    let start = next_revision(&endpoint, prefix).await;
-    let watcher = Watcher::start(&endpoint, prefix, start).await;
-    let load = Load::start(std::slice::from_ref(&endpoint), prefix, 4, 3, &clock);
-    load.wait("50 operations before the fault", Duration::from_secs(60), |l| l.done() >= 50).await;
+    let (clock, start, watcher, load) = under_load(&endpoint, prefix, 4, 3).await;
 
     gw.events.pause();
     let paused_at = clock.now();
@@ -232,32 +232,61 @@ fn sigkill(pid: u32) {
     std::process::Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap();
 }
 
+/// Two aq replicas over the same groups, the second a process of its own (to be killed or
+/// paused), each with clients on the same keys, and a watcher through the first.
+struct TwoReplicas {
+    _gw: TestGateway,
+    _dir: tempfile::TempDir,
+    other: std::process::Child,
+    endpoint: String,
+    start: i64,
+    clock: Clock,
+    watcher: Watcher,
+    survivor: Load,
+    other_load: Load,
+}
+
+const PREFIX: &str = "/registry/pods/faults/";
+
+impl TwoReplicas {
+    /// Starts both, and the load, and waits until the second replica's clients are under way.
+    async fn start() -> TwoReplicas {
+        let gw = TestGateway::start().await;
+        let dir = tempfile::tempdir().unwrap();
+        let (other, other_endpoint) = spawn_aq(&gw.layout(), dir.path());
+        let endpoint = gw.endpoint();
+        let clock = Clock::new();
+        let start = next_revision(&endpoint, PREFIX).await;
+        let watcher = Watcher::start(&endpoint, PREFIX, start).await;
+        let survivor = Load::start(std::slice::from_ref(&endpoint), PREFIX, 4, 4, &clock);
+        let other_load = Load::start(&[other_endpoint], PREFIX, 2, 4, &clock);
+        other_load.wait("50 operations through the second replica", Duration::from_secs(60), |l| l.done() >= 50).await;
+        TwoReplicas { _gw: gw, _dir: dir, other, endpoint, start, clock, watcher, survivor, other_load }
+    }
+
+    /// Stops the load; requires that the first replica's clients saw no error and that the
+    /// history through both is linearizable. Answers how many operations were checked.
+    async fn finish(mut self) -> usize {
+        let mut history = self.survivor.stop().await;
+        assert!(history.errors.is_empty(), "the other replica's clients saw errors: {:?}", history.errors);
+        let other = self.other_load.stop().await;
+        let _ = self.other.kill();
+        let _ = self.other.wait();
+        println!("{} operations through the second replica, {} errors", other.events.len(), other.errors.len());
+        history.events.extend(other.events);
+        history.acked.extend(other.acked);
+        check(&self.endpoint, PREFIX, self.start, &history, self.watcher.stop().await).await
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_aq_replica_killed_mid_write_leaves_the_other_replicas_clients_untouched() {
-    let gw = TestGateway::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let (mut doomed, doomed_endpoint) = spawn_aq(&gw.layout(), dir.path());
-    let endpoint = gw.endpoint();
-    let prefix = "/registry/pods/faults/";
-    let clock = Clock::new();
-    let start = next_revision(&endpoint, prefix).await;
-    let watcher = Watcher::start(&endpoint, prefix, start).await;
-    // Clients of both replicas on the same keys.
-    let survivor = Load::start(std::slice::from_ref(&endpoint), prefix, 4, 4, &clock);
-    let victim = Load::start(&[doomed_endpoint], prefix, 2, 4, &clock);
-    victim.wait("50 operations through the replica to be killed", Duration::from_secs(60), |l| l.done() >= 50).await;
-
-    sigkill(doomed.id());
-    doomed.wait().unwrap();
-    let killed_at = clock.now();
-    survivor.wait("100 writes acknowledged after the kill", Duration::from_secs(60), |l| l.acked_since(killed_at) >= 100).await;
-    let mut history = survivor.stop().await;
-    assert!(history.errors.is_empty(), "the other replica's clients saw errors: {:?}", history.errors);
-    let lost = victim.stop().await;
-    println!("{} operations through the killed replica, {} of them ended by the kill", lost.events.len(), lost.errors.len());
-    history.events.extend(lost.events);
-    history.acked.extend(lost.acked);
-    let checked = check(&endpoint, prefix, start, &history, watcher.stop().await).await;
+    let mut replicas = TwoReplicas::start().await;
+    sigkill(replicas.other.id());
+    replicas.other.wait().unwrap();
+    let killed_at = replicas.clock.now();
+    replicas.survivor.wait("100 writes acknowledged after the kill", Duration::from_secs(60), |l| l.acked_since(killed_at) >= 100).await;
+    let checked = replicas.finish().await;
     println!("{checked} operations through both replicas linearizable");
 }
 
@@ -290,34 +319,17 @@ async fn a_killed_aq_takes_its_managed_etcd_with_it_and_a_new_one_starts_on_the_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_aq_replica_paused_leaves_the_other_serving_and_answers_its_own_clients_when_resumed() {
-    let gw = TestGateway::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let (mut paused, paused_endpoint) = spawn_aq(&gw.layout(), dir.path());
-    let endpoint = gw.endpoint();
-    let prefix = "/registry/pods/faults/";
-    let clock = Clock::new();
-    let start = next_revision(&endpoint, prefix).await;
-    let watcher = Watcher::start(&endpoint, prefix, start).await;
-    let survivor = Load::start(std::slice::from_ref(&endpoint), prefix, 4, 4, &clock);
-    let sleeper = Load::start(&[paused_endpoint], prefix, 2, 4, &clock);
-    sleeper.wait("50 operations through the replica to be paused", Duration::from_secs(60), |l| l.done() >= 50).await;
-
-    let pid = paused.id().to_string();
+    let replicas = TwoReplicas::start().await;
+    let pid = replicas.other.id().to_string();
     std::process::Command::new("kill").args(["-STOP", &pid]).status().unwrap();
-    let paused_at = clock.now();
-    survivor.wait("100 writes acknowledged during the pause", Duration::from_secs(60), |l| l.acked_since(paused_at) >= 100).await;
-    let held = sleeper.done();
+    let paused_at = replicas.clock.now();
+    replicas.survivor.wait("100 writes acknowledged during the pause", Duration::from_secs(60), |l| l.acked_since(paused_at) >= 100).await;
+    let held = replicas.other_load.done();
     std::process::Command::new("kill").args(["-CONT", &pid]).status().unwrap();
-    let resumed_at = clock.now();
-    sleeper.wait("the paused replica's clients are answered again", Duration::from_secs(60), |l| l.acked_since(resumed_at) >= 20).await;
-    assert!(sleeper.done() > held);
-    let mut history = survivor.stop().await;
-    assert!(history.errors.is_empty(), "the other replica's clients saw errors: {:?}", history.errors);
-    let woken = sleeper.stop().await;
-    history.events.extend(woken.events);
-    history.acked.extend(woken.acked);
-    let checked = check(&endpoint, prefix, start, &history, watcher.stop().await).await;
+    let resumed_at = replicas.clock.now();
+    let answered_again = |l: &Load| l.acked_since(resumed_at) >= 20;
+    replicas.other_load.wait("the paused replica's clients are answered again", Duration::from_secs(60), answered_again).await;
+    assert!(replicas.other_load.done() > held);
+    let checked = replicas.finish().await;
     println!("{checked} operations through both replicas, one paused, linearizable");
-    paused.kill().unwrap();
-    paused.wait().unwrap();
 }

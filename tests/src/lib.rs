@@ -103,6 +103,25 @@ pub fn put_context(key: &str, value: &str) -> aq_sdk::Context {
 pub mod etcd;
 pub mod lincheck;
 
+/// A small deterministic generator (xorshift64) for tests that make their own input: the same
+/// seed gives the same cases, so a failure names one that runs again.
+pub struct Rng(pub u64);
+
+impl Rng {
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    /// `n` random bytes.
+    pub fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.next_u64() as u8).collect()
+    }
+}
+
 /// Waits until `condition` holds, checking every 10 ms; panics naming `what` after 10 s.
 pub async fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
