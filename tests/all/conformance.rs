@@ -17,11 +17,19 @@ fn example_dir() -> std::path::PathBuf {
     workspace_root().join("examples").join("namespaces")
 }
 
-/// Every edition bound with `config` (the scope's default limits), by language.
+/// A scope's default limits, but a deadline of seconds: what these tests hold is that every
+/// language answers alike, not how fast, and on a machine busy with other tests a cold Python
+/// call (about 2 ms alone) has taken over the default 50 ms by the clock.
+fn limits() -> Limits {
+    Limits { timeout: std::time::Duration::from_secs(5), ..Limits::default() }
+}
+
+/// Every edition bound with `config` (the scope's default limits, but for the deadline), by
+/// language.
 fn bind_all(engine: &Engine, config: &str) -> Vec<(&'static str, Result<Arc<Binding>, BindError>)> {
     guests::NAMESPACES
         .iter()
-        .map(|(language, path)| (*language, engine.bind("namespaces", shared_module(path), config, Limits::default(), FailMode::Closed)))
+        .map(|(language, path)| (*language, engine.bind("namespaces", shared_module(path), config, limits(), FailMode::Closed)))
         .collect()
 }
 
@@ -115,8 +123,9 @@ fn hot_swaps_between_a_rust_and_a_python_policy_fail_no_request() {
     let edition = |language: &str| guests::NAMESPACES.iter().find(|(l, _)| *l == language).unwrap().1;
     // The Rust edition limits values to 1 byte and so denies the request; the Python edition,
     // unconfigured, allows it. The verdict tells which decided.
-    let rust = engine.bind("ns", shared_module(edition("rust")), r#"{"max_value_bytes": 1}"#, Limits::default(), FailMode::Closed).unwrap();
-    let python = engine.bind("ns", shared_module(edition("python")), "{}", Limits::default(), FailMode::Closed).unwrap();
+    let limits = limits();
+    let rust = engine.bind("ns", shared_module(edition("rust")), r#"{"max_value_bytes": 1}"#, limits, FailMode::Closed).unwrap();
+    let python = engine.bind("ns", shared_module(edition("python")), "{}", limits, FailMode::Closed).unwrap();
     let ctx = aq_tests::put_context("/registry/configmaps/team-a/settings", "two bytes");
     let swaps = aq_tests::swap_under_load(engine, "ns", &ctx, (&rust, &python), (100, 30), |decision| match &decision.verdict {
         Verdict::Deny(reason) => {
