@@ -124,47 +124,18 @@ fn policy_inspect_describes_every_builtin_component_under_target() {
 }
 
 /// Starts `aq serve` on a one-group managed layout in `data`; returns the process and the
-/// managed etcd's address from the banner, once aq says it is ready. Reading stops after the
-/// banner and the pipe closes: aq must keep serving, and stop cleanly, with its standard output
-/// gone.
+/// managed etcd's address from its banner.
 fn start_serve(data: &std::path::Path) -> (std::process::Child, String) {
-    use std::io::BufRead;
-    let layout = data.join("layout.toml");
-    std::fs::write(
-        &layout,
-        "[[groups]]\nname = \"main\"\n\n[[scopes]]\nid = \"all\"\nprefix = \"\"\ngroup = \"main\"\npolicy = \"builtin:open\"\n",
-    )
-    .unwrap();
-    let free = || aq_host::backend::managed::free_port().unwrap();
-    let mut child = aq()
-        .args(["serve", "--config"])
-        .arg(&layout)
-        .arg("--data-dir")
-        .arg(data.join("data"))
-        .arg(format!("--listen=127.0.0.1:{}", free()))
-        .arg(format!("--admin-listen=127.0.0.1:{}", free()))
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut banner = Vec::new();
-    for line in std::io::BufReader::new(child.stdout.take().unwrap()).lines() {
-        let line = line.unwrap();
-        let ready = line.contains("aq: ready");
-        banner.push(line);
-        if ready {
-            break;
-        }
-    }
-    let banner = banner.join("\n");
-    assert!(banner.contains("aq: ready"), "aq did not get ready: {banner}");
+    let served = aq_tests::serve_process(std::path::Path::new(env!("CARGO_BIN_EXE_aq")), aq_tests::ONE_GROUP_LAYOUT, data);
     // "aq: group main: etcd at http://127.0.0.1:<port> (managed, ...)"
-    let etcd = banner
+    let etcd = served
+        .banner
         .split("etcd at http://")
         .nth(1)
         .and_then(|rest| rest.split_whitespace().next())
         .expect("the banner names the managed etcd")
         .to_string();
-    (child, etcd)
+    (served.child, etcd)
 }
 
 fn signal(child: &std::process::Child, signal: &str) {
@@ -466,20 +437,6 @@ async fn lineage_export_and_offline_verify_through_the_cli() {
     refuses_damaged(&["lineage", "verify"], &std::fs::read(&export).unwrap(), dir.path());
 }
 
-/// Waits until an etcd API at `endpoint` answers a read, up to 30 s.
-async fn answering(endpoint: &str) -> etcd_client::Client {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    loop {
-        if let Ok(mut client) = etcd_client::Client::connect([endpoint], None).await
-            && client.get("/", None).await.is_ok()
-        {
-            return client;
-        }
-        assert!(std::time::Instant::now() < deadline, "aq at {endpoint} did not answer within 30 s");
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_paused_replica_never_lands_a_write_on_the_group_that_gave_its_scope_away() {
     use std::sync::atomic::{AtomicBool, Ordering};
@@ -487,25 +444,9 @@ async fn a_paused_replica_never_lands_a_write_on_the_group_that_gave_its_scope_a
     let gw = aq_tests::etcd::TestGateway::start().await;
     // A second replica, as its own process, so that it can be paused.
     let dir = tempfile::tempdir().unwrap();
-    let layout = dir.path().join("layout.toml");
-    std::fs::write(&layout, gw.layout()).unwrap();
-    let port = aq_host::backend::managed::free_port().unwrap();
-    let admin_port = aq_host::backend::managed::free_port().unwrap();
-    let mut replica = aq()
-        .arg("serve")
-        .arg("--config")
-        .arg(&layout)
-        .arg("--data-dir")
-        .arg(dir.path().join("data"))
-        .arg(format!("--listen=127.0.0.1:{port}"))
-        .arg(format!("--admin-listen=127.0.0.1:{admin_port}"))
-        .arg("--decision-log=off")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let endpoint = format!("127.0.0.1:{port}");
-    let mut client = answering(&endpoint).await;
+    let served = aq_tests::serve_process(std::path::Path::new(env!("CARGO_BIN_EXE_aq")), &gw.layout(), dir.path());
+    let (mut replica, endpoint) = (served.child, served.endpoint);
+    let mut client = etcd_client::Client::connect([endpoint.as_str()], None).await.unwrap();
 
     // A writer through the replica, one key after another, noting what was acknowledged.
     let stop = Arc::new(AtomicBool::new(false));

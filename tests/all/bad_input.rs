@@ -28,6 +28,16 @@ async fn state(gw: &TestGateway) -> Vec<serde_json::Value> {
     seen
 }
 
+/// aq over two groups with one client key, `/registry/pods/ns/a` = 1: the gateway, a client,
+/// and the state to compare with afterwards.
+async fn with_one_key() -> (TestGateway, etcd_client::Client, Vec<serde_json::Value>) {
+    let gw = TestGateway::start().await;
+    let mut client = gw.client().await;
+    client.put("/registry/pods/ns/a", "1", None).await.unwrap();
+    let before = state(&gw).await;
+    (gw, client, before)
+}
+
 /// Drops what changes by itself as time passes (counters and rates) from an admin answer.
 fn strip_live(mut value: serde_json::Value) -> serde_json::Value {
     match &mut value {
@@ -177,10 +187,7 @@ async fn mangled_components_are_refused_with_a_reason_and_nothing_is_stored() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn absurd_and_reserved_requests_on_the_etcd_front_are_refused_and_never_reach_aqs_own_keys() {
-    let gw = TestGateway::start().await;
-    let mut client = gw.client().await;
-    client.put("/registry/pods/ns/a", "1", None).await.unwrap();
-    let before = state(&gw).await;
+    let (gw, mut client, before) = with_one_key().await;
     let current = client.get("/registry/pods/ns/a", None).await.unwrap().header().unwrap().revision();
 
     // Absurd limits and revisions: etcd's own answers.
@@ -262,10 +269,7 @@ impl tonic::codec::Decoder for Raw {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_and_oversized_grpc_messages_are_refused_and_aq_serves_on() {
-    let gw = TestGateway::start().await;
-    let mut client = gw.client().await;
-    client.put("/registry/pods/ns/a", "1", None).await.unwrap();
-    let before = state(&gw).await;
+    let (gw, mut client, before) = with_one_key().await;
     let channel = tonic::transport::Channel::from_shared(format!("http://{}", gw.endpoint())).unwrap().connect().await.unwrap();
     // Protobuf no decoder accepts: a length past the end, a varint of eleven bytes, wire types
     // 6 and 7, field number 0, a group never closed, a length of 4 GiB.

@@ -174,7 +174,7 @@ async fn a_group_that_gave_a_scope_away_refuses_its_writes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn managed_etcd_runs_with_auth_and_aqs_credentials_are_private() {
     use std::os::unix::fs::PermissionsExt;
-    let layout = "[[groups]]\nname = \"main\"\n\n[[scopes]]\nid = \"all\"\nprefix = \"\"\ngroup = \"main\"\npolicy = \"builtin:open\"\n";
+    let layout = aq_tests::ONE_GROUP_LAYOUT;
     let (running, data) = aq_tests::etcd::serve_managed(layout).await;
     let mut client = etcd_client::Client::connect([running.addr.to_string()], None).await.unwrap();
     client.put("/through-aq", "1", None).await.unwrap();
@@ -330,7 +330,7 @@ async fn the_layout_is_recorded_in_the_meta_group() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn managed_etcd_is_restarted_after_a_crash() {
     let data = tempfile::tempdir().unwrap();
-    let layout = "[[groups]]\nname = \"main\"\n\n[[scopes]]\nid = \"all\"\nprefix = \"\"\ngroup = \"main\"\npolicy = \"builtin:open\"\n";
+    let layout = aq_tests::ONE_GROUP_LAYOUT;
     let config = aq_host::config::Config::parse(layout, "test").unwrap();
     let options = aq_host::serve::ServeOptions {
         listen: "127.0.0.1:0".parse().unwrap(),

@@ -29,19 +29,14 @@ impl Clock {
     }
 }
 
-/// One write that succeeded: when its answer came.
-#[derive(Clone, Copy, Debug)]
-pub struct Acked {
-    pub at: u64,
-}
-
 /// Clients writing and reading `keys` keys under `prefix` through `endpoints` until stopped.
 pub struct Load {
     stop: Arc<AtomicBool>,
     done: Arc<AtomicU64>,
-    acked: Arc<Mutex<Vec<Acked>>>,
-    errors: Arc<Mutex<Vec<tonic::Code>>>,
-    messages: Arc<Mutex<Vec<String>>>,
+    /// When each acknowledged write's answer came, as the clients go.
+    acked: Arc<Mutex<Vec<u64>>>,
+    /// The code and message of each error clients got.
+    errors: Arc<Mutex<Vec<(tonic::Code, String)>>>,
     clients: Vec<tokio::task::JoinHandle<Vec<Event>>>,
 }
 
@@ -49,8 +44,6 @@ pub struct Load {
 pub struct History {
     /// Every operation, for the checker.
     pub events: Vec<Event>,
-    /// Every write that succeeded, in no particular order.
-    pub acked: Vec<Acked>,
     /// The codes and messages of the errors clients got.
     pub errors: Vec<(tonic::Code, String)>,
 }
@@ -67,6 +60,15 @@ impl History {
             })
             .collect()
     }
+
+    /// When each acknowledged write's answer came.
+    pub fn acknowledged_at(&self) -> Vec<u64> {
+        self.events
+            .iter()
+            .filter(|e| matches!(e.op, Op::Put { revision: Some(_), .. } | Op::Cas { outcome: Some(Some(_)), .. }))
+            .filter_map(|e| e.ret)
+            .collect()
+    }
 }
 
 impl Load {
@@ -76,11 +78,10 @@ impl Load {
         let done = Arc::new(AtomicU64::new(0));
         let acked = Arc::new(Mutex::new(Vec::new()));
         let errors = Arc::new(Mutex::new(Vec::new()));
-        let messages = Arc::new(Mutex::new(Vec::new()));
         let mut tasks = Vec::new();
         for c in 0..clients {
             let endpoint = endpoints[c % endpoints.len()].clone();
-            let (stop, done, acked, errors, messages) = (stop.clone(), done.clone(), acked.clone(), errors.clone(), messages.clone());
+            let (stop, done, acked, errors) = (stop.clone(), done.clone(), acked.clone(), errors.clone());
             let (prefix, clock) = (prefix.to_string(), clock.clone());
             tasks.push(tokio::spawn(async move {
                 let connect = etcd_client::Client::connect([endpoint], None);
@@ -103,8 +104,7 @@ impl Load {
                             etcd_client::Error::GRpcStatus(s) => (s.code(), s.message().to_string()),
                             other => (tonic::Code::Unknown, other.to_string()),
                         };
-                        errors.lock().unwrap().push(code);
-                        messages.lock().unwrap().push(message);
+                        errors.lock().unwrap().push((code, message));
                     };
                     // An error that says nothing was written leaves the operation out, as a
                     // failed read is: it did not happen.
@@ -163,7 +163,7 @@ impl Load {
                     let wrote = matches!(op, Op::Put { revision: Some(_), .. } | Op::Cas { outcome: Some(Some(_)), .. });
                     let ret = known.then(|| clock.now());
                     if let (true, Some(at)) = (wrote, ret) {
-                        acked.lock().unwrap().push(Acked { at });
+                        acked.lock().unwrap().push(at);
                     }
                     events.push(Event { key, call, ret, op });
                     done.fetch_add(1, Ordering::Relaxed);
@@ -175,7 +175,7 @@ impl Load {
                 events
             }));
         }
-        Load { stop, done, acked, errors, messages, clients: tasks }
+        Load { stop, done, acked, errors, clients: tasks }
     }
 
     /// Operations finished so far (unknown outcomes included).
@@ -185,7 +185,7 @@ impl Load {
 
     /// Writes that succeeded and were answered after `since`.
     pub fn acked_since(&self, since: u64) -> usize {
-        self.acked.lock().unwrap().iter().filter(|a| a.at > since).count()
+        self.acked.lock().unwrap().iter().filter(|&&at| at > since).count()
     }
 
     /// Waits until `what` holds of the load, up to `deadline`.
@@ -199,9 +199,7 @@ impl Load {
 
     /// The errors clients got so far: code and message.
     pub fn errors(&self) -> Vec<(tonic::Code, String)> {
-        let codes = self.errors.lock().unwrap().clone();
-        let messages = self.messages.lock().unwrap().clone();
-        codes.into_iter().zip(messages).collect()
+        self.errors.lock().unwrap().clone()
     }
 
     /// Stops the clients and answers what they recorded.
@@ -212,10 +210,8 @@ impl Load {
             let ended = tokio::time::timeout(OP_DEADLINE * 3, client).await.expect("a load client stops");
             events.extend(ended.expect("a load client ends"));
         }
-        let acked = self.acked.lock().unwrap().clone();
-        let codes = self.errors.lock().unwrap().clone();
-        let messages = self.messages.lock().unwrap().clone();
-        History { events, acked, errors: codes.into_iter().zip(messages).collect() }
+        let errors = std::mem::take(&mut *self.errors.lock().unwrap());
+        History { events, errors }
     }
 }
 

@@ -81,7 +81,7 @@ async fn the_leader_of_a_three_member_group_killed_under_load_loses_no_acknowled
     let history = load.stop().await;
 
     // The longest stretch without an acknowledged write, from the kill on.
-    let mut after: Vec<u64> = history.acked.iter().map(|a| a.at).filter(|&at| at > killed_at).collect();
+    let mut after: Vec<u64> = history.acknowledged_at().into_iter().filter(|&at| at > killed_at).collect();
     after.sort_unstable();
     let stall = std::iter::once(killed_at).chain(after.iter().copied()).collect::<Vec<_>>().windows(2).map(|w| w[1] - w[0]).max().unwrap();
     let stall = Duration::from_nanos(stall);
@@ -157,8 +157,8 @@ async fn a_paused_group_holds_its_requests_and_answers_them_when_it_resumes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_managed_group_of_three_serves_through_a_dead_member_and_aq_starts_it_again() {
-    let layout = "[[groups]]\nname = \"main\"\nmembers = 3\n\n[[scopes]]\nid = \"all\"\nprefix = \"\"\ngroup = \"main\"\npolicy = \"builtin:open\"\n";
-    let (running, data) = aq_tests::etcd::serve_managed(layout).await;
+    let layout = aq_tests::ONE_GROUP_LAYOUT.replace("name = \"main\"\n", "name = \"main\"\nmembers = 3\n");
+    let (running, data) = aq_tests::etcd::serve_managed(&layout).await;
     assert_eq!(running.gateway.groups()["main"].endpoints().len(), 3, "aq talks to every member");
     for member in 0..3 {
         let dir = aq_host::backend::managed::member_dir(&data.path().join("etcd").join("main"), member);
@@ -202,30 +202,11 @@ fn aq_binary() -> std::path::PathBuf {
     binary
 }
 
-/// Starts `aq serve` as a process of its own with `layout` and its data in `dir`; answers the
-/// process and its etcd address once it says it is ready.
+/// `aq serve` as a process of its own with `layout` and its data in `dir`: the process and its
+/// etcd address, once it says it is ready.
 fn spawn_aq(layout: &str, dir: &std::path::Path) -> (std::process::Child, String) {
-    use std::io::BufRead;
-    std::fs::write(dir.join("layout.toml"), layout).unwrap();
-    let port = aq_host::backend::managed::free_port().unwrap();
-    let admin = aq_host::backend::managed::free_port().unwrap();
-    let mut child = std::process::Command::new(aq_binary())
-        .arg("serve")
-        .arg("--config")
-        .arg(dir.join("layout.toml"))
-        .arg("--data-dir")
-        .arg(dir.join("data"))
-        .arg(format!("--listen=127.0.0.1:{port}"))
-        .arg(format!("--admin-listen=127.0.0.1:{admin}"))
-        .arg("--decision-log=off")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("aq starts");
-    let lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
-    let banner: Vec<String> = lines.map_while(Result::ok).take_while(|line| !line.contains("aq: ready")).collect();
-    assert!(child.try_wait().unwrap().is_none(), "aq exited at start:\n{}", banner.join("\n"));
-    (child, format!("127.0.0.1:{port}"))
+    let served = aq_tests::serve_process(&aq_binary(), layout, dir);
+    (served.child, served.endpoint)
 }
 
 fn sigkill(pid: u32) {
@@ -274,7 +255,6 @@ impl TwoReplicas {
         let _ = self.other.wait();
         println!("{} operations through the second replica, {} errors", other.events.len(), other.errors.len());
         history.events.extend(other.events);
-        history.acked.extend(other.acked);
         check(&self.endpoint, PREFIX, self.start, &history, self.watcher.stop().await).await
     }
 }
@@ -292,7 +272,7 @@ async fn an_aq_replica_killed_mid_write_leaves_the_other_replicas_clients_untouc
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_aq_takes_its_managed_etcd_with_it_and_a_new_one_starts_on_the_same_data() {
-    let layout = "[[groups]]\nname = \"main\"\n\n[[scopes]]\nid = \"all\"\nprefix = \"\"\ngroup = \"main\"\npolicy = \"builtin:open\"\n";
+    let layout = aq_tests::ONE_GROUP_LAYOUT;
     let dir = tempfile::tempdir().unwrap();
     let (mut aq, endpoint) = spawn_aq(layout, dir.path());
     let mut client = etcd_client::Client::connect([endpoint.as_str()], None).await.unwrap();

@@ -103,6 +103,55 @@ pub fn put_context(key: &str, value: &str) -> aq_sdk::Context {
 pub mod etcd;
 pub mod lincheck;
 
+/// `aq serve` running as a process of its own.
+pub struct ServeProcess {
+    /// The process; the caller stops it.
+    pub child: std::process::Child,
+    /// Its etcd API, `127.0.0.1:<port>`.
+    pub endpoint: String,
+    /// What it printed up to `aq: ready`.
+    pub banner: String,
+}
+
+/// One managed group, one scope over every key under `builtin:open`.
+pub const ONE_GROUP_LAYOUT: &str =
+    "[[groups]]\nname = \"main\"\n\n[[scopes]]\nid = \"all\"\nprefix = \"\"\ngroup = \"main\"\npolicy = \"builtin:open\"\n";
+
+/// Starts `binary` (an `aq`) as `aq serve` with `layout`, its data in `dir/data`, on free
+/// ports, without a decision log, and returns once it says it is ready. Reading stops there and
+/// the pipe closes: aq must keep serving, and stop cleanly, with its standard output gone.
+pub fn serve_process(binary: &std::path::Path, layout: &str, dir: &std::path::Path) -> ServeProcess {
+    use std::io::BufRead;
+    let layout_path = dir.join("layout.toml");
+    std::fs::write(&layout_path, layout).unwrap();
+    let free = || aq_host::backend::managed::free_port().unwrap();
+    let port = free();
+    let mut child = std::process::Command::new(binary)
+        .arg("serve")
+        .arg("--config")
+        .arg(&layout_path)
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .arg(format!("--listen=127.0.0.1:{port}"))
+        .arg(format!("--admin-listen=127.0.0.1:{}", free()))
+        .arg("--decision-log=off")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{} does not start: {e}", binary.display()));
+    let mut banner = Vec::new();
+    for line in std::io::BufReader::new(child.stdout.take().unwrap()).lines().map_while(Result::ok) {
+        let ready = line.contains("aq: ready");
+        banner.push(line);
+        if ready {
+            break;
+        }
+    }
+    let banner = banner.join("\n");
+    assert!(banner.contains("aq: ready"), "aq did not get ready: {banner}");
+    ServeProcess { child, endpoint: format!("127.0.0.1:{port}"), banner }
+}
+
 /// A small deterministic generator (xorshift64) for tests that make their own input: the same
 /// seed gives the same cases, so a failure names one that runs again.
 pub struct Rng(pub u64);

@@ -126,18 +126,11 @@ pub async fn start_cluster(
         let (process, group) = EtcdProcess::start(binary, name, dir, timeout).await?;
         return Ok((vec![process], group));
     }
+    let fresh = on_disk == 0;
     let mut last_log = String::new();
     for _ in 0..3 {
-        let fresh = on_disk == 0;
         let ports = (0..members)
-            .map(|i| {
-                let saved = std::fs::read_to_string(member_dir(dir, i).join(PORTS_FILE)).ok();
-                match saved.as_deref().and_then(|s| s.trim().split_once(' ')) {
-                    Some((c, p)) if !fresh => Ok((c.parse().map_err(|_| bad_ports(dir, i))?, p.parse().map_err(|_| bad_ports(dir, i))?)),
-                    _ if !fresh => Err(bad_ports(dir, i)),
-                    _ => Ok((free_port().map_err(|e| e.to_string())?, free_port().map_err(|e| e.to_string())?)),
-                }
-            })
+            .map(|i| if fresh { fresh_ports() } else { saved_ports(dir, i) })
             .collect::<Result<Vec<(u16, u16)>, String>>()?;
         let names: Vec<String> = (0..members).map(|i| format!("{name}-{i}")).collect();
         let initial = names
@@ -157,11 +150,11 @@ pub async fn start_cluster(
         }
         let urls: Vec<String> = processes.iter().map(|p| p.client_url.clone()).collect();
         let group = Group::connect_lazy(name, &urls).map_err(|e| e.to_string())?;
+        let each = urls.iter().map(|url| group.member(url)).collect::<Result<Vec<Group>, _>>().map_err(|e| e.to_string())?;
         let deadline = Instant::now() + timeout;
         loop {
             let mut all = true;
-            for url in &urls {
-                let member = group.member(url).map_err(|e| e.to_string())?;
+            for member in &each {
                 all &= member.wait_ready(Duration::from_millis(300)).await.is_ok();
             }
             if all && processes.iter_mut().all(|p| p.exited().is_none()) {
@@ -189,11 +182,21 @@ pub async fn start_cluster(
     Err(format!("etcd group {name} ({members} members): a member exited at start\nits log:\n{last_log}"))
 }
 
-fn bad_ports(dir: &Path, index: usize) -> String {
-    format!(
-        "member {index} of the managed etcd in {} has no readable {PORTS_FILE} file (client and peer port); restore it or remove the group's directory",
-        dir.display()
-    )
+/// A client and a peer port for a new member.
+fn fresh_ports() -> Result<(u16, u16), String> {
+    Ok((free_port().map_err(|e| e.to_string())?, free_port().map_err(|e| e.to_string())?))
+}
+
+/// The client and peer port member `index` of the group in `dir` was created on.
+fn saved_ports(dir: &Path, index: usize) -> Result<(u16, u16), String> {
+    let saved = std::fs::read_to_string(member_dir(dir, index).join(PORTS_FILE)).unwrap_or_default();
+    let parsed = saved.trim().split_once(' ').and_then(|(c, p)| Some((c.parse().ok()?, p.parse().ok()?)));
+    parsed.ok_or_else(|| {
+        format!(
+            "member {index} of the managed etcd in {} has no readable {PORTS_FILE} file (client and peer port); restore it or remove the group's directory",
+            dir.display()
+        )
+    })
 }
 
 /// How a member of a group of several is started: its fixed name and the whole cluster's peer
@@ -291,12 +294,12 @@ impl EtcdProcess {
         stop_leftover(data_dir);
         let (client, peer) = ports;
         let client_url = format!("http://127.0.0.1:{client}");
-        let mut tag = [0u8; 4];
-        getrandom::fill(&mut tag).map_err(|e| setup(std::io::Error::other(e.to_string())))?;
         let peer_url = format!("http://127.0.0.1:{peer}");
         let (member, initial) = match &cluster {
             Some(cluster) => (cluster.member.clone(), cluster.initial.clone()),
             None => {
+                let mut tag = [0u8; 4];
+                getrandom::fill(&mut tag).map_err(|e| setup(std::io::Error::other(e.to_string())))?;
                 let member = format!("{name}-{}", hex::encode(tag));
                 let initial = format!("{member}={peer_url}");
                 (member, initial)

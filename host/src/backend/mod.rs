@@ -158,10 +158,10 @@ impl Members {
     fn pick(&self) -> usize {
         use std::sync::atomic::Ordering::Relaxed;
         let n = self.list.len();
-        let current = self.current.load(Relaxed) % n;
         if n == 1 {
             return 0;
         }
+        let current = self.current.load(Relaxed) % n;
         let now = crate::clock::unix_ms();
         (0..n).map(|step| (current + step) % n).find(|&i| self.list[i].down_until_ms.load(Relaxed) <= now).unwrap_or(current)
     }
@@ -541,13 +541,16 @@ impl Group {
         // A stream's requests are sent as they come, so it goes to one member; when that member
         // cannot be reached, the caller's next stream goes to another.
         let index = self.members.pick();
-        match self.grpc_to(index).await?.streaming(request, path, codec).await {
-            Ok(answers) => Ok(answers.into_inner()),
-            Err(status) if reach(&status) != Reach::Answered => {
+        let status = match self.grpc_to(index).await?.streaming(request, path, codec).await {
+            Ok(answers) => return Ok(answers.into_inner()),
+            Err(status) => status,
+        };
+        match reach(&status) {
+            Reach::Answered => Err(status),
+            how => {
                 self.members.lost(index);
-                Err(unreachable(&self.name, &self.endpoints[index], reach(&status), status))
+                Err(unreachable(&self.name, &self.endpoints[index], how, status))
             }
-            Err(status) => Err(status),
         }
     }
 
