@@ -164,15 +164,24 @@ pub struct GroupConfig {
     /// group keeps serving through the loss of one member, with 5 of two. A group keeps the
     /// count it was first started with.
     pub members: Option<usize>,
+    /// For a managed group: etcd's `--quota-backend-bytes` (default etcd's own, 2 GiB). Past
+    /// it, etcd raises its NOSPACE alarm and refuses writes to the group's scopes until space
+    /// is freed (compact, defragment) and the alarm disarmed.
+    pub quota_backend_bytes: Option<u64>,
 }
+
+/// The least backend quota a managed group may have: etcd's empty store with aq's users and
+/// roles takes about 20 KiB, and a quota much closer to it leaves no room to write. The home
+/// group also keeps aq's meta data and every policy component, and needs more.
+pub const MIN_QUOTA_BYTES: u64 = 1 << 20;
 
 /// The member counts a managed group may have: odd, so that a majority survives a split.
 pub const MEMBER_COUNTS: [usize; 3] = [1, 3, 5];
 
 impl GroupConfig {
-    /// How many members aq starts for this group when it manages it.
-    pub fn members(&self) -> usize {
-        self.members.unwrap_or(1)
+    /// How aq runs this group's etcd when it manages it.
+    pub fn spec(&self) -> crate::backend::managed::Spec {
+        crate::backend::managed::Spec { members: self.members.unwrap_or(1), quota_backend_bytes: self.quota_backend_bytes }
     }
 
     /// The credentials aq's requests use, when configured.
@@ -239,6 +248,20 @@ impl Config {
                 }
                 if !MEMBER_COUNTS.contains(&members) {
                     return Err(format!("{origin}: group {} has members = {members}; give 1, 3 or 5", group.name));
+                }
+            }
+            if let Some(quota) = group.quota_backend_bytes {
+                if !group.endpoints.is_empty() {
+                    return Err(format!(
+                        "{origin}: group {} has endpoints, so its quota is set on the operator's etcd (--quota-backend-bytes); remove quota_backend_bytes",
+                        group.name
+                    ));
+                }
+                if quota < MIN_QUOTA_BYTES {
+                    return Err(format!(
+                        "{origin}: group {} has quota_backend_bytes = {quota}; give at least {MIN_QUOTA_BYTES} (1 MiB), or leave it out for etcd's default of 2 GiB",
+                        group.name
+                    ));
                 }
             }
             if group.endpoints.is_empty() && (group.user.is_some() || group.admin_user.is_some()) {
@@ -343,5 +366,24 @@ mod tests {
         assert!(error.contains("[adapt] pool names group nowhere, which is not in [[groups]]"), "{error}");
         let error = Config::parse(&layout("cool_down = 5"), "t").unwrap_err();
         assert!(error.contains("unknown field") && error.contains("cool_down"), "{error}");
+    }
+
+    #[test]
+    fn how_a_managed_group_runs_is_checked_and_external_groups_refuse_it() {
+        let group = |fields: &str| format!("[[groups]]\nname = \"g\"\n{fields}\n");
+        let spec = Config::parse(&group("members = 3\nquota_backend_bytes = 8589934592"), "t").unwrap().groups[0].spec();
+        assert_eq!((spec.members, spec.quota_backend_bytes), (3, Some(8 << 30)));
+        assert_eq!(Config::parse(&group(""), "t").unwrap().groups[0].spec(), Default::default());
+        let refused = [
+            ("members = 2", "has members = 2; give 1, 3 or 5"),
+            ("quota_backend_bytes = 1000", "has quota_backend_bytes = 1000; give at least 1048576"),
+            ("quota_backend_bytes = -1", "quota_backend_bytes"),
+            ("endpoints = [\"http://127.0.0.1:2379\"]\nmembers = 3", "so its members are the operator's"),
+            ("endpoints = [\"http://127.0.0.1:2379\"]\nquota_backend_bytes = 1048576", "its quota is set on the operator's etcd"),
+        ];
+        for (fields, expected) in refused {
+            let error = Config::parse(&group(fields), "t").unwrap_err();
+            assert!(error.contains(expected), "{fields}: {error}");
+        }
     }
 }

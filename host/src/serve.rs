@@ -96,7 +96,12 @@ impl Running {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
-        let _ = (&mut self.server).await;
+        // Requests under way finish; streams a client keeps open (a watch, a keep-alive) would
+        // hold a graceful stop forever, so past the grace they end with their connections.
+        if tokio::time::timeout(STOP_GRACE, &mut self.server).await.is_err() {
+            tracing::info!(grace_s = STOP_GRACE.as_secs(), "streams still open after the grace; closing their connections");
+            self.server.abort();
+        }
         if let Some(task) = self.admin_task.take() {
             task.abort();
         }
@@ -111,6 +116,9 @@ impl Running {
         }
     }
 }
+
+/// How long a stop waits for requests and streams under way before it closes connections.
+const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl Drop for Running {
     fn drop(&mut self) {
@@ -147,7 +155,7 @@ pub async fn start(config: Config, options: ServeOptions) -> Result<Running, Str
     for group in &config.groups {
         let connected = if group.endpoints.is_empty() {
             let dir = options.data_dir.join("etcd").join(&group.name);
-            let up = crate::backend::managed::start_secured(&options.etcd_binary, &group.name, &dir, group.members(), READY_TIMEOUT).await?;
+            let up = crate::backend::managed::start_secured(&options.etcd_binary, &group.name, &dir, group.spec(), READY_TIMEOUT).await?;
             admins.insert(group.name.clone(), up.admin);
             managed.insert(group.name.clone(), up.processes);
             up.group
@@ -193,7 +201,7 @@ pub async fn start(config: Config, options: ServeOptions) -> Result<Running, Str
             tracing::warn!(group = %record.name, replica = %record.replica, "a group started at run time has no data in {}; it was started by another replica", dir.display());
             continue;
         }
-        let up = crate::backend::managed::start_secured(&options.etcd_binary, &record.name, &dir, 1, READY_TIMEOUT).await?;
+        let up = crate::backend::managed::start_secured(&options.etcd_binary, &record.name, &dir, Default::default(), READY_TIMEOUT).await?;
         owners.insert(record.name.clone(), ownership::Owners::connect(&record.name, up.group.endpoints(), &up.admin).await?);
         admins.insert(record.name.clone(), up.admin);
         managed.insert(record.name.clone(), up.processes);

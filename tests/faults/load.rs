@@ -223,18 +223,19 @@ pub type Seen = (i64, String, bool, String);
 pub struct Watcher {
     stop: tokio::sync::watch::Sender<bool>,
     task: tokio::task::JoinHandle<Vec<Vec<Seen>>>,
-    resumed: Arc<AtomicU64>,
+    /// Why each watch ended (its cancel reason, or how its stream ended), in order.
+    ended: Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Watcher {
     /// Watches keys under `prefix` at `endpoint` from `start` (a revision).
     pub async fn start(endpoint: &str, prefix: &str, start: i64) -> Watcher {
         let (stop, stopped) = tokio::sync::watch::channel(false);
-        let resumed = Arc::new(AtomicU64::new(0));
+        let ended = Arc::new(std::sync::Mutex::new(Vec::new()));
         let (endpoint, prefix) = (endpoint.to_string(), prefix.to_string());
         let (created_tx, created_rx) = tokio::sync::oneshot::channel();
         let task = tokio::spawn({
-            let (mut stopped, resumed) = (stopped, resumed.clone());
+            let (mut stopped, ended) = (stopped, ended.clone());
             async move {
                 let mut created = Some(created_tx);
                 let mut answers: Vec<Vec<Seen>> = Vec::new();
@@ -250,19 +251,23 @@ impl Watcher {
                         tokio::time::sleep(Duration::from_millis(50)).await;
                         continue;
                     };
-                    loop {
+                    let why = loop {
                         let message = tokio::select! {
                             m = stream.message() => m,
-                            _ = stopped.changed() => break,
+                            _ = stopped.changed() => break String::new(),
                         };
-                        let Ok(Some(response)) = message else { break };
+                        let response = match message {
+                            Ok(Some(response)) => response,
+                            Ok(None) => break "the stream ended".to_string(),
+                            Err(error) => break format!("the stream failed: {error}"),
+                        };
                         if response.created()
                             && let Some(created) = created.take()
                         {
                             let _ = created.send(());
                         }
                         if response.canceled() {
-                            break;
+                            break format!("canceled: {} (compact revision {})", response.cancel_reason(), response.compact_revision());
                         }
                         if response.events().is_empty() {
                             continue;
@@ -282,9 +287,9 @@ impl Watcher {
                             .collect();
                         from = batch.last().map(|s| s.0 + 1).unwrap_or(from);
                         answers.push(batch);
-                    }
+                    };
                     if !*stopped.borrow() {
-                        resumed.fetch_add(1, Ordering::Relaxed);
+                        ended.lock().unwrap().push(why);
                         tokio::time::sleep(Duration::from_millis(50)).await;
                     }
                 }
@@ -292,12 +297,12 @@ impl Watcher {
             }
         });
         tokio::time::timeout(Duration::from_secs(30), created_rx).await.expect("the watch is created").expect("the watcher runs");
-        Watcher { stop, task, resumed }
+        Watcher { stop, task, ended }
     }
 
-    /// How many times the watch was opened again.
-    pub fn resumed(&self) -> u64 {
-        self.resumed.load(Ordering::Relaxed)
+    /// Why the watch ended each time it was opened again (empty: it never ended).
+    pub fn ended(&self) -> Vec<String> {
+        self.ended.lock().unwrap().clone()
     }
 
     /// Stops watching; answers every answer's events, in the order they came.

@@ -121,9 +121,63 @@ async fn a_whole_group_down_fails_only_its_scopes_and_they_serve_again_when_it_r
     load.wait("50 writes acknowledged after the return", Duration::from_secs(60), |l| l.acked_since(returned_at) >= 50).await;
     let history = load.stop().await;
     assert!(history.errors.iter().any(|(code, _)| *code == tonic::Code::Unavailable), "clients saw the group down");
-    assert!(watcher.resumed() >= 1, "the watch on the dead group ended and was resumed");
+    // Shorter than aq's bound on resuming a watch: aq held it and resumed it itself.
+    assert_eq!(watcher.ended(), Vec::<String>::new(), "the client's watch was never canceled through the outage");
     let checked = check(&endpoint, prefix, start, &history, watcher.stop().await).await;
     println!("{checked} operations linearizable across the outage");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_member_a_watch_streams_from_dies_and_the_watch_goes_on_from_another() {
+    let mut gw = TestGateway::start_members(3, 1).await;
+    let endpoint = gw.endpoint();
+    let prefix = "/registry/pods/faults/";
+    let (clock, start, watcher, load) = under_load(&endpoint, prefix, 4, 3).await;
+
+    // Member 0 is the one aq sends to first: the watcher's backend stream is on it.
+    let killed_at = clock.now();
+    gw.main.kill_member(0);
+    load.wait("100 writes acknowledged after the kill", Duration::from_secs(60), |l| l.acked_since(killed_at) >= 100).await;
+    let history = load.stop().await;
+    let ended = watcher.ended();
+    assert_eq!(ended, Vec::<String>::new(), "aq opened the watch again on another member; the client's watch was never canceled");
+    let checked = check(&endpoint, prefix, start, &history, watcher.stop().await).await;
+    println!("{checked} operations linearizable; the watch saw every event across the member's death");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_group_down_longer_than_a_watch_waits_ends_the_watch_with_the_reason() {
+    let mut gw = TestGateway::start().await;
+    let mut client = gw.client().await;
+    let prefix = "/registry/events/faults/";
+    client.put(format!("{prefix}before"), "v", None).await.unwrap();
+    let options = etcd_client::WatchOptions::new().with_prefix();
+    let mut stream = client.watch(prefix, Some(options)).await.unwrap();
+    assert!(stream.message().await.unwrap().unwrap().created());
+
+    gw.events.stop();
+    let stopped = std::time::Instant::now();
+    let answer = tokio::time::timeout(Duration::from_secs(60), stream.message()).await.expect("the watch ends within a minute");
+    let answer = answer.expect("the stream to the client stays up").expect("an answer, not the stream's end");
+    let waited = stopped.elapsed();
+    assert!(answer.canceled(), "{answer:?}");
+    let reason = answer.cancel_reason();
+    assert!(reason.contains("etcd group events could not be watched for 10 s"), "{reason}");
+    assert!(waited >= Duration::from_secs(9), "aq tried to resume the watch for its bound, not {waited:?}");
+    println!("the watch ended {} ms after its group went down: {reason}", waited.as_millis());
+
+    // The group back, a new watch serves again.
+    gw.events.restart();
+    let options = etcd_client::WatchOptions::new().with_prefix();
+    let mut stream = client.watch(prefix, Some(options)).await.unwrap();
+    assert!(stream.message().await.unwrap().unwrap().created());
+    aq_tests::wait_until_async("a write to the returned group succeeds", || {
+        let mut client = client.clone();
+        async move { client.put("/registry/events/faults/after", "v", None).await.is_ok() }
+    })
+    .await;
+    let event = tokio::time::timeout(Duration::from_secs(10), stream.message()).await.unwrap().unwrap().unwrap();
+    assert_eq!(event.events()[0].kv().unwrap().key(), b"/registry/events/faults/after");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -193,6 +247,125 @@ async fn a_managed_group_of_three_serves_through_a_dead_member_and_aq_starts_it_
     assert_eq!(client.get("/before", None).await.unwrap().kvs()[0].value(), b"1");
     assert_eq!(client.get("/during", None).await.unwrap().kvs()[0].value(), b"2");
     running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_group_over_its_quota_refuses_writes_whole_and_serves_again_once_space_is_freed() {
+    use etcd_client::{AlarmAction, AlarmOptions, AlarmType, Compare, CompareOp, Txn, TxnOp};
+    // The default layout with the events group's etcd held to 1 MiB. (The home group keeps
+    // aq's meta data and policy components: it needs more.)
+    let layout = aq_host::config::DEFAULT_LAYOUT.replace("name = \"events\"", "name = \"events\"\nquota_backend_bytes = 1048576");
+    let (running, _data) = aq_tests::etcd::serve_managed(&layout).await;
+    let endpoint = running.addr.to_string();
+    let prefix = "/registry/events/faults/";
+    let (_, start, watcher, load) = under_load(&endpoint, prefix, 3, 3).await;
+    let mut client = etcd_client::Client::connect([endpoint.as_str()], None).await.unwrap();
+
+    // Fill the group with 20 KB values until etcd refuses.
+    let big = "x".repeat(20_000);
+    let mut filled = 0;
+    let refused = loop {
+        match client.put(format!("/registry/events/fill/{filled}"), big.as_str(), None).await {
+            Ok(_) => filled += 1,
+            Err(etcd_client::Error::GRpcStatus(status)) => break status,
+            Err(other) => panic!("{other}"),
+        }
+        assert!(filled < 200, "a 1 MiB quota held 200 values of 20 KB");
+    };
+    println!("events refused the {}th 20 KB value: {:?} {}", filled + 1, refused.code(), refused.message());
+    // etcd's own code and text, which etcd's clients turn into ErrNoSpace.
+    assert_eq!(refused.code(), tonic::Code::ResourceExhausted, "{refused:?}");
+    assert_eq!(refused.message(), "etcdserver: mvcc: database space exceeded");
+
+    // Once the alarm is up, nothing of a refused write lands: not its key, not a record of it,
+    // not half of a Txn.
+    let count = etcd_client::GetOptions::new().with_prefix().with_count_only();
+    let before = client.get("/registry/events/", Some(count.clone())).await.unwrap().header().unwrap().revision();
+    let put = client.put("/registry/events/fill/refused", "v", None).await.expect_err("the group is full");
+    assert!(put.to_string().contains("database space exceeded"), "{put}");
+    let both = Txn::new()
+        .when([Compare::version("/registry/events/fill/a", CompareOp::Equal, 0)])
+        .and_then([TxnOp::put("/registry/events/fill/a", "1", None), TxnOp::put("/registry/events/fill/b", "2", None)]);
+    let txn = client.txn(both).await.expect_err("the group is full");
+    assert!(txn.to_string().contains("database space exceeded"), "{txn}");
+    for key in ["/registry/events/fill/refused", "/registry/events/fill/a", "/registry/events/fill/b"] {
+        assert!(client.get(key, None).await.unwrap().kvs().is_empty(), "{key} was refused and is absent");
+    }
+    let after = client.get("/registry/events/", Some(count)).await.unwrap().header().unwrap().revision();
+    assert_eq!(after, before, "refused writes moved no revision");
+    // Reads serve on, and the other group's scopes take writes.
+    assert_eq!(client.get("/registry/events/fill/0", None).await.unwrap().kvs()[0].value().len(), big.len());
+    client.put("/registry/pods/faults/while-full", "v", None).await.expect("the main group is not full");
+    let alarms = client.alarm(AlarmAction::Get, AlarmType::None, None).await.unwrap();
+    assert!(alarms.alarms().iter().any(|a| a.alarm() == AlarmType::Nospace), "alarm list shows NOSPACE: {alarms:?}");
+
+    // The load's writes were refused too; its history up to here is checked before the
+    // compaction below removes it.
+    load.wait("10 writes refused as full", Duration::from_secs(60), |l| {
+        l.errors().iter().filter(|(_, message)| message.contains("database space exceeded")).count() >= 10
+    })
+    .await;
+    let history = load.stop().await;
+    let checked = check(&endpoint, prefix, start, &history, watcher.stop().await).await;
+    println!("{checked} operations linearizable while the group filled up");
+
+    // What an operator does, all through aq: delete, compact, defragment, disarm.
+    let options = etcd_client::DeleteOptions::new().with_prefix().with_prev_key();
+    let deleted = client.delete("/registry/events/fill/", Some(options)).await.expect("a delete frees space on a full group");
+    // The write that took the group over its quota may have been applied: etcd checks the
+    // quota again after applying a write and answers NOSPACE even so (a direct client sees the
+    // same). Every write after the alarm is refused whole, as checked above.
+    let tipping = format!("/registry/events/fill/{filled}");
+    let tipped = deleted.prev_kvs().iter().any(|kv| kv.key() == tipping.as_bytes());
+    assert_eq!(deleted.deleted(), filled as i64 + i64::from(tipped), "every acknowledged fill, and no other refused write");
+    let now = deleted.header().unwrap().revision();
+    client.compact(now, Some(etcd_client::CompactionOptions::new().with_physical())).await.expect("compact");
+    client.defragment().await.expect("defragment");
+    for alarm in alarms.alarms() {
+        let mut options = AlarmOptions::new();
+        options.with_member(alarm.member_id());
+        client.alarm(AlarmAction::Deactivate, AlarmType::Nospace, Some(options)).await.expect("disarm");
+    }
+    let again = client.put("/registry/events/fill/again", "v", None).await.expect("writes succeed once the alarm is disarmed");
+    let options = etcd_client::WatchOptions::new().with_start_revision(again.header().unwrap().revision());
+    let mut stream = client.watch("/registry/events/fill/again", Some(options)).await.unwrap();
+    let seen = stream.message().await.unwrap().unwrap();
+    let seen = if seen.events().is_empty() { stream.message().await.unwrap().unwrap() } else { seen };
+    assert_eq!(seen.events()[0].kv().unwrap().value(), b"v", "the write after the recovery is watched");
+    drop((stream, client));
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_stops_aq_promptly_while_clients_keep_watches_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut aq, endpoint) = spawn_aq(aq_tests::ONE_GROUP_LAYOUT, dir.path());
+    let mut client = etcd_client::Client::connect([endpoint.as_str()], None).await.unwrap();
+    let mut stream = client.watch("/", Some(etcd_client::WatchOptions::new().with_prefix())).await.unwrap();
+    assert!(stream.message().await.unwrap().unwrap().created());
+    // As kube-apiserver does, the client never cancels its watch; a supervisor stops aq.
+    let stopping = std::time::Instant::now();
+    std::process::Command::new("kill").args(["-TERM", &aq.id().to_string()]).status().unwrap();
+    let status = tokio::task::spawn_blocking(move || {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = aq.try_wait().unwrap() {
+                return Some(status);
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = aq.kill();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    })
+    .await
+    .unwrap();
+    let status = status.expect("aq exits within 20 s of SIGTERM with a watch open");
+    assert!(status.success(), "{status:?}");
+    println!("aq exited {} ms after SIGTERM with a watch open", stopping.elapsed().as_millis());
+    let end = tokio::time::timeout(Duration::from_secs(10), stream.message()).await.expect("the client's watch ends with aq");
+    assert!(!matches!(end, Ok(Some(_))), "{end:?}");
 }
 
 /// The `aq` binary the workspace built (`make test` and `make faults` build it first).

@@ -6,7 +6,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use aq_host::backend::managed::{EtcdProcess, start_cluster};
+use aq_host::backend::managed::{EtcdProcess, Spec, start_cluster};
 use aq_host::backend::ownership::{ManagedSecrets, secure};
 use aq_host::config::Config;
 use aq_host::gate::decisions::DecisionSink;
@@ -33,7 +33,8 @@ impl TestEtcd {
     /// managed group with `members = 3`) with auth on, and waits until every member answers.
     pub async fn start_members(name: &str, members: usize) -> TestEtcd {
         let dir = tempfile::tempdir().expect("temp dir");
-        let (processes, _) = start_cluster("etcd", name, dir.path(), members, Duration::from_secs(30))
+        let spec = Spec { members, ..Spec::default() };
+        let (processes, _) = start_cluster("etcd", name, dir.path(), spec, Duration::from_secs(30))
             .await
             .unwrap_or_else(|e| panic!("etcd {name} does not start (is etcd-server installed?): {e}"));
         let secrets = ManagedSecrets::load_or_create(dir.path()).expect("etcd credentials");

@@ -79,7 +79,7 @@ impl Starter {
         // Recorded first: a start cut short leaves a record whose directory a reap removes.
         let record = StartedGroup { name: name.clone(), replica: self.replica.clone(), started_ms: crate::clock::unix_ms() };
         self.store.put_started_group(&record).await.map_err(|e| e.to_string())?;
-        let up = match crate::backend::managed::start_secured(&self.binary, &name, &dir, 1, READY_TIMEOUT).await {
+        let up = match crate::backend::managed::start_secured(&self.binary, &name, &dir, Default::default(), READY_TIMEOUT).await {
             Ok(up) => up,
             Err(e) => {
                 self.forget(&name).await;

@@ -66,11 +66,27 @@ pub struct Secured {
     pub admin: super::Credentials,
 }
 
-/// Starts the managed etcd of group `name` on `dir` (its data, logs and credentials) with
-/// `members` members, turns its auth on with credentials of aq's own (made at its first start)
+/// How a managed group's etcd runs, as its layout entry says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Spec {
+    /// How many members (1, 3 or 5).
+    pub members: usize,
+    /// etcd's `--quota-backend-bytes`: past it, etcd raises NOSPACE and refuses writes until
+    /// space is freed and the alarm disarmed. `None`: etcd's default (2 GiB).
+    pub quota_backend_bytes: Option<u64>,
+}
+
+impl Default for Spec {
+    fn default() -> Self {
+        Spec { members: 1, quota_backend_bytes: None }
+    }
+}
+
+/// Starts the managed etcd of group `name` on `dir` (its data, logs and credentials) as
+/// `spec` says, turns its auth on with credentials of aq's own (made at its first start)
 /// and connects to every member as aq's user. Safe on every start of the same directory.
-pub async fn start_secured(binary: &str, name: &str, dir: &Path, members: usize, timeout: Duration) -> Result<Secured, String> {
-    let (processes, _) = start_cluster(binary, name, dir, members, timeout).await?;
+pub async fn start_secured(binary: &str, name: &str, dir: &Path, spec: Spec, timeout: Duration) -> Result<Secured, String> {
+    let (processes, _) = start_cluster(binary, name, dir, spec, timeout).await?;
     let urls: Vec<String> = processes.iter().map(|p| p.client_url().to_string()).collect();
     let secrets = super::ownership::ManagedSecrets::load_or_create(dir)?;
     super::ownership::secure(name, &urls[0], &secrets).await?;
@@ -96,18 +112,13 @@ pub fn members_on_disk(dir: &Path) -> usize {
 /// the ports its peers know it by.
 const PORTS_FILE: &str = "ports";
 
-/// Starts managed group `name` in `dir` as `members` etcd members (1: one process in `dir`
-/// itself, as [`EtcdProcess::start`]; more: one per [`member_dir`], peers of each other, each
-/// on ports kept in its directory), and waits up to `timeout` until every member answers. A
-/// group already on disk keeps its member count; a different `members` is reported and
-/// ignored. A first start that fails because a port was taken is tried again on fresh ports.
-pub async fn start_cluster(
-    binary: &str,
-    name: &str,
-    dir: &Path,
-    members: usize,
-    timeout: Duration,
-) -> Result<(Vec<EtcdProcess>, Group), String> {
+/// Starts managed group `name` in `dir` as `spec.members` etcd members (1: one process in
+/// `dir` itself, as [`EtcdProcess::start`]; more: one per [`member_dir`], peers of each other,
+/// each on ports kept in its directory), and waits up to `timeout` until every member answers.
+/// A group already on disk keeps its member count; a different count is reported and ignored.
+/// A first start that fails because a port was taken is tried again on fresh ports.
+pub async fn start_cluster(binary: &str, name: &str, dir: &Path, spec: Spec, timeout: Duration) -> Result<(Vec<EtcdProcess>, Group), String> {
+    let (members, quota) = (spec.members, spec.quota_backend_bytes);
     let on_disk = members_on_disk(dir);
     let members = match on_disk {
         0 => members.max(1),
@@ -123,7 +134,7 @@ pub async fn start_cluster(
         n => n,
     };
     if members == 1 {
-        let (process, group) = EtcdProcess::start(binary, name, dir, timeout).await?;
+        let (process, group) = EtcdProcess::start_with(binary, name, dir, timeout, quota).await?;
         return Ok((vec![process], group));
     }
     let fresh = on_disk == 0;
@@ -146,7 +157,7 @@ pub async fn start_cluster(
             std::fs::create_dir_all(&mdir).map_err(setup)?;
             std::fs::write(mdir.join(PORTS_FILE), format!("{} {}\n", ports[i].0, ports[i].1)).map_err(setup)?;
             let cluster = Some(Cluster { member: member.clone(), initial: initial.clone() });
-            processes.push(EtcdProcess::spawn_on(binary, name, &mdir, ports[i], cluster).map_err(|e| e.to_string())?);
+            processes.push(EtcdProcess::spawn_on(binary, name, &mdir, ports[i], cluster, quota).map_err(|e| e.to_string())?);
         }
         let urls: Vec<String> = processes.iter().map(|p| p.client_url.clone()).collect();
         let group = Group::connect_lazy(name, &urls).map_err(|e| e.to_string())?;
@@ -221,6 +232,8 @@ pub struct EtcdProcess {
     ports: (u16, u16),
     /// For a member of a group of several: its name and its peers.
     cluster: Option<Cluster>,
+    /// Its `--quota-backend-bytes`, when not etcd's default.
+    quota: Option<u64>,
 }
 
 /// A free loopback TCP port. Another process may take it before etcd binds it; a start that
@@ -236,7 +249,7 @@ impl EtcdProcess {
     pub fn spawn(binary: &str, name: &str, data_dir: &Path) -> Result<Self, SpawnError> {
         let setup = |error| SpawnError::Setup { name: name.to_string(), error };
         let ports = (free_port().map_err(setup)?, free_port().map_err(setup)?);
-        Self::spawn_on(binary, name, data_dir, ports, None)
+        Self::spawn_on(binary, name, data_dir, ports, None, None)
     }
 
     /// Starts etcd as [`EtcdProcess::spawn`] does and waits up to `timeout` until it answers;
@@ -244,9 +257,15 @@ impl EtcdProcess {
     /// picked and etcd binding it: an etcd that exits before answering is started again on
     /// fresh ports, up to three times.
     pub async fn start(binary: &str, name: &str, data_dir: &Path, timeout: Duration) -> Result<(Self, Group), String> {
+        Self::start_with(binary, name, data_dir, timeout, None).await
+    }
+
+    /// [`EtcdProcess::start`] with etcd's `--quota-backend-bytes` at `quota` (`None`: etcd's
+    /// default).
+    async fn start_with(binary: &str, name: &str, data_dir: &Path, timeout: Duration, quota: Option<u64>) -> Result<(Self, Group), String> {
         let mut last_log = String::new();
         for _ in 0..3 {
-            let mut process = Self::spawn(binary, name, data_dir).map_err(|e| e.to_string())?;
+            let mut process = Self::spawn_on(binary, name, data_dir, fresh_ports()?, None, quota).map_err(|e| e.to_string())?;
             let group = Group::connect_lazy(name, &[process.client_url.clone()]).map_err(|e| e.to_string())?;
             let deadline = Instant::now() + timeout;
             loop {
@@ -285,10 +304,17 @@ impl EtcdProcess {
     /// Starts a process again after it exited: same name, data and ports, so clients
     /// reconnect to the same URL.
     pub fn respawn(binary: &str, previous: &EtcdProcess) -> Result<Self, SpawnError> {
-        Self::spawn_on(binary, &previous.name, &previous.data_dir, previous.ports, previous.cluster.clone())
+        Self::spawn_on(binary, &previous.name, &previous.data_dir, previous.ports, previous.cluster.clone(), previous.quota)
     }
 
-    fn spawn_on(binary: &str, name: &str, data_dir: &Path, ports: (u16, u16), cluster: Option<Cluster>) -> Result<Self, SpawnError> {
+    fn spawn_on(
+        binary: &str,
+        name: &str,
+        data_dir: &Path,
+        ports: (u16, u16),
+        cluster: Option<Cluster>,
+        quota: Option<u64>,
+    ) -> Result<Self, SpawnError> {
         let setup = |error| SpawnError::Setup { name: name.to_string(), error };
         std::fs::create_dir_all(data_dir).map_err(setup)?;
         stop_leftover(data_dir);
@@ -339,6 +365,7 @@ impl EtcdProcess {
             .arg("--bcrypt-cost=4")
             .arg("--logger=zap")
             .arg("--log-level=warn")
+            .args(quota.map(|bytes| format!("--quota-backend-bytes={bytes}")))
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log_err)
@@ -347,7 +374,7 @@ impl EtcdProcess {
         // Recorded so that an aq killed without cleaning up (SIGKILL, OOM) can stop this process
         // when it starts again: otherwise it would hold the data directory's lock forever.
         std::fs::write(data_dir.join(PID_FILE), child.id().to_string()).map_err(setup)?;
-        Ok(EtcdProcess { child, name: name.to_string(), member, client_url, data_dir: data_dir.to_path_buf(), ports, cluster })
+        Ok(EtcdProcess { child, name: name.to_string(), member, client_url, data_dir: data_dir.to_path_buf(), ports, cluster, quota })
     }
 
     /// The member name.

@@ -524,6 +524,19 @@ impl Group {
         Q: prost::Message + Send + Sync + 'static,
         R: prost::Message + Default + Send + Sync + 'static,
     {
+        self.streaming_on(path, requests).await.map(|(answers, _)| answers)
+    }
+
+    /// [`Group::streaming`], also saying which member the stream is on and with which token.
+    async fn streaming_on<Q, R>(
+        &self,
+        path: &'static str,
+        requests: impl tokio_stream::Stream<Item = Q> + Send + 'static,
+    ) -> Result<(Streaming<R>, Opened), Status>
+    where
+        Q: prost::Message + Send + Sync + 'static,
+        R: prost::Message + Default + Send + Sync + 'static,
+    {
         let codec = tonic_prost::ProstCodec::<Q, R>::default();
         let path = tonic::codegen::http::uri::PathAndQuery::from_static(path);
         let mut request = tonic::Request::new(requests);
@@ -535,14 +548,15 @@ impl Group {
                 login.used_ms.store(crate::clock::unix_ms(), std::sync::atomic::Ordering::Relaxed);
             }
         }
-        if let Some(token) = self.token().await? {
-            request.metadata_mut().insert(wire::TOKEN, (*token).clone());
+        let token = self.token().await?;
+        if let Some(token) = &token {
+            request.metadata_mut().insert(wire::TOKEN, (**token).clone());
         }
         // A stream's requests are sent as they come, so it goes to one member; when that member
         // cannot be reached, the caller's next stream goes to another.
         let index = self.members.pick();
         let status = match self.grpc_to(index).await?.streaming(request, path, codec).await {
-            Ok(answers) => return Ok(answers.into_inner()),
+            Ok(answers) => return Ok((answers.into_inner(), Opened { member: index, token })),
             Err(status) => status,
         };
         match reach(&status) {
@@ -659,6 +673,48 @@ impl Group {
     ) -> Result<Streaming<pb::PbWatchResponse>, Status> {
         self.streaming(path::WATCH, requests).await
     }
+
+    /// [`Group::watch`], also saying where the stream was opened, for [`Group::stream_broke`]
+    /// and [`Group::stream_token_refused`].
+    pub async fn watch_on(
+        &self,
+        requests: impl tokio_stream::Stream<Item = pb::PbWatchRequest> + Send + 'static,
+    ) -> Result<(Streaming<pb::PbWatchResponse>, Opened), Status> {
+        self.streaming_on(path::WATCH, requests).await
+    }
+
+    /// A stream `opened` ended with `failure` (`None`: it ended without an error, which etcd
+    /// never does while it serves). True when the member is to blame rather than an answer of
+    /// etcd's: the member is passed over, and a stream opened again goes to another one.
+    pub fn stream_broke(&self, opened: &Opened, failure: Option<&Status>) -> bool {
+        let lost = failure.is_none_or(|status| reach(status) != Reach::Answered);
+        if lost {
+            self.members.lost(opened.member);
+        }
+        lost
+    }
+
+    /// etcd refused the token a stream was `opened` with (`invalid auth token`: a member that
+    /// restarted forgot it, or it expired): logs in again, unless another request already did,
+    /// so that the stream opened again carries a token etcd knows.
+    pub async fn stream_token_refused(&self, opened: &Opened) -> Result<(), Status> {
+        if self.login.is_none() {
+            return Ok(());
+        }
+        self.renew(opened.token.clone()).await.map(drop)
+    }
+}
+
+/// Whether a watch's cancel reason is etcd refusing the token of the stream it was created on.
+pub fn watch_token_refused(reason: &str) -> bool {
+    reason.contains("invalid auth token")
+}
+
+/// Where a stream was opened: the member, and the token it carried.
+#[derive(Clone, Debug)]
+pub struct Opened {
+    member: usize,
+    token: Option<Arc<MetadataValue<Ascii>>>,
 }
 
 #[cfg(test)]

@@ -54,20 +54,36 @@ fn levels_off(values: &[u64], slack: u64) -> bool {
     last <= middle + middle / 4 + slack
 }
 
-pub(super) fn soak(minutes: f64, clients: usize, fault_every: u64, etcd_binary: &str) -> Result<(), CliError> {
+pub(super) fn soak(minutes: f64, clients: usize, fault_every: u64, members: usize, etcd_binary: &str) -> Result<(), CliError> {
     if !minutes.is_finite() || minutes <= 0.0 || clients == 0 {
         return Err(CliError::Input("--minutes must be above 0 and --clients at least 1".into()));
     }
+    if !crate::config::MEMBER_COUNTS.contains(&members) {
+        return Err(CliError::Input(format!("--members {members}: give 1, 3 or 5")));
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    runtime.block_on(run(Duration::from_secs_f64(minutes * 60.0), clients, Duration::from_secs(fault_every.max(1)), etcd_binary))
+    let fault_every = Duration::from_secs(fault_every.max(1));
+    runtime.block_on(run(Duration::from_secs_f64(minutes * 60.0), clients, fault_every, members, etcd_binary))
 }
 
-async fn run(duration: Duration, clients: usize, fault_every: Duration, etcd_binary: &str) -> Result<(), CliError> {
+/// The pid file of the etcd process that is member `index` of managed group `group` under
+/// aq's data dir `data`, in a group of `members`.
+fn member_pid_file(data: &std::path::Path, group: &str, members: usize, index: usize) -> std::path::PathBuf {
+    let dir = data.join("etcd").join(group);
+    let dir = if members == 1 { dir } else { crate::backend::managed::member_dir(&dir, index) };
+    dir.join("etcd.pid")
+}
+
+async fn run(duration: Duration, clients: usize, fault_every: Duration, members: usize, etcd_binary: &str) -> Result<(), CliError> {
     let dir = std::env::temp_dir().join(format!("aq-soak-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let _cleanup = super::bench_put::RemoveOnDrop(dir.clone());
     let layout = dir.join("layout.toml");
-    std::fs::write(&layout, crate::config::DEFAULT_LAYOUT)?;
+    let groups = ["name = \"main\"", "name = \"events\""];
+    let shaped = groups.iter().fold(crate::config::DEFAULT_LAYOUT.to_string(), |layout, group| {
+        if members == 1 { layout } else { layout.replacen(group, &format!("{group}\nmembers = {members}"), 1) }
+    });
+    std::fs::write(&layout, shaped)?;
     let extra = [std::ffi::OsString::from(format!("--etcd={etcd_binary}"))];
     let (aq, port, _, data): (Guard, u16, u16, _) = spawn_serve(&dir, "aq", &layout, &extra)?;
     let url = format!("http://127.0.0.1:{port}");
@@ -91,7 +107,12 @@ async fn run(duration: Duration, clients: usize, fault_every: Duration, etcd_bin
     }
 
     let interval = (duration / 20).clamp(Duration::from_secs(5), Duration::from_secs(60));
-    println!("aq bench soak: {} s, {clients} clients and 2 watchers on the default layout, a managed etcd killed every {} s", duration.as_secs(), fault_every.as_secs());
+    let what = if members == 1 { "a managed etcd".to_string() } else { format!("one member of a managed {members}-member group") };
+    println!(
+        "aq bench soak: {} s, {clients} clients and 2 watchers on the default layout, {what} killed every {} s",
+        duration.as_secs(),
+        fault_every.as_secs()
+    );
     println!("{:>7} {:>9} {:>9} {:>7} {:>9} {:>5} {:>8}", "time s", "ops/s", "p99 ms", "errors", "rss MiB", "fds", "faults");
     let started = Instant::now();
     let mut samples = Vec::new();
@@ -101,10 +122,11 @@ async fn run(duration: Duration, clients: usize, fault_every: Duration, etcd_bin
         let wake = (last + interval).min(next_fault).min(started + duration);
         tokio::time::sleep_until(tokio::time::Instant::from_std(wake)).await;
         if Instant::now() >= next_fault && started.elapsed() < duration {
-            // One managed group's etcd, in turn: killed, and started again by aq.
+            // One managed group's etcd (or one member of it), in turn: killed, and started
+            // again by aq.
             let group = ["events", "main"][victim % 2];
+            let pid_file = member_pid_file(&data, group, members, (victim / 2) % members);
             victim += 1;
-            let pid_file = data.join("etcd").join(group).join("etcd.pid");
             if let Some(etcd) = std::fs::read_to_string(&pid_file).ok().and_then(|p| p.trim().parse::<i32>().ok()) {
                 // SAFETY: kill(2) on the etcd aq started for `group`, named by its pid file.
                 unsafe { libc::kill(etcd, libc::SIGKILL) };

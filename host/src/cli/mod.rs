@@ -501,9 +501,13 @@ enum BenchCommand {
         /// Concurrent clients.
         #[arg(long, default_value_t = 16)]
         clients: usize,
-        /// Seconds between faults (a managed group's etcd killed, in turn).
+        /// Seconds between faults (a managed group's etcd killed, in turn; with --members 3
+        /// or 5, one member of it).
         #[arg(long, default_value_t = 60)]
         fault_every: u64,
+        /// Members of each managed etcd group (1, 3 or 5).
+        #[arg(long, default_value_t = 1)]
+        members: usize,
         /// The etcd binary.
         #[arg(long, default_value = "etcd")]
         etcd: String,
@@ -615,7 +619,9 @@ pub fn main() -> ExitCode {
         }
         Command::Bench(BenchCommand::Admission { reviews, clients, etcd }) => bench_admission::admission(reviews, &clients, &etcd),
         Command::Bench(BenchCommand::Swap { swaps, clients, etcd }) => bench_swap::swap(swaps, clients, &etcd),
-        Command::Bench(BenchCommand::Soak { minutes, clients, fault_every, etcd }) => bench_soak::soak(minutes, clients, fault_every, &etcd),
+        Command::Bench(BenchCommand::Soak { minutes, clients, fault_every, members, etcd }) => {
+            bench_soak::soak(minutes, clients, fault_every, members, &etcd)
+        }
         Command::Bench(BenchCommand::Split { keys, writers, seconds, etcd }) => bench_split::split(keys, writers, seconds, &etcd),
         Command::Bench(BenchCommand::Critical { seconds, clients, etcd }) => bench_critical::critical(seconds, clients, &etcd),
     };

@@ -11,6 +11,14 @@
 //! the old copy before deleting it, so the replay always sees an event past the hand-off and
 //! knows it is done; then the new part's events follow. The client sees every event of the
 //! scope once, in revision order, and none of the old copy's deletion.
+//!
+//! A watch also outlives the etcd member its stream is on. When a backend stream breaks (the
+//! member died, or its connection did, or etcd forgot the token the stream was opened with),
+//! the stream is opened again, on another member of the group where there is one, and every
+//! part it carried is created again from the revision after the last one its client was given,
+//! as etcd's own client resumes its watches. The client sees nothing but a pause. A group that
+//! cannot be watched again for [`RESUME_FOR`] ends the client watches it carried, canceled with
+//! the reason.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -32,6 +40,30 @@ const BUFFER: usize = 256;
 /// How long a re-homed part may take to replay the old copy of its scope; past it, the client
 /// watch is canceled as compacted at the scope's new floor, and kube-style clients relist.
 const DRAIN_FOR: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// How long a broken backend stream is opened again before its client watches are canceled;
+/// about an etcd election and a member restarted.
+const RESUME_FOR: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The pause before the `n`th attempt to open a broken stream again: none for the first (the
+/// next member is likely up), then doubling from 50 ms up to a second.
+fn resume_pause(n: u32) -> std::time::Duration {
+    if n <= 1 {
+        return std::time::Duration::ZERO;
+    }
+    std::time::Duration::from_millis(50u64 << (n - 2).min(5)).min(std::time::Duration::from_secs(1))
+}
+
+/// What a backend stream's task reports, under the stream's name.
+type Report = (String, Result<pb::PbWatchResponse, Broken>);
+
+/// A backend stream that ended.
+struct Broken {
+    status: Status,
+    /// The member, its connection or the stream's token failed, not the watch: the stream may
+    /// be opened again.
+    resumable: bool,
+}
 
 /// Appended to a group's name for the stream that replays what it handed off.
 const REPLAY: &str = " (replay)";
@@ -70,6 +102,7 @@ impl pb::PbWatchService for Watch {
             to_client,
             from_backends,
             backends: HashMap::new(),
+            resuming: HashMap::new(),
             parts: HashMap::new(),
             watches: HashMap::new(),
             next_id: 0,
@@ -84,6 +117,8 @@ impl pb::PbWatchService for Watch {
 struct Backend {
     requests: mpsc::Sender<pb::PbWatchRequest>,
     next_id: i64,
+    /// The group it watches, for opening it again.
+    group: Group,
 }
 
 /// A client watch and its backend parts.
@@ -109,6 +144,8 @@ struct Part {
     seen: Option<i64>,
     /// Its created answer is the session's own business, not the client's.
     quiet: bool,
+    /// Its backend said it was created.
+    created: bool,
     state: PartState,
 }
 
@@ -128,8 +165,10 @@ struct Session {
     /// The etcd user of the stream: each watch it creates needs READ on its keys.
     who: Who,
     to_client: mpsc::Sender<Result<pb::PbWatchResponse, Status>>,
-    from_backends: mpsc::Sender<(String, Result<pb::PbWatchResponse, Status>)>,
+    from_backends: mpsc::Sender<Report>,
     backends: HashMap<String, Backend>,
+    /// Broken streams being opened again: until when, and how many attempts so far.
+    resuming: HashMap<String, (tokio::time::Instant, u32)>,
     /// (group, backend watch id) → the part.
     parts: HashMap<(String, i64), Part>,
     watches: HashMap<i64, ClientWatch>,
@@ -143,7 +182,7 @@ impl Session {
     async fn run(
         mut self,
         mut inbound: Streaming<pb::PbWatchRequest>,
-        mut backend_responses: mpsc::Receiver<(String, Result<pb::PbWatchResponse, Status>)>,
+        mut backend_responses: mpsc::Receiver<Report>,
     ) {
         let mut reroutes = self.gate.reroutes();
         loop {
@@ -189,38 +228,58 @@ impl Session {
         self.to_client.send(Ok(response)).await.is_ok()
     }
 
-    /// The backend stream named `name`, to `group`, opened on first use. A group's stream is
-    /// named after it; a replay's after the group with [`REPLAY`] appended.
-    fn backend(&mut self, name: &str, group: &Group) -> &mut Backend {
+    /// The backend stream named `name`, to `group`, opened on first use (after `pause`, when
+    /// it is opened again). A group's stream is named after it; a replay's after the group with
+    /// [`REPLAY`] appended.
+    fn backend(&mut self, name: &str, group: &Group, pause: std::time::Duration) -> &mut Backend {
         let name = name.to_string();
         let from_backends = self.from_backends.clone();
         self.backends.entry(name.clone()).or_insert_with(|| {
             let (requests, rx) = mpsc::channel(BUFFER);
+            let backend = Backend { requests, next_id: 0, group: group.clone() };
             let group = group.clone();
             // etcd sends response headers with the first answer, so the stream is opened in a
             // task while requests already queue in its channel.
             tokio::spawn(async move {
-                let mut answers = match group.watch(ReceiverStream::new(rx)).await {
-                    Ok(answers) => answers,
+                tokio::time::sleep(pause).await;
+                let (mut answers, opened) = match group.watch_on(ReceiverStream::new(rx)).await {
+                    Ok(opened) => opened,
                     Err(status) => {
-                        let _ = from_backends.send((name, Err(status))).await;
+                        // Not opened: no member could be reached (aq's own Unavailable), or
+                        // etcd refused the stream.
+                        let resumable = status.code() == tonic::Code::Unavailable;
+                        let _ = from_backends.send((name, Err(Broken { status, resumable }))).await;
                         return;
                     }
                 };
                 loop {
-                    let answer = answers.message().await;
-                    let done = !matches!(answer, Ok(Some(_)));
-                    let item = match answer {
+                    let item = match answers.message().await {
+                        // etcd refuses a stream's token watch by watch: every watch on the
+                        // stream needs a new one, so the stream is opened again after a login.
+                        Ok(Some(response)) if response.canceled && crate::backend::watch_token_refused(&response.cancel_reason) => {
+                            match group.stream_token_refused(&opened).await {
+                                Ok(()) => Err(Broken { status: Status::unauthenticated(response.cancel_reason), resumable: true }),
+                                Err(status) => Err(Broken { status, resumable: false }),
+                            }
+                        }
                         Ok(Some(response)) => Ok(response),
-                        Ok(None) => Err(Status::unavailable(format!("etcd group {name} closed the watch stream"))),
-                        Err(status) => Err(status),
+                        Ok(None) => {
+                            let resumable = group.stream_broke(&opened, None);
+                            let status = Status::unavailable(format!("etcd group {name} closed the watch stream"));
+                            Err(Broken { status, resumable })
+                        }
+                        Err(status) => {
+                            let resumable = group.stream_broke(&opened, Some(&status));
+                            Err(Broken { status, resumable })
+                        }
                     };
+                    let done = item.is_err();
                     if from_backends.send((name.clone(), item)).await.is_err() || done {
                         return;
                     }
                 }
             });
-            Backend { requests, next_id: 0 }
+            backend
         })
     }
 
@@ -329,7 +388,7 @@ impl Session {
             let backend_id = self.open(group.name(), &group, request, &part, start, false).await;
             let seen = (start > 0).then_some(start - 1);
             let state = PartState::Live;
-            let part = Part { client: id, shift, scope, range: part, seen, quiet: false, state };
+            let part = Part { client: id, shift, scope, range: part, seen, quiet: false, created: false, state };
             self.parts.insert((group.name().to_string(), backend_id), part);
             recorded.push((group.name().to_string(), backend_id));
         }
@@ -343,7 +402,8 @@ impl Session {
     /// backend revision `start`; `all_events` drops the client's filters (the session applies
     /// them). Returns its backend watch id.
     async fn open(&mut self, name: &str, group: &Group, request: &pb::PbWatchRequest, range: &KeyRange, start: i64, all_events: bool) -> i64 {
-        let backend = self.backend(name, group);
+        let pause = self.resuming.get(name).map(|(_, attempts)| resume_pause(*attempts)).unwrap_or_default();
+        let backend = self.backend(name, group, pause);
         let backend_id = backend.next_id;
         backend.next_id += 1;
         let (key, range_end) = range.to_request();
@@ -384,34 +444,25 @@ impl Session {
     }
 
     /// Routes one backend answer to the client; false ends the session.
-    async fn on_backend(&mut self, group: String, response: Result<pb::PbWatchResponse, Status>) -> bool {
+    async fn on_backend(&mut self, group: String, response: Result<pb::PbWatchResponse, Broken>) -> bool {
         let mut response = match response {
-            Ok(response) => response,
-            Err(status) => {
-                // Every watch with a part on this group is over; tell the client which.
-                let affected: Vec<i64> = self
-                    .watches
-                    .iter()
-                    .filter(|(_, w)| w.parts.iter().any(|(g, _)| *g == group))
-                    .map(|(id, _)| *id)
-                    .collect();
-                self.backends.remove(&group);
+            Ok(response) => {
+                self.resuming.remove(&group);
+                response
+            }
+            Err(Broken { status, resumable }) => {
+                let backend = self.backends.remove(&group);
                 if self.progress.is_some() && !self.progress_answered(&group, None).await {
                     return false;
                 }
-                for id in affected {
-                    self.forget(id);
-                    let canceled = pb::PbWatchResponse {
-                        watch_id: id,
-                        canceled: true,
-                        cancel_reason: format!("etcd group {group} failed: {}", status.message()),
-                        ..Default::default()
-                    };
-                    if !self.send(canceled).await {
-                        return false;
-                    }
+                // A replay is not opened again: its watches end, and kube-style clients relist.
+                if let Some(backend) = backend
+                    && resumable
+                    && !group.ends_with(REPLAY)
+                {
+                    return self.resume(group, backend.group, status).await;
                 }
-                return true;
+                return self.fail_stream(&group, format!("etcd group {group} failed: {}", status.message())).await;
             }
         };
         // A progress answer to RequestProgress carries no watch id (-1): pass it on, at the
@@ -450,6 +501,79 @@ impl Session {
             }
             PartState::Draining { .. } => self.replay(key, response).await,
         }
+    }
+
+    /// Ends every client watch with a part on the broken stream `name`, telling the client
+    /// `reason`; false ends the session.
+    async fn fail_stream(&mut self, name: &str, reason: String) -> bool {
+        let affected: Vec<i64> =
+            self.watches.iter().filter(|(_, w)| w.parts.iter().any(|(g, _)| g == name)).map(|(id, _)| *id).collect();
+        for id in affected {
+            self.forget(id);
+            let canceled = pb::PbWatchResponse { watch_id: id, canceled: true, cancel_reason: reason.clone(), ..Default::default() };
+            if !self.send(canceled).await {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Opens the broken stream `name` to `group` again and creates each of its parts on it
+    /// anew, from the revision after the last one its client was given; past [`RESUME_FOR`] of
+    /// trying, its watches end instead. False ends the session.
+    async fn resume(&mut self, name: String, group: Group, status: Status) -> bool {
+        let keys: Vec<(String, i64)> = self.parts.keys().filter(|(g, _)| *g == name).cloned().collect();
+        if keys.is_empty() {
+            self.resuming.remove(&name);
+            return true;
+        }
+        let now = tokio::time::Instant::now();
+        let (until, attempts) = self.resuming.entry(name.clone()).or_insert((now + RESUME_FOR, 0));
+        if now >= *until {
+            self.resuming.remove(&name);
+            tracing::warn!(group = %name, error = %status.message(), "a watch stream could not be opened again; its watches end");
+            let reason = format!("etcd group {name} could not be watched for {} s: {}", RESUME_FOR.as_secs(), status.message());
+            return self.fail_stream(&name, reason).await;
+        }
+        *attempts += 1;
+        if *attempts == 1 {
+            tracing::info!(group = %name, error = %status.message(), "a watch stream broke; its watches resume on a new one");
+        }
+        for key in keys {
+            let Some(mut part) = self.parts.remove(&key) else { continue };
+            let id = part.client;
+            let Some(watch) = self.watches.get(&id) else { continue };
+            if watch.canceling {
+                // The client asked it gone; its cancel answer would have come on the stream.
+                self.forget(id);
+                if !self.send(pb::PbWatchResponse { watch_id: id, canceled: true, ..Default::default() }).await {
+                    return false;
+                }
+                continue;
+            }
+            let request = watch.request.clone();
+            // What a held part kept comes again from its start.
+            if let PartState::Held(waiting) = &mut part.state {
+                waiting.clear();
+            }
+            let start = part.seen.map_or(0, |seen| seen + 1);
+            let renewed = (name.clone(), self.open(&name, &group, &request, &part.range, start, false).await);
+            part.quiet |= part.created;
+            self.parts.insert(renewed.clone(), part);
+            if let Some(watch) = self.watches.get_mut(&id) {
+                for p in watch.parts.iter_mut().filter(|p| **p == key) {
+                    *p = renewed.clone();
+                }
+            }
+            for other in self.parts.values_mut() {
+                if let PartState::Draining { next, .. } = &mut other.state
+                    && *next == key
+                {
+                    *next = renewed.clone();
+                }
+            }
+        }
+        true
     }
 
     /// Notes a group's answer to a RequestProgress over several groups (`None`: the group's
@@ -506,6 +630,7 @@ impl Session {
         let id = part.client;
         let header = response.header.as_ref().map(|h| h.revision).unwrap_or_default();
         if response.created {
+            part.created = true;
             part.seen = part.seen.or(Some(header));
         } else if !response.canceled {
             let last = response.events.iter().filter_map(|e| e.kv.as_ref()).map(|kv| kv.mod_revision).max();
@@ -632,7 +757,7 @@ impl Session {
                     let next_id = self.open(&key.0, &runtime.group, &request, &range, seen + 1, false).await;
                     let next = (key.0.clone(), next_id);
                     let state = PartState::Live;
-                    let successor = Part { client: id, shift: new, scope: scope_id, range, seen: Some(seen), quiet: true, state };
+                    let successor = Part { client: id, shift: new, scope: scope_id, range, seen: Some(seen), quiet: true, created: false, state };
                     self.parts.insert(next.clone(), successor);
                     self.watches.get_mut(&id).expect("checked").parts.push(next);
                     continue;
@@ -675,7 +800,7 @@ impl Session {
         let next_id = self.open(group.name(), &group, request, &range, cut + 1, false).await;
         let next = (group.name().to_string(), next_id);
         let state = if seen >= handed { PartState::Live } else { PartState::Held(Vec::new()) };
-        let successor = Part { client: id, shift: new, scope: scope_id.clone(), range: range.clone(), seen: Some(cut), quiet: true, state };
+        let successor = Part { client: id, shift: new, scope: scope_id.clone(), range: range.clone(), seen: Some(cut), quiet: true, created: false, state };
         self.parts.insert(next.clone(), successor);
         let Some(watch) = self.watches.get_mut(&id) else { return true };
         watch.parts.push(next.clone());
@@ -697,7 +822,7 @@ impl Session {
         let drain_id = self.open(&name, &old_group, request, &whole, seen + 1, true).await;
         let until = tokio::time::Instant::now() + DRAIN_FOR;
         let state = PartState::Draining { handed, next, filters, floor: new.floor, until };
-        let drain = Part { client: id, shift: old, scope: scope_id, range, seen: Some(seen), quiet: true, state };
+        let drain = Part { client: id, shift: old, scope: scope_id, range, seen: Some(seen), quiet: true, created: false, state };
         let drain_key = (name, drain_id);
         self.parts.insert(drain_key.clone(), drain);
         if let Some(watch) = self.watches.get_mut(&id) {
