@@ -193,6 +193,11 @@ enum Reach {
 /// transport failures as `Unavailable` (or `Unknown`) with the transport's error as the source;
 /// etcd's own `Unavailable` answers (`etcdserver: leader changed`, …) have none.
 fn reach(status: &Status) -> Reach {
+    // hyper cancels a request it had not begun to write when the connection under it closes
+    // (a member going away); etcd answers `Cancelled` only to a client that gave up itself.
+    if status.code() == Code::Cancelled && status.message() == HYPER_CANCELED {
+        return Reach::NotSent;
+    }
     if !matches!(status.code(), Code::Unavailable | Code::Unknown | Code::Internal) {
         return Reach::Answered;
     }
@@ -215,6 +220,9 @@ fn reach(status: &Status) -> Reach {
     }
     Reach::Answered
 }
+
+/// How tonic words hyper's cancel of a request that was never written.
+const HYPER_CANCELED: &str = "operation was canceled";
 
 /// A member's transport failure as the client sees it: `Unavailable`, naming the group and the
 /// member, and saying whether the request could have been applied, so a client knows whether
@@ -766,5 +774,8 @@ mod tests {
         assert_eq!(reach(&refused), Reach::NotSent, "{refused:?}");
         let reset = Status::from_error(Box::new(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "connection reset by peer")));
         assert_eq!(reach(&reset), Reach::Broken, "{reset:?}");
+        // A request queued on a connection that closed before it was written.
+        assert_eq!(reach(&Status::cancelled("operation was canceled")), Reach::NotSent);
+        assert_eq!(reach(&Status::cancelled("context canceled")), Reach::Answered);
     }
 }
