@@ -153,8 +153,11 @@ async fn policy_swaps_are_recorded_in_the_meta_log_in_the_same_txn() {
     assert_eq!(status, StatusCode::OK, "{body}");
     let exported = export(&gw, "@meta").await;
     verify(&exported, &[]).expect("the meta log verifies");
-    let records: Vec<Value> = exported.records.iter().map(|r| serde_json::from_str(&r.record).unwrap()).collect();
-    // One record per configured scope at first start, then the bind and the rollback.
+    let all: Vec<Value> = exported.records.iter().map(|r| serde_json::from_str(&r.record).unwrap()).collect();
+    // The layout seeded at first start, one swap per configured scope, then the bind and the
+    // rollback.
+    assert_eq!(all[0]["kind"], "layout_change", "{all:?}");
+    let records: Vec<Value> = all[1..].to_vec();
     let layout_scopes = gw.running.gateway.routing().index().scopes().len();
     assert_eq!(records.len(), layout_scopes + 2, "{records:?}");
     let deny = blake3::hash(&guests::bytes(guests::EXAMPLE_DENY_PREFIX)).to_hex().to_string();
@@ -168,7 +171,44 @@ async fn policy_swaps_are_recorded_in_the_meta_log_in_the_same_txn() {
     // A refused bind (the policy rejects the configuration) records nothing.
     let (status, _) = gw.admin(Method::PUT, "/v1/scopes/registry/policy", json!({ "digest": deny, "config": { "read_only": [""] } })).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
-    assert_eq!(export(&gw, "@meta").await.records.len(), layout_scopes + 2);
+    assert_eq!(export(&gw, "@meta").await.records.len(), layout_scopes + 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn splits_and_merges_are_recorded_in_the_meta_log_with_the_layout_they_make() {
+    let gw = TestGateway::start().await;
+    let (id, started) = gw.running.migrator.split("registry", b"/registry/services/", None, None).await.unwrap();
+    assert!(started.is_none(), "split on its own group: a layout change alone");
+    aq_tests::wait_until("the new scope is routed", || gw.running.gateway.routing().scope(&id).is_some()).await;
+    assert_eq!(gw.running.migrator.merge(&id).await.unwrap(), ("registry".to_string(), None));
+    aq_tests::wait_until("the merged scope is gone", || gw.running.gateway.routing().scope(&id).is_none()).await;
+
+    let exported = export(&gw, "@meta").await;
+    verify(&exported, &[]).expect("the meta log verifies");
+    let changes: Vec<Value> = exported
+        .records
+        .iter()
+        .map(|r| serde_json::from_str::<Value>(&r.record).unwrap())
+        .filter(|r| r["kind"] == "layout_change")
+        .map(|r| r["layout"].clone())
+        .collect();
+    assert_eq!(changes.len(), 3, "seeded, split, merged: {changes:?}");
+    let epochs: Vec<u64> = changes.iter().map(|c| c["epoch"].as_u64().unwrap()).collect();
+    assert!(epochs.windows(2).all(|w| w[1] == w[0] + 1), "one epoch each: {epochs:?}");
+    let reason = |i: usize| changes[i]["reason"].as_str().unwrap().to_string();
+    assert!(reason(1).contains(&format!("scope registry split at \"/registry/services/\": {id} takes the keys")), "{}", reason(1));
+    assert!(reason(2).contains(&format!("scope {id} merged into registry")), "{}", reason(2));
+    let scopes = |i: usize| changes[i]["scopes"].as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_string()).collect::<Vec<_>>();
+    assert!(scopes(1).contains(&format!("{id}@main")), "{:?}", scopes(1));
+    assert!(!scopes(2).iter().any(|s| s.starts_with(&format!("{id}@"))), "{:?}", scopes(2));
+
+    // A record edited in etcd is named by verify, as for any other record.
+    let edited = exported.records.iter().find(|r| r.record.contains("\"layout_change\"")).unwrap();
+    let key = key_of("@meta", edited);
+    let tampered = edited.record.replace("registry", "r3gistry");
+    gw.main.client().await.put(key, tampered, None).await.unwrap();
+    let error = verify(&export(&gw, "@meta").await, &[]).unwrap_err();
+    assert!(error.message.contains(&edited.id), "{}", error.message);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

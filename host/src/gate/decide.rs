@@ -96,6 +96,7 @@ impl Draft {
             approvals: self.approvals.clone(),
             subject: None,
             binding: None,
+            layout: None,
         }
     }
 }

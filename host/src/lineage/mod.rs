@@ -34,6 +34,9 @@ pub enum RecordKind {
     Approval,
     /// A scope's policy binding changed (in the meta log).
     PolicySwap,
+    /// The layout of scopes changed: seeded from the configuration, or a scope split, merged
+    /// or moved (in the meta log).
+    LayoutChange,
 }
 
 /// The log of aq's own changes (policy swaps), kept in the meta group.
@@ -105,6 +108,21 @@ pub struct Record {
     /// For a policy swap: the new binding (JSON).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub binding: Option<String>,
+    /// For a layout change: the epoch it made and why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layout: Option<LayoutChange>,
+}
+
+/// What a layout change record says: the epoch written, why, and the scopes after it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct LayoutChange {
+    /// The layout's epoch after the change.
+    pub epoch: u64,
+    /// Why it changed, as the layout record says (which scope split where, merged into which,
+    /// moved by which migration, or the configuration it was seeded from).
+    pub reason: String,
+    /// Each scope after the change, as `id@group`, in key order.
+    pub scopes: Vec<String>,
 }
 
 /// The record format written now.

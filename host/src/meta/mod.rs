@@ -637,6 +637,7 @@ impl MetaStore {
             approvals: Vec::new(),
             subject: Some(scope.to_string()),
             binding: Some(serde_json::to_string(&record.active).expect("JSON")),
+            layout: None,
         };
         let response = self
             .group
@@ -680,12 +681,43 @@ impl MetaStore {
         Ok(response.succeeded.then(|| response.header.map(|h| h.revision).unwrap_or_default()))
     }
 
-    /// Writes the layout if it is still at `expected` (its mod revision; 0: absent). Returns
-    /// the revision of the write; [`MetaError::LayoutConflict`] names the epoch that won.
+    /// Writes the layout if it is still at `expected` (its mod revision; 0: absent), with its
+    /// lineage record in the meta log in the same Txn, so every split, merge and move is in the
+    /// log the root checkpoint covers. Returns the revision of the write;
+    /// [`MetaError::LayoutConflict`] names the epoch that won.
     pub async fn write_layout(&self, record: &layout::LayoutRecord, expected: i64) -> Result<i64, MetaError> {
+        use crate::lineage::{LayoutChange, META_LOG, RECORD_VERSION, Record, RecordKind, new_record_id};
         let value = serde_json::to_vec_pretty(record).expect("JSON");
-        if let Some(revision) = self.put_unchanged(layout_key(), value, expected).await? {
-            return Ok(revision);
+        let lineage = Record {
+            v: RECORD_VERSION,
+            scope: META_LOG.to_string(),
+            id: new_record_id(),
+            kind: RecordKind::LayoutChange,
+            time_ms: crate::clock::unix_ms(),
+            policy: String::new(),
+            level: "full".into(),
+            principals: Vec::new(),
+            ops: Vec::new(),
+            proposal: None,
+            approvals: Vec::new(),
+            subject: None,
+            binding: None,
+            layout: Some(LayoutChange {
+                epoch: record.epoch,
+                reason: record.reason.clone(),
+                scopes: record.scopes.iter().map(|s| format!("{}@{}", s.id, s.group)).collect(),
+            }),
+        };
+        let response = self
+            .group
+            .txn(pb::PbTxnRequest {
+                compare: vec![compare_unchanged(layout_key(), expected)],
+                success: vec![put_op(layout_key(), value), put_op(lineage.key(), lineage.encode())],
+                failure: Vec::new(),
+            })
+            .await?;
+        if response.succeeded {
+            return Ok(response.header.map(|h| h.revision).unwrap_or_default());
         }
         let epoch = self.layout().await?.map(|(stored, _)| stored.epoch).unwrap_or_default();
         Err(MetaError::LayoutConflict(epoch))
