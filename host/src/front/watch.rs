@@ -142,10 +142,10 @@ struct Part {
     /// The last backend revision the client has been given all events of; `None` until the
     /// backend said where the watch starts.
     seen: Option<i64>,
-    /// Its created answer is the session's own business, not the client's.
+    /// Its created answer is the session's own business, not the client's: from the start
+    /// (a part aq opened itself), or once its first created answer was passed on (a part
+    /// created again on a new stream is created once for the client).
     quiet: bool,
-    /// Its backend said it was created.
-    created: bool,
     state: PartState,
 }
 
@@ -388,7 +388,7 @@ impl Session {
             let backend_id = self.open(group.name(), &group, request, &part, start, false).await;
             let seen = (start > 0).then_some(start - 1);
             let state = PartState::Live;
-            let part = Part { client: id, shift, scope, range: part, seen, quiet: false, created: false, state };
+            let part = Part { client: id, shift, scope, range: part, seen, quiet: false, state };
             self.parts.insert((group.name().to_string(), backend_id), part);
             recorded.push((group.name().to_string(), backend_id));
         }
@@ -447,7 +447,9 @@ impl Session {
     async fn on_backend(&mut self, group: String, response: Result<pb::PbWatchResponse, Broken>) -> bool {
         let mut response = match response {
             Ok(response) => {
-                self.resuming.remove(&group);
+                if !self.resuming.is_empty() {
+                    self.resuming.remove(&group);
+                }
                 response
             }
             Err(Broken { status, resumable }) => {
@@ -558,7 +560,6 @@ impl Session {
             }
             let start = part.seen.map_or(0, |seen| seen + 1);
             let renewed = (name.clone(), self.open(&name, &group, &request, &part.range, start, false).await);
-            part.quiet |= part.created;
             self.parts.insert(renewed.clone(), part);
             if let Some(watch) = self.watches.get_mut(&id) {
                 for p in watch.parts.iter_mut().filter(|p| **p == key) {
@@ -629,8 +630,9 @@ impl Session {
         let Some(part) = self.parts.get_mut(&key) else { return true };
         let id = part.client;
         let header = response.header.as_ref().map(|h| h.revision).unwrap_or_default();
+        let quiet = part.quiet;
         if response.created {
-            part.created = true;
+            part.quiet = true;
             part.seen = part.seen.or(Some(header));
         } else if !response.canceled {
             let last = response.events.iter().filter_map(|e| e.kv.as_ref()).map(|kv| kv.mod_revision).max();
@@ -638,7 +640,6 @@ impl Session {
             let upto = last.unwrap_or(header);
             part.seen = Some(part.seen.unwrap_or_default().max(upto));
         }
-        let quiet = part.quiet;
         response.watch_id = id;
         part.shift.watch_response(&mut response);
         let Some(watch) = self.watches.get_mut(&id) else {
@@ -757,7 +758,7 @@ impl Session {
                     let next_id = self.open(&key.0, &runtime.group, &request, &range, seen + 1, false).await;
                     let next = (key.0.clone(), next_id);
                     let state = PartState::Live;
-                    let successor = Part { client: id, shift: new, scope: scope_id, range, seen: Some(seen), quiet: true, created: false, state };
+                    let successor = Part { client: id, shift: new, scope: scope_id, range, seen: Some(seen), quiet: true, state };
                     self.parts.insert(next.clone(), successor);
                     self.watches.get_mut(&id).expect("checked").parts.push(next);
                     continue;
@@ -800,7 +801,7 @@ impl Session {
         let next_id = self.open(group.name(), &group, request, &range, cut + 1, false).await;
         let next = (group.name().to_string(), next_id);
         let state = if seen >= handed { PartState::Live } else { PartState::Held(Vec::new()) };
-        let successor = Part { client: id, shift: new, scope: scope_id.clone(), range: range.clone(), seen: Some(cut), quiet: true, created: false, state };
+        let successor = Part { client: id, shift: new, scope: scope_id.clone(), range: range.clone(), seen: Some(cut), quiet: true, state };
         self.parts.insert(next.clone(), successor);
         let Some(watch) = self.watches.get_mut(&id) else { return true };
         watch.parts.push(next.clone());
@@ -822,7 +823,7 @@ impl Session {
         let drain_id = self.open(&name, &old_group, request, &whole, seen + 1, true).await;
         let until = tokio::time::Instant::now() + DRAIN_FOR;
         let state = PartState::Draining { handed, next, filters, floor: new.floor, until };
-        let drain = Part { client: id, shift: old, scope: scope_id, range, seen: Some(seen), quiet: true, created: false, state };
+        let drain = Part { client: id, shift: old, scope: scope_id, range, seen: Some(seen), quiet: true, state };
         let drain_key = (name, drain_id);
         self.parts.insert(drain_key.clone(), drain);
         if let Some(watch) = self.watches.get_mut(&id) {

@@ -129,6 +129,27 @@ pub struct LayoutChange {
 pub const RECORD_VERSION: u8 = 2;
 
 impl Record {
+    /// A record of `kind` for the meta log [`META_LOG`], stamped now, saying nothing yet: aq's
+    /// own changes (policy swaps, layout changes) fill in what they are about.
+    pub fn in_meta_log(kind: RecordKind) -> Record {
+        Record {
+            v: RECORD_VERSION,
+            scope: META_LOG.to_string(),
+            id: new_record_id(),
+            kind,
+            time_ms: crate::clock::unix_ms(),
+            policy: String::new(),
+            level: "full".into(),
+            principals: Vec::new(),
+            ops: Vec::new(),
+            proposal: None,
+            approvals: Vec::new(),
+            subject: None,
+            binding: None,
+            layout: None,
+        }
+    }
+
     /// The stored bytes: the leaf of the Merkle log.
     pub fn encode(&self) -> Vec<u8> {
         serde_json::to_vec(self).expect("records serialise")

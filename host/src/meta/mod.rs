@@ -619,25 +619,15 @@ impl MetaStore {
     /// Writes a scope's binding if it is still at `expected` (its mod revision; 0: absent) and
     /// its policy is stored. Returns the revision of the write.
     pub async fn write_binding(&self, scope: &str, record: &BindingRecord, expected: i64) -> Result<i64, MetaError> {
-        use crate::lineage::{META_LOG, RECORD_VERSION, Record, RecordKind, new_record_id};
+        use crate::lineage::{Record, RecordKind};
         let digest = &record.active.digest;
         let value = serde_json::to_vec(record).expect("JSON");
         // The swap's lineage record goes into the meta log in the same Txn.
         let lineage = Record {
-            v: RECORD_VERSION,
-            scope: META_LOG.to_string(),
-            id: new_record_id(),
-            kind: RecordKind::PolicySwap,
-            time_ms: unix_now() * 1000,
             policy: digest.clone(),
-            level: "full".into(),
-            principals: Vec::new(),
-            ops: Vec::new(),
-            proposal: None,
-            approvals: Vec::new(),
             subject: Some(scope.to_string()),
             binding: Some(serde_json::to_string(&record.active).expect("JSON")),
-            layout: None,
+            ..Record::in_meta_log(RecordKind::PolicySwap)
         };
         let response = self
             .group
@@ -667,16 +657,15 @@ impl MetaStore {
         }
     }
 
-    /// Puts `value` at `key` if the key is still at `expected` (its mod revision; 0: absent).
-    /// Returns the revision of the write, or `None` when the key moved.
-    async fn put_unchanged(&self, key: Vec<u8>, value: Vec<u8>, expected: i64) -> Result<Option<i64>, MetaError> {
+    /// Puts `value` at `key` if the key is still at `expected` (its mod revision; 0: absent),
+    /// and with it the operations `also`, in one Txn. Returns the revision of the write, or
+    /// `None` when the key moved.
+    async fn put_unchanged(&self, key: Vec<u8>, value: Vec<u8>, expected: i64, also: Vec<pb::PbTxnRequestOp>) -> Result<Option<i64>, MetaError> {
+        let mut success = vec![put_op(key.clone(), value)];
+        success.extend(also);
         let response = self
             .group
-            .txn(pb::PbTxnRequest {
-                compare: vec![compare_unchanged(key.clone(), expected)],
-                success: vec![put_op(key, value)],
-                failure: Vec::new(),
-            })
+            .txn(pb::PbTxnRequest { compare: vec![compare_unchanged(key, expected)], success, failure: Vec::new() })
             .await?;
         Ok(response.succeeded.then(|| response.header.map(|h| h.revision).unwrap_or_default()))
     }
@@ -686,38 +675,17 @@ impl MetaStore {
     /// log the root checkpoint covers. Returns the revision of the write;
     /// [`MetaError::LayoutConflict`] names the epoch that won.
     pub async fn write_layout(&self, record: &layout::LayoutRecord, expected: i64) -> Result<i64, MetaError> {
-        use crate::lineage::{LayoutChange, META_LOG, RECORD_VERSION, Record, RecordKind, new_record_id};
+        use crate::lineage::{LayoutChange, Record, RecordKind};
         let value = serde_json::to_vec_pretty(record).expect("JSON");
-        let lineage = Record {
-            v: RECORD_VERSION,
-            scope: META_LOG.to_string(),
-            id: new_record_id(),
-            kind: RecordKind::LayoutChange,
-            time_ms: crate::clock::unix_ms(),
-            policy: String::new(),
-            level: "full".into(),
-            principals: Vec::new(),
-            ops: Vec::new(),
-            proposal: None,
-            approvals: Vec::new(),
-            subject: None,
-            binding: None,
-            layout: Some(LayoutChange {
-                epoch: record.epoch,
-                reason: record.reason.clone(),
-                scopes: record.scopes.iter().map(|s| format!("{}@{}", s.id, s.group)).collect(),
-            }),
+        let change = LayoutChange {
+            epoch: record.epoch,
+            reason: record.reason.clone(),
+            scopes: record.scopes.iter().map(|s| format!("{}@{}", s.id, s.group)).collect(),
         };
-        let response = self
-            .group
-            .txn(pb::PbTxnRequest {
-                compare: vec![compare_unchanged(layout_key(), expected)],
-                success: vec![put_op(layout_key(), value), put_op(lineage.key(), lineage.encode())],
-                failure: Vec::new(),
-            })
-            .await?;
-        if response.succeeded {
-            return Ok(response.header.map(|h| h.revision).unwrap_or_default());
+        let lineage = Record { layout: Some(change), ..Record::in_meta_log(RecordKind::LayoutChange) };
+        let also = vec![put_op(lineage.key(), lineage.encode())];
+        if let Some(revision) = self.put_unchanged(layout_key(), value, expected, also).await? {
+            return Ok(revision);
         }
         let epoch = self.layout().await?.map(|(stored, _)| stored.epoch).unwrap_or_default();
         Err(MetaError::LayoutConflict(epoch))
@@ -735,7 +703,7 @@ impl MetaStore {
     /// absent). Returns the revision of the write; [`MetaError::Conflict`] when it moved.
     pub async fn write_auth(&self, record: &crate::auth::AuthRecord, expected: i64) -> Result<i64, MetaError> {
         let value = serde_json::to_vec(record).expect("JSON");
-        self.put_unchanged(auth_key(), value, expected).await?.ok_or_else(|| MetaError::Conflict("the users and roles".into()))
+        self.put_unchanged(auth_key(), value, expected, Vec::new()).await?.ok_or_else(|| MetaError::Conflict("the users and roles".into()))
     }
 
     /// Takes the migration lock for `id`; false when another migration holds it.
